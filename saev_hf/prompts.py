@@ -1,0 +1,242 @@
+"""From dataset rows to MLLM inputs: images, chat-template prompts, batching and padding.
+
+The first stage of SAE-V's data flow (row -> prompt/processor -> MLLM up to layer L -> ...). Rows come as a
+`datasets` batch (a dict of columns, what `ds.map(..., batched=True)` passes) or a list of row dicts, in the layouts
+people have:
+
+- TRL's preference format: `images`, `prompt`, `chosen`, `rejected`, the prompt either plain text or conversational
+  (a list of `{"role", "content"}` messages);
+- question/response columns under any names (`PromptFormat(prompt_column="question", response_column="answer")`).
+
+Images may be PIL images, `datasets.Image` values (decoded or `{"bytes", "path"}`), file paths or raw bytes, one or
+several per example. The paper scores the prompt alone (the question and the image); `response_column` adds the
+response as the assistant turn.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from PIL import Image
+
+
+class RowError(ValueError):
+    """A dataset row that cannot be turned into model inputs; the message names the row and the fix."""
+
+
+@dataclass
+class PromptFormat:
+    """
+    Which columns hold the image(s), the prompt and optionally the response, and how long inputs may be.
+
+    Shared by the Python API and the CLI (`saev ... --image_column ... --prompt_column ...`).
+    """
+
+    image_column: str | None = field(
+        default="images",
+        metadata={"help": "Column with the image(s): PIL images, datasets.Image values, paths or bytes; one or a list "
+                  "per row. None for a text-only model."},
+    )
+    prompt_column: str = field(
+        default="prompt",
+        metadata={"help": "Column with the prompt/question: plain text or a conversational list of messages."},
+    )
+    response_column: str | None = field(
+        default=None,
+        metadata={"help": "Column with the response (e.g. 'chosen'), added as the assistant turn. None scores the "
+                  "prompt alone, as the paper does."},
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Longest input in tokens; longer inputs are cut at the end, and an input whose image tokens "
+                  "would be cut is an error. None keeps every token."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length <= 0:
+            raise ValueError(f"max_length={self.max_length} must be a positive number of tokens or None.")
+
+
+def rows_to_columns(rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """A `datasets` batch (dict of columns) or a list of row dicts, as a dict of columns."""
+    if isinstance(rows, Mapping):
+        return {name: list(values) for name, values in rows.items()}
+    rows = list(rows)
+    names = list(rows[0]) if rows else []
+    return {name: [row.get(name) for row in rows] for name in names}
+
+
+def _column(columns: dict[str, list[Any]], name: str, option: str) -> list[Any]:
+    if name not in columns:
+        raise KeyError(
+            f"Column {name!r} not found; the data has columns {sorted(columns)}. Pass {option}= naming the column "
+            f"that holds it."
+        )
+    return columns[name]
+
+
+def load_image(value: Any, row: int) -> Image.Image:
+    """One image as an RGB PIL image, from PIL, a `datasets.Image` dict, a path or bytes; a clear error otherwise."""
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, Mapping) and (value.get("bytes") is not None or value.get("path") is not None):
+            source = value.get("bytes")
+            image = Image.open(io.BytesIO(source)) if source is not None else Image.open(value["path"])
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        elif isinstance(value, (str, os.PathLike)):
+            image = Image.open(value)
+        else:
+            raise TypeError(f"unsupported image value of type {type(value).__name__}")
+        return image.convert("RGB")
+    except Exception as error:  # PIL raises many types: report them all the same way, with the row
+        raise RowError(
+            f"Row {row}: the image could not be read ({type(error).__name__}: {error}). Images must be PIL images, "
+            f"datasets.Image values, readable file paths or encoded image bytes."
+        ) from error
+
+
+def row_images(value: Any, row: int, column: str) -> list[Image.Image]:
+    """All images of a row (a single image or a list of them); a row without any is an error."""
+    values = list(value) if isinstance(value, (list, tuple)) else ([] if value is None else [value])
+    if not values:
+        raise RowError(
+            f"Row {row} has no image in column {column!r}. SAE-V reads image and text together: drop text-only rows "
+            f"(e.g. ds.filter(lambda r: r[{column!r}])) or fix the image column."
+        )
+    return [load_image(v, row) for v in values]
+
+
+def _as_parts(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return [dict(part) for part in content]
+
+
+def build_messages(prompt: Any, response: Any, num_images: int, row: int) -> list[dict[str, Any]]:
+    """
+    Conversational messages for one example: the prompt as user turn(s) with `num_images` image placeholders (kept
+    where the prompt already places them, otherwise put before the first user text), then the response if any.
+    """
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": _as_parts(prompt)}]
+    elif isinstance(prompt, Sequence) and all(isinstance(m, Mapping) and "role" in m for m in prompt):
+        messages = [{"role": m["role"], "content": _as_parts(m["content"])} for m in prompt]
+    else:
+        raise RowError(
+            f"Row {row}: the prompt must be text or a list of {{'role', 'content'}} messages, got "
+            f"{type(prompt).__name__}."
+        )
+    placed = sum(part.get("type") == "image" for m in messages for part in m["content"])
+    if placed not in (0, num_images):
+        raise RowError(f"Row {row}: the prompt has {placed} image placeholders but the row has {num_images} images.")
+    if placed == 0 and num_images:
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            raise RowError(f"Row {row}: the conversational prompt has no user turn to attach the image to.")
+        first_user["content"] = [{"type": "image"} for _ in range(num_images)] + first_user["content"]
+    if response is not None:
+        if isinstance(response, str):
+            messages.append({"role": "assistant", "content": _as_parts(response)})
+        else:
+            messages.extend({"role": m["role"], "content": _as_parts(m["content"])} for m in response)
+    return messages
+
+
+def format_text(processor: Any, messages: list[dict[str, Any]], image_token: str | None, has_response: bool) -> str:
+    """The prompt string: the processor's chat template, or plain text with image tokens when it has none."""
+    template_owner = processor if getattr(processor, "chat_template", None) else getattr(processor, "tokenizer", None)
+    if template_owner is not None and getattr(template_owner, "chat_template", None):
+        return template_owner.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=not has_response, continue_final_message=False
+        )
+    pieces = []
+    for message in messages:
+        for part in message["content"]:
+            pieces.append(image_token if part.get("type") == "image" else part.get("text", ""))
+    return "".join(p for p in pieces if p)
+
+
+def prepare_inputs(
+    processor: Any,
+    rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]],
+    prompt_format: PromptFormat,
+    image_token_id: int | None = None,
+    first_row: int = 0,
+):
+    """
+    Model inputs for a batch of rows, right-padded, as a `BatchFeature` of tensors.
+
+    Right padding keeps every example's positions and attention independent of the others (a causal model never
+    attends to the padding after a token), whatever padding side the processor was configured with.
+
+    Args:
+        processor: the model's processor (image-text models) or tokenizer (text-only models).
+        rows: a `datasets` batch or a list of row dicts.
+        prompt_format: which columns to read and the length limit.
+        image_token_id: id of the image token, used to refuse truncations that would cut image tokens.
+        first_row: index of the first row in the dataset, so that errors name the right row.
+    """
+    columns = rows_to_columns(rows)
+    prompts = _column(columns, prompt_format.prompt_column, "prompt_column")
+    responses = (
+        _column(columns, prompt_format.response_column, "response_column")
+        if prompt_format.response_column
+        else [None] * len(prompts)
+    )
+    image_values = (
+        _column(columns, prompt_format.image_column, "image_column") if prompt_format.image_column else None
+    )
+    image_token = getattr(processor, "image_token", None)
+    texts, images = [], []
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        row = first_row + i
+        row_imgs = row_images(image_values[i], row, prompt_format.image_column) if image_values is not None else []
+        if prompt_format.response_column and response is None:
+            raise RowError(f"Row {row} has no response in column {prompt_format.response_column!r}.")
+        if isinstance(prompt, str) and image_token and image_token in prompt:
+            # An already-formatted prompt (plain TRL format) carries its own image tokens: use it as it is.
+            text = prompt + (response if isinstance(response, str) else "")
+        else:
+            messages = build_messages(prompt, response, len(row_imgs), row)
+            text = format_text(processor, messages, image_token, response is not None)
+        texts.append(text)
+        images.append(row_imgs)
+
+    kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True, "padding_side": "right"}
+    if image_values is not None:
+        kwargs["images"] = images
+    try:
+        inputs = processor(**kwargs)
+    except (ValueError, TypeError, KeyError, IndexError) as error:
+        raise RowError(
+            f"Rows {first_row}..{first_row + len(texts) - 1}: the processor could not prepare them ({error})."
+        ) from error
+    if prompt_format.max_length is not None:
+        inputs = truncate(inputs, prompt_format.max_length, image_token_id, first_row)
+    return inputs
+
+
+def truncate(inputs, max_length: int, image_token_id: int | None, first_row: int = 0):
+    """Cut right-padded inputs to `max_length` tokens, refusing to cut any image token (names the row)."""
+    input_ids = inputs["input_ids"]
+    if input_ids.shape[1] <= max_length:
+        return inputs
+    if image_token_id is not None:
+        cut = input_ids[:, max_length:] == image_token_id
+        for i in cut.any(dim=1).nonzero().flatten().tolist():
+            last = int((input_ids[i] == image_token_id).nonzero().max())
+            raise RowError(
+                f"Row {first_row + i}: max_length={max_length} would cut its image tokens (they run to position "
+                f"{last}; the input has {int(inputs['attention_mask'][i].sum())} tokens). Raise max_length to at "
+                f"least {last + 1} or shorten the text before the image."
+            )
+    length = input_ids.shape[1]
+    for name, value in list(inputs.items()):
+        if hasattr(value, "shape") and value.dim() >= 2 and value.shape[:2] == (input_ids.shape[0], length):
+            inputs[name] = value[:, :max_length]
+    return inputs

@@ -63,9 +63,24 @@ def info(args: InfoArguments) -> None:
     print(json.dumps(summary, indent=2, default=str))
 
 
-COMMANDS: dict[str, tuple[type, Callable]] = {
+def demo(args) -> None:
+    from .demo import run_demo
+
+    summary = run_demo(args)
+    if not summary["reloads_identical"]:
+        raise SystemExit("saev demo: a checkpoint did not reload to identical encodings")
+
+
+def _demo_arguments() -> type:
+    from .demo import DemoArguments
+
+    return DemoArguments
+
+
+COMMANDS: dict[str, tuple[type | Callable[[], type], Callable]] = {
     "convert": (ConvertArguments, convert),
     "info": (InfoArguments, info),
+    "demo": (_demo_arguments, demo),
 }
 
 
@@ -80,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     arguments_class, run = COMMANDS[argv[0]]
+    if not isinstance(arguments_class, type):  # commands whose module is heavy are imported only when used
+        arguments_class = arguments_class()
     parser = HfArgumentParser(arguments_class, prog=f"saev {argv[0]}", description=arguments_class.__doc__)
     try:
         (arguments,) = parser.parse_args_into_dataclasses(argv[1:])

@@ -32,3 +32,16 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
     assert "--to 'onnx' is not a layout" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_demo_reads_a_tiny_mllm_and_writes_a_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--output_dir", str(out), "--num_examples", "6", "--batch_size", "4"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reloads_identical"] is True
+    per_modality = summary["per_modality"]
+    assert per_modality["image"]["tokens"] == 6 * 16  # 16 image positions per 32x32 image in the tiny LLaVA
+    assert per_modality["text"]["tokens"] > 0 and per_modality["special"]["tokens"] > 0
+    assert all(m["l0"] > 0 and m["mse"] > 0 for m in per_modality.values())
+    assert "| image | 96 |" in (out / "report.md").read_text()
+    assert (out / "saev" / "model.safetensors").exists() and (out / "saev-saelens" / "cfg.json").exists()

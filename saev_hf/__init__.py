@@ -3,16 +3,40 @@
 `import saev_hf` registers the `"saev"` model type with transformers' Auto classes, so that
 `AutoConfig.from_pretrained` and `AutoModel.from_pretrained` load SAE-V checkpoints without `trust_remote_code`.
 It stays light: heavy optional stacks (TRL, PEFT) are imported only by the parts that use them.
+
+The data flow, one stage per module: rows -> `prompts` -> `activations` (layer L of the MLLM) -> `model` (SAE-V)
+-> `weighting` (cross-modal feature weights) -> `scoring` (a `datasets.map` scorer) -> `filtering` -> trainers.
 """
 
 from transformers import AutoConfig, AutoModel
 
+from .activations import LayerActivations, LayerReader, Modality
 from .config import SAEVConfig
+from .filtering import FilterArguments, filter_by_score
 from .model import SAEV, SAEVOutput
+from .prompts import PromptFormat, RowError
+from .scoring import SAEVScorer, ScorerArguments
+from .weighting import WeightingArguments, compute_feature_weights
 
 __version__ = "0.1.0.dev0"
 
 AutoConfig.register(SAEVConfig.model_type, SAEVConfig, exist_ok=True)
 AutoModel.register(SAEVConfig, SAEV, exist_ok=True)
 
-__all__ = ["SAEV", "SAEVConfig", "SAEVOutput", "__version__"]
+__all__ = [
+    "SAEV",
+    "FilterArguments",
+    "LayerActivations",
+    "LayerReader",
+    "Modality",
+    "PromptFormat",
+    "RowError",
+    "SAEVConfig",
+    "SAEVOutput",
+    "SAEVScorer",
+    "ScorerArguments",
+    "WeightingArguments",
+    "__version__",
+    "compute_feature_weights",
+    "filter_by_score",
+]

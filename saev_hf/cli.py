@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 from transformers import HfArgumentParser
 
@@ -77,10 +78,135 @@ def _demo_arguments() -> type:
     return DemoArguments
 
 
-COMMANDS: dict[str, tuple[type | Callable[[], type], Callable]] = {
+@dataclass
+class SourceArguments:
+    """Where the SAE-V, the MLLM and the dataset come from, and where results go."""
+
+    sae: str = field(metadata={"help": "Folder or Hub repo of the SAE-V (either layout)."})
+    model: str = field(metadata={"help": "Folder or Hub repo of the MLLM the SAE-V reads."})
+    dataset: str = field(metadata={"help": "Hub dataset name, or a folder written by Dataset.save_to_disk."})
+    output_dir: str = field(metadata={"help": "Folder to write the result to."})
+    split: str = field(default="train", metadata={"help": "Dataset split."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    sae_subfolder: str | None = field(default=None, metadata={"help": "Subfolder of `sae` holding the checkpoint."})
+    model_revision: str | None = field(default=None, metadata={"help": "Revision of the MLLM on the Hub."})
+    device: str = field(default="auto", metadata={"help": "'auto' (GPU if any), 'cpu', 'cuda:0'..."})
+
+
+@dataclass
+class MapArguments:
+    """How `datasets.map` runs the scorer."""
+
+    batch_size: int = field(default=8, metadata={"help": "Examples per batch."})
+    num_proc: int | None = field(default=None, metadata={"help": "Worker processes (one per GPU with GPUs)."})
+
+
+def load_dataset_split(name: str, split: str, config: str | None = None):
+    """A saved dataset folder (`save_to_disk`) or a Hub dataset, as one split."""
+    import datasets
+
+    path = Path(name)
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise KeyError(f"Split {split!r} not in {name}; it has {list(loaded)}. Pass --split.")
+            loaded = loaded[split]
+        return loaded
+    return datasets.load_dataset(name, config, split=split)
+
+
+def load_sources(source: SourceArguments):
+    """The SAE-V, the MLLM (with its processor, on the chosen device) and the dataset named by `source`."""
+    import torch
+    from transformers import AutoProcessor
+
+    from . import SAEV
+    from .scoring import _load_model
+    from .tiny_models import register_tiny_processors
+
+    register_tiny_processors()  # lets AutoProcessor load the tiny offline models' processors; no effect on others
+    sae = SAEV.from_pretrained(source.sae, subfolder=source.sae_subfolder)
+    model = _load_model(source.model, revision=source.model_revision)
+    processor = AutoProcessor.from_pretrained(source.model, revision=source.model_revision)
+    device = source.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    sae.to(device)
+    return sae, model, processor, load_dataset_split(source.dataset, source.split, source.dataset_config)
+
+
+def weights(source: SourceArguments, prompt_format, weighting) -> None:
+    from .activations import LayerReader
+    from .weighting import compute_feature_weights
+
+    sae, model, processor, dataset = load_sources(source)
+    reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
+    compute_feature_weights(sae, reader, dataset, weighting)
+    sae.save_pretrained(source.output_dir)
+    info = sae.config.feature_weights_info
+    print(f"{info['num_weighted_features']} of {sae.config.d_sae} features weighted over {info['num_examples']} "
+          f"examples; SAE-V with weights saved to {source.output_dir}")
+
+
+def score(source: SourceArguments, prompt_format, scorer_args, map_args: MapArguments) -> None:
+    from .scoring import SAEVScorer
+
+    sae, model, processor, dataset = load_sources(source)
+    scorer = SAEVScorer(sae, model, processor, prompt_format=prompt_format, args=scorer_args)
+    scored = dataset.map(scorer, batched=True, batch_size=map_args.batch_size, num_proc=map_args.num_proc,
+                         with_rank=map_args.num_proc is not None, desc="SAE-V scores")
+    scored.save_to_disk(source.output_dir)
+    print(f"Scored {len(scored)} examples ({', '.join(scorer.columns)}); saved to {source.output_dir}")
+
+
+@dataclass
+class FilterIOArguments:
+    """The scored dataset to filter and where to write the kept rows."""
+
+    dataset: str = field(metadata={"help": "Folder of a scored dataset (save_to_disk), or a Hub dataset."})
+    output_dir: str = field(metadata={"help": "Folder to save the filtered dataset to."})
+    split: str = field(default="train", metadata={"help": "Dataset split."})
+
+
+def filter_command(io: FilterIOArguments, filter_args) -> None:
+    from .filtering import filter_by_score
+
+    dataset = load_dataset_split(io.dataset, io.split)
+    kept = filter_by_score(dataset, filter_args)
+    kept.save_to_disk(io.output_dir)
+    print(f"Kept {len(kept)} of {len(dataset)} examples by {filter_args.column}; saved to {io.output_dir}")
+
+
+def _weights_arguments() -> tuple[type, ...]:
+    from .prompts import PromptFormat
+    from .weighting import WeightingArguments
+
+    return SourceArguments, PromptFormat, WeightingArguments
+
+
+def _score_arguments() -> tuple[type, ...]:
+    from .prompts import PromptFormat
+    from .scoring import ScorerArguments
+
+    return SourceArguments, PromptFormat, ScorerArguments, MapArguments
+
+
+def _filter_arguments() -> tuple[type, ...]:
+    from .filtering import FilterArguments
+
+    return FilterIOArguments, FilterArguments
+
+
+# command -> (its argument dataclass(es), or a function returning them so heavy modules load only when used; run)
+COMMANDS: dict[str, tuple[Any, Callable[..., None]]] = {
     "convert": (ConvertArguments, convert),
     "info": (InfoArguments, info),
     "demo": (_demo_arguments, demo),
+    "weights": (_weights_arguments, weights),
+    "score": (_score_arguments, score),
+    "filter": (_filter_arguments, filter_command),
 }
 
 
@@ -94,15 +220,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"saev: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    arguments_class, run = COMMANDS[argv[0]]
-    if not isinstance(arguments_class, type):  # commands whose module is heavy are imported only when used
-        arguments_class = arguments_class()
-    parser = HfArgumentParser(arguments_class, prog=f"saev {argv[0]}", description=arguments_class.__doc__)
+    classes, run = COMMANDS[argv[0]]
+    if not isinstance(classes, (type, tuple)):
+        classes = classes()
+    classes = classes if isinstance(classes, tuple) else (classes,)
+    parser = HfArgumentParser(classes, prog=f"saev {argv[0]}", description=run.__doc__ or classes[0].__doc__)
     try:
-        (arguments,) = parser.parse_args_into_dataclasses(argv[1:])
+        arguments = parser.parse_args_into_dataclasses(argv[1:])
     except ValueError as error:
         parser.error(str(error))
-    run(arguments)
+    run(*arguments)
     return 0
 
 

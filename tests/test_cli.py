@@ -45,3 +45,38 @@ def test_demo_reads_a_tiny_mllm_and_writes_a_report(tmp_path, capsys):
     assert all(m["l0"] > 0 and m["mse"] > 0 for m in per_modality.values())
     assert "| image | 96 |" in (out / "report.md").read_text()
     assert (out / "saev" / "model.safetensors").exists() and (out / "saev-saelens" / "cfg.json").exists()
+
+
+def test_weights_score_and_filter_commands_end_to_end(tiny_model_factory, tmp_path):
+    import datasets
+
+    from saev_hf.tiny_models import DIGIT_NAMES, digit_images
+
+    llava = tiny_model_factory("llava")
+    data = digit_images(8, seed=2)
+    datasets.Dataset.from_dict({
+        "images": [[image] for image, _ in data],
+        "prompt": [f"what digit is this? is it {DIGIT_NAMES[label]}?" for _, label in data],
+    }).save_to_disk(tmp_path / "data")
+    torch.manual_seed(0)
+    sae = SAEV(SAEVConfig(d_in=64, d_sae=96, hook_layer=1, cooccurrence_threshold=0.05))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+    sae.save_pretrained(tmp_path / "sae")
+    common = ["--model", str(llava.path), "--dataset", str(tmp_path / "data"), "--device", "cpu"]
+    assert main(["weights", "--sae", str(tmp_path / "sae"), *common, "--output_dir", str(tmp_path / "weighted"),
+                 "--num_examples", "8", "--batch_size", "4"]) == 0
+    weighted = SAEV.from_pretrained(tmp_path / "weighted")
+    assert weighted.config.feature_weights_info["num_examples"] == 8
+    assert weighted.has_feature_weight.any()
+
+    assert main(["score", "--sae", str(tmp_path / "weighted"), *common, "--output_dir", str(tmp_path / "scored"),
+                 "--batch_size", "3"]) == 0
+    scored = datasets.load_from_disk(str(tmp_path / "scored"))
+    assert {"saev_cosine_score", "saev_l0", "saev_cooccur_l0"} <= set(scored.column_names) and len(scored) == 8
+
+    assert main(["filter", "--dataset", str(tmp_path / "scored"), "--output_dir", str(tmp_path / "kept"),
+                 "--column", "saev_l0", "--fraction", "0.5"]) == 0
+    kept = datasets.load_from_disk(str(tmp_path / "kept"))
+    assert len(kept) == 4
+    assert min(kept["saev_l0"]) >= sorted(scored["saev_l0"])[3]

@@ -1,0 +1,347 @@
+"""`SAEVScorer`: SAE-V's data-quality scores as a `datasets.map` function (Algorithm 1 stage 3, Algorithms 2-3).
+
+For each example x, with the activation bound delta (`SAEVConfig.cooccurrence_threshold`, 1 in the authors' code):
+
+- co-occurring features C(x) = {f : z_f > delta at some text position} & {f : z_f > delta at some image position};
+- `saev_cosine_score`: sum of the cross-modal weights w_f over C(x) (features without a weight add 0);
+- `saev_l0`: mean over the example's positions of the number of features with z > 0 (Algorithm 2);
+- `saev_cooccur_l0`: |C(x)| (Algorithm 3).
+
+```python
+scorer = SAEVScorer(sae, model, processor)
+ds = ds.map(scorer, batched=True, batch_size=8)   # cached by datasets like any other map
+```
+
+Caching: `datasets` fingerprints a map by pickling its function. A scorer pickles to its *identity* (digests of the
+SAE-V's weights, of the MLLM's name and a sample of its weights, of the processor, the settings and the code version),
+never to the weights themselves, so the fingerprint is cheap, stable across processes, and a second identical map hits
+the cache. In `num_proc` workers the scorer finds its live model again (fork) or reloads it from its path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import weakref
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .activations import LayerReader, Modality
+from .prompts import PromptFormat, RowError
+
+SCORES = ("cosine", "l0", "cooccur_l0")
+
+# Live scorers by identity: a worker forked by `ds.map(num_proc=...)` inherits this table and so finds the model that
+# the parent process already holds, instead of loading it again.
+_LIVE: "weakref.WeakValueDictionary[str, SAEVScorer]" = weakref.WeakValueDictionary()
+
+
+@dataclass
+class ScorerArguments:
+    """What the scorer computes and how it names its columns."""
+
+    scores: list[str] = field(
+        default_factory=lambda: list(SCORES),
+        metadata={"help": "Scores to compute: any of cosine, l0, cooccur_l0 (cosine needs feature weights)."},
+    )
+    cosine_column: str = field(default="saev_cosine_score", metadata={"help": "Column of the cosine-similarity score."})
+    l0_column: str = field(default="saev_l0", metadata={"help": "Column of the L0 score."})
+    cooccur_l0_column: str = field(default="saev_cooccur_l0", metadata={"help": "Column of the co-occurring L0."})
+    on_error: str = field(
+        default="raise",
+        metadata={"help": "'raise': an example that cannot be scored stops the map with a clear error. 'null': it "
+                  "gets null scores and the reason in `error_column`."},
+    )
+    error_column: str = field(default="saev_error", metadata={"help": "Reason column used with on_error='null'."})
+    special_as_text: bool = field(
+        default=True, metadata={"help": "Count special/template tokens as text positions (the authors' code does)."}
+    )
+    token_chunk: int = field(default=4096, metadata={"help": "Tokens encoded at once by the SAE (bounds memory)."})
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.scores) - set(SCORES))
+        if unknown or not self.scores:
+            raise ValueError(f"scores={self.scores} must be a non-empty subset of {list(SCORES)}.")
+        if self.on_error not in ("raise", "null"):
+            raise ValueError(f"on_error={self.on_error!r} must be 'raise' or 'null'.")
+        if self.token_chunk <= 0:
+            raise ValueError(f"token_chunk={self.token_chunk} must be positive.")
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            t = part.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def model_digest(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
+    """Identity of a (possibly huge) model: its name, revision, and a strided sample of every parameter."""
+    config = getattr(model, "config", None)
+    parts: list[Any] = [type(model).__name__, getattr(config, "_name_or_path", ""), getattr(config, "_commit_hash", "")]
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        stride = max(1, flat.numel() // samples_per_tensor)
+        parts += [name, flat[::stride][:samples_per_tensor]]
+    return _digest(*parts)
+
+
+def processor_digest(processor: Any) -> str:
+    """Identity of a processor or tokenizer: its tokenizer vocabulary, special tokens, chat template and image settings."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    image_processor = getattr(processor, "image_processor", None)
+    return _digest(
+        type(processor).__name__,
+        sorted(tokenizer.get_vocab().items()),
+        getattr(tokenizer, "all_special_tokens", []),
+        getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None),
+        image_processor.to_dict() if image_processor is not None else None,
+        {k: getattr(processor, k) for k in ("patch_size", "vision_feature_select_strategy", "image_seq_length",
+                                              "num_additional_image_tokens") if hasattr(processor, k)},
+    )
+
+
+class SAEVScorer:
+    """
+    A `datasets.map(batched=True)` function adding SAE-V data-quality scores to an image-text dataset.
+
+    Args:
+        sae ([`SAEV`] or `str`): the SAE-V (with feature weights for the cosine score), or its folder / Hub repo.
+        model (`PreTrainedModel` or `str`): the MLLM the SAE-V reads, or its folder / Hub repo.
+        processor (*optional*): its processor; loaded from `model`'s path when omitted.
+        prompt_format ([`PromptFormat`], *optional*): image / prompt / response columns (TRL layout by default; the
+            paper scores the prompt and image only).
+        args ([`ScorerArguments`], *optional*): scores, column names, error handling.
+        layers (*optional*): where the decoder layers are, for models whose structure hides them.
+
+    Scores do not depend on batch size, batch composition or padding. Call with `with_rank=True` and `num_proc` equal
+    to the number of GPUs to score on one GPU per process; `with_indices=True` makes errors name dataset rows.
+
+    `datasets` decodes an `Image` column before the scorer sees it, and a corrupt image then fails inside `datasets`.
+    To have such rows reported by row (or given null scores with `on_error="null"`), keep the column undecoded:
+    `ds.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))`; the scorer reads the bytes itself.
+    """
+
+    def __init__(self, sae: Any, model: Any, processor: Any = None, prompt_format: PromptFormat | None = None,
+                 args: ScorerArguments | None = None, layers: Any = None) -> None:
+        self.args = args or ScorerArguments()
+        self.prompt_format = prompt_format
+        self.layers = layers
+        self._sae_source = sae if isinstance(sae, str) else getattr(sae, "name_or_path", None)
+        self._model_source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
+        self._processor_source = processor if isinstance(processor, str) else self._model_source
+        self._sae = None if isinstance(sae, str) else sae
+        self._model = None if isinstance(model, str) else model
+        self._processor = None if isinstance(processor, str) else processor
+        self._reader: LayerReader | None = None
+        self._device: torch.device | None = None
+        self._identity: dict[str, Any] | None = None
+        self._pid = os.getpid()
+        if self._sae is not None and self._model is not None:
+            self._validate()
+            _LIVE[self.fingerprint] = self
+
+    # -------------------------------------------------------------------------------------------------------------
+    # Identity, pickling and lazy loading
+    # -------------------------------------------------------------------------------------------------------------
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What determines this scorer's outputs; its pickled state and so its `datasets` fingerprint."""
+        if self._identity is None:
+            from . import __version__
+
+            sae, model, processor = self._load()
+            self._identity = {
+                "saev_hf": __version__,
+                "sae": _digest(sae.config.to_json_string(use_diff=False), *sae.state_dict().values()),
+                "model": model_digest(model),
+                "processor": processor_digest(processor),
+                "layer": sae.config.hook_layer,
+                "prompt_format": asdict(self._reader_prompt_format()),
+                "args": asdict(self.args),
+            }
+        return self._identity
+
+    @property
+    def fingerprint(self) -> str:
+        """A short stable hash of `identity`."""
+        return _digest(self.identity)[:32]
+
+    def __reduce__(self):
+        sources = (self._sae_source, self._model_source, self._processor_source)
+        return (_restore, (self.fingerprint, self.identity, sources, self.prompt_format, self.args))
+
+    def _load(self):
+        from transformers import AutoProcessor
+
+        from .model import SAEV
+
+        if self._sae is None:
+            self._sae = SAEV.from_pretrained(self._require(self._sae_source, "SAE-V"))
+        if self._model is None:
+            self._model = _load_model(self._require(self._model_source, "model"))
+        if self._processor is None:
+            from .tiny_models import register_tiny_processors
+
+            register_tiny_processors()
+            self._processor = AutoProcessor.from_pretrained(self._require(self._processor_source, "processor"))
+        return self._sae, self._model, self._processor
+
+    @staticmethod
+    def _require(source: str | None, what: str) -> str:
+        if not source:
+            raise ValueError(
+                f"This scorer was moved to another process, which must load the {what} again, but it was given an "
+                f"in-memory {what} with no path. Save it (save_pretrained) and pass its folder, or use the default "
+                f"'fork' start method so that workers share the parent's objects."
+            )
+        return source
+
+    def _reader_prompt_format(self) -> PromptFormat:
+        if self.prompt_format is not None:
+            return self.prompt_format
+        return PromptFormat(image_column="images")
+
+    def _validate(self) -> None:
+        sae, model, processor = self._load()
+        if sae.config.hook_layer is None:
+            raise ValueError("The SAE-V's config has no hook_layer; set sae.config.hook_layer to the layer it reads.")
+        if self._reader is None:
+            self._reader = LayerReader(model, processor, layer=sae.config.hook_layer,
+                                       prompt_format=self._reader_prompt_format(), layers=self.layers)
+        self._reader.check_sae(sae)
+        if self._reader.image_token_id is None:
+            raise ValueError(f"{type(model).__name__} has no image token: SAE-V scores need an image-text model.")
+        if "cosine" in self.args.scores and sae.config.feature_weights_info is None:
+            raise ValueError(
+                "The cosine score needs the SAE-V's cross-modal feature weights, which were never computed for it. "
+                "Compute them (saev_hf.weighting.compute_feature_weights or `saev weights`), or ask only for "
+                "scores=['l0', 'cooccur_l0']."
+            )
+
+    def _to_device(self, rank: int | None) -> None:
+        want = None
+        if rank is not None and torch.cuda.is_available():
+            want = torch.device("cuda", rank % torch.cuda.device_count())
+        if want is not None and self._device != want:
+            self._model.to(want)
+            self._sae.to(want)
+            self._device = want
+
+    # -------------------------------------------------------------------------------------------------------------
+    # Scoring
+    # -------------------------------------------------------------------------------------------------------------
+
+    @property
+    def columns(self) -> list[str]:
+        """Names of the columns this scorer adds."""
+        names = [getattr(self.args, f"{score}_column") for score in SCORES if score in self.args.scores]
+        return names + ([self.args.error_column] if self.args.on_error == "null" else [])
+
+    def __call__(self, batch: Mapping[str, Sequence[Any]], *extra: Any) -> dict[str, list[Any]]:
+        """Score a `datasets` batch; extra arguments are the `indices` (with_indices) and/or `rank` (with_rank)."""
+        indices = next((e for e in extra if isinstance(e, (list, range))), None)
+        rank = next((e for e in extra if isinstance(e, int) and not isinstance(e, bool)), None)
+        if os.getpid() != self._pid:
+            # A worker forked by ds.map(num_proc=...): the parent's OpenMP thread pool does not survive fork and
+            # hangs the first parallel op (seen in oneDNN convolutions). One thread per worker runs ops inline.
+            torch.set_num_threads(1)
+            self._pid = os.getpid()
+        self._validate()
+        self._to_device(rank)
+        n = len(next(iter(batch.values())))
+        first = indices[0] if indices is not None else 0
+        try:
+            scores = self.score_rows(batch, first)
+            errors: list[str | None] = [None] * n
+        except RowError:
+            if self.args.on_error == "raise":
+                raise
+            scores, errors = {name: [] for name in self._score_columns()}, []
+            for i in range(n):  # isolate the rows that fail; the others get the scores a batch would give them
+                try:
+                    row_scores = self.score_rows({k: [v[i]] for k, v in batch.items()}, first + i)
+                    error = None
+                except RowError as exc:
+                    row_scores, error = {name: [None] for name in scores}, str(exc)
+                for name in scores:
+                    scores[name].append(row_scores[name][0])
+                errors.append(error)
+        if self.args.on_error == "null":
+            scores[self.args.error_column] = errors
+        return scores
+
+    def _score_columns(self) -> list[str]:
+        return [getattr(self.args, f"{score}_column") for score in SCORES if score in self.args.scores]
+
+    @torch.no_grad()
+    def score_rows(self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]], first_row: int = 0):
+        """Scores of a batch of rows as `{column: [value per row]}`; raises `RowError` for a row that cannot be scored."""
+        sae, reader = self._sae, self._reader
+        acts = reader.read(rows, first_row=first_row)
+        delta = sae.config.cooccurrence_threshold
+        weights = sae.feature_weights.nan_to_num(0.0)
+        out = {name: [] for name in self._score_columns()}
+        device = sae.W_enc.device
+        for i in range(len(acts)):
+            hidden, modality = acts.example(i)
+            image = modality == Modality.IMAGE
+            text = modality == Modality.TEXT
+            if self.args.special_as_text:
+                text |= modality == Modality.SPECIAL
+            if not image.any():
+                raise RowError(
+                    f"Row {first_row + i}: no image token reached the model (the processor inserted none, or they "
+                    f"were cut), so it has no image-text co-occurrence to score."
+                )
+            if not text.any():
+                raise RowError(f"Row {first_row + i}: no text token to score against the image.")
+            counted = image | text
+            hidden, image, text = hidden[counted].to(device), image[counted].to(device), text[counted].to(device)
+            fires_text = torch.zeros(sae.config.d_sae, dtype=torch.bool, device=device)
+            fires_image = torch.zeros_like(fires_text)
+            active = 0
+            for start in range(0, hidden.shape[0], self.args.token_chunk):
+                part = slice(start, start + self.args.token_chunk)
+                z = sae.encode(hidden[part])
+                above = z > delta
+                fires_text |= above[text[part]].any(0)
+                fires_image |= above[image[part]].any(0)
+                active += int((z > 0).sum())
+            cooccur = fires_text & fires_image
+            if "cosine" in self.args.scores:
+                out[self.args.cosine_column].append(float(weights[cooccur].double().sum()))
+            if "l0" in self.args.scores:
+                out[self.args.l0_column].append(active / hidden.shape[0])
+            if "cooccur_l0" in self.args.scores:
+                out[self.args.cooccur_l0_column].append(int(cooccur.sum()))
+        return out
+
+
+def _load_model(source: str, revision: str | None = None):
+    """An MLLM (or a text-only causal LM) from a folder or Hub repo, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(source, revision=revision)
+    multimodal = hasattr(config, "vision_config") or hasattr(config, "vq_config")
+    auto = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    return auto.from_pretrained(source, revision=revision).eval()
+
+
+def _restore(fingerprint: str, identity: dict, sources: tuple, prompt_format: PromptFormat | None,
+             args: ScorerArguments) -> SAEVScorer:
+    live = _LIVE.get(fingerprint)
+    if live is not None:
+        return live
+    scorer = SAEVScorer(*sources, prompt_format=prompt_format, args=args)
+    scorer._identity = identity
+    return scorer

@@ -1,0 +1,275 @@
+"""Cross-modal feature weights: Algorithm 1, stages 1-2, streaming and in bounded memory.
+
+For every feature f, pool the positions where f fires (z_f > 0) over the dataset and keep the top K (30) by z_f:
+
+- all K text, or all K image: f is single-modal and gets no weight;
+- at least `per_modality` (5) text and 5 image: w_f = mean over the 5 x 5 pairs of cos(h_text_i, h_image_j) between
+  the MLLM hidden states (not SAE latents) at f's top-5 text and top-5 image positions;
+- otherwise f gets no weight (NaN in `SAEV.feature_weights`).
+
+The authors' code keeps every hidden state in memory (about 160 GB for 1k examples). Here:
+
+1. Pass 1 streams the data and keeps, per feature, only the (value, modality, position) of its running top K:
+   O(d_sae * K) memory, about 25 MB at the paper's d_sae = 65,536.
+2. The text positions inside a feature's global top K are its globally highest text positions (any text position
+   outside the top K is lower than every one inside), and likewise for image. So the top-5 of each modality within
+   the top K are known after pass 1. Because mean_ij cos(t_i, v_j) = (sum_i t_i/|t_i|) . (sum_j v_j/|v_j|) / 25,
+   pass 2 re-reads only the examples that hold such a position and accumulates, per weighted feature, two sums of
+   unit vectors: at most 2 * d_sae * d_in floats (2 GB at 65,536 x 4,096, fp32), whatever the number of examples.
+
+Ties between equal activations are broken by `torch.topk`; exact float ties are vanishingly rare in practice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from .activations import LayerActivations, LayerReader, Modality
+
+# Positions are identified across the stream as example_index * POSITION_STRIDE + token_index.
+POSITION_STRIDE = 1 << 24
+
+
+@dataclass
+class WeightingArguments:
+    """Settings of the cross-modal feature weighting (the paper's values are the defaults)."""
+
+    top_k: int = field(default=30, metadata={"help": "Top activating positions kept per feature (K)."})
+    per_modality: int = field(
+        default=5, metadata={"help": "Text and image positions needed among the top K, and used for the cosine."}
+    )
+    special_as_text: bool = field(
+        default=True,
+        metadata={"help": "Count special/template tokens (BOS, role markers, image start/end) as text, as the "
+                  "authors' code does. False leaves them out of the weighting."},
+    )
+    mean_center: bool = field(
+        default=False,
+        metadata={"help": "Subtract the mean hidden state (over all counted positions) before the cosine. Not in "
+                  "the paper; it removes the shared direction that makes every cosine positive."},
+    )
+    num_examples: int | None = field(
+        default=1000, metadata={"help": "Examples sampled from the dataset (the paper: 1k). None uses them all."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Examples per MLLM forward."})
+    token_chunk: int = field(
+        default=4096, metadata={"help": "Tokens encoded at once by the SAE (bounds the d_sae-wide activations)."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of the example sample."})
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "per_modality", "batch_size", "token_chunk"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
+        if 2 * self.per_modality > self.top_k:
+            raise ValueError(
+                f"per_modality={self.per_modality} needs at least {2 * self.per_modality} positions among the top "
+                f"{self.top_k}; raise top_k or lower per_modality."
+            )
+        if self.num_examples is not None and self.num_examples <= 0:
+            raise ValueError(f"num_examples={self.num_examples} must be positive, or None for the whole dataset.")
+
+
+class FeatureTopK:
+    """
+    Running top-K positions of every feature over a stream of token activations.
+
+    `values` (K, d_sae) hold activations (0 = empty slot), `positions` (K, d_sae) stream positions, `is_image`
+    (K, d_sae) the modality. Memory is O(K * d_sae), independent of the stream's length.
+    """
+
+    def __init__(self, d_sae: int, top_k: int, device: torch.device | str = "cpu") -> None:
+        self.top_k = top_k
+        self.values = torch.zeros(top_k, d_sae, device=device)
+        self.positions = torch.full((top_k, d_sae), -1, dtype=torch.long, device=device)
+        self.is_image = torch.zeros(top_k, d_sae, dtype=torch.bool, device=device)
+
+    @torch.no_grad()
+    def update(self, feature_acts: torch.Tensor, positions: torch.Tensor, is_image: torch.Tensor) -> None:
+        """Merge a chunk: `feature_acts` (n, d_sae), `positions` (n,) and `is_image` (n,) of the same tokens."""
+        n, d_sae = feature_acts.shape
+        values = torch.cat([self.values, feature_acts.to(self.values)], dim=0)
+        top_values, index = values.topk(self.top_k, dim=0)
+        old = index < self.top_k
+        new_index = (index - self.top_k).clamp(min=0)
+        self.positions = torch.where(old, self.positions.gather(0, index.clamp(max=self.top_k - 1)),
+                                     positions.to(self.positions.device)[new_index])
+        self.is_image = torch.where(old, self.is_image.gather(0, index.clamp(max=self.top_k - 1)),
+                                    is_image.to(self.is_image.device)[new_index])
+        self.values = top_values
+
+    def selection(self, per_modality: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Per feature: how many text and image positions are among its top K (firing ones only), whether it gets a
+        weight, and the positions used for the cosine, as `(text_count, image_count, weighted, chosen)` where
+        `chosen` is (2 * per_modality, d_sae): the top text positions then the top image positions (-1 if none).
+        """
+        firing = self.values > 0
+        image = firing & self.is_image
+        text = firing & ~self.is_image
+        text_count, image_count = text.sum(0), image.sum(0)
+        weighted = (text_count >= per_modality) & (image_count >= per_modality)
+        # rank within each modality by value (values are sorted descending by topk, so a cumulative count works)
+        text_rank, image_rank = text.cumsum(0), image.cumsum(0)
+        chosen = torch.full((2 * per_modality,) + self.values.shape[1:], -1, dtype=torch.long, device=self.values.device)
+        for slot in range(per_modality):
+            for offset, mask, rank in ((0, text, text_rank), (per_modality, image, image_rank)):
+                hit = mask & (rank == slot + 1)
+                row = hit.float().argmax(0)
+                found = hit.any(0)
+                chosen[offset + slot] = torch.where(found, self.positions.gather(0, row[None])[0], -1)
+        return text_count, image_count, weighted, chosen
+
+
+class CosineAccumulator:
+    """Sums of unit hidden states at each weighted feature's chosen text and image positions (pass 2)."""
+
+    def __init__(self, weighted: torch.Tensor, chosen: torch.Tensor, per_modality: int, d_in: int,
+                 center: torch.Tensor | None = None) -> None:
+        self.per_modality = per_modality
+        self.features = weighted.nonzero().flatten()  # features that get a weight
+        slots = chosen[:, self.features]  # (2 * per_modality, q)
+        rows = torch.arange(slots.shape[0], device=slots.device)[:, None].expand_as(slots)
+        local = torch.arange(len(self.features), device=slots.device)[None].expand_as(slots)
+        order = slots.flatten().argsort()
+        self.need_positions = slots.flatten()[order]  # sorted stream positions needed
+        self.need_feature = local.flatten()[order]  # which weighted feature (local index) needs it
+        self.need_is_image = (rows.flatten() >= per_modality)[order]
+        self.center = center
+        self.text_sum = torch.zeros(len(self.features), d_in, device=slots.device)
+        self.image_sum = torch.zeros(len(self.features), d_in, device=slots.device)
+        self.seen = torch.zeros(len(self.need_positions), dtype=torch.bool, device=slots.device)
+
+    def needed_examples(self) -> list[int]:
+        """Indices of the examples (in the weighting stream) that hold a needed position."""
+        return sorted(set((self.need_positions // POSITION_STRIDE).tolist()))
+
+    @torch.no_grad()
+    def update(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> None:
+        """Add the unit hidden states (n, d_in) of the tokens at stream `positions` (n,) that some feature needs."""
+        lo = torch.searchsorted(self.need_positions, positions, right=False)
+        hi = torch.searchsorted(self.need_positions, positions, right=True)
+        for token in (hi > lo).nonzero().flatten().tolist():
+            h = hidden_states[token].float()
+            if self.center is not None:
+                h = h - self.center
+            unit = h / h.norm().clamp_min(1e-12)
+            span = slice(int(lo[token]), int(hi[token]))
+            feats, image = self.need_feature[span], self.need_is_image[span]
+            self.text_sum.index_add_(0, feats[~image], unit.expand(int((~image).sum()), -1))
+            self.image_sum.index_add_(0, feats[image], unit.expand(int(image.sum()), -1))
+            self.seen[span] = True
+
+    def weights(self, d_sae: int) -> torch.Tensor:
+        """The weights (d_sae,), NaN for features without one."""
+        if not bool(self.seen.all()):
+            missing = int((~self.seen).sum())
+            raise RuntimeError(
+                f"{missing} positions chosen in pass 1 were not seen again in pass 2: the data or the model changed "
+                f"between passes (they must read the same examples in the same order)."
+            )
+        out = torch.full((d_sae,), math.nan, device=self.text_sum.device)
+        out[self.features] = (self.text_sum * self.image_sum).sum(-1) / self.per_modality**2
+        return out
+
+
+def _stream_positions(stream_rows: list[int], counted: torch.Tensor) -> torch.Tensor:
+    """Stream positions (example * POSITION_STRIDE + token) of the counted tokens of a batch, in row-major order."""
+    batch, tokens = counted.shape
+    example = torch.tensor(stream_rows, dtype=torch.long)[:, None].expand(batch, tokens)
+    token = torch.arange(tokens)[None].expand(batch, tokens)
+    return (example * POSITION_STRIDE + token)[counted.cpu()]
+
+
+def _counted(acts: LayerActivations, special_as_text: bool) -> torch.Tensor:
+    counted = (acts.modality == Modality.TEXT) | (acts.modality == Modality.IMAGE)
+    if special_as_text:
+        counted |= acts.modality == Modality.SPECIAL
+    return counted
+
+
+def _batches(dataset: Any, batch_size: int, indices: Iterable[int] | None = None):
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        yield chunk, dataset[chunk] if hasattr(dataset, "select") else [dataset[i] for i in chunk]
+
+
+@torch.no_grad()
+def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: WeightingArguments | None = None,
+                            store: bool = True) -> torch.Tensor:
+    """
+    Compute SAE-V's cross-modal feature weights (Algorithm 1, stages 1-2) over `dataset` and, with `store=True`,
+    save them in `sae` (they then travel with `save_pretrained` / `push_to_hub`).
+
+    Args:
+        sae ([`SAEV`]): the SAE-V, made for `reader`'s model and layer.
+        reader ([`LayerReader`]): reads the MLLM's layer L from rows (its `prompt_format` names the columns; the
+            paper feeds the question and the image only).
+        dataset: a `datasets.Dataset` (or any sequence of row dicts).
+        args ([`WeightingArguments`]): K, per-modality count, special tokens, centring, sample size.
+
+    Returns:
+        `torch.Tensor` (d_sae,): the weights, NaN for features without a weight.
+    """
+    args = args or WeightingArguments()
+    reader.check_sae(sae)
+    if args.num_examples is not None and args.num_examples < len(dataset):
+        generator = torch.Generator().manual_seed(args.seed)
+        sample = sorted(torch.randperm(len(dataset), generator=generator)[: args.num_examples].tolist())
+    else:
+        sample = list(range(len(dataset)))
+    device = sae.W_enc.device
+    top = FeatureTopK(sae.config.d_sae, args.top_k, device)
+    hidden_sum = torch.zeros(sae.config.d_in, dtype=torch.float64, device=device)
+    num_tokens = 0
+
+    stream_index = {example: i for i, example in enumerate(sample)}
+    for chunk, rows in tqdm(_batches(dataset, args.batch_size, sample), desc="Feature weights: top-K pass",
+                            total=math.ceil(len(sample) / args.batch_size), unit="batch"):
+        acts = reader.read(rows, first_row=chunk[0])
+        counted = _counted(acts, args.special_as_text)
+        hidden = acts.hidden_states[counted].to(device)
+        positions = _stream_positions([stream_index[i] for i in chunk], counted).to(device)
+        is_image = acts.modality[counted].to(device) == Modality.IMAGE
+        hidden_sum += hidden.double().sum(0)
+        num_tokens += hidden.shape[0]
+        for start in range(0, hidden.shape[0], args.token_chunk):
+            part = slice(start, start + args.token_chunk)
+            top.update(sae.encode(hidden[part]), positions[part], is_image[part])
+    if num_tokens == 0:
+        raise ValueError("The dataset yielded no tokens to weight features on; check the prompt and image columns.")
+
+    text_count, image_count, weighted, chosen = top.selection(args.per_modality)
+    center = (hidden_sum / num_tokens).float() if args.mean_center else None
+    cosines = CosineAccumulator(weighted, chosen, args.per_modality, sae.config.d_in, center)
+    needed = [sample[i] for i in cosines.needed_examples()]
+    for chunk, rows in tqdm(_batches(dataset, args.batch_size, needed), desc="Feature weights: cosine pass",
+                            total=math.ceil(len(needed) / args.batch_size), unit="batch"):
+        acts = reader.read(rows, first_row=chunk[0])
+        counted = _counted(acts, args.special_as_text)
+        positions = _stream_positions([stream_index[i] for i in chunk], counted).to(device)
+        cosines.update(acts.hidden_states[counted].to(device), positions)
+    weights = cosines.weights(sae.config.d_sae)
+
+    firing = (top.values > 0).any(0)
+    single_modal = firing & ((text_count == 0) | (image_count == 0))
+    info = {
+        **asdict(args),
+        "num_examples": len(sample),
+        "num_tokens": num_tokens,
+        "num_weighted_features": int(weighted.sum()),
+        "num_single_modal_features": int(single_modal.sum()),
+        "num_silent_features": int((~firing).sum()),
+        "dataset": getattr(dataset, "info", None) and (dataset.info.dataset_name or None),
+        "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
+        "prompt_format": asdict(reader.prompt_format),
+    }
+    if store:
+        sae.set_feature_weights(weights.cpu(), info=info)
+    return weights

@@ -1,0 +1,23 @@
+"""The package itself: light to import, registered with transformers' Auto classes, a working console script."""
+
+import subprocess
+import sys
+
+
+def test_import_is_light_and_registers_the_auto_classes():
+    code = (
+        "import sys, saev_hf\n"
+        "from transformers import AutoConfig, AutoModel\n"
+        "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+        "assert 'trl' not in sys.modules and 'peft' not in sys.modules, sorted(m for m in sys.modules if m in ('trl', 'peft'))\n"
+        "assert CONFIG_MAPPING['saev'] is saev_hf.SAEVConfig\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "saev_hf.cli"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage: saev COMMAND" in result.stdout

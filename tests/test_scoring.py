@@ -1,0 +1,282 @@
+"""SAEVScorer as a datasets.map function: reference scores, batch invariance, caching, num_proc, errors."""
+
+import io
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import datasets
+import pytest
+import torch
+
+from saev_hf import SAEV, SAEVConfig
+from saev_hf.activations import LayerReader, Modality
+from saev_hf.prompts import PromptFormat, RowError
+from saev_hf.scoring import SAEVScorer, ScorerArguments
+from saev_hf.tiny_models import DIGIT_NAMES, digit_images
+from saev_hf.weighting import WeightingArguments, compute_feature_weights
+
+DELTA = 0.05  # the tiny model's hidden states have norms near 0.1; delta = 1 would leave nothing co-occurring
+
+
+def make_rows(n, seed=5):
+    data = digit_images(n, seed=seed)
+    return {
+        "images": [[image] for image, _ in data],
+        "prompt": [f"what digit is this? is it {DIGIT_NAMES[(label + k) % 10]}?" for k, (_, label) in enumerate(data)],
+        "chosen": [DIGIT_NAMES[label] for _, label in data],
+        "rejected": [DIGIT_NAMES[(label + 1) % 10] for _, label in data],
+    }
+
+
+@pytest.fixture(scope="module")
+def scored_setup(tiny_model_factory, tmp_path_factory):
+    """A tiny LLaVA (from its saved folder), an SAE-V with feature weights, and a file-backed dataset."""
+    llava = tiny_model_factory("llava")
+    root = tmp_path_factory.mktemp("scoring")
+    datasets.Dataset.from_dict(make_rows(10)).save_to_disk(root / "data")
+    ds = datasets.load_from_disk(str(root / "data"))
+    reader = LayerReader(llava.model, llava.processor, layer=1)
+    sae = data_driven_sae(reader, ds)
+    compute_feature_weights(sae, reader, ds, WeightingArguments(num_examples=None))
+    sae.save_pretrained(root / "sae")
+    return llava, sae, ds, root
+
+
+def data_driven_sae(reader, ds, d_sae=192):
+    """An SAE-V whose features are directions of sampled token states (centred), each firing on tokens like its own,
+    so that examples differ in which features co-occur (a random SAE on a random tiny model fires on everything)."""
+    acts = reader.read(ds[:])
+    hidden = acts.hidden_states[acts.token_mask]
+    mean = hidden.mean(0)
+    picked = hidden[torch.randperm(hidden.shape[0], generator=torch.Generator().manual_seed(0))[:d_sae]] - mean
+    sae = SAEV(SAEVConfig(d_in=64, d_sae=d_sae, hook_layer=1, cooccurrence_threshold=DELTA, apply_b_dec_to_input=True))
+    with torch.no_grad():
+        directions = torch.nn.functional.normalize(picked, dim=-1)
+        sae.W_enc.copy_(directions.T)
+        sae.W_dec.copy_(directions)
+        sae.b_dec.copy_(mean)
+        sae.b_enc.copy_(-0.5 * picked.norm(dim=-1))
+    return sae
+
+
+def reference_scores(sae, reader, row):
+    """Algorithms 1 (stage 3), 2 and 3 for one example, written directly from the method page."""
+    acts = reader.read({k: [v] for k, v in row.items()})
+    hidden, modality = acts.example(0)
+    z = sae.encode(hidden)
+    text = (modality == Modality.TEXT) | (modality == Modality.SPECIAL)
+    image = modality == Modality.IMAGE
+    text_features = set((z[text] > DELTA).any(0).nonzero().flatten().tolist())
+    image_features = set((z[image] > DELTA).any(0).nonzero().flatten().tolist())
+    cooccurring = text_features & image_features
+    weights = sae.feature_weights
+    cosine = sum(float(weights[f]) for f in cooccurring if not torch.isnan(weights[f]))
+    l0 = (z > 0).sum(-1).float().mean().item()
+    return cosine, l0, len(cooccurring)
+
+
+def test_scores_equal_the_reference_computation(scored_setup):
+    llava, sae, ds, _ = scored_setup
+    out = ds.map(SAEVScorer(sae, llava.model, llava.processor), batched=True, batch_size=4)
+    assert out.column_names == ds.column_names + ["saev_cosine_score", "saev_l0", "saev_cooccur_l0"]
+    reader = LayerReader(llava.model, llava.processor, layer=1)
+    for i in range(len(ds)):
+        cosine, l0, cooccur = reference_scores(sae, reader, ds[i])
+        assert out[i]["saev_cooccur_l0"] == cooccur
+        assert out[i]["saev_cosine_score"] == pytest.approx(cosine, abs=1e-4)
+        assert out[i]["saev_l0"] == pytest.approx(l0, rel=1e-6)
+    assert len(set(out["saev_cooccur_l0"])) > 3 and len(set(out["saev_cosine_score"])) > 3, "scores must vary"
+
+
+def test_scores_do_not_depend_on_batch_size_composition_or_padding(scored_setup):
+    llava, sae, ds, _ = scored_setup
+    scorer = SAEVScorer(sae, llava.model, llava.processor)
+    columns = ["saev_cosine_score", "saev_l0", "saev_cooccur_l0"]
+    by_one = ds.map(scorer, batched=True, batch_size=1, load_from_cache_file=False).select_columns(columns)[:]
+    by_four = ds.map(scorer, batched=True, batch_size=4, load_from_cache_file=False).select_columns(columns)[:]
+    order = [7, 2, 9, 0, 5, 1, 8, 3, 6, 4]
+    shuffled = ds.select(order).map(scorer, batched=True, batch_size=3, load_from_cache_file=False)
+    tokenizer = llava.processor.tokenizer
+    tokenizer.padding_side = "left"
+    try:
+        left = ds.map(scorer, batched=True, batch_size=4, load_from_cache_file=False).select_columns(columns)[:]
+    finally:
+        tokenizer.padding_side = "right"
+    for name in columns:
+        assert by_one[name] == pytest.approx(by_four[name], abs=1e-5)
+        assert by_one[name] == pytest.approx(left[name], abs=1e-5)
+        assert [by_one[name][i] for i in order] == pytest.approx(shuffled[name], abs=1e-5)
+
+
+def test_scorer_pickles_to_its_identity_not_its_weights(scored_setup):
+    llava, sae, _, _ = scored_setup
+    scorer = SAEVScorer(sae, llava.model, llava.processor)
+    payload = pickle.dumps(scorer)
+    model_bytes = sum(p.numel() * p.element_size() for p in llava.model.parameters())
+    assert len(payload) < 10_000 < model_bytes
+    assert pickle.loads(payload) is scorer  # same process: the live scorer is found again
+    other = SAEVScorer(sae, llava.model, llava.processor, args=ScorerArguments(scores=["l0"]))
+    assert other.fingerprint != scorer.fingerprint
+    from datasets.fingerprint import Hasher
+
+    assert Hasher.hash(scorer) == Hasher.hash(SAEVScorer(sae, llava.model, llava.processor))
+
+
+def test_second_identical_map_hits_the_cache(scored_setup, monkeypatch):
+    llava, sae, ds, _ = scored_setup
+    first = ds.map(SAEVScorer(sae, llava.model, llava.processor), batched=True, batch_size=4)
+    calls = []
+    original = SAEVScorer.score_rows
+    monkeypatch.setattr(SAEVScorer, "score_rows", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    second = ds.map(SAEVScorer(sae, llava.model, llava.processor), batched=True, batch_size=4)
+    assert calls == [], "a second identical map must be read from the datasets cache"
+    assert second.cache_files == first.cache_files
+    assert second["saev_cosine_score"] == first["saev_cosine_score"]
+
+
+CACHE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, datasets
+    from saev_hf import SAEV
+    from saev_hf.scoring import SAEVScorer, _load_model
+    from saev_hf.tiny_models import register_tiny_processors
+    from transformers import AutoProcessor
+    root, model_dir = sys.argv[1], sys.argv[2]
+    register_tiny_processors()
+    ds = datasets.load_from_disk(root + "/data")
+    scorer = SAEVScorer(SAEV.from_pretrained(root + "/sae"), _load_model(model_dir), AutoProcessor.from_pretrained(model_dir))
+    calls = []
+    original = SAEVScorer.score_rows
+    SAEVScorer.score_rows = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    out = ds.map(scorer, batched=True, batch_size=4)
+    print(json.dumps({"calls": len(calls), "cache": [f["filename"] for f in out.cache_files],
+                      "scores": list(out["saev_cosine_score"])}))
+    """
+)
+
+
+def test_cache_is_hit_from_a_new_process(scored_setup):
+    llava, _, ds, root = scored_setup
+    import json
+
+    def run():
+        result = subprocess.run([sys.executable, "-c", CACHE_SCRIPT, str(root), str(llava.path)],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert first["calls"] > 0 and second["calls"] == 0
+    assert first["cache"] == second["cache"] and first["scores"] == second["scores"]
+
+
+def test_num_proc_and_with_rank_give_the_same_scores(scored_setup):
+    llava, sae, ds, _ = scored_setup
+    scorer = SAEVScorer(sae, llava.model, llava.processor)
+    single = ds.map(scorer, batched=True, batch_size=2, load_from_cache_file=False)
+    multi = ds.map(scorer, batched=True, batch_size=2, num_proc=2, with_rank=True, load_from_cache_file=False)
+    for name in scorer.columns:
+        assert multi[name] == pytest.approx(single[name], abs=1e-6)
+
+
+def test_scorer_from_paths_loads_lazily(scored_setup):
+    llava, sae, ds, root = scored_setup
+    lazy = SAEVScorer(str(root / "sae"), str(llava.path))
+    eager = SAEVScorer(sae, llava.model, llava.processor)
+    assert lazy(ds[:3])["saev_cosine_score"] == pytest.approx(eager(ds[:3])["saev_cosine_score"], abs=1e-5)
+
+
+def test_response_column_changes_what_is_scored(scored_setup):
+    llava, sae, ds, _ = scored_setup
+    prompt_only = SAEVScorer(sae, llava.model, llava.processor)(ds[:4])
+    with_response = SAEVScorer(sae, llava.model, llava.processor,
+                               prompt_format=PromptFormat(response_column="chosen"))(ds[:4])
+    assert prompt_only["saev_l0"] != with_response["saev_l0"]
+
+
+def test_custom_column_names_and_subset_of_scores(scored_setup):
+    llava, sae, ds, _ = scored_setup
+    args = ScorerArguments(scores=["cooccur_l0"], cooccur_l0_column="cooc")
+    out = ds.map(SAEVScorer(sae, llava.model, llava.processor, args=args), batched=True)
+    assert out.column_names == ds.column_names + ["cooc"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors: clear by default, or null scores with a reason when asked; never a silent 0
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def broken_rows():
+    """Images kept undecoded (as datasets does with decode=False) so that the scorer, not datasets, reads them."""
+    rows = make_rows(4)
+    encoded = []
+    for images in rows["images"]:
+        buffer = io.BytesIO()
+        images[0].save(buffer, format="PNG")
+        encoded.append([{"bytes": buffer.getvalue(), "path": None}])
+    encoded[2] = [{"bytes": b"not an image", "path": None}]
+    rows["images"] = encoded
+    features = datasets.Features({"images": datasets.Sequence(datasets.Image(decode=False)),
+                                  **{k: datasets.Value("string") for k in ("prompt", "chosen", "rejected")}})
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def test_unscorable_example_raises_naming_the_row(scored_setup):
+    llava, sae, _, _ = scored_setup
+    with pytest.raises(RowError, match=r"Row 2: the image could not be read"):
+        broken_rows().map(SAEVScorer(sae, llava.model, llava.processor), batched=True, batch_size=4, with_indices=True)
+
+
+def test_unscorable_example_gets_null_scores_and_a_reason_when_asked(scored_setup):
+    llava, sae, _, _ = scored_setup
+    args = ScorerArguments(on_error="null")
+    out = broken_rows().map(SAEVScorer(sae, llava.model, llava.processor, args=args), batched=True, batch_size=4,
+                            with_indices=True)
+    assert out["saev_cosine_score"][2] is None and out["saev_cooccur_l0"][2] is None
+    assert "Row 2: the image could not be read" in out["saev_error"][2]
+    assert [out["saev_error"][i] for i in (0, 1, 3)] == [None, None, None]
+    clean = SAEVScorer(sae, llava.model, llava.processor)(broken_rows().select([0, 1, 3])[:])
+    assert [out["saev_cosine_score"][i] for i in (0, 1, 3)] == pytest.approx(clean["saev_cosine_score"], abs=1e-5)
+
+
+def test_truncated_image_tokens_are_an_error_not_a_zero(scored_setup):
+    llava, sae, ds, _ = scored_setup
+    scorer = SAEVScorer(sae, llava.model, llava.processor, prompt_format=PromptFormat(max_length=8),
+                        args=ScorerArguments(on_error="null"))
+    out = scorer(ds[:2])
+    assert out["saev_cosine_score"] == [None, None]
+    assert all("would cut its image tokens" in reason for reason in out["saev_error"])
+
+
+def test_cosine_score_without_feature_weights_is_refused(scored_setup):
+    llava, _, _, _ = scored_setup
+    unweighted = SAEV(SAEVConfig(d_in=64, d_sae=32, hook_layer=1))
+    with pytest.raises(ValueError, match=r"cross-modal feature weights, which were never computed"):
+        SAEVScorer(unweighted, llava.model, llava.processor)
+    scorer = SAEVScorer(unweighted, llava.model, llava.processor, args=ScorerArguments(scores=["l0", "cooccur_l0"]))
+    assert scorer.columns == ["saev_l0", "saev_cooccur_l0"]
+
+
+def test_sae_for_another_model_or_layer_is_refused(scored_setup):
+    llava, _, _, _ = scored_setup
+    with pytest.raises(ValueError, match=r"reads d_in=32 but LlavaForConditionalGeneration has hidden size 64"):
+        SAEVScorer(SAEV(SAEVConfig(d_in=32, d_sae=64, hook_layer=1)), llava.model, llava.processor,
+                   args=ScorerArguments(scores=["l0"]))
+    with pytest.raises(ValueError, match=r"layer=9 does not exist"):
+        SAEVScorer(SAEV(SAEVConfig(d_in=64, d_sae=64, hook_layer=9)), llava.model, llava.processor,
+                   args=ScorerArguments(scores=["l0"]))
+
+
+def test_missing_image_column_is_a_clear_error(scored_setup):
+    llava, sae, ds, _ = scored_setup
+    with pytest.raises(KeyError, match=r"Column 'images' not found"):
+        ds.rename_column("images", "picture").map(SAEVScorer(sae, llava.model, llava.processor), batched=True)
+
+
+def test_invalid_scorer_arguments():
+    with pytest.raises(ValueError, match=r"must be a non-empty subset"):
+        ScorerArguments(scores=["bleu"])
+    with pytest.raises(ValueError, match=r"on_error='skip' must be 'raise' or 'null'"):
+        ScorerArguments(on_error="skip")

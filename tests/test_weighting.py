@@ -1,0 +1,147 @@
+"""Cross-modal feature weights (Algorithm 1, stages 1-2) against a plain all-in-memory reference."""
+
+import math
+
+import datasets
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saev_hf import SAEV, SAEVConfig
+from saev_hf.activations import LayerReader, Modality
+from saev_hf.weighting import CosineAccumulator, FeatureTopK, WeightingArguments, compute_feature_weights
+from saev_hf.tiny_models import DIGIT_NAMES, digit_images
+
+
+def reference_weights(hidden, is_image, counted_z, top_k=30, per_modality=5, center=None):
+    """The method page's definition, computed the obvious way with every hidden state in memory."""
+    d_sae = counted_z.shape[1]
+    weights = torch.full((d_sae,), math.nan)
+    h = hidden if center is None else hidden - center
+    for f in range(d_sae):
+        firing = (counted_z[:, f] > 0).nonzero().flatten()
+        top = firing[counted_z[firing, f].argsort(descending=True)][:top_k].tolist()
+        text = [i for i in top if not is_image[i]]
+        image = [i for i in top if is_image[i]]
+        if len(text) >= per_modality and len(image) >= per_modality:
+            t = F.normalize(h[text[:per_modality]], dim=-1)
+            v = F.normalize(h[image[:per_modality]], dim=-1)
+            weights[f] = (t @ v.T).mean()
+    return weights
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_factory):
+    llava = tiny_model_factory("llava")
+    reader = LayerReader(llava.model, llava.processor, layer=1)
+    torch.manual_seed(0)
+    sae = SAEV(SAEVConfig(d_in=64, d_sae=192, hook_layer=1))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+    data = digit_images(14, seed=3)
+    ds = datasets.Dataset.from_dict({
+        "images": [image for image, _ in data],
+        "prompt": [f"what digit is this? is it {DIGIT_NAMES[(label + k) % 10]}?" for k, (_, label) in enumerate(data)],
+    })
+    return sae, reader, ds
+
+
+def all_states(reader, ds, special_as_text=True):
+    acts = reader.read(ds[:])
+    counted = (acts.modality == Modality.TEXT) | (acts.modality == Modality.IMAGE)
+    if special_as_text:
+        counted |= acts.modality == Modality.SPECIAL
+    return acts.hidden_states[counted], acts.modality[counted] == Modality.IMAGE
+
+
+@pytest.mark.parametrize("special_as_text, mean_center", [(True, False), (False, False), (True, True)])
+def test_weights_equal_the_reference_computation(setup, special_as_text, mean_center):
+    sae, reader, ds = setup
+    args = WeightingArguments(num_examples=None, batch_size=3, token_chunk=50, special_as_text=special_as_text,
+                              mean_center=mean_center)
+    weights = compute_feature_weights(sae, reader, ds, args, store=False)
+    hidden, is_image = all_states(reader, ds, special_as_text)
+    center = hidden.double().mean(0).float() if mean_center else None
+    expected = reference_weights(hidden, is_image, sae.encode(hidden), center=center)
+    assert torch.equal(torch.isnan(weights), torch.isnan(expected))
+    assert (~torch.isnan(expected)).sum() > 10, "the fixture must produce weighted features for the test to mean anything"
+    torch.testing.assert_close(weights, expected, equal_nan=True, atol=1e-5, rtol=1e-5)
+
+
+def test_weights_do_not_depend_on_batch_size_and_are_stored_in_the_sae(setup, tmp_path):
+    sae, reader, ds = setup
+    sae = SAEV(sae.config)
+    sae.load_state_dict(setup[0].state_dict())
+    by_one = compute_feature_weights(sae, reader, ds, WeightingArguments(num_examples=None, batch_size=1), store=False)
+    by_five = compute_feature_weights(sae, reader, ds, WeightingArguments(num_examples=None, batch_size=5))
+    torch.testing.assert_close(by_one, by_five, equal_nan=True, atol=1e-6, rtol=1e-6)
+    info = sae.config.feature_weights_info
+    assert info["num_examples"] == 14 and info["top_k"] == 30 and info["per_modality"] == 5
+    assert info["num_weighted_features"] == int((~torch.isnan(by_five)).sum())
+    sae.save_pretrained(tmp_path)
+    reloaded = SAEV.from_pretrained(tmp_path)
+    torch.testing.assert_close(reloaded.feature_weights, by_five, equal_nan=True)
+    assert reloaded.config.feature_weights_info == info
+
+
+def test_sample_size_picks_a_seeded_subset(setup):
+    sae, reader, ds = setup
+    a = compute_feature_weights(sae, reader, ds, WeightingArguments(num_examples=6, seed=1), store=False)
+    b = compute_feature_weights(sae, reader, ds, WeightingArguments(num_examples=6, seed=1), store=False)
+    whole = compute_feature_weights(sae, reader, ds, WeightingArguments(num_examples=None), store=False)
+    torch.testing.assert_close(a, b, equal_nan=True)
+    assert not torch.equal(torch.isnan(a), torch.isnan(whole)) or not torch.allclose(a, whole, equal_nan=True)
+
+
+def test_the_rules_for_single_modal_and_mixed_features():
+    """Synthetic stream: feature 0 image-only, 1 text-only, 2 with 4 image + 26 text, 3 with 5 + 5 in its top 10."""
+    d_sae, d_in, n = 4, 3, 60
+    torch.manual_seed(0)
+    is_image = torch.arange(n) % 2 == 0
+    z = torch.zeros(n, d_sae)
+    z[is_image, 0] = torch.rand(int(is_image.sum())) + 0.1
+    z[~is_image, 1] = torch.rand(int((~is_image).sum())) + 0.1
+    image_rows, text_rows = is_image.nonzero().flatten(), (~is_image).nonzero().flatten()
+    z[image_rows[:4], 2] = 5.0 + torch.arange(4.0)
+    z[text_rows, 2] = torch.rand(len(text_rows)) + 1
+    z[image_rows[:5], 3] = 2 + torch.rand(5)
+    z[text_rows[:5], 3] = 2 + torch.rand(5)
+    hidden = torch.randn(n, d_in)
+    positions = torch.arange(n)
+    top = FeatureTopK(d_sae, top_k=10)
+    for chunk in range(0, n, 7):  # stream in uneven chunks
+        top.update(z[chunk : chunk + 7], positions[chunk : chunk + 7], is_image[chunk : chunk + 7])
+    text_count, image_count, weighted, chosen = top.selection(per_modality=5)
+    assert text_count.tolist() == [0, 10, 6, 5] and image_count.tolist() == [10, 0, 4, 5]
+    assert weighted.tolist() == [False, False, False, True]
+    acc = CosineAccumulator(weighted, chosen, per_modality=5, d_in=d_in)
+    acc.update(hidden, positions)
+    weights = acc.weights(d_sae)
+    assert torch.isnan(weights[:3]).all()
+    expected = (F.normalize(hidden[text_rows[:5]], dim=-1) @ F.normalize(hidden[image_rows[:5]], dim=-1).T).mean()
+    torch.testing.assert_close(weights[3], expected)
+
+
+def test_top_k_memory_does_not_grow_with_the_stream():
+    top = FeatureTopK(d_sae=64, top_k=30)
+    sizes = []
+    for step in range(5):
+        top.update(torch.rand(100, 64), torch.arange(step * 100, step * 100 + 100), torch.rand(100) > 0.5)
+        sizes.append(sum(t.numel() for t in (top.values, top.positions, top.is_image)))
+    assert len(set(sizes)) == 1 and sizes[0] == 3 * 30 * 64
+    assert (top.values.min(0).values >= 0.9).all(), "the top 30 of 500 uniform values are all large"
+
+
+def test_invalid_weighting_arguments():
+    with pytest.raises(ValueError, match=r"per_modality=20 needs at least 40 positions among the top 30"):
+        WeightingArguments(per_modality=20)
+    with pytest.raises(ValueError, match=r"top_k=0 must be a positive integer"):
+        WeightingArguments(top_k=0)
+    with pytest.raises(ValueError, match=r"num_examples=0 must be positive"):
+        WeightingArguments(num_examples=0)
+
+
+def test_weighting_checks_the_sae_fits_the_model(setup):
+    _, reader, ds = setup
+    with pytest.raises(ValueError, match=r"reads d_in=32 but LlavaForConditionalGeneration has hidden size 64"):
+        compute_feature_weights(SAEV(SAEVConfig(d_in=32, d_sae=64, hook_layer=1)), reader, ds)

@@ -246,3 +246,11 @@ def test_model_hidden_size_that_does_not_match_the_sae(tiny_llava_reader):
     with pytest.raises(ValueError, match=r"trained on layer 3 but this reader reads layer 1"):
         tiny_llava_reader.check_sae(SAEV(SAEVConfig(d_in=64, d_sae=64, hook_layer=3)))
     tiny_llava_reader.check_sae(SAEV(SAEVConfig(d_in=64, d_sae=64, hook_layer=1)))
+
+
+def test_plain_prompt_that_already_holds_the_image_token_is_used_as_is(tiny_llava_reader, tiny_model_factory):
+    tokenizer = tiny_model_factory("llava").tokenizer
+    formatted = "<|user|><image>what digit is this<|end|><|assistant|>"
+    acts = tiny_llava_reader.read({"images": [IMAGES[0]], "prompt": [formatted]})
+    assert acts.image_mask.sum() == 16
+    assert tokenizer.decode(acts.input_ids[0][acts.token_mask[0]]).count("<|user|>") == 1

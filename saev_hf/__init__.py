@@ -4,18 +4,21 @@
 `AutoConfig.from_pretrained` and `AutoModel.from_pretrained` load SAE-V checkpoints without `trust_remote_code`.
 It stays light: heavy optional stacks (TRL, PEFT) are imported only by the parts that use them.
 
-The data flow, one stage per module: rows -> `prompts` -> `activations` (layer L of the MLLM) -> `model` (SAE-V)
--> `weighting` (cross-modal feature weights) -> `scoring` (a `datasets.map` scorer) -> `filtering` -> trainers.
+The data flow, one stage per module: rows -> `prompts` -> `activations` (layer L of the MLLM) -> `model` (SAE-V,
+trained by `training`, measured by `evaluation`) -> `weighting` (cross-modal feature weights) -> `scoring`
+(a `datasets.map` scorer) -> `filtering` -> trainers.
 """
 
 from transformers import AutoConfig, AutoModel
 
 from .activations import LayerActivations, LayerReader, Modality
 from .config import SAEVConfig
+from .evaluation import SAEVEvaluationArguments, evaluate_saev, format_metrics_table
 from .filtering import FilterArguments, filter_by_score
 from .model import SAEV, SAEVOutput
 from .prompts import PromptFormat, RowError
 from .scoring import SAEVScorer, ScorerArguments
+from .training import SAEVTrainer, SAEVTrainingArguments, train_saev
 from .weighting import WeightingArguments, compute_feature_weights
 
 __version__ = "0.1.0.dev0"
@@ -32,11 +35,17 @@ __all__ = [
     "PromptFormat",
     "RowError",
     "SAEVConfig",
+    "SAEVEvaluationArguments",
     "SAEVOutput",
     "SAEVScorer",
+    "SAEVTrainer",
+    "SAEVTrainingArguments",
     "ScorerArguments",
     "WeightingArguments",
     "__version__",
     "compute_feature_weights",
+    "evaluate_saev",
     "filter_by_score",
+    "format_metrics_table",
+    "train_saev",
 ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from transformers import HfArgumentParser
@@ -101,40 +100,19 @@ class MapArguments:
     num_proc: int | None = field(default=None, metadata={"help": "Worker processes (one per GPU with GPUs)."})
 
 
-def load_dataset_split(name: str, split: str, config: str | None = None):
-    """A saved dataset folder (`save_to_disk`) or a Hub dataset, as one split."""
-    import datasets
-
-    path = Path(name)
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise KeyError(f"Split {split!r} not in {name}; it has {list(loaded)}. Pass --split.")
-            loaded = loaded[split]
-        return loaded
-    return datasets.load_dataset(name, config, split=split)
-
-
 def load_sources(source: SourceArguments):
     """The SAE-V, the MLLM (with its processor, on the chosen device) and the dataset named by `source`."""
     import torch
-    from transformers import AutoProcessor
 
     from . import SAEV
-    from .scoring import _load_model
-    from .tiny_models import register_tiny_processors
+    from .loading import load_dataset_split, load_model_and_processor
 
-    register_tiny_processors()  # lets AutoProcessor load the tiny offline models' processors; no effect on others
-    sae = SAEV.from_pretrained(source.sae, subfolder=source.sae_subfolder)
-    model = _load_model(source.model, revision=source.model_revision)
-    processor = AutoProcessor.from_pretrained(source.model, revision=source.model_revision)
     device = source.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    sae.to(device)
-    return sae, model, processor, load_dataset_split(source.dataset, source.split, source.dataset_config)
+    sae = SAEV.from_pretrained(source.sae, subfolder=source.sae_subfolder).to(device)
+    model, processor = load_model_and_processor(source.model, revision=source.model_revision, device=device)
+    return sae, model, processor, load_dataset_split(source.dataset, source.dataset_config, source.split)
 
 
 def weights(source: SourceArguments, prompt_format, weighting) -> None:
@@ -172,8 +150,9 @@ class FilterIOArguments:
 
 def filter_command(io: FilterIOArguments, filter_args) -> None:
     from .filtering import filter_by_score
+    from .loading import load_dataset_split
 
-    dataset = load_dataset_split(io.dataset, io.split)
+    dataset = load_dataset_split(io.dataset, split=io.split)
     kept = filter_by_score(dataset, filter_args)
     kept.save_to_disk(io.output_dir)
     print(f"Kept {len(kept)} of {len(dataset)} examples by {filter_args.column}; saved to {io.output_dir}")
@@ -199,6 +178,34 @@ def _filter_arguments() -> tuple[type, ...]:
     return FilterIOArguments, FilterArguments
 
 
+def train(args) -> None:
+    """Train an SAE-V on decoder layer L of an MLLM (or a plain SAE on a text-only LM); saves it to --output_dir."""
+    from .training import train_saev
+
+    sae = train_saev(args)
+    print(f"Trained an SAE-V with {sae.config.d_sae} features on {sae.config.training_tokens} tokens of layer "
+          f"{sae.config.hook_layer}; saved to {args.output_dir}")
+
+
+def _train_arguments() -> type:
+    from .training import SAEVTrainingArguments
+
+    return SAEVTrainingArguments
+
+
+def evaluate(args) -> None:
+    """Evaluate an SAE-V: L0, MSE, explained variance, dead/dense features, CE-loss-recovered (all/text/image)."""
+    from .evaluation import run_evaluation
+
+    run_evaluation(args)
+
+
+def _eval_arguments() -> type:
+    from .evaluation import SAEVEvaluationArguments
+
+    return SAEVEvaluationArguments
+
+
 # command -> (its argument dataclass(es), or a function returning them so heavy modules load only when used; run)
 COMMANDS: dict[str, tuple[Any, Callable[..., None]]] = {
     "convert": (ConvertArguments, convert),
@@ -207,6 +214,8 @@ COMMANDS: dict[str, tuple[Any, Callable[..., None]]] = {
     "weights": (_weights_arguments, weights),
     "score": (_score_arguments, score),
     "filter": (_filter_arguments, filter_command),
+    "train": (_train_arguments, train),
+    "eval": (_eval_arguments, evaluate),
 }
 
 

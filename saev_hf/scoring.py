@@ -183,12 +183,15 @@ class SAEVScorer:
     def _load(self):
         from transformers import AutoProcessor
 
+        from .loading import load_model_and_processor
         from .model import SAEV
 
         if self._sae is None:
             self._sae = SAEV.from_pretrained(self._require(self._sae_source, "SAE-V"))
         if self._model is None:
-            self._model = _load_model(self._require(self._model_source, "model"))
+            self._model, loaded_processor = load_model_and_processor(self._require(self._model_source, "model"))
+            if self._processor is None and self._processor_source == self._model_source:
+                self._processor = loaded_processor
         if self._processor is None:
             from .tiny_models import register_tiny_processors
 
@@ -325,16 +328,6 @@ class SAEVScorer:
             if "cooccur_l0" in self.args.scores:
                 out[self.args.cooccur_l0_column].append(int(cooccur.sum()))
         return out
-
-
-def _load_model(source: str, revision: str | None = None):
-    """An MLLM (or a text-only causal LM) from a folder or Hub repo, in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    config = AutoConfig.from_pretrained(source, revision=revision)
-    multimodal = hasattr(config, "vision_config") or hasattr(config, "vq_config")
-    auto = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
-    return auto.from_pretrained(source, revision=revision).eval()
 
 
 def _restore(fingerprint: str, identity: dict, sources: tuple, prompt_format: PromptFormat | None,

@@ -22,9 +22,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import torch
 from hub_server import loopback_hub  # noqa: F401  (the loopback Hub fixture, for every test module)
 
 from saev_hf.tiny_models import TINY_ARCHITECTURES, build_tiny_model
+
+# One intra-op thread: on a shared 2-core machine two threads make tiny ops 10-60x slower, and results stay the same.
+torch.set_num_threads(1)
 
 TINY_MLLM_ARCHITECTURES = tuple(arch for arch in TINY_ARCHITECTURES if arch != "text")
 

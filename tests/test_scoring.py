@@ -140,13 +140,11 @@ CACHE_SCRIPT = textwrap.dedent(
     """
     import json, sys, datasets
     from saev_hf import SAEV
-    from saev_hf.scoring import SAEVScorer, _load_model
-    from saev_hf.tiny_models import register_tiny_processors
-    from transformers import AutoProcessor
+    from saev_hf.loading import load_model_and_processor
+    from saev_hf.scoring import SAEVScorer
     root, model_dir = sys.argv[1], sys.argv[2]
-    register_tiny_processors()
     ds = datasets.load_from_disk(root + "/data")
-    scorer = SAEVScorer(SAEV.from_pretrained(root + "/sae"), _load_model(model_dir), AutoProcessor.from_pretrained(model_dir))
+    scorer = SAEVScorer(SAEV.from_pretrained(root + "/sae"), *load_model_and_processor(model_dir))
     calls = []
     original = SAEVScorer.score_rows
     SAEVScorer.score_rows = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)

@@ -1,0 +1,378 @@
+"""Evaluating an SAE-V: sparsity, reconstruction, feature health, and the base model's loss with the SAE spliced in.
+
+[`evaluate_saev`] reads decoder layer L of a model over a dataset and reports, for all real tokens and separately for
+image and text tokens (text = every real non-image position, special/template tokens included; padding never counts):
+
+- `l0`: mean number of active features (z > 0) per token;
+- `mse`: mean over tokens of `||x - x_hat||^2` (summed over d_in), in the units of the model's hidden states;
+- `explained_variance`: `1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2`, the mean over the split's tokens;
+- next-token cross-entropy of the model when layer L's output is left alone (`ce_clean`), replaced at every position
+  by the SAE's reconstruction (`ce_sae`) or by zeros (`ce_zero`), and the paper's
+  `ce_loss_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean)` (1: the SAE loses nothing; 0: as bad as zeros).
+
+Which positions a cross-entropy belongs to: the loss at position t predicts token t + 1 and is split by the modality
+of that predicted token. Text-token CE is the main figure. In MLLMs the image positions hold placeholder tokens (or,
+for Chameleon, placeholders the model swaps for VQ codes): predicting them is not what the model is for, so the
+image split's CE is reported for completeness only, and the `all` split mixes both.
+
+Feature health over the evaluated tokens: `dead_features` never fire; `dense_features` fire on more than
+`dense_threshold` (default 0.1, i.e. 10%) of the tokens.
+
+The same function evaluates transfer: an SAE-V trained on an MLLM applied to a text-only causal LM of the same hidden
+size (the paper's finding: SAE-V features transfer to the base LLM). Pass the text model, its tokenizer and text data;
+the image split is then empty.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .activations import LayerReader, Modality, image_token_id_of
+from .model import SAEV
+from .prompts import PromptFormat
+from .loading import MODEL_DTYPES
+
+SPLITS = ("all", "text", "image")
+CE_KINDS = ("clean", "sae", "zero")
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+@dataclass(kw_only=True)
+class SAEVEvaluationArguments(PromptFormat):
+    """
+    Evaluate an SAE-V on a model's layer-L residual stream: L0, MSE, explained variance, dead/dense features and
+    CE-loss-recovered, for all, text and image tokens. Give a text-only causal LM and text data to evaluate transfer.
+    """
+
+    sae_name_or_path: str = field(metadata=_help("Folder or Hub repo id of the SAE-V (either checkpoint layout)."))
+    model_name_or_path: str = field(metadata=_help("Folder or Hub repo id of the model to evaluate it on."))
+    dataset_name: str = field(metadata=_help("Hub dataset, a `save_to_disk` folder, or anything load_dataset reads."))
+    sae_subfolder: str | None = field(default=None, metadata=_help("Subfolder of the SAE-V repo."))
+    sae_revision: str | None = field(default=None, metadata=_help("Revision of the SAE-V repo."))
+    model_revision: str | None = field(default=None, metadata=_help("Revision of the model."))
+    model_dtype: str = field(
+        default="float32", metadata=_help(f"dtype the model is loaded in, one of {MODEL_DTYPES}.", choices=MODEL_DTYPES)
+    )
+    dataset_config: str | None = field(default=None, metadata=_help("Configuration name of the dataset."))
+    dataset_split: str = field(default="train", metadata=_help("Split to evaluate on."))
+    layer: int | None = field(default=None, metadata=_help("Decoder layer to read; default: the SAE-V's hook_layer."))
+    num_examples: int | None = field(default=256, metadata=_help("Rows to evaluate (the first ones); None: all."))
+    batch_size: int = field(default=8, metadata=_help("Rows per forward pass."))
+    dense_threshold: float = field(
+        default=0.1, metadata=_help("A feature firing on more than this fraction of tokens counts as dense.")
+    )
+    compute_ce_loss: bool = field(
+        default=True, metadata=_help("Run the three full forwards needed for CE-loss-recovered (else L0/MSE only).")
+    )
+    output_file: str | None = field(default=None, metadata=_help("Write the metrics to this JSON file too."))
+    use_cpu: bool = field(default=False, metadata=_help("Evaluate on the CPU even when an accelerator is available."))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bad_layer = isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0
+        if self.layer is not None and bad_layer:
+            raise ValueError(f"layer={self.layer!r} must be a non-negative integer or None (the SAE-V's hook_layer).")
+        if self.num_examples is not None and self.num_examples <= 0:
+            raise ValueError(f"num_examples={self.num_examples} must be positive, or None for every row.")
+        if self.model_dtype not in MODEL_DTYPES:
+            raise ValueError(f"model_dtype={self.model_dtype!r} is not supported; use one of {MODEL_DTYPES}.")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size={self.batch_size} must be positive.")
+        if not 0 <= self.dense_threshold <= 1:
+            raise ValueError(f"dense_threshold={self.dense_threshold} must be a fraction in [0, 1].")
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        """The [`PromptFormat`] part of these arguments."""
+        return PromptFormat(**{f.name: getattr(self, f.name) for f in fields(PromptFormat)})
+
+
+class _Totals:
+    """Running sums for one split, in float64."""
+
+    def __init__(self, d_in: int, device: torch.device) -> None:
+        self.tokens = 0
+        self.active = 0.0
+        self.squared_error = 0.0
+        self.sum = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.squared_norm = 0.0
+        self.ce = {kind: 0.0 for kind in CE_KINDS}
+        self.ce_tokens = 0
+
+    def add_tokens(self, x: torch.Tensor, x_hat: torch.Tensor, feature_acts: torch.Tensor) -> None:
+        x, x_hat = x.double(), x_hat.double()
+        self.tokens += len(x)
+        self.active += float((feature_acts > 0).sum())
+        self.squared_error += float((x - x_hat).pow(2).sum())
+        self.sum += x.sum(0)
+        self.squared_norm += float(x.pow(2).sum())
+
+    def metrics(self, compute_ce: bool) -> dict[str, Any]:
+        n = self.tokens
+        out: dict[str, Any] = {"tokens": n, "l0": None, "mse": None, "explained_variance": None}
+        if n:
+            total_variance = self.squared_norm - float(self.sum.pow(2).sum()) / n
+            out["l0"] = self.active / n
+            out["mse"] = self.squared_error / n
+            out["explained_variance"] = 1 - self.squared_error / total_variance if total_variance > 0 else None
+        if compute_ce:
+            out["ce_tokens"] = self.ce_tokens
+            for kind in CE_KINDS:
+                out[f"ce_{kind}"] = self.ce[kind] / self.ce_tokens if self.ce_tokens else None
+            out["ce_loss_recovered"] = None
+            if self.ce_tokens:
+                gap = out["ce_zero"] - out["ce_clean"]
+                out["ce_loss_recovered"] = (out["ce_zero"] - out["ce_sae"]) / gap if gap != 0 else None
+        return out
+
+
+def _replace_output(replacement: torch.Tensor | None, captured: list[torch.Tensor]):
+    """A forward hook on a decoder layer that records its output and, with a replacement, returns it instead."""
+
+    def hook(module: nn.Module, args: Any, output: Any):
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        captured.append(hidden)
+        if replacement is None:
+            return None
+        new = replacement.to(hidden.dtype)
+        # Decoder layers return either the hidden states or a tuple starting with them; keep the same form.
+        if isinstance(output, tuple):
+            return (new, *output[1:])
+        if isinstance(output, list):
+            return [new, *output[1:]]
+        return new
+
+    return hook
+
+
+def _logits(model: nn.Module, layer: nn.Module, inputs: dict[str, Any], replacement: torch.Tensor | None):
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(_replace_output(replacement, captured))
+    try:
+        logits = model(**inputs, use_cache=False).logits
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(
+            f"Decoder layer ran {len(captured)} times in one forward of {type(model).__name__}; expected once. "
+            f"Pass the ModuleList the model's forward really runs (LayerReader(layers=...))."
+        )
+    return logits, captured[0]
+
+
+@torch.no_grad()
+def evaluate_saev(
+    sae: SAEV,
+    model: nn.Module,
+    processor: Any,
+    dataset: Any,
+    *,
+    layer: int | None = None,
+    prompt_format: PromptFormat | None = None,
+    batch_size: int = 8,
+    num_examples: int | None = None,
+    dense_threshold: float = 0.1,
+    compute_ce_loss: bool = True,
+    reader: LayerReader | None = None,
+) -> dict[str, Any]:
+    """
+    Evaluate `sae` on `model`'s decoder layer `layer` over `dataset` (see the module docstring for the metrics).
+
+    Args:
+        sae ([`SAEV`]): the SAE-V.
+        model: an image-text-to-text model, or a text-only causal LM (transfer).
+        processor: its processor or tokenizer.
+        dataset (`datasets.Dataset`, `IterableDataset` or list of row dicts): the rows, in `prompt_format`.
+        layer (`int`, *optional*): decoder layer; default `sae.config.hook_layer`.
+        prompt_format ([`PromptFormat`], *optional*): columns; default the reader's (`images`/`prompt`). For a
+            text-only model the image column is ignored.
+        batch_size (`int`): rows per forward. num_examples (`int`, *optional*): evaluate the first rows only.
+        dense_threshold (`float`): firing frequency above which a feature is dense.
+        compute_ce_loss (`bool`): whether to compute the CE metrics (three full forwards per batch).
+        reader ([`LayerReader`], *optional*): a ready reader (e.g. with `layers=` for an unusual model).
+
+    Returns:
+        `dict` with `model`, `layer`, `num_examples`, `d_sae`, `dead_features`, `dense_features`,
+        `dense_threshold`, and per split (`"all"`, `"text"`, `"image"`) a dict with `tokens`, `l0`, `mse`,
+        `explained_variance` and, with `compute_ce_loss`, `ce_tokens`, `ce_clean`, `ce_sae`, `ce_zero`,
+        `ce_loss_recovered`. A metric with no token to average over is None. Print it with [`format_metrics_table`].
+    """
+    if layer is None:
+        layer = sae.config.hook_layer
+        if layer is None:
+            raise ValueError("The SAE-V records no hook_layer: pass layer= (the decoder layer it reads).")
+    if reader is None:
+        if prompt_format is not None and prompt_format.image_column and image_token_id_of(model, processor) is None:
+            # A text-only model reads text only (transfer of an SAE-V to the base LLM).
+            prompt_format = PromptFormat(image_column=None, prompt_column=prompt_format.prompt_column,
+                                         response_column=prompt_format.response_column,
+                                         max_length=prompt_format.max_length)
+        reader = LayerReader(model, processor, layer=layer, prompt_format=prompt_format)
+    reader.check_sae(sae)
+    device = next(model.parameters()).device
+    sae_device = next(sae.parameters()).device
+    totals = {split: _Totals(sae.config.d_in, sae_device) for split in SPLITS}
+    fired = torch.zeros(sae.config.d_sae, dtype=torch.long, device=sae_device)
+    examples = 0
+    batch: list[dict[str, Any]] = []
+
+    def run(rows: list[dict[str, Any]], first_row: int) -> None:
+        inputs = reader.prepare(rows, first_row=first_row)
+        inputs = {
+            name: (value.to(device, model.dtype) if value.is_floating_point() else value.to(device))
+            if isinstance(value, torch.Tensor)
+            else value
+            for name, value in inputs.items()
+        }
+        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        modality = reader.modality(input_ids, attention_mask)
+        if compute_ce_loss:
+            clean_logits, hidden = _logits(model, reader.layers[layer], inputs, None)
+        else:
+            hidden = reader.read_inputs(inputs).hidden_states
+        feature_acts = sae.encode(hidden.to(sae_device))
+        reconstruction = sae.decode(feature_acts)
+        token_mask = (modality != Modality.PAD).to(sae_device)
+        masks = {
+            "all": token_mask,
+            "image": (modality == Modality.IMAGE).to(sae_device),
+            "text": token_mask & (modality != Modality.IMAGE).to(sae_device),
+        }
+        x = hidden.to(sae_device, torch.float32)
+        for split, mask in masks.items():
+            totals[split].add_tokens(x[mask], reconstruction[mask], feature_acts[mask])
+        fired.add_((feature_acts[token_mask] > 0).sum(0))
+        if not compute_ce_loss:
+            return
+        sae_logits, _ = _logits(model, reader.layers[layer], inputs, reconstruction.to(device))
+        zero_logits, _ = _logits(model, reader.layers[layer], inputs, torch.zeros_like(hidden))
+        # Position t predicts token t + 1; it counts when that token is real (right padding: then t is real too).
+        targets = input_ids[:, 1:]
+        predicted = modality[:, 1:]
+        valid = predicted != Modality.PAD
+        ce_masks = {
+            "all": valid,
+            "image": valid & (predicted == Modality.IMAGE),
+            "text": valid & (predicted != Modality.IMAGE),
+        }
+        for kind, logits in (("clean", clean_logits), ("sae", sae_logits), ("zero", zero_logits)):
+            losses = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+            ).view_as(targets)
+            for split, mask in ce_masks.items():
+                totals[split].ce[kind] += float(losses[mask].double().sum())
+        for split, mask in ce_masks.items():
+            totals[split].ce_tokens += int(mask.sum())
+
+    for row in _rows(dataset, num_examples):
+        batch.append(row)
+        if len(batch) == batch_size:
+            run(batch, examples)
+            examples += len(batch)
+            batch = []
+    if batch:
+        run(batch, examples)
+        examples += len(batch)
+    if examples == 0 or totals["all"].tokens == 0:
+        raise ValueError("The evaluation data gave no token: check that the dataset split has rows and the columns "
+                         "named in the prompt format hold data.")
+
+    frequency = fired.double() / totals["all"].tokens
+    result: dict[str, Any] = {
+        "model": getattr(model.config, "_name_or_path", None) or type(model).__name__,
+        "layer": layer,
+        "num_examples": examples,
+        "d_sae": sae.config.d_sae,
+        "dead_features": int((fired == 0).sum()),
+        "dense_features": int((frequency > dense_threshold).sum()),
+        "dense_threshold": dense_threshold,
+    }
+    for split in SPLITS:
+        result[split] = totals[split].metrics(compute_ce_loss)
+    return result
+
+
+def _rows(dataset: Any, num_examples: int | None):
+    """Rows of a Dataset, IterableDataset or list of dicts, the first `num_examples` of them."""
+    for index, row in enumerate(dataset):
+        if num_examples is not None and index >= num_examples:
+            return
+        yield row
+
+
+METRIC_LABELS = (
+    ("tokens", "tokens"),
+    ("l0", "L0"),
+    ("mse", "MSE"),
+    ("explained_variance", "explained variance"),
+    ("ce_clean", "CE clean"),
+    ("ce_sae", "CE with SAE"),
+    ("ce_zero", "CE zero-ablated"),
+    ("ce_loss_recovered", "CE loss recovered"),
+)
+
+
+def format_metrics_table(metrics: dict[str, Any]) -> str:
+    """The metrics of [`evaluate_saev`] as a Markdown table (rows: metrics; columns: all, text, image tokens)."""
+
+    def cell(value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        if isinstance(value, int):
+            return str(value)
+        return f"{value + 0.0:.4g}"  # + 0.0 prints -0.0 as 0
+
+    lines = ["| metric | all | text | image |", "|---|---|---|---|"]
+    for key, label in METRIC_LABELS:
+        if key in metrics["all"]:
+            lines.append(f"| {label} | " + " | ".join(cell(metrics[split].get(key)) for split in SPLITS) + " |")
+    lines.append("")
+    lines.append(
+        f"Model {metrics['model']}, layer {metrics['layer']}, {metrics['num_examples']} examples; features: "
+        f"{metrics['dead_features']} dead, {metrics['dense_features']} dense (> {metrics['dense_threshold']:g} of "
+        f"tokens) of {metrics['d_sae']}. CE is split by the predicted token; text CE is the main figure."
+    )
+    return "\n".join(lines)
+
+
+def run_evaluation(args: SAEVEvaluationArguments) -> dict[str, Any]:
+    """Load what `args` name, evaluate, print the table, write `output_file` if given, and return the metrics."""
+    from .loading import load_dataset_split, load_model_and_processor
+    from .training import _accelerator_available
+
+    device = "cpu" if args.use_cpu or not _accelerator_available() else torch.accelerator.current_accelerator()
+    sae = SAEV.from_pretrained(args.sae_name_or_path, subfolder=args.sae_subfolder, revision=args.sae_revision)
+    sae.to(device)
+    model, processor = load_model_and_processor(args.model_name_or_path, args.model_revision, args.model_dtype, device)
+    dataset = load_dataset_split(args.dataset_name, args.dataset_config, args.dataset_split)
+    metrics = evaluate_saev(
+        sae,
+        model,
+        processor,
+        dataset,
+        layer=args.layer,
+        prompt_format=args.prompt_format,
+        batch_size=args.batch_size,
+        num_examples=args.num_examples,
+        dense_threshold=args.dense_threshold,
+        compute_ce_loss=args.compute_ce_loss,
+    )
+    metrics["model"] = args.model_name_or_path
+    print(format_metrics_table(metrics))
+    if args.output_file:
+        Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_file).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

@@ -1,0 +1,61 @@
+"""Loading the pieces a command works on: a base model with its processor, and one split of a dataset.
+
+Shared by training, evaluation, weighting and scoring, from Python and from the `saev` command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def load_model_and_processor(
+    name_or_path: str, revision: str | None = None, dtype: str = "float32", device: torch.device | str | None = None
+):
+    """
+    Load a base model for reading: an image-text-to-text model with its processor, or a causal LM with its tokenizer.
+
+    The model is chosen by its config: architectures that `AutoModelForImageTextToText` knows load with it and
+    `AutoProcessor`; every other model loads with `AutoModelForCausalLM` and `AutoTokenizer`. The model is put in
+    eval mode and on `device`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from .tiny_models import register_tiny_processors
+
+    register_tiny_processors()  # so that folders saved from saev_hf's tiny Qwen2-VL/Chameleon load offline
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {MODEL_DTYPES}.")
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+    if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype)
+        processor = AutoProcessor.from_pretrained(name_or_path, revision=revision)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype)
+        processor = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    if device is not None:
+        model.to(device)
+    return model.eval(), processor
+
+
+def load_dataset_split(name_or_path: str, config: str | None = None, split: str = "train", streaming: bool = False):
+    """
+    One split of a dataset: a folder written by `save_to_disk` (a `Dataset` or a `DatasetDict`), or anything
+    `datasets.load_dataset` reads (a Hub name, a folder of data files, ...).
+    """
+    import datasets
+
+    path = Path(name_or_path)
+    if path.is_dir() and any((path / name).exists() for name in ("state.json", "dataset_dict.json")):
+        data = datasets.load_from_disk(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise ValueError(f"Split {split!r} not found in {name_or_path}; it has splits {sorted(data)}.")
+            data = data[split]
+        return data.to_iterable_dataset() if streaming else data
+    return datasets.load_dataset(name_or_path, config, split=split, streaming=streaming)

@@ -1,0 +1,42 @@
+"""Run by `tests/test_training.py` under `torchrun --nproc_per_node 2`: the user's code, unchanged for distributed.
+
+It parses `SAEVTrainingArguments` from the command line exactly as `saev train` does, calls `train_saev`, and then
+writes `rank_<process_index>.json` into the output folder: what this process saw (its index, the number of processes)
+and a digest of the SAE-V it ended with, so that the test can check that two processes really ran and that their
+replicas agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from transformers import HfArgumentParser
+
+from saev_hf.training import SAEVTrainingArguments, train_saev
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    (args,) = HfArgumentParser(SAEVTrainingArguments).parse_args_into_dataclasses(sys.argv[1:])
+    sae = train_saev(args)
+    state = PartialState()
+    digest = hashlib.sha256()
+    for name, tensor in sorted(sae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    record = {
+        "process_index": state.process_index,
+        "num_processes": state.num_processes,
+        "distributed_type": str(state.distributed_type),
+        "sae_digest": digest.hexdigest(),
+    }
+    Path(args.output_dir, f"rank_{state.process_index}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()

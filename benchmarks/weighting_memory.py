@@ -312,8 +312,7 @@ def report(args, results: list[dict]) -> None:
           f"{fmt(p2['chunk_bytes'])}) |")
     print(f"| RSS after the updates - RSS before pass 2 | {fmt(p2['updates_rss'] - p2['rss_before'])} | measured |")
     print(f"| `CosineAccumulator.weights()` transient | {fmt(p2['weights_peak'] - p2['updates_rss'])} | measured: "
-          f"its peak - RSS before it (`text_sum * image_sum` is a (weighted, d_in) fp32 temporary: "
-          f"{fmt(p2['sums_bytes'] // 2)}) |")
+          f"its peak - RSS before it (an einsum over the two sums, each {fmt(p2['sums_bytes'] // 2)}) |")
 
     print("\nComputed, not measured: the authors' approach keeps every hidden state (tokens x d_in x 4 bytes, fp32):\n")
     print("| tokens | every hidden state kept (computed) | streaming peak - baseline (measured) |")

@@ -15,6 +15,7 @@ from .activations import LayerActivations, LayerReader, Modality
 from .config import SAEVConfig
 from .evaluation import SAEVEvaluationArguments, evaluate_saev, format_metrics_table
 from .filtering import FilterArguments, filter_by_score
+from .hub import filtered_dataset_card, push_filtered_dataset, push_saev, saev_model_card
 from .model import SAEV, SAEVOutput
 from .prompts import PromptFormat, RowError
 from .scoring import SAEVScorer, ScorerArguments
@@ -46,6 +47,10 @@ __all__ = [
     "compute_feature_weights",
     "evaluate_saev",
     "filter_by_score",
+    "filtered_dataset_card",
     "format_metrics_table",
+    "push_filtered_dataset",
+    "push_saev",
+    "saev_model_card",
     "train_saev",
 ]

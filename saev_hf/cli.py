@@ -79,15 +79,15 @@ def _demo_arguments() -> type:
 
 @dataclass
 class SourceArguments:
-    """Where the SAE-V, the MLLM and the dataset come from, and where results go."""
+    """Where the SAE-V, the MLLM and the dataset come from, and where results go (names as in `saev train`)."""
 
-    sae: str = field(metadata={"help": "Folder or Hub repo of the SAE-V (either layout)."})
-    model: str = field(metadata={"help": "Folder or Hub repo of the MLLM the SAE-V reads."})
-    dataset: str = field(metadata={"help": "Hub dataset name, or a folder written by Dataset.save_to_disk."})
+    sae_name_or_path: str = field(metadata={"help": "Folder or Hub repo of the SAE-V (either layout)."})
+    model_name_or_path: str = field(metadata={"help": "Folder or Hub repo of the MLLM the SAE-V reads."})
+    dataset_name: str = field(metadata={"help": "Hub dataset name, or a folder written by Dataset.save_to_disk."})
     output_dir: str = field(metadata={"help": "Folder to write the result to."})
-    split: str = field(default="train", metadata={"help": "Dataset split."})
+    dataset_split: str = field(default="train", metadata={"help": "Dataset split."})
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    sae_subfolder: str | None = field(default=None, metadata={"help": "Subfolder of `sae` holding the checkpoint."})
+    sae_subfolder: str | None = field(default=None, metadata={"help": "Subfolder of the SAE-V repo."})
     model_revision: str | None = field(default=None, metadata={"help": "Revision of the MLLM on the Hub."})
     device: str = field(default="auto", metadata={"help": "'auto' (GPU if any), 'cpu', 'cuda:0'..."})
 
@@ -110,9 +110,9 @@ def load_sources(source: SourceArguments):
     device = source.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    sae = SAEV.from_pretrained(source.sae, subfolder=source.sae_subfolder).to(device)
-    model, processor = load_model_and_processor(source.model, revision=source.model_revision, device=device)
-    return sae, model, processor, load_dataset_split(source.dataset, source.dataset_config, source.split)
+    sae = SAEV.from_pretrained(source.sae_name_or_path, subfolder=source.sae_subfolder).to(device)
+    model, processor = load_model_and_processor(source.model_name_or_path, revision=source.model_revision, device=device)
+    return sae, model, processor, load_dataset_split(source.dataset_name, source.dataset_config, source.dataset_split)
 
 
 def weights(source: SourceArguments, prompt_format, weighting) -> None:
@@ -143,16 +143,16 @@ def score(source: SourceArguments, prompt_format, scorer_args, map_args: MapArgu
 class FilterIOArguments:
     """The scored dataset to filter and where to write the kept rows."""
 
-    dataset: str = field(metadata={"help": "Folder of a scored dataset (save_to_disk), or a Hub dataset."})
+    dataset_name: str = field(metadata={"help": "Folder of a scored dataset (save_to_disk), or a Hub dataset."})
     output_dir: str = field(metadata={"help": "Folder to save the filtered dataset to."})
-    split: str = field(default="train", metadata={"help": "Dataset split."})
+    dataset_split: str = field(default="train", metadata={"help": "Dataset split."})
 
 
 def filter_command(io: FilterIOArguments, filter_args) -> None:
     from .filtering import filter_by_score
     from .loading import load_dataset_split
 
-    dataset = load_dataset_split(io.dataset, split=io.split)
+    dataset = load_dataset_split(io.dataset_name, split=io.dataset_split)
     kept = filter_by_score(dataset, filter_args)
     kept.save_to_disk(io.output_dir)
     print(f"Kept {len(kept)} of {len(dataset)} examples by {filter_args.column}; saved to {io.output_dir}")
@@ -206,6 +206,19 @@ def _eval_arguments() -> type:
     return SAEVEvaluationArguments
 
 
+def push(args) -> None:
+    """Push an SAE-V folder with its model card, or a filtered dataset folder with its dataset card, to the Hub."""
+    from .hub import run_push
+
+    run_push(args)
+
+
+def _push_arguments() -> type:
+    from .hub import PushArguments
+
+    return PushArguments
+
+
 # command -> (its argument dataclass(es), or a function returning them so heavy modules load only when used; run)
 COMMANDS: dict[str, tuple[Any, Callable[..., None]]] = {
     "convert": (ConvertArguments, convert),
@@ -216,6 +229,7 @@ COMMANDS: dict[str, tuple[Any, Callable[..., None]]] = {
     "filter": (_filter_arguments, filter_command),
     "train": (_train_arguments, train),
     "eval": (_eval_arguments, evaluate),
+    "push": (_push_arguments, push),
 }
 
 

@@ -94,6 +94,7 @@ class SAEV(SAEVPreTrainedModel):
     >>> out = sae(torch.randn(2, 5, 16))
     >>> out.feature_acts.shape, out.reconstruction.shape
     (torch.Size([2, 5, 64]), torch.Size([2, 5, 16]))
+
     ```
     """
 
@@ -157,7 +158,7 @@ class SAEV(SAEVPreTrainedModel):
             feature_acts=feature_acts,
             mse_loss=mse_loss,
             sparsity_loss=sparsity_loss,
-            l0=(feature_acts > 0).sum(-1).float().mean(),
+            l0=(feature_acts > 0).float().sum(-1).mean(),  # a float count: summing a bool mask copies it to int64
         )
 
     def _check_input(self, hidden_states: torch.Tensor) -> None:

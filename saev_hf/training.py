@@ -37,13 +37,13 @@ from safetensors.torch import load_file, save_file
 from .activation_buffer import ActivationBuffer, activation_norm_statistics, input_scale_from_norms
 from .activations import LayerReader, image_token_id_of
 from .config import ACTIVATIONS, SAEVConfig
+from .loading import MODEL_DTYPES, load_dataset_split, load_model_and_processor  # noqa: F401  (re-exported)
 from .model import SAEV
 from .prompts import PromptFormat
 
 logger = logging.getLogger(__name__)
 
 PAPER_MAX_STEPS = 30000
-from .loading import MODEL_DTYPES, load_dataset_split, load_model_and_processor  # noqa: F401  (re-exported)
 CHECKPOINT_PREFIX = "checkpoint-"
 ARGS_NAME = "training_args.json"
 STATE_NAME = "trainer_state.json"
@@ -389,14 +389,14 @@ class FeatureFiringTracker:
     def __init__(self, d_sae: int, window: int, max_steps: int, device: torch.device | str = "cpu") -> None:
         self.window = window
         self.max_steps = max_steps
-        self.counts = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.counts = torch.zeros(d_sae, dtype=torch.float64, device=device)  # exact up to 2**53 tokens
         self.tokens = torch.zeros((), dtype=torch.long, device=device)
         self.frequency: torch.Tensor | None = None
 
     @torch.no_grad()
     def update(self, feature_acts: torch.Tensor) -> None:
         """Count the features active on each token of a batch `(tokens, d_sae)`."""
-        self.counts += (feature_acts > 0).sum(0)
+        self.counts += (feature_acts > 0).float().sum(0)  # float: summing a bool mask copies it to int64 first
         self.tokens += feature_acts.shape[0]
 
     def window_ends_at(self, step: int) -> bool:

@@ -63,19 +63,19 @@ def test_weights_score_and_filter_commands_end_to_end(tiny_model_factory, tmp_pa
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
     sae.save_pretrained(tmp_path / "sae")
-    common = ["--model", str(llava.path), "--dataset", str(tmp_path / "data"), "--device", "cpu"]
-    assert main(["weights", "--sae", str(tmp_path / "sae"), *common, "--output_dir", str(tmp_path / "weighted"),
+    common = ["--model_name_or_path", str(llava.path), "--dataset_name", str(tmp_path / "data"), "--device", "cpu"]
+    assert main(["weights", "--sae_name_or_path", str(tmp_path / "sae"), *common, "--output_dir", str(tmp_path / "weighted"),
                  "--num_examples", "8", "--batch_size", "4"]) == 0
     weighted = SAEV.from_pretrained(tmp_path / "weighted")
     assert weighted.config.feature_weights_info["num_examples"] == 8
     assert weighted.has_feature_weight.any()
 
-    assert main(["score", "--sae", str(tmp_path / "weighted"), *common, "--output_dir", str(tmp_path / "scored"),
+    assert main(["score", "--sae_name_or_path", str(tmp_path / "weighted"), *common, "--output_dir", str(tmp_path / "scored"),
                  "--batch_size", "3"]) == 0
     scored = datasets.load_from_disk(str(tmp_path / "scored"))
     assert {"saev_cosine_score", "saev_l0", "saev_cooccur_l0"} <= set(scored.column_names) and len(scored) == 8
 
-    assert main(["filter", "--dataset", str(tmp_path / "scored"), "--output_dir", str(tmp_path / "kept"),
+    assert main(["filter", "--dataset_name", str(tmp_path / "scored"), "--output_dir", str(tmp_path / "kept"),
                  "--column", "saev_l0", "--fraction", "0.5"]) == 0
     kept = datasets.load_from_disk(str(tmp_path / "kept"))
     assert len(kept) == 4

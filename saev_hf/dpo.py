@@ -1,0 +1,265 @@
+"""The recipe after filtering: DPO (or SFT) of the same MLLM on the kept rows, with TRL, full or LoRA.
+
+The paper (SAE-V, ICML 2025, section 5) keeps the top part of a preference dataset by an SAE-V score and fine-tunes
+the MLLM on it with DPO; its hyper-parameters are the defaults of [`PaperDPOConfig`] / [`PaperSFTConfig`]:
+max length 4096, per-device batch 8, gradient accumulation 4, cosine schedule, learning rate 1e-6, 10 warm-up steps,
+3 epochs, bf16. Without a GPU the configs switch to the CPU (``use_cpu=True``, ``bf16=False``, no gradient
+checkpointing) so the same recipe runs on a laptop with a tiny model.
+
+Python:
+
+```python
+from saev_hf.dpo import paper_dpo_config, train_dpo
+
+kept = filter_by_score(scored, FilterArguments(column="saev_cosine_score", fraction=0.5))
+trainer = train_dpo(model, processor, kept, paper_dpo_config("dpo-out"), lora=True)
+```
+
+Command line (the same dataclasses): ``saev dpo --model_name_or_path M --dataset_name KEPT --output_dir OUT --lora``
+(any `DPOConfig` option, e.g. ``--max_steps 100``; ``--method sft`` trains on the chosen answers with SFT).
+
+The dataset is in TRL's preference layout: ``images``, ``prompt``, ``chosen``, ``rejected`` (plain or
+conversational); other columns (the scores) are dropped before training. TRL is imported by this module only, so
+``import saev_hf`` stays light.
+"""
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import DPOConfig, SFTConfig
+
+from .activations import find_decoder_layers
+
+# The paper's DPO/SFT hyper-parameters (section 3 of docs/saev-method.md)
+PAPER_HYPERPARAMETERS: dict[str, Any] = {
+    "max_length": 4096,
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 4,
+    "lr_scheduler_type": "cosine",
+    "learning_rate": 1e-6,
+    "warmup_steps": 10,
+    "num_train_epochs": 3.0,
+    "bf16": True,
+}
+# Projections of a language-model decoder layer (Llama / Mistral / Qwen naming) that LoRA adapts
+LANGUAGE_MODEL_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj")
+PREFERENCE_COLUMNS = ("images", "prompt", "chosen", "rejected")
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+def _cpu_fallback(config) -> None:
+    """Without a GPU: train on the CPU in float32 (TRL defaults to bf16 and fails on a CPU without `use_cpu`)."""
+    if not _accelerator_available():
+        config.use_cpu = True
+        config.bf16 = False
+        config.gradient_checkpointing = False
+        config.activation_checkpointing = False
+
+
+def _paper_help(name: str) -> dict[str, Any]:
+    return {"help": f"The paper's value: {PAPER_HYPERPARAMETERS[name]}."}
+
+
+@dataclass
+class PaperDPOConfig(DPOConfig):
+    """
+    TRL's `DPOConfig` with the SAE-V paper's defaults, for DPO on an SAE-V-filtered preference dataset.
+
+    Paper hyper-parameters (defaults): `max_length=4096`, `per_device_train_batch_size=8`,
+    `gradient_accumulation_steps=4`, `lr_scheduler_type="cosine"`, `learning_rate=1e-6`, `warmup_steps=10`,
+    `num_train_epochs=3`, `bf16=True`.
+
+    Devices: without a GPU, `use_cpu=True`, `bf16=False` and gradient checkpointing off are set for you.
+    """
+
+    max_length: int | None = field(default=4096, metadata=_paper_help("max_length"))
+    per_device_train_batch_size: int = field(default=8, metadata=_paper_help("per_device_train_batch_size"))
+    gradient_accumulation_steps: int = field(default=4, metadata=_paper_help("gradient_accumulation_steps"))
+    lr_scheduler_type: str = field(default="cosine", metadata=_paper_help("lr_scheduler_type"))
+    learning_rate: float = field(default=1e-6, metadata=_paper_help("learning_rate"))
+    warmup_steps: float = field(default=10, metadata=_paper_help("warmup_steps"))
+    num_train_epochs: float = field(default=3.0, metadata=_paper_help("num_train_epochs"))
+    bf16: bool | None = field(default=True, metadata=_paper_help("bf16"))
+
+    def __post_init__(self) -> None:
+        _cpu_fallback(self)
+        super().__post_init__()
+
+
+@dataclass
+class PaperSFTConfig(SFTConfig):
+    """TRL's `SFTConfig` with the SAE-V paper's defaults (the same as [`PaperDPOConfig`]); CPU fallback alike."""
+
+    max_length: int | None = field(default=4096, metadata=_paper_help("max_length"))
+    per_device_train_batch_size: int = field(default=8, metadata=_paper_help("per_device_train_batch_size"))
+    gradient_accumulation_steps: int = field(default=4, metadata=_paper_help("gradient_accumulation_steps"))
+    lr_scheduler_type: str = field(default="cosine", metadata=_paper_help("lr_scheduler_type"))
+    learning_rate: float = field(default=1e-6, metadata=_paper_help("learning_rate"))
+    warmup_steps: float = field(default=10, metadata=_paper_help("warmup_steps"))
+    num_train_epochs: float = field(default=3.0, metadata=_paper_help("num_train_epochs"))
+    bf16: bool | None = field(default=True, metadata=_paper_help("bf16"))
+
+    def __post_init__(self) -> None:
+        _cpu_fallback(self)
+        super().__post_init__()
+
+
+def paper_dpo_config(output_dir: str, **overrides: Any) -> PaperDPOConfig:
+    """A `DPOConfig` with the paper's hyper-parameters, CPU settings when there is no GPU, and `overrides` on top."""
+    return PaperDPOConfig(output_dir=output_dir, **overrides)
+
+
+def paper_sft_config(output_dir: str, **overrides: Any) -> PaperSFTConfig:
+    """An `SFTConfig` with the paper's hyper-parameters, CPU settings when there is no GPU, and `overrides` on top."""
+    return PaperSFTConfig(output_dir=output_dir, **overrides)
+
+
+def language_model_target_modules(model, projections: tuple[str, ...] = LANGUAGE_MODEL_PROJECTIONS,
+                                  layers: Any = None) -> list[str]:
+    """
+    Full names of the language model's projections (`projections`) in every decoder layer of `model`.
+
+    The decoder layers are found with [`~saev_hf.activations.find_decoder_layers`], so the vision tower and the
+    projector are never included (LoRA with `target_modules="all-linear"` would wrap them too).
+    """
+    import torch.nn as nn
+
+    decoder = find_decoder_layers(model, layers)
+    layer_ids = {id(layer) for layer in decoder}
+    prefixes = [name + "." for name, module in model.named_modules() if id(module) in layer_ids]
+    names = [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in projections
+        and any(name.startswith(prefix) for prefix in prefixes)
+    ]
+    if not names:
+        raise ValueError(f"No {list(projections)} modules in the decoder layers of {type(model).__name__}; pass "
+                         "`projections=` with the names of its language model's linear layers.")
+    return names
+
+
+def lora_config(model, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, **kwargs: Any):
+    """A PEFT `LoraConfig` adapting only the language model's projections of `model` (no vision tower)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                      target_modules=language_model_target_modules(model), task_type="CAUSAL_LM", **kwargs)
+
+
+def _preference_rows(dataset):
+    """The TRL preference columns of `dataset` (score columns, and any `label` column TRL would read as KTO, go)."""
+    missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"DPO needs the columns prompt, chosen, rejected (and images); missing {missing} in "
+                         f"{dataset.column_names}.")
+    return dataset.select_columns([c for c in PREFERENCE_COLUMNS if c in dataset.column_names])
+
+
+def _sft_rows(dataset):
+    """Prompt-completion rows for SFT: the `completion` column, or a preference dataset's `chosen` answers."""
+    if "completion" not in dataset.column_names:
+        if "chosen" not in dataset.column_names:
+            raise ValueError(f"SFT needs prompt + completion (or chosen) columns; got {dataset.column_names}.")
+        dataset = dataset.rename_column("chosen", "completion")
+    return dataset.select_columns([c for c in ("images", "prompt", "completion") if c in dataset.column_names])
+
+
+def _peft(model, peft_config, lora: bool):
+    if peft_config is None and lora:
+        peft_config = lora_config(model)
+    return peft_config
+
+
+def train_dpo(model, processor, dataset, args: DPOConfig | None = None, *, lora: bool = False, peft_config=None,
+              ref_model=None, output_dir: str = "saev-dpo"):
+    """
+    DPO-train `model` (in place; or a LoRA adapter on it) on the preference rows of `dataset` with TRL's DPOTrainer.
+
+    Args:
+        model: the MLLM (the same one the SAE-V read to score the data).
+        processor: its processor.
+        dataset: a `datasets.Dataset` with `images`, `prompt`, `chosen`, `rejected` (score columns are dropped).
+        args: a `DPOConfig`; default [`paper_dpo_config`]`(output_dir)` (the paper's hyper-parameters).
+        lora: adapt only the language model's projections with LoRA ([`lora_config`]) instead of full fine-tuning.
+        peft_config: a PEFT config of your own (overrides `lora`).
+        ref_model: the reference model (default: a frozen copy of `model` as passed, or the adapter-free model
+            with LoRA).
+
+    Returns:
+        The `DPOTrainer` after training (`trainer.model` is the trained model, `trainer.state.log_history` its logs).
+    """
+    from trl import DPOTrainer
+
+    peft_config = _peft(model, peft_config, lora)
+    if ref_model is None and peft_config is None:
+        # TRL would reload the reference from the model's path, losing in-memory weights: use a frozen copy instead
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args or paper_dpo_config(output_dir),
+                         train_dataset=_preference_rows(dataset), processing_class=processor,
+                         peft_config=peft_config)
+    trainer.train()
+    return trainer
+
+
+def train_sft(model, processor, dataset, args: SFTConfig | None = None, *, lora: bool = False, peft_config=None,
+              output_dir: str = "saev-sft"):
+    """SFT-train `model` on `dataset` (prompt + completion, or a preference dataset's chosen answers) with TRL."""
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(model=model, args=args or paper_sft_config(output_dir), train_dataset=_sft_rows(dataset),
+                         processing_class=processor, peft_config=_peft(model, peft_config, lora))
+    trainer.train()
+    return trainer
+
+
+@dataclass
+class DPOScriptArguments:
+    """What `saev dpo` trains on: the MLLM, the (filtered) dataset, DPO or SFT, full or LoRA."""
+
+    model_name_or_path: str = field(metadata={"help": "Folder or Hub repo of the MLLM (the one the SAE-V read)."})
+    dataset_name: str = field(metadata={"help": "Folder of a filtered dataset (save_to_disk) or a Hub dataset."})
+    dataset_split: str = field(default="train", metadata={"help": "Dataset split."})
+    method: str = field(default="dpo", metadata={"help": "'dpo' (chosen vs rejected) or 'sft' (chosen answers)."})
+    lora: bool = field(default=False, metadata={"help": "LoRA on the language model's projections only."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+
+    def __post_init__(self) -> None:
+        if self.method not in ("dpo", "sft"):
+            raise ValueError(f"--method {self.method!r} must be 'dpo' or 'sft'.")
+
+
+# options carried over from the parsed DPO config when `--method sft`
+_SHARED_FIELDS = ("output_dir", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps",
+                  "learning_rate", "warmup_steps", "num_train_epochs", "max_steps", "bf16", "use_cpu",
+                  "logging_steps", "save_strategy", "seed", "report_to")
+
+
+def run_dpo(script: DPOScriptArguments, args: DPOConfig) -> Any:
+    """`saev dpo`: load the MLLM and the dataset, train as `args` say, save to `args.output_dir`."""
+    import torch
+
+    from .loading import load_dataset_split, load_model_and_processor
+
+    device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
+    model, processor = load_model_and_processor(script.model_name_or_path, device=device)
+    dataset = load_dataset_split(script.dataset_name, split=script.dataset_split)
+    peft_config = lora_config(model, r=script.lora_r, lora_alpha=script.lora_alpha) if script.lora else None
+    if script.method == "sft":
+        sft_args = PaperSFTConfig(**{name: getattr(args, name) for name in _SHARED_FIELDS})
+        trainer = train_sft(model, processor, dataset, sft_args, peft_config=peft_config)
+    else:
+        trainer = train_dpo(model, processor, dataset, args, peft_config=peft_config)
+    trainer.save_model(args.output_dir)
+    processor.save_pretrained(args.output_dir)
+    return trainer

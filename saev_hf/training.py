@@ -693,7 +693,11 @@ class SAEVTrainer:
             sae.save_pretrained(args.output_dir)
             self._write_json(Path(args.output_dir) / STATE_NAME, state)
         accelerator.wait_for_everyone()
-        accelerator.end_training()
+        # Finish the trackers but leave the process group to whoever started it, as transformers' Trainer does.
+        # accelerate's end_training() destroys it; the DDP reducer freed afterwards then tears gloo down while holding
+        # the GIL, which deadlocks when gloo's worker thread is still releasing the last collective's tensors.
+        for tracker in accelerator.trackers:
+            tracker.finish()
         return sae
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -513,13 +514,20 @@ def test_two_processes_train_like_one_process_on_both_shards(tiny_model_factory,
                    logging_steps=5, dead_feature_window=10, save_steps=0, shuffle_dataset=False)
     argv = [f"--{name}={value}" for name, value in options.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(TESTS / "distributed_train_script.py"), "--model_name_or_path", str(llava.path),
-         "--dataset_name", str(tmp_path / "data"), "--layer", "1", "--output_dir", str(out), "--disable_tqdm", *argv],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(TESTS / "distributed_train_script.py"), "--model_name_or_path", str(llava.path),
+               "--dataset_name", str(tmp_path / "data"), "--layer", "1", "--output_dir", str(out), "--disable_tqdm",
+               *argv]
+    # its own session, so that a hang is killed with every worker (killing torchrun alone would orphan them)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"2-process training did not finish in 300 s:\n{stderr[-4000:]}")
+    assert process.returncode == 0, stderr[-4000:]
 
     ranks = [json.loads((out / f"rank_{i}.json").read_text()) for i in range(2)]
     assert [r["process_index"] for r in ranks] == [0, 1]

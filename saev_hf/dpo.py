@@ -66,12 +66,33 @@ def _cpu_fallback(config) -> None:
         config.activation_checkpointing = False
 
 
-def _paper_help(name: str) -> dict[str, Any]:
-    return {"help": f"The paper's value: {PAPER_HYPERPARAMETERS[name]}."}
+def _paper_field(name: str) -> Any:
+    """A dataclass field defaulting to the paper's value of `name`."""
+    value = PAPER_HYPERPARAMETERS[name]
+    return field(default=value, metadata={"help": f"The paper's value: {value}."})
 
 
 @dataclass
-class PaperDPOConfig(DPOConfig):
+class _PaperDefaults:
+    """The paper's hyper-parameters as defaults. Listed before TRL's config in the bases, so that its fields override
+    TRL's defaults (keeping their places) and its `__post_init__` applies the CPU fallback before TRL's runs."""
+
+    max_length: int | None = _paper_field("max_length")
+    per_device_train_batch_size: int = _paper_field("per_device_train_batch_size")
+    gradient_accumulation_steps: int = _paper_field("gradient_accumulation_steps")
+    lr_scheduler_type: str = _paper_field("lr_scheduler_type")
+    learning_rate: float = _paper_field("learning_rate")
+    warmup_steps: float = _paper_field("warmup_steps")
+    num_train_epochs: float = _paper_field("num_train_epochs")
+    bf16: bool | None = _paper_field("bf16")
+
+    def __post_init__(self) -> None:
+        _cpu_fallback(self)
+        super().__post_init__()
+
+
+@dataclass
+class PaperDPOConfig(_PaperDefaults, DPOConfig):
     """
     TRL's `DPOConfig` with the SAE-V paper's defaults, for DPO on an SAE-V-filtered preference dataset.
 
@@ -82,36 +103,10 @@ class PaperDPOConfig(DPOConfig):
     Devices: without a GPU, `use_cpu=True`, `bf16=False` and gradient checkpointing off are set for you.
     """
 
-    max_length: int | None = field(default=4096, metadata=_paper_help("max_length"))
-    per_device_train_batch_size: int = field(default=8, metadata=_paper_help("per_device_train_batch_size"))
-    gradient_accumulation_steps: int = field(default=4, metadata=_paper_help("gradient_accumulation_steps"))
-    lr_scheduler_type: str = field(default="cosine", metadata=_paper_help("lr_scheduler_type"))
-    learning_rate: float = field(default=1e-6, metadata=_paper_help("learning_rate"))
-    warmup_steps: float = field(default=10, metadata=_paper_help("warmup_steps"))
-    num_train_epochs: float = field(default=3.0, metadata=_paper_help("num_train_epochs"))
-    bf16: bool | None = field(default=True, metadata=_paper_help("bf16"))
-
-    def __post_init__(self) -> None:
-        _cpu_fallback(self)
-        super().__post_init__()
-
 
 @dataclass
-class PaperSFTConfig(SFTConfig):
+class PaperSFTConfig(_PaperDefaults, SFTConfig):
     """TRL's `SFTConfig` with the SAE-V paper's defaults (the same as [`PaperDPOConfig`]); CPU fallback alike."""
-
-    max_length: int | None = field(default=4096, metadata=_paper_help("max_length"))
-    per_device_train_batch_size: int = field(default=8, metadata=_paper_help("per_device_train_batch_size"))
-    gradient_accumulation_steps: int = field(default=4, metadata=_paper_help("gradient_accumulation_steps"))
-    lr_scheduler_type: str = field(default="cosine", metadata=_paper_help("lr_scheduler_type"))
-    learning_rate: float = field(default=1e-6, metadata=_paper_help("learning_rate"))
-    warmup_steps: float = field(default=10, metadata=_paper_help("warmup_steps"))
-    num_train_epochs: float = field(default=3.0, metadata=_paper_help("num_train_epochs"))
-    bf16: bool | None = field(default=True, metadata=_paper_help("bf16"))
-
-    def __post_init__(self) -> None:
-        _cpu_fallback(self)
-        super().__post_init__()
 
 
 def paper_dpo_config(output_dir: str, **overrides: Any) -> PaperDPOConfig:

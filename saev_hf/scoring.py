@@ -247,8 +247,7 @@ class SAEVScorer:
     @property
     def columns(self) -> list[str]:
         """Names of the columns this scorer adds."""
-        names = [getattr(self.args, f"{score}_column") for score in SCORES if score in self.args.scores]
-        return names + ([self.args.error_column] if self.args.on_error == "null" else [])
+        return self._score_columns() + ([self.args.error_column] if self.args.on_error == "null" else [])
 
     def __call__(self, batch: Mapping[str, Sequence[Any]], *extra: Any) -> dict[str, list[Any]]:
         """Score a `datasets` batch; extra arguments are the `indices` (with_indices) and/or `rank` (with_rank)."""

@@ -277,7 +277,7 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
         "num_weighted_features": int(weighted.sum()),
         "num_single_modal_features": int(single_modal.sum()),
         "num_silent_features": int((~firing).sum()),
-        "dataset": getattr(dataset, "info", None) and (dataset.info.dataset_name or None),
+        "dataset": getattr(getattr(dataset, "info", None), "dataset_name", None),
         "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
         "prompt_format": asdict(reader.prompt_format),
     }

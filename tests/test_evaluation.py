@@ -18,15 +18,6 @@ from saev_hf.tiny_models import DIGIT_NAMES, digit_images
 D_IN = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine, two threads can make tiny matmuls 10-50x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def digit_rows(n: int) -> list[dict]:
     captions = ("a handwritten digit {}", "what digit is this ? it is {}", "{}")
     return [{"images": [image], "prompt": captions[i % 3].format(DIGIT_NAMES[label])}

@@ -90,15 +90,6 @@ def same_multiset(a: torch.Tensor, b: torch.Tensor) -> bool:
     return rows_a.shape == rows_b.shape and torch.equal(rows_a, rows_b) and torch.equal(counts_a, counts_b)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine, two threads can make tiny matmuls 10-50x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # One real training run on the tiny LLaVA, shared by the tests that inspect it
 # ----------------------------------------------------------------------------------------------------------------------

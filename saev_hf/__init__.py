@@ -6,7 +6,8 @@ It stays light: heavy optional stacks (TRL, PEFT) are imported only by the parts
 
 The data flow, one stage per module: rows -> `prompts` -> `activations` (layer L of the MLLM) -> `model` (SAE-V,
 trained by `training`, measured by `evaluation`) -> `weighting` (cross-modal feature weights) -> `scoring`
-(a `datasets.map` scorer) -> `filtering` -> trainers.
+(a `datasets.map` scorer) -> `filtering` -> trainers; `inspection` and `feature_browser` show what the features
+and scores mean; `patches` lays image tokens out on their patches and filters patches by SAE-V scores.
 """
 
 from transformers import AutoConfig, AutoModel
@@ -14,9 +15,12 @@ from transformers import AutoConfig, AutoModel
 from .activations import LayerActivations, LayerReader, Modality
 from .config import SAEVConfig
 from .evaluation import SAEVEvaluationArguments, evaluate_saev, format_metrics_table
+from .feature_browser import write_feature_browser
 from .filtering import FilterArguments, filter_by_score
 from .hub import filtered_dataset_card, push_filtered_dataset, push_saev, saev_model_card
+from .inspection import ExampleExplanation, FeatureSummary, Inspection, InspectionArguments, explain_rows, inspect_saev
 from .model import SAEV, SAEVOutput
+from .patches import PatchFilter, PatchFilterArguments, PatchLocator
 from .prompts import PromptFormat, RowError
 from .scoring import SAEVScorer, ScorerArguments
 from .training import SAEVTrainer, SAEVTrainingArguments, train_saev
@@ -29,10 +33,17 @@ AutoModel.register(SAEVConfig, SAEV, exist_ok=True)
 
 __all__ = [
     "SAEV",
+    "ExampleExplanation",
+    "FeatureSummary",
     "FilterArguments",
+    "Inspection",
+    "InspectionArguments",
     "LayerActivations",
     "LayerReader",
     "Modality",
+    "PatchFilter",
+    "PatchFilterArguments",
+    "PatchLocator",
     "PromptFormat",
     "RowError",
     "SAEVConfig",
@@ -46,11 +57,14 @@ __all__ = [
     "__version__",
     "compute_feature_weights",
     "evaluate_saev",
+    "explain_rows",
     "filter_by_score",
     "filtered_dataset_card",
     "format_metrics_table",
+    "inspect_saev",
     "push_filtered_dataset",
     "push_saev",
     "saev_model_card",
     "train_saev",
+    "write_feature_browser",
 ]

@@ -176,6 +176,55 @@ def _filter_arguments() -> tuple[type, ...]:
     return FilterIOArguments, FilterArguments
 
 
+def inspect_command(source: SourceArguments, prompt_format, inspection_args) -> None:
+    """Inspect an SAE-V on a dataset: feature pages (top examples with highlighted tokens and patch heatmaps, weight,
+    modality profile) and explanations of the lowest-scored rows, as a static HTML report in --output_dir."""
+    from .activations import LayerReader
+    from .feature_browser import write_feature_browser
+    from .inspection import inspect_saev
+
+    sae, model, processor, dataset = load_sources(source)
+    reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
+    inspection = inspect_saev(sae, reader, dataset, inspection_args)
+    index = write_feature_browser(inspection, source.output_dir)
+    print(f"Inspected {len(inspection.features)} features and explained {len(inspection.explanations)} rows of "
+          f"{len(inspection.scanned_rows)} scanned; open {index}")
+
+
+def _inspect_arguments() -> tuple[type, ...]:
+    from .inspection import InspectionArguments
+    from .prompts import PromptFormat
+
+    return SourceArguments, PromptFormat, InspectionArguments
+
+
+def patches(source: SourceArguments, prompt_format, patch_args, map_args: MapArguments) -> None:
+    """Patch filter (Algorithms 4-7): score each image patch from SAE-V activations (--score l0, l1, cooccur_l0,
+    cosine, or random), keep the top --keep_fraction of each image's patches and black out the rest; saves the dataset
+    with masked images and patch scores to --output_dir, with preview.png (originals above, masked below)."""
+    from pathlib import Path
+
+    from .patches import PatchFilter, save_patch_preview
+
+    sae, model, processor, dataset = load_sources(source)
+    patch_filter = PatchFilter(sae, model, processor, prompt_format=prompt_format, args=patch_args)
+    masked = dataset.map(patch_filter, batched=True, batch_size=map_args.batch_size, num_proc=map_args.num_proc,
+                         with_rank=map_args.num_proc is not None, desc=f"Patch filter ({patch_args.score})")
+    masked.save_to_disk(source.output_dir)
+    preview = save_patch_preview(dataset, masked, Path(source.output_dir) / "preview.png",
+                                 image_column=prompt_format.image_column,
+                                 title=f"{patch_args.score}: top {patch_args.keep_fraction:.0%} of patches kept")
+    print(f"Masked the images of {len(masked)} examples (kept the top {patch_args.keep_fraction:.0%} of patches by "
+          f"{patch_args.score}); saved to {source.output_dir}, preview in {preview}")
+
+
+def _patches_arguments() -> tuple[type, ...]:
+    from .patches import PatchFilterArguments
+    from .prompts import PromptFormat
+
+    return SourceArguments, PromptFormat, PatchFilterArguments, MapArguments
+
+
 def train(args) -> None:
     """Train an SAE-V on decoder layer L of an MLLM (or a plain SAE on a text-only LM); saves it to --output_dir."""
     from .training import train_saev
@@ -241,6 +290,8 @@ COMMANDS: dict[str, tuple[Any, Callable[..., None]]] = {
     "weights": (_weights_arguments, weights),
     "score": (_score_arguments, score),
     "filter": (_filter_arguments, filter_command),
+    "inspect": (_inspect_arguments, inspect_command),
+    "patches": (_patches_arguments, patches),
     "train": (_train_arguments, train),
     "eval": (_eval_arguments, evaluate),
     "push": (_push_arguments, push),

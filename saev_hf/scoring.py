@@ -162,6 +162,7 @@ class SAEVScorer:
             sae, model, processor = self._load()
             self._identity = {
                 "saev_hf": __version__,
+                "kind": type(self).__name__,
                 "sae": _digest(sae.config.to_json_string(use_diff=False), *sae.state_dict().values()),
                 "model": model_digest(model),
                 "processor": processor_digest(processor),
@@ -178,7 +179,7 @@ class SAEVScorer:
 
     def __reduce__(self):
         sources = (self._sae_source, self._model_source, self._processor_source)
-        return (_restore, (self.fingerprint, self.identity, sources, self.prompt_format, self.args))
+        return (_restore, (type(self), self.fingerprint, self.identity, sources, self.prompt_format, self.args))
 
     def _load(self):
         from transformers import AutoProcessor
@@ -329,11 +330,11 @@ class SAEVScorer:
         return out
 
 
-def _restore(fingerprint: str, identity: dict, sources: tuple, prompt_format: PromptFormat | None,
-             args: ScorerArguments) -> SAEVScorer:
+def _restore(cls: type, fingerprint: str, identity: dict, sources: tuple, prompt_format: PromptFormat | None,
+             args: Any) -> SAEVScorer:
     live = _LIVE.get(fingerprint)
     if live is not None:
         return live
-    scorer = SAEVScorer(*sources, prompt_format=prompt_format, args=args)
+    scorer = cls(*sources, prompt_format=prompt_format, args=args)
     scorer._identity = identity
     return scorer

@@ -10,7 +10,8 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "the README must show a first usage example"
     monkeypatch.chdir(tmp_path)  # the examples write checkpoints to the working directory
+    namespace = {"__name__": "__readme__"}  # read top to bottom: a block may use what an earlier one defined
     for block in blocks:
-        exec(compile(block, str(README), "exec"), {"__name__": "__readme__"})
+        exec(compile(block, str(README), "exec"), namespace)
     assert (tmp_path / "saev-tiny" / "model.safetensors").exists()
     assert (tmp_path / "saev-tiny-saelens" / "sae_weights.safetensors").exists()

@@ -116,5 +116,8 @@ def test_interpret_features_explains_the_best_scored_example(tmp_path):
     text = text_of(notebook)
     assert "Studying feature" in text and "Top text tokens of feature" in text
     assert "co-occurring features" in text and "score = sum of their weights" in text  # asserted equal in the cell
-    assert figures(notebook) >= 3
+    assert "has the lowest cosine score; why:" in text and "ranks 1 of" in text
+    report = tmp_path / "saev-interpret" / "report"
+    assert (report / "index.html").exists() and any((report / "features").glob("feature_*.html"))
+    assert figures(notebook) >= 4  # + the patch filter figure
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .activations import LayerReader, Modality
+from .activations import Modality, image_token_id_of
 from .prompts import PromptFormat, RowError, row_images, rows_to_columns
 from .scoring import SAEVScorer
 
@@ -368,11 +368,7 @@ class PatchLocator:
             grids.append(PatchGrid(grid.views, grid.num_tokens, offset=offset, image=index))
             offset += grid.num_tokens
         if inputs is not None:
-            image_token_id = getattr(self.processor, "image_token_id", None)
-            if image_token_id is None:
-                image_token_id = getattr(self.model.config, "image_token_id", None)
-            if image_token_id is None:
-                image_token_id = getattr(self.model.config, "image_token_index", None)
+            image_token_id = image_token_id_of(self.model, self.processor)
             ids = inputs["input_ids"][example]
             mask = inputs.get("attention_mask")
             real = ids[mask[example].bool()] if mask is not None else ids

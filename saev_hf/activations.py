@@ -120,6 +120,15 @@ def special_token_ids(processor: Any, image_token_id: int | None) -> torch.Tenso
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 
+def text_and_image(modality: torch.Tensor, special_as_text: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text and image position masks from [`Modality`] values; special/template tokens count as text when
+    `special_as_text` (as the authors' code does). Padding is in neither."""
+    text = modality == Modality.TEXT
+    if special_as_text:
+        text = text | (modality == Modality.SPECIAL)
+    return text, modality == Modality.IMAGE
+
+
 @dataclass
 class LayerActivations:
     """

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .activations import LayerReader, Modality
+from .activations import LayerReader, Modality, text_and_image
 from .prompts import RowError, row_images, rows_to_columns
 from .weighting import _batches
 
@@ -367,13 +367,6 @@ def _check_inputs(sae: Any, reader: LayerReader, dataset: Any, args: InspectionA
         )
 
 
-def _text_and_image(modality: torch.Tensor, special_as_text: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    text = modality == Modality.TEXT
-    if special_as_text:
-        text = text | (modality == Modality.SPECIAL)
-    return text, modality == Modality.IMAGE
-
-
 @torch.no_grad()
 def _scan(sae: Any, reader: LayerReader, dataset: Any, rows: list[int], args: InspectionArguments):
     """Pass 1: top examples, firing counts by modality and the scorer's three scores of every scanned row."""
@@ -392,7 +385,7 @@ def _scan(sae: Any, reader: LayerReader, dataset: Any, rows: list[int], args: In
         example = torch.arange(n, device=real.device)[:, None].expand_as(real)[real].to(device)
         modality = acts.modality[real].to(device)
         hidden = acts.hidden_states[real].to(device)
-        text, image = _text_and_image(modality, args.special_as_text)
+        text, image = text_and_image(modality, args.special_as_text)
         for i in range(n):
             if not image[example == i].any():
                 raise RowError(f"Row {chunk[i]}: no image token reached the model (the processor inserted none, or "
@@ -439,7 +432,7 @@ def _explain(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, row: int, s
              token_chunk: int) -> ExampleExplanation:
     """C(x) and its contributions for one example, computed as `SAEVScorer.score_rows` computes the score."""
     device, delta = sae.W_enc.device, sae.config.cooccurrence_threshold
-    text, image = _text_and_image(modality, special_as_text)
+    text, image = text_and_image(modality, special_as_text)
     if not image.any():
         raise RowError(f"Row {row}: no image token reached the model (the processor inserted none, or they were "
                        f"cut), so it has no image-text co-occurrence to explain.")

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .activations import Modality, image_token_id_of
+from .activations import image_token_id_of, text_and_image
 from .prompts import PromptFormat, RowError, row_images, rows_to_columns
 from .scoring import SAEVScorer
 
@@ -564,10 +564,7 @@ class PatchFilter(SAEVScorer):
         for i in range(len(acts)):
             grids = self.locator.grids(inputs, example=i, image_sizes=sizes[i])
             hidden, modality = acts.example(i)
-            image = modality == Modality.IMAGE
-            text = modality == Modality.TEXT
-            if self.args.special_as_text:
-                text |= modality == Modality.SPECIAL
+            text, image = text_and_image(modality, self.args.special_as_text)
             if not text.any():
                 raise RowError(f"Row {first_row + i}: no text token, so no co-occurring features to score patches by.")
             z = sae.encode(hidden[image | text].to(sae.W_enc.device)).float()

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .activations import LayerReader, Modality
+from .activations import LayerReader, text_and_image
 from .prompts import PromptFormat, RowError
 
 SCORES = ("cosine", "l0", "cooccur_l0")
@@ -297,10 +297,7 @@ class SAEVScorer:
         device = sae.W_enc.device
         for i in range(len(acts)):
             hidden, modality = acts.example(i)
-            image = modality == Modality.IMAGE
-            text = modality == Modality.TEXT
-            if self.args.special_as_text:
-                text |= modality == Modality.SPECIAL
+            text, image = text_and_image(modality, self.args.special_as_text)
             if not image.any():
                 raise RowError(
                     f"Row {first_row + i}: no image token reached the model (the processor inserted none, or they "

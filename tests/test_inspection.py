@@ -9,6 +9,7 @@ from html.parser import HTMLParser
 import datasets
 import pytest
 import torch
+from test_scoring import data_driven_sae
 
 from saev_hf import SAEV, SAEVConfig
 from saev_hf.activations import LayerReader, Modality
@@ -33,20 +34,8 @@ def make_dataset(n=NUM_ROWS, seed=5):
 
 
 def directional_sae(reader, ds, d_sae=D_SAE):
-    """An SAE-V whose features are directions of sampled token states (centred), each firing on tokens like its own,
-    so that rows differ in which features fire and co-occur (a random SAE on a random tiny model fires everywhere)."""
-    acts = reader.read(ds[:])
-    hidden = acts.hidden_states[acts.token_mask]
-    mean = hidden.mean(0)
-    picked = hidden[torch.randperm(hidden.shape[0], generator=torch.Generator().manual_seed(0))[:d_sae]] - mean
-    sae = SAEV(SAEVConfig(d_in=64, d_sae=d_sae, hook_layer=1, cooccurrence_threshold=DELTA, apply_b_dec_to_input=True))
-    with torch.no_grad():
-        directions = torch.nn.functional.normalize(picked, dim=-1)
-        sae.W_enc.copy_(directions.T)
-        sae.W_dec.copy_(directions)
-        sae.b_dec.copy_(mean)
-        sae.b_enc.copy_(-0.5 * picked.norm(dim=-1))
-    return sae
+    """The scoring tests' data-driven SAE-V: features along sampled token states, so rows differ in what co-occurs."""
+    return data_driven_sae(reader, ds, d_sae=d_sae)
 
 
 def hand_weighted(sae):

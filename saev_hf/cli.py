@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from transformers import HfArgumentParser
@@ -147,12 +148,13 @@ class FilterIOArguments:
 
 
 def filter_command(io: FilterIOArguments, filter_args) -> None:
-    from .filtering import filter_by_score
+    from .filtering import FILTER_RECORD, filter_by_score
     from .loading import load_dataset_split
 
     dataset = load_dataset_split(io.dataset_name, split=io.dataset_split)
     kept = filter_by_score(dataset, filter_args)
     kept.save_to_disk(io.output_dir)
+    (Path(io.output_dir) / FILTER_RECORD).write_text(json.dumps(asdict(filter_args), indent=2))
     print(f"Kept {len(kept)} of {len(dataset)} examples by {filter_args.column}; saved to {io.output_dir}")
 
 
@@ -202,8 +204,6 @@ def patches(source: SourceArguments, prompt_format, patch_args, map_args: MapArg
     """Patch filter (Algorithms 4-7): score each image patch from SAE-V activations (--score l0, l1, cooccur_l0,
     cosine, or random), keep the top --keep_fraction of each image's patches and black out the rest; saves the dataset
     with masked images and patch scores to --output_dir, with preview.png (originals above, masked below)."""
-    from pathlib import Path
-
     from .patches import PatchFilter, save_patch_preview
 
     sae, model, processor, dataset = load_sources(source)

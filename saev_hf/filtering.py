@@ -38,6 +38,10 @@ class FilterArguments:
             raise ValueError(f"null_scores={self.null_scores!r} must be 'raise' or 'drop'.")
 
 
+FILTER_RECORD = "saev_filter.json"
+"""File that `saev filter` writes beside the kept rows: the rule, so that `saev push --dataset` can state it."""
+
+
 def kept_indices(scores: list[Any], args: FilterArguments) -> list[int]:
     """
     Indices of the rows to keep, in ascending order.

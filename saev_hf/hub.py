@@ -580,7 +580,9 @@ class PushArguments:
                   "card."},
     )
     score_column: str = field(
-        default="saev_cosine_score", metadata={"help": "With --dataset: the score column it was filtered by."}
+        default="saev_cosine_score",
+        metadata={"help": "With --dataset: the score column it was filtered by (read from the folder instead when "
+                  "`saev filter` wrote it, with the rule)."},
     )
     license: str | None = field(default=None, metadata={"help": "Hub license id for the card, e.g. apache-2.0."})
     tags: list[str] = field(default_factory=list, metadata={"help": "Extra tags for the card."})
@@ -619,11 +621,16 @@ def run_push(args: PushArguments):
         return commit.commit_url
     from .loading import load_dataset_split
 
+    from .filtering import FILTER_RECORD, FilterArguments
+
     kept = load_dataset_split(args.dataset, split=args.split)
     scored = load_dataset_split(args.scored_dataset, split=args.split) if args.scored_dataset else None
+    record = Path(args.dataset) / FILTER_RECORD  # the rule, when `saev filter` wrote the folder
+    filter_args = FilterArguments(**json.loads(record.read_text())) if record.is_file() else None
     sae_config = load_saev_config(args.sae_repo) if args.sae_repo else None
     commit = push_filtered_dataset(
-        kept, args.repo_id, source_dataset=args.source_dataset, scored=scored, column=args.score_column,
+        kept, args.repo_id, source_dataset=args.source_dataset, scored=scored, filter_args=filter_args,
+        column=None if filter_args is not None else args.score_column,
         source_revision=args.source_revision, source_config=args.source_config, source_split=args.source_split,
         sae_repo=args.sae_repo, sae_config=sae_config, license=args.license, tags=args.tags, split=args.split,
         private=args.private, commit_message=args.commit_message,

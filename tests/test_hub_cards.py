@@ -200,6 +200,19 @@ def test_saev_push_command_pushes_an_sae_folder_and_a_filtered_dataset_folder(lo
     assert "split `train`" in text
 
 
+def test_saev_filter_records_its_rule_and_saev_push_states_it(loopback_hub, pipeline, tmp_path, capsys):
+    pipeline["scored"].save_to_disk(tmp_path / "scored")
+    assert main(["filter", "--dataset_name", str(tmp_path / "scored"), "--column", "saev_cooccur_l0",
+                 "--fraction", "0.25", "--output_dir", str(tmp_path / "quarter")]) == 0
+    record = json.loads((tmp_path / "quarter" / "saev_filter.json").read_text())
+    assert record["column"] == "saev_cooccur_l0" and record["fraction"] == 0.25
+    assert main(["push", "--dataset", str(tmp_path / "quarter"), "--scored_dataset", str(tmp_path / "scored"),
+                 "--repo_id", "org/cli-quarter", "--source_dataset", "org/digit-prefs"]) == 0
+    text = DatasetCard.load("org/cli-quarter").text
+    assert "the top 25% of rows by `saev_cooccur_l0`" in text  # the rule, not only the observed kept fraction
+    assert "| Rows after | 3 (25.0% kept) |" in text
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--repo_id", "org/x"], "Give exactly one of --sae"),
     (["--repo_id", "org/x", "--sae", "a", "--dataset", "b"], "Give exactly one of --sae"),

@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -111,42 +112,53 @@ def _log(message: str) -> None:
     print(f"[saev demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def run_demo(args: DemoArguments) -> dict:
-    """Run the demo and return its summary (also written to `output_dir/summary.json`, with `report.md` and plots)."""
-    import datasets
+class DemoDigits(NamedTuple):
+    """The four disjoint sets of `(image, label)` digits the pipeline uses, drawn from scikit-learn's 1797."""
+
+    pretrain: list
+    saev: list
+    pairs: list
+    eval: list
+
+
+def split_digits(args: DemoArguments) -> DemoDigits:
+    """`args.pretrain_digits`, `saev_digits`, `num_pairs` and `eval_digits` distinct digits, in an order set by
+    `args.seed`: for pretraining the MLLM, training the SAE-V, the preference rows and the held-out accuracy."""
     import numpy as np
-    from sklearn.metrics import roc_auc_score
+
+    from .tiny_models import digit_images
+
+    digits = digit_images(1797, seed=args.seed)
+    cut = np.cumsum([args.pretrain_digits, args.saev_digits, args.num_pairs, args.eval_digits])
+    return DemoDigits(*(digits[a:b] for a, b in zip([0, *cut[:-1]], cut)))
+
+
+def pretrain_mllm(args: DemoArguments, digits: DemoDigits, progress: bool = True) -> tuple[Any, Any, dict]:
+    """Stage 1: a tiny LLaVA (seed `args.seed`) pretrained on captions of `digits.pretrain`; returns `(model,
+    processor, summary)`, the summary of [`pretrain_tiny_model`] (held-out accuracy on `digits.eval`)."""
+    from .tiny_models import build_tiny_model, digit_caption_examples, pretrain_tiny_model
+
+    model, processor = build_tiny_model("llava", seed=args.seed)
+    summary = pretrain_tiny_model(model, processor, digit_caption_examples(digits.pretrain, seed=args.seed),
+                                  steps=args.pretrain_steps, seed=args.seed, eval_digits=digits.eval,
+                                  progress=progress)
+    return model, processor, summary
+
+
+def train_scoring_saev(args: DemoArguments, model, processor, digits: DemoDigits, output_dir: str | Path):
+    """Stage 2: an SAE-V on layer `args.layer` of `model`, trained on captions of `digits.saev`, with its cross-modal
+    feature weights and `cooccurrence_threshold` set; saved to `output_dir` and returned."""
+    import datasets
 
     from .activations import LayerReader
-    from .dpo import paper_dpo_config, train_dpo
-    from .filtering import FilterArguments, filter_by_score
     from .prompts import PromptFormat
-    from .scoring import SAEVScorer
-    from .tiny_models import build_tiny_model, digit_accuracy, digit_caption_examples, digit_images, pretrain_tiny_model
+    from .tiny_models import digit_caption_examples
     from .training import SAEVTrainingArguments, train_saev
     from .weighting import WeightingArguments, compute_feature_weights
 
-    started = time.perf_counter()
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    digits = digit_images(1797, seed=args.seed)
-    cut = np.cumsum([args.pretrain_digits, args.saev_digits, args.num_pairs, args.eval_digits])
-    pre_digits, saev_digits, pair_digits, eval_digits = (digits[a:b] for a, b in zip([0, *cut[:-1]], cut))
-
-    # 1. the MLLM
-    _log(f"1/5 Pretraining a tiny LLaVA on {len(pre_digits)} captioned digits ({args.pretrain_steps} steps)")
-    model, processor = build_tiny_model("llava", seed=args.seed)
-    pretrain = pretrain_tiny_model(model, processor, digit_caption_examples(pre_digits, seed=args.seed),
-                                   steps=args.pretrain_steps, seed=args.seed, eval_digits=eval_digits, progress=True)
-    base_accuracy = pretrain["digit_accuracy_after"]
-    _log(f"    held-out digit accuracy {pretrain['digit_accuracy_before']:.1%} -> {base_accuracy:.1%}")
-
-    # 2. the SAE-V and its feature weights
-    _log(f"2/5 Training an SAE-V on layer {args.layer} ({args.saev_steps} steps) and computing feature weights")
-    saev_rows = datasets.Dataset.from_list(digit_caption_examples(saev_digits, seed=args.seed + 1))
+    saev_rows = datasets.Dataset.from_list(digit_caption_examples(digits.saev, seed=args.seed + 1))
     saev_args = SAEVTrainingArguments(
-        layer=args.layer, output_dir=str(output / "saev"), image_column="images", response_column="response",
+        layer=args.layer, output_dir=str(output_dir), image_column="images", response_column="response",
         expansion_factor=args.expansion_factor, l1_coefficient=3.0, learning_rate=2e-3, max_steps=args.saev_steps,
         train_batch_size_tokens=512, buffer_size_tokens=8192, input_scale_estimation_tokens=4096, read_batch_size=16,
         dead_feature_window=max(1, args.saev_steps // 4), seed=args.seed, logging_steps=max(1, args.saev_steps // 4),
@@ -156,11 +168,58 @@ def run_demo(args: DemoArguments) -> dict:
     reader = LayerReader(model, processor, layer=args.layer, prompt_format=PromptFormat(response_column="response"))
     compute_feature_weights(sae, reader, saev_rows, WeightingArguments(num_examples=None, batch_size=args.batch_size,
                                                                        seed=args.seed))
-    sae.save_pretrained(output / "saev")
+    sae.save_pretrained(output_dir)
+    return sae
+
+
+def dpo_digit_accuracy(args: DemoArguments, model, processor, subset, eval_digits: list, output_dir: str | Path,
+                       **config_overrides: Any) -> dict:
+    """Stage 5 for one subset: DPO of a copy of `model` (left unchanged) on `subset` for `args.dpo_steps` steps, then
+    its held-out accuracy on `eval_digits`. Returns `{"digit_accuracy", "final_loss"}`; `config_overrides` go to
+    [`paper_dpo_config`] on top of the demo's settings."""
+    from .dpo import paper_dpo_config, train_dpo
+    from .tiny_models import digit_accuracy
+
+    policy = copy.deepcopy(model)
+    settings = dict(
+        max_steps=args.dpo_steps, per_device_train_batch_size=args.dpo_batch_size, gradient_accumulation_steps=1,
+        learning_rate=args.dpo_learning_rate, warmup_steps=0, lr_scheduler_type="constant", max_length=128,
+        logging_steps=max(1, args.dpo_steps // 5), save_strategy="no", seed=args.seed, report_to="none")
+    trainer = train_dpo(policy, processor, subset, paper_dpo_config(str(output_dir), **{**settings,
+                                                                                        **config_overrides}))
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return {"digit_accuracy": digit_accuracy(policy, processor, eval_digits),
+            "final_loss": losses[-1] if losses else None}
+
+
+def run_demo(args: DemoArguments) -> dict:
+    """Run the demo and return its summary (also written to `output_dir/summary.json`, with `report.md` and plots)."""
+    import datasets
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from .filtering import FilterArguments, filter_by_score
+    from .scoring import SAEVScorer
+
+    started = time.perf_counter()
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    digits = split_digits(args)
+
+    # 1. the MLLM
+    _log(f"1/5 Pretraining a tiny LLaVA on {len(digits.pretrain)} captioned digits ({args.pretrain_steps} steps)")
+    model, processor, pretrain = pretrain_mllm(args, digits)
+    base_accuracy = pretrain["digit_accuracy_after"]
+    _log(f"    held-out digit accuracy {pretrain['digit_accuracy_before']:.1%} -> {base_accuracy:.1%}")
+
+    # 2. the SAE-V and its feature weights
+    _log(f"2/5 Training an SAE-V on layer {args.layer} ({args.saev_steps} steps) and computing feature weights")
+    sae = train_scoring_saev(args, model, processor, digits, output / "saev")
     num_weighted = int(sae.has_feature_weight.sum())
 
     # 3. the preference data with a known low-quality part; 4. scores and AUROC
-    rows, low = preference_rows(pair_digits, args.low_quality_fraction, seed=args.seed + 2,
+    rows, low = preference_rows(digits.pairs, args.low_quality_fraction, seed=args.seed + 2,
                                 corruption=args.corruption)
     dataset = datasets.Dataset.from_list(rows)
     _log(f"3/5 Scoring {len(dataset)} preference rows ({sum(low)} low quality: {args.corruption})")
@@ -182,22 +241,13 @@ def run_demo(args: DemoArguments) -> dict:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     for i, (name, subset) in enumerate(subsets.items()):
         _log(f"4/5 DPO {i + 1}/{len(subsets)}: {name} ({len(subset)} rows, {args.dpo_steps} steps)")
-        policy = copy.deepcopy(model)
-        config = paper_dpo_config(
-            str(output / "dpo"), max_steps=args.dpo_steps, per_device_train_batch_size=args.dpo_batch_size,
-            gradient_accumulation_steps=1, learning_rate=args.dpo_learning_rate, warmup_steps=0,
-            lr_scheduler_type="constant", max_length=128, logging_steps=max(1, args.dpo_steps // 5),
-            save_strategy="no", seed=args.seed, report_to="none")
-        trainer = train_dpo(policy, processor, subset, config)
-        losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+        trained = dpo_digit_accuracy(args, model, processor, subset, digits.eval, output / "dpo")
         results[name] = {
             "rows": len(subset),
             "kept_fraction": len(subset) / len(scored),
             "low_quality_fraction": float(np.mean(subset["low_quality"])),
-            "digit_accuracy": digit_accuracy(policy, processor, eval_digits),
-            "final_loss": losses[-1] if losses else None,
+            **trained,
         }
-        del policy, trainer
 
     seconds = time.perf_counter() - started
     summary = {

@@ -332,3 +332,23 @@ def test_patch_filter_on_every_architecture(tiny_mllm):
     for index, (left, top, right, bottom) in enumerate(grid.cell_boxes(48, 32)):
         filled = (pixels[top:bottom, left:right] == (1, 2, 3)).all()
         assert filled != kept[index], (tiny_mllm.arch, index)
+
+
+def test_patch_filter_pickles_to_its_identity_and_restores_as_a_patch_filter(patch_setup, tmp_path):
+    import pickle
+
+    from saev_hf import scoring
+
+    llava, sae, ds, _ = patch_setup
+    sae.save_pretrained(tmp_path / "sae")
+    args = PatchFilterArguments(score="l1", keep_fraction=0.5)
+    patch_filter = PatchFilter(str(tmp_path / "sae"), str(llava.path), args=args)
+    payload = pickle.dumps(patch_filter)
+    assert len(payload) < 20_000  # digests, not weights
+    scoring._LIVE.clear()  # as in a fresh worker process: rebuilt from the paths
+    restored = pickle.loads(payload)
+    assert type(restored) is PatchFilter and restored.fingerprint == patch_filter.fingerprint
+    assert restored.fingerprint != PatchFilter(str(tmp_path / "sae"), str(llava.path), args=PatchFilterArguments(
+        score="l0", keep_fraction=0.5)).fingerprint
+    out = restored.score_rows(ds[:2])
+    assert out["saev_patch_scores"] == patch_filter.score_rows(ds[:2])["saev_patch_scores"]

@@ -549,13 +549,8 @@ class PatchFilter(SAEVScorer):
         """Every patch score of every image of `rows`: per row, one [`ImagePatchScores`] per image."""
         self._validate()
         sae, reader = self._sae, self._reader
-        columns = rows_to_columns(rows)
-        image_column = reader.prompt_format.image_column
-        if image_column not in columns:
-            raise RowError(f"Rows {first_row}..: no image column {image_column!r} (columns: {sorted(columns)}); set "
-                           f"PromptFormat(image_column=...).")
-        sizes = [[image.size for image in row_images(value, first_row + i, image_column)]
-                 for i, value in enumerate(columns[image_column])]
+        columns, images = self._decoded(rows, first_row)
+        sizes = [[image.size for image in row] for row in images]
         inputs = reader.prepare(columns, first_row)
         acts = reader.read_inputs(inputs)
         delta = sae.config.cooccurrence_threshold
@@ -576,36 +571,39 @@ class PatchFilter(SAEVScorer):
                         for grid in grids])
         return out
 
-    def score_rows(self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]], first_row: int = 0):
-        """The map's output for `rows`: masked images in the image column, and the patch score grids."""
+    def _decoded(self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]], first_row: int):
+        """`rows` as columns whose image column holds the decoded images (one list per row), and those lists."""
         columns = rows_to_columns(rows)
         image_column = self._reader_prompt_format().image_column
-        n = len(next(iter(columns.values())))
-        need_scores = self.args.score != "random" or self.args.scores_column
-        patch_scores = self.score_patches(columns, first_row) if need_scores else None
+        if image_column not in columns:
+            raise RowError(f"Rows {first_row}..: no image column {image_column!r} (columns: {sorted(columns)}); set "
+                           f"PromptFormat(image_column=...).")
+        images = [row_images(value, first_row + i, image_column) for i, value in enumerate(columns[image_column])]
+        return {**columns, image_column: images}, images
+
+    def score_rows(self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]], first_row: int = 0):
+        """The map's output for `rows`: masked images in the image column, and the patch score grids."""
+        image_column = self._reader_prompt_format().image_column
+        raw = rows_to_columns(rows)
+        columns, images = self._decoded(raw, first_row)  # decoded once, for the model and for the masks
+        # the random baseline needs only each image's grid, not the model's activations
+        patch_scores = self.score_patches(columns, first_row) if self.args.score != "random" else None
         images_out, scores_out = [], []
-        for i in range(n):
-            value = columns[image_column][i]
-            images = row_images(value, first_row + i, image_column)
+        for i, row in enumerate(images):
             masked, grids_out = [], []
-            for j, image in enumerate(images):
-                if patch_scores is not None:
-                    item = patch_scores[i][j]
-                    grid = item.grid
-                else:
-                    item, grid = None, self.locator.image_grid(image.size)
+            for j, image in enumerate(row):
                 # seeded by the image itself: the same random mask and tie-breaks whatever the batching
                 seed = [self.args.seed, zlib.crc32(image.tobytes())]
-                if self.args.score == "random":
+                if patch_scores is None:
+                    grid = self.locator.image_grid(image.size)
                     values = np.random.default_rng(seed).random(grid.shape)
                 else:
-                    values = item.scores[self.args.score].numpy()
+                    grid = patch_scores[i][j].grid
+                    values = patch_scores[i][j].scores[self.args.score].numpy()
                 masked.append(mask_patches(image, grid, values, self.args.keep_fraction, self.args.fill_rgb,
                                            exact=self.args.exact_fraction, seed=seed))
-                if item is not None:
-                    grids_out.append(item.scores[self.args.score].tolist() if self.args.score != "random"
-                                     else values.tolist())
-            images_out.append(masked if isinstance(value, (list, tuple)) else masked[0])
+                grids_out.append(values.tolist())
+            images_out.append(masked if isinstance(raw[image_column][i], (list, tuple)) else masked[0])
             scores_out.append(grids_out)
         out: dict[str, list[Any]] = {image_column: images_out}
         if self.args.scores_column:

@@ -6,9 +6,9 @@ co-occurring L0 or cosine), keeps the top p% of patches, blacks out the rest, an
 random). This script repeats that on a model small enough for a CPU:
 
 1. Per seed, a tiny LLaVA (`build_tiny_model("llava")`, 32x32 images, a 4x4 grid of 8-pixel patches) is pretrained on
-   captions of real scikit-learn digits (`pretrain_tiny_model`), an SAE-V is trained on its decoder layer `--layer`
-   (`train_saev`, on captioned digits) and its cross-modal feature weights are computed (`compute_feature_weights`)
-   from the question and image alone, as the paper's code does (the responses are not fed).
+   captions of real scikit-learn digits, an SAE-V is trained on its decoder layer `--layer` on captioned digits and
+   its cross-modal feature weights are computed from the question and image alone, as the paper's code does (the
+   responses are not fed): stages 1-2 of `saev demo` (`saev_hf.demo.pretrain_mllm`, `train_scoring_saev`).
 2. Held-out digits (never seen by the model or the SAE-V) are scored patch by patch with the classification prompt
    "what digit is this ?" (`PatchFilter.score_patches`): every score of Algorithms 4-7 on the 16 patches.
 3. For each score, for random selection (the paper's baseline) and for "ink" (a reference that knows where the digit
@@ -56,17 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import datasets  # noqa: E402
 
-from saev_hf.activations import LayerReader  # noqa: E402
+from saev_hf.demo import DemoArguments, DemoDigits, pretrain_mllm, train_scoring_saev  # noqa: E402
 from saev_hf.patches import PATCH_SCORES, PatchFilter, PatchFilterArguments, keep_mask, mask_patches  # noqa: E402
-from saev_hf.tiny_models import (  # noqa: E402
-    build_tiny_model,
-    digit_accuracy,
-    digit_caption_examples,
-    digit_images,
-    pretrain_tiny_model,
-)
-from saev_hf.training import SAEVTrainingArguments, train_saev  # noqa: E402
-from saev_hf.weighting import WeightingArguments, compute_feature_weights  # noqa: E402
+from saev_hf.tiny_models import digit_accuracy, digit_images  # noqa: E402
 
 BASELINES = ("random", "ink")
 SCORERS = (*PATCH_SCORES, *BASELINES)
@@ -102,27 +94,21 @@ def log(message: str) -> None:
     print(f"[patch_filtering {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def build(seed: int, args: argparse.Namespace, digits: list, workdir: str):
-    """The tiny LLaVA, its SAE-V with feature weights (the `saev demo` recipe)."""
-    pre = digits[: args.pretrain_digits]
-    saev_digits = digits[args.pretrain_digits : args.pretrain_digits + args.saev_digits]
-    model, processor = build_tiny_model("llava", seed=seed)
-    pretrain = pretrain_tiny_model(model, processor, digit_caption_examples(pre, seed=seed), steps=args.pretrain_steps,
-                                   seed=seed)
+def build(seed: int, args: argparse.Namespace, digits: list, eval_digits: list, workdir: str):
+    """The tiny LLaVA and its SAE-V with feature weights: the `saev demo` pipeline's stages 1-2 (weights from the
+    question and image alone). Returns the model, its processor, the SAE-V and the pretraining summary (its held-out
+    accuracy on `eval_digits`)."""
+    settings = DemoArguments(layer=args.layer, pretrain_digits=args.pretrain_digits, pretrain_steps=args.pretrain_steps,
+                             saev_digits=args.saev_digits, saev_steps=args.saev_steps,
+                             expansion_factor=args.expansion_factor, cooccurrence_threshold=args.delta, num_pairs=0,
+                             eval_digits=len(eval_digits), batch_size=16, seed=seed)
+    split = DemoDigits(pretrain=digits[: args.pretrain_digits],
+                       saev=digits[args.pretrain_digits : args.pretrain_digits + args.saev_digits],
+                       pairs=[], eval=eval_digits)
+    model, processor, pretrain = pretrain_mllm(settings, split, progress=False)
     model.eval()
-    rows = datasets.Dataset.from_list(digit_caption_examples(saev_digits, seed=seed + 1))
-    sae = train_saev(SAEVTrainingArguments(
-        layer=args.layer, output_dir=f"{workdir}/saev-{seed}", image_column="images", response_column="response",
-        expansion_factor=args.expansion_factor, l1_coefficient=3.0, learning_rate=2e-3, max_steps=args.saev_steps,
-        train_batch_size_tokens=512, buffer_size_tokens=8192, input_scale_estimation_tokens=4096, read_batch_size=16,
-        dead_feature_window=max(1, args.saev_steps // 4), seed=seed, logging_steps=args.saev_steps,
-        report_to="none", use_cpu=True, overwrite_output_dir=True, disable_tqdm=True), model=model,
-        processor=processor, dataset=rows)
-    sae.config.cooccurrence_threshold = args.delta
-    questions = datasets.Dataset.from_dict({"images": [[image] for image, _ in saev_digits],
-                                            "prompt": ["what digit is this ?"] * len(saev_digits)})
-    compute_feature_weights(sae, LayerReader(model, processor, layer=args.layer), questions,
-                            WeightingArguments(num_examples=None, batch_size=16, seed=seed))
+    sae = train_scoring_saev(settings, model, processor, split, f"{workdir}/saev-{seed}", weights_from_questions=True,
+                             progress=False)
     return model, processor, sae, pretrain
 
 
@@ -131,22 +117,21 @@ def run_seed(seed: int, args: argparse.Namespace, eval_digits: list, workdir: st
     eval_arrays = {np.asarray(image).tobytes() for image, _ in eval_digits}
     pool = [pair for pair in digit_images(1797, seed=100 + seed) if np.asarray(pair[0]).tobytes() not in eval_arrays]
     log(f"seed {seed}: pretraining the tiny LLaVA, training the SAE-V, weighting features")
-    model, processor, sae, pretrain = build(seed, args, pool, workdir)
+    model, processor, sae, pretrain = build(seed, args, pool, eval_digits, workdir)
     patch_filter = PatchFilter(sae, model, processor, args=PatchFilterArguments(score="cosine"))
     rows = {"images": [[image] for image, _ in eval_digits], "prompt": ["what digit is this ?"] * len(eval_digits)}
     scores = []
     for start in range(0, len(eval_digits), 16):
         batch = {k: v[start : start + 16] for k, v in rows.items()}
         scores += [item[0] for item in patch_filter.score_patches(batch, start)]
-    full = digit_accuracy(model, processor, eval_digits)
+    full = pretrain["digit_accuracy_after"]  # with every patch: the pretrained model on the held-out digits
     log(f"seed {seed}: {int(sae.has_feature_weight.sum())} weighted features; accuracy with every patch {full:.1%}")
     rng = np.random.default_rng(seed)
     for (image, _), item in zip(eval_digits, scores):  # the baselines, as extra score grids
         item.scores["random"] = torch.from_numpy(rng.random(item.grid.shape))
         item.scores["ink"] = ink_scores(image, item.grid)
     exact = args.rule == "exact"
-    result = {"all_patches": full, "num_weighted_features": int(sae.has_feature_weight.sum()),
-              "pretrain_accuracy": pretrain.get("digit_accuracy_after"), "accuracy": {}}
+    result = {"all_patches": full, "num_weighted_features": int(sae.has_feature_weight.sum()), "accuracy": {}}
     for fill_name in args.fills:
         fill = FILLS[fill_name]
         for scorer in SCORERS:

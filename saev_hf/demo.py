@@ -145,9 +145,12 @@ def pretrain_mllm(args: DemoArguments, digits: DemoDigits, progress: bool = True
     return model, processor, summary
 
 
-def train_scoring_saev(args: DemoArguments, model, processor, digits: DemoDigits, output_dir: str | Path):
+def train_scoring_saev(args: DemoArguments, model, processor, digits: DemoDigits, output_dir: str | Path,
+                       weights_from_questions: bool = False, progress: bool = True):
     """Stage 2: an SAE-V on layer `args.layer` of `model`, trained on captions of `digits.saev`, with its cross-modal
-    feature weights and `cooccurrence_threshold` set; saved to `output_dir` and returned."""
+    feature weights and `cooccurrence_threshold` set; saved to `output_dir` and returned. The weights read the same
+    captions (question, image and answer), or with `weights_from_questions` the question and image alone, as the
+    authors' code does."""
     import datasets
 
     from .activations import LayerReader
@@ -162,12 +165,18 @@ def train_scoring_saev(args: DemoArguments, model, processor, digits: DemoDigits
         expansion_factor=args.expansion_factor, l1_coefficient=3.0, learning_rate=2e-3, max_steps=args.saev_steps,
         train_batch_size_tokens=512, buffer_size_tokens=8192, input_scale_estimation_tokens=4096, read_batch_size=16,
         dead_feature_window=max(1, args.saev_steps // 4), seed=args.seed, logging_steps=max(1, args.saev_steps // 4),
-        report_to="none", use_cpu=True, overwrite_output_dir=True)
+        report_to="none", use_cpu=True, overwrite_output_dir=True, disable_tqdm=not progress)
     sae = train_saev(saev_args, model=model, processor=processor, dataset=saev_rows)
     sae.config.cooccurrence_threshold = args.cooccurrence_threshold
-    reader = LayerReader(model, processor, layer=args.layer, prompt_format=PromptFormat(response_column="response"))
-    compute_feature_weights(sae, reader, saev_rows, WeightingArguments(num_examples=None, batch_size=args.batch_size,
-                                                                       seed=args.seed))
+    if weights_from_questions:
+        weight_rows = datasets.Dataset.from_dict({"images": [[image] for image, _ in digits.saev],
+                                                  "prompt": ["what digit is this ?"] * len(digits.saev)})
+        reader = LayerReader(model, processor, layer=args.layer)
+    else:
+        weight_rows = saev_rows
+        reader = LayerReader(model, processor, layer=args.layer, prompt_format=PromptFormat(response_column="response"))
+    compute_feature_weights(sae, reader, weight_rows, WeightingArguments(num_examples=None, batch_size=args.batch_size,
+                                                                         seed=args.seed))
     sae.save_pretrained(output_dir)
     return sae
 

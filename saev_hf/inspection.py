@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .activations import LayerReader, Modality, text_and_image
 from .prompts import RowError, row_images, rows_to_columns
+from .scoring import example_activity
 from .weighting import _batches
 
 MODALITY_NAMES = ("image", "text", "special")
@@ -431,50 +432,26 @@ def _scan(sae: Any, reader: LayerReader, dataset: Any, rows: list[int], args: In
 def _explain(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, row: int, special_as_text: bool,
              token_chunk: int) -> ExampleExplanation:
     """C(x) and its contributions for one example, computed as `SAEVScorer.score_rows` computes the score."""
-    device, delta = sae.W_enc.device, sae.config.cooccurrence_threshold
-    text, image = text_and_image(modality, special_as_text)
-    if not image.any():
-        raise RowError(f"Row {row}: no image token reached the model (the processor inserted none, or they were "
-                       f"cut), so it has no image-text co-occurrence to explain.")
-    if not text.any():
-        raise RowError(f"Row {row}: no text token to score against the image.")
-    counted = image | text
-    hidden, image, text = hidden[counted].to(device), image[counted].to(device), text[counted].to(device)
-    d_sae = sae.config.d_sae
-    fires_text = torch.zeros(d_sae, dtype=torch.bool, device=device)
-    fires_image = torch.zeros_like(fires_text)
-    max_text = torch.zeros(d_sae, device=device)
-    max_image = torch.zeros(d_sae, device=device)
-    active = 0
-    for start in range(0, hidden.shape[0], token_chunk):
-        part = slice(start, start + token_chunk)
-        z = sae.encode(hidden[part])
-        above = z > delta
-        fires_text |= above[text[part]].any(0)
-        fires_image |= above[image[part]].any(0)
-        # activations are >= 0 (ReLU, or TopK of ReLU), so masking with 0 keeps the maxima
-        max_text = torch.maximum(max_text, (z.float() * text[part, None]).amax(0))
-        max_image = torch.maximum(max_image, (z.float() * image[part, None]).amax(0))
-        active += int((z > 0).sum())
-    cooccur = fires_text & fires_image
+    activity = example_activity(sae, hidden, modality, row, special_as_text, token_chunk, maxima=True)
+    fires_text, fires_image, cooccur = activity.fires_text, activity.fires_image, activity.cooccurring
     weights = sae.feature_weights
     contributions = []
     for f in cooccur.nonzero().flatten().tolist():
         w = float(weights[f])
-        contributions.append(FeatureContribution(f, w, 0.0 if math.isnan(w) else w, float(max_text[f]),
-                                                 float(max_image[f])))
+        contributions.append(FeatureContribution(f, w, 0.0 if math.isnan(w) else w, float(activity.max_text[f]),
+                                                 float(activity.max_image[f])))
     contributions.sort(key=lambda c: (math.isnan(c.weight), -abs(c.contribution), c.feature))
     return ExampleExplanation(
         row=row,
         cosine_score=float(weights.nan_to_num(0.0)[cooccur].double().sum()),
         cooccur_l0=int(cooccur.sum()),
-        l0=active / hidden.shape[0],
+        l0=activity.l0,
         contributions=contributions,
-        num_text_positions=int(text.sum()),
-        num_image_positions=int(image.sum()),
+        num_text_positions=activity.num_text,
+        num_image_positions=activity.num_image,
         num_text_only=int((fires_text & ~fires_image).sum()),
         num_image_only=int((fires_image & ~fires_text).sum()),
-        delta=delta,
+        delta=sae.config.cooccurrence_threshold,
     )
 
 

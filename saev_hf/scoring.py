@@ -291,40 +291,90 @@ class SAEVScorer:
         """Scores of a batch of rows as `{column: [value per row]}`; raises `RowError` for a row that cannot be scored."""
         sae, reader = self._sae, self._reader
         acts = reader.read(rows, first_row=first_row)
-        delta = sae.config.cooccurrence_threshold
         weights = sae.feature_weights.nan_to_num(0.0)
         out = {name: [] for name in self._score_columns()}
-        device = sae.W_enc.device
         for i in range(len(acts)):
             hidden, modality = acts.example(i)
-            text, image = text_and_image(modality, self.args.special_as_text)
-            if not image.any():
-                raise RowError(
-                    f"Row {first_row + i}: no image token reached the model (the processor inserted none, or they "
-                    f"were cut), so it has no image-text co-occurrence to score."
-                )
-            if not text.any():
-                raise RowError(f"Row {first_row + i}: no text token to score against the image.")
-            counted = image | text
-            hidden, image, text = hidden[counted].to(device), image[counted].to(device), text[counted].to(device)
-            fires_text = torch.zeros(sae.config.d_sae, dtype=torch.bool, device=device)
-            fires_image = torch.zeros_like(fires_text)
-            active = 0
-            for start in range(0, hidden.shape[0], self.args.token_chunk):
-                part = slice(start, start + self.args.token_chunk)
-                z = sae.encode(hidden[part])
-                above = z > delta
-                fires_text |= above[text[part]].any(0)
-                fires_image |= above[image[part]].any(0)
-                active += int((z > 0).sum())
-            cooccur = fires_text & fires_image
+            activity = example_activity(sae, hidden, modality, first_row + i, self.args.special_as_text,
+                                        self.args.token_chunk)
+            cooccur = activity.cooccurring
             if "cosine" in self.args.scores:
                 out[self.args.cosine_column].append(float(weights[cooccur].double().sum()))
             if "l0" in self.args.scores:
-                out[self.args.l0_column].append(active / hidden.shape[0])
+                out[self.args.l0_column].append(activity.l0)
             if "cooccur_l0" in self.args.scores:
                 out[self.args.cooccur_l0_column].append(int(cooccur.sum()))
         return out
+
+
+@dataclass
+class ExampleActivity:
+    """
+    What one example's SAE-V activations say about its scores (see [`example_activity`]).
+
+    Args:
+        fires_text, fires_image (`torch.BoolTensor` of shape `(d_sae,)`): features above delta at some text / image
+            position; C(x) is their intersection.
+        max_text, max_image (`torch.Tensor` of shape `(d_sae,)`, *optional*): each feature's largest activation on
+            text / image positions (with `maxima=True`).
+        active (`int`): (position, feature) pairs with z > 0 over the scored positions.
+        num_text, num_image (`int`): the scored text and image positions.
+    """
+
+    fires_text: torch.Tensor
+    fires_image: torch.Tensor
+    active: int
+    num_text: int
+    num_image: int
+    max_text: torch.Tensor | None = None
+    max_image: torch.Tensor | None = None
+
+    @property
+    def cooccurring(self) -> torch.Tensor:
+        """C(x): features above delta at some text position and at some image position."""
+        return self.fires_text & self.fires_image
+
+    @property
+    def l0(self) -> float:
+        """Mean number of active features per scored position (Algorithm 2)."""
+        return self.active / (self.num_text + self.num_image)
+
+
+@torch.no_grad()
+def example_activity(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, row: int, special_as_text: bool = True,
+                     token_chunk: int = 4096, maxima: bool = False) -> ExampleActivity:
+    """
+    Encode one example's text and image positions (`token_chunk` at a time) and gather what its scores need: the one
+    computation behind [`SAEVScorer`] and the explanations of [`saev_hf.inspection`].
+
+    Raises:
+        RowError: naming `row`, when the example has no image or no text position.
+    """
+    text, image = text_and_image(modality, special_as_text)
+    if not image.any():
+        raise RowError(f"Row {row}: no image token reached the model (the processor inserted none, or they were cut), "
+                       f"so it has no image-text co-occurrence to score.")
+    if not text.any():
+        raise RowError(f"Row {row}: no text token to score against the image.")
+    device, delta = sae.W_enc.device, sae.config.cooccurrence_threshold
+    counted = image | text
+    hidden, image, text = hidden[counted].to(device), image[counted].to(device), text[counted].to(device)
+    fires_text = torch.zeros(sae.config.d_sae, dtype=torch.bool, device=device)
+    fires_image = torch.zeros_like(fires_text)
+    max_text = torch.zeros(sae.config.d_sae, device=device) if maxima else None
+    max_image = torch.zeros(sae.config.d_sae, device=device) if maxima else None
+    active = 0
+    for start in range(0, hidden.shape[0], token_chunk):
+        part = slice(start, start + token_chunk)
+        z = sae.encode(hidden[part])
+        above = z > delta
+        fires_text |= above[text[part]].any(0)
+        fires_image |= above[image[part]].any(0)
+        active += int((z > 0).sum())
+        if maxima:  # activations are >= 0 (ReLU, or TopK of ReLU), so masking with 0 keeps the maxima
+            max_text = torch.maximum(max_text, (z.float() * text[part, None]).amax(0))
+            max_image = torch.maximum(max_image, (z.float() * image[part, None]).amax(0))
+    return ExampleActivity(fires_text, fires_image, active, int(text.sum()), int(image.sum()), max_text, max_image)
 
 
 def _restore(cls: type, fingerprint: str, identity: dict, sources: tuple, prompt_format: PromptFormat | None,

@@ -15,3 +15,8 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
         exec(compile(block, str(README), "exec"), namespace)
     assert (tmp_path / "saev-tiny" / "model.safetensors").exists()
     assert (tmp_path / "saev-tiny-saelens" / "sae_weights.safetensors").exists()
+    # DPO took the filtered split of the README's own data (plain prompts) and the trained model scored it again
+    assert isinstance(namespace["best_half"][0]["prompt"], str)
+    assert namespace["trainer"].state.global_step == 2
+    assert len(namespace["rescored"]) == len(namespace["best_half"])
+    assert list(namespace["rescored"]["saev_l0"]) != list(namespace["best_half"]["saev_l0"])

@@ -32,6 +32,7 @@ from typing import Any
 from trl import DPOConfig, SFTConfig
 
 from .activations import find_decoder_layers
+from .loading import library_progress_bars
 from .prompts import conversational_example, load_image
 
 # The paper's DPO/SFT hyper-parameters (section 3 of docs/saev-method.md)
@@ -259,10 +260,12 @@ def train_dpo(model, processor, dataset, args: DPOConfig | None = None, *, lora:
     if ref_model is None and peft_config is None:
         # TRL would reload the reference from the model's path, losing in-memory weights: use a frozen copy instead
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args or paper_dpo_config(output_dir),
-                         train_dataset=_preference_rows(dataset, processor), processing_class=processor,
-                         peft_config=peft_config)
-    trainer.train()
+    args = args or paper_dpo_config(output_dir)
+    with library_progress_bars(disable=args.disable_tqdm):  # one switch for the Trainer's bar and the data preparation
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args,
+                             train_dataset=_preference_rows(dataset, processor), processing_class=processor,
+                             peft_config=peft_config)
+        trainer.train()
     return trainer
 
 
@@ -271,9 +274,11 @@ def train_sft(model, processor, dataset, args: SFTConfig | None = None, *, lora:
     """SFT-train `model` on `dataset` (prompt + completion, or a preference dataset's chosen answers) with TRL."""
     from trl import SFTTrainer
 
-    trainer = SFTTrainer(model=model, args=args or paper_sft_config(output_dir), train_dataset=_sft_rows(dataset, processor),
-                         processing_class=processor, peft_config=_peft(model, peft_config, lora))
-    trainer.train()
+    args = args or paper_sft_config(output_dir)
+    with library_progress_bars(disable=args.disable_tqdm):
+        trainer = SFTTrainer(model=model, args=args, train_dataset=_sft_rows(dataset, processor),
+                             processing_class=processor, peft_config=_peft(model, peft_config, lora))
+        trainer.train()
     return trainer
 
 
@@ -297,7 +302,7 @@ class DPOScriptArguments:
 # options carried over from the parsed DPO config when `--method sft`
 _SHARED_FIELDS = ("output_dir", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps",
                   "learning_rate", "warmup_steps", "num_train_epochs", "max_steps", "bf16", "use_cpu",
-                  "logging_steps", "save_strategy", "seed", "report_to")
+                  "logging_steps", "save_strategy", "seed", "report_to", "disable_tqdm")
 
 
 def run_dpo(script: DPOScriptArguments, args: DPOConfig) -> Any:

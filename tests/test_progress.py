@@ -11,6 +11,26 @@ from saev_hf.cli import main
 from saev_hf.tiny_models import digit_images
 
 
+@pytest.fixture(autouse=True)
+def library_bars_on():
+    """Start with the libraries' bars on (some benchmarks run in-process turn datasets' off for good), then restore."""
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    before = (datasets.are_progress_bars_disabled(), transformers_logging.is_progress_bar_enabled(),
+              hub_utils.are_progress_bars_disabled())
+    datasets.enable_progress_bars()
+    transformers_logging.enable_progress_bar()
+    hub_utils.enable_progress_bars()
+    yield
+    if before[0]:
+        datasets.disable_progress_bars()
+    if not before[1]:
+        transformers_logging.disable_progress_bar()
+    if before[2]:
+        hub_utils.disable_progress_bars()
+
+
 @pytest.fixture(scope="module")
 def folders(tiny_model_factory, tmp_path_factory):
     """The tiny LLaVA, the README's data and an SAE-V with feature weights, saved to folders."""

@@ -65,6 +65,8 @@ class ActivationBuffer:
         device (`torch.device` or `str`, *optional*): where the buffer and the batches live (default: CPU).
         iterable_shuffle_buffer_size (`int`, *optional*, defaults to 1000): shuffle-buffer size (in rows) used for a
             streamed `IterableDataset`, which cannot be permuted as a whole.
+        progress (`bool`, *optional*, defaults to `False`): show a tqdm bar of the tokens read while the buffer
+            fills (the first fill of a large buffer takes a while before any batch comes out).
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class ActivationBuffer:
         seed: int = 42,
         device: torch.device | str | None = None,
         iterable_shuffle_buffer_size: int = 1000,
+        progress: bool = False,
     ) -> None:
         if batch_size_tokens <= 0 or read_batch_size <= 0:
             raise ValueError(
@@ -100,6 +103,7 @@ class ActivationBuffer:
         self.seed = seed
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.iterable_shuffle_buffer_size = iterable_shuffle_buffer_size
+        self.progress = progress
         self.generator = torch.Generator().manual_seed(seed)
         self._tokens = torch.empty(0, reader.hidden_size, device=self.device)
         # Position in the data: the pass over the dataset and the number of rows of that pass already read.
@@ -219,11 +223,16 @@ class ActivationBuffer:
         return batch
 
     def _refill(self) -> None:
+        from tqdm.auto import tqdm
+
         parts, count = [self._tokens], len(self._tokens)
-        while count < self.buffer_size_tokens:
-            tokens = self.read_tokens()
-            parts.append(tokens)
-            count += len(tokens)
+        with tqdm(total=self.buffer_size_tokens, initial=count, desc="Filling the activation buffer", unit="token",
+                  leave=False, disable=not self.progress) as bar:
+            while count < self.buffer_size_tokens:
+                tokens = self.read_tokens()
+                parts.append(tokens)
+                count += len(tokens)
+                bar.update(len(tokens))
         pool = torch.cat(parts)
         self._tokens = pool[torch.randperm(len(pool), generator=self.generator).to(pool.device)]
 
@@ -275,18 +284,24 @@ def activation_norm_statistics(buffer: ActivationBuffer, num_tokens: int) -> tup
     """
     Sum of the L2 norms of the first `num_tokens` tokens the buffer's data yields, and how many were read.
 
-    Reads with [`ActivationBuffer.read_tokens`] (so use a fresh buffer, not the training one). Fewer tokens are
-    counted only when a whole pass over the data holds fewer than `num_tokens`.
+    Reads with [`ActivationBuffer.read_tokens`] (so use a fresh buffer, not the training one), with a progress bar
+    when the buffer has `progress=True`. Fewer tokens are counted only when a whole pass over the data holds fewer
+    than `num_tokens`.
     """
+    from tqdm.auto import tqdm
+
     total, count = 0.0, 0
     buffer.warn_on_new_pass = False
-    while count < num_tokens:
-        tokens = buffer.read_tokens()
-        if buffer.data_pass > 0:  # the first pass is over: these tokens would be counted twice
-            break
-        tokens = tokens[: num_tokens - count]
-        total += float(tokens.double().norm(dim=-1).sum())
-        count += len(tokens)
+    with tqdm(total=num_tokens, desc="Estimating the input scale", unit="token", leave=False,
+              disable=not buffer.progress) as bar:
+        while count < num_tokens:
+            tokens = buffer.read_tokens()
+            if buffer.data_pass > 0:  # the first pass is over: these tokens would be counted twice
+                break
+            tokens = tokens[: num_tokens - count]
+            total += float(tokens.double().norm(dim=-1).sum())
+            count += len(tokens)
+            bar.update(len(tokens))
     return total, count
 
 

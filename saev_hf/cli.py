@@ -97,6 +97,7 @@ class MapArguments:
 
     batch_size: int = field(default=8, metadata={"help": "Examples per batch."})
     num_proc: int | None = field(default=None, metadata={"help": "Worker processes (one per GPU with GPUs)."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars (datasets' map and save)."})
 
 
 def load_sources(source: SourceArguments):
@@ -318,7 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         arguments = parser.parse_args_into_dataclasses(argv[1:])
     except ValueError as error:
         parser.error(str(error))
-    run(*arguments)
+    from .loading import library_progress_bars
+
+    # --disable_tqdm (an option of every command with a long step) also hides the bars datasets, transformers and
+    # huggingface_hub draw themselves while the command loads, maps, saves and uploads.
+    with library_progress_bars(disable=any(getattr(a, "disable_tqdm", False) for a in arguments)):
+        run(*arguments)
     return 0
 
 

@@ -18,9 +18,11 @@ trainer = train_dpo(model, processor, kept, paper_dpo_config("dpo-out"), lora=Tr
 Command line (the same dataclasses): ``saev dpo --model_name_or_path M --dataset_name KEPT --output_dir OUT --lora``
 (any `DPOConfig` option, e.g. ``--max_steps 100``; ``--method sft`` trains on the chosen answers with SFT).
 
-The dataset is in TRL's preference layout: ``images``, ``prompt``, ``chosen``, ``rejected`` (plain or
-conversational); other columns (the scores) are dropped before training. TRL is imported by this module only, so
-``import saev_hf`` stays light.
+The dataset is the one the scorer read and `filter_by_score` kept: ``images``, ``prompt``, ``chosen``, ``rejected``
+with the prompt in any layout the scorer takes (plain text beside the images, conversational, or TRL's plain format
+with image tokens already in it). [`trl_dataset`] converts it the way the scorer does (`prompts.build_messages`), so
+that TRL's trainers get the same example the SAE-V scored; other columns (the scores) are dropped before training.
+TRL is imported by this module only, so ``import saev_hf`` stays light.
 """
 
 import copy
@@ -30,6 +32,8 @@ from typing import Any
 from trl import DPOConfig, SFTConfig
 
 from .activations import find_decoder_layers
+from .loading import library_progress_bars
+from .prompts import conversational_example, load_image
 
 # The paper's DPO/SFT hyper-parameters (section 3 of docs/saev-method.md)
 PAPER_HYPERPARAMETERS: dict[str, Any] = {
@@ -45,7 +49,6 @@ PAPER_HYPERPARAMETERS: dict[str, Any] = {
 # Projections of a language-model decoder layer (Llama / Mistral / Qwen naming) that LoRA adapts
 LANGUAGE_MODEL_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                "down_proj")
-PREFERENCE_COLUMNS = ("images", "prompt", "chosen", "rejected")
 
 
 def _accelerator_available() -> bool:
@@ -151,22 +154,79 @@ def lora_config(model, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 
                       target_modules=language_model_target_modules(model), task_type="CAUSAL_LM", **kwargs)
 
 
-def _preference_rows(dataset):
-    """The TRL preference columns of `dataset` (score columns, and any `label` column TRL would read as KTO, go)."""
-    missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
+def _images_need_conversion(feature: Any) -> bool:
+    """Whether an `images` column must be rewritten for TRL, which wants a list of PIL images per row: a list of
+    `datasets.Image` values decodes to that already; a single image, paths or bytes do not."""
+    import datasets
+
+    inner = feature[0] if isinstance(feature, list) and feature else getattr(feature, "feature", None)
+    return not (isinstance(feature, (list, datasets.List)) and isinstance(inner, datasets.Image))
+
+
+def _trl_example(example: dict[str, Any], index: int, responses: tuple[str, ...], image_token: str | None,
+                 convert_images: bool) -> dict[str, Any]:
+    values = example.get("images")
+    values = list(values) if isinstance(values, (list, tuple)) else ([] if values is None else [values])
+    prompt, converted = conversational_example(example["prompt"], {name: example[name] for name in responses},
+                                               len(values), image_token, index)
+    out = {"prompt": prompt, **converted}
+    if convert_images:
+        out["images"] = [load_image(value, index) for value in values]
+    return out
+
+
+def trl_dataset(dataset, processor, responses: tuple[str, ...] = ("chosen", "rejected")):
+    """
+    `dataset` in the layout TRL's trainers read: `images` (a list of images per row), `prompt` and the `responses`
+    columns, converted as the scorer converts a row (see [`~saev_hf.prompts.conversational_example`]), every other
+    column dropped.
+
+    So the dataset the scorer read, and what `filter_by_score` kept of it, trains as it is: a plain-text prompt beside
+    an `images` column (TRL would find no image token in it) becomes a user turn with the image placeholders, and the
+    responses become assistant turns. Conversational prompts, TRL's plain format with image tokens in the prompt,
+    and text-only data are passed through with their placeholders checked.
+
+    Args:
+        dataset (`datasets.Dataset`): rows with `prompt`, the `responses` columns and, for an MLLM, `images`.
+        processor: the model's processor (its `image_token` tells an already formatted prompt) or tokenizer.
+        responses: the response columns (`("chosen", "rejected")` for DPO, `("completion",)` for SFT).
+    """
+    import datasets
+
+    needed = ("prompt", *responses)
+    missing = [name for name in needed if name not in dataset.column_names]
     if missing:
-        raise ValueError(f"DPO needs the columns prompt, chosen, rejected (and images); missing {missing} in "
-                         f"{dataset.column_names}.")
-    return dataset.select_columns([c for c in PREFERENCE_COLUMNS if c in dataset.column_names])
+        raise ValueError(
+            f"Training needs the columns {', '.join(needed)} (and images for an MLLM); missing {missing} in "
+            f"{dataset.column_names}. Rename the dataset's columns to these names (Dataset.rename_column)."
+        )
+    keep = [name for name in ("images", *needed) if name in dataset.column_names]
+    dataset = dataset.select_columns(keep)  # score columns, and any `label` column TRL would read as KTO, go
+    convert_images = "images" in keep and _images_need_conversion(dataset.features["images"])
+    # Only names go into fn_kwargs (not the processor), so that datasets fingerprints the map cheaply and stably.
+    converted = dataset.map(
+        _trl_example, with_indices=True, desc="Preparing rows for TRL",
+        fn_kwargs={"responses": tuple(responses), "image_token": getattr(processor, "image_token", None),
+                   "convert_images": convert_images},
+        remove_columns=["images"] if convert_images else None,
+    )
+    if convert_images:  # the rewritten column is stored as encoded images: make it decode to PIL images again
+        converted = converted.cast_column("images", datasets.List(datasets.Image()))
+    return converted
 
 
-def _sft_rows(dataset):
+def _preference_rows(dataset, processor):
+    """The TRL preference rows of `dataset`, converted as the scorer reads them (score columns dropped)."""
+    return trl_dataset(dataset, processor, ("chosen", "rejected"))
+
+
+def _sft_rows(dataset, processor):
     """Prompt-completion rows for SFT: the `completion` column, or a preference dataset's `chosen` answers."""
     if "completion" not in dataset.column_names:
         if "chosen" not in dataset.column_names:
             raise ValueError(f"SFT needs prompt + completion (or chosen) columns; got {dataset.column_names}.")
         dataset = dataset.rename_column("chosen", "completion")
-    return dataset.select_columns([c for c in ("images", "prompt", "completion") if c in dataset.column_names])
+    return trl_dataset(dataset, processor, ("completion",))
 
 
 def _peft(model, peft_config, lora: bool):
@@ -183,7 +243,8 @@ def train_dpo(model, processor, dataset, args: DPOConfig | None = None, *, lora:
     Args:
         model: the MLLM (the same one the SAE-V read to score the data).
         processor: its processor.
-        dataset: a `datasets.Dataset` with `images`, `prompt`, `chosen`, `rejected` (score columns are dropped).
+        dataset: a `datasets.Dataset` with `images`, `prompt`, `chosen`, `rejected`, the prompt in any layout the
+            scorer reads (converted by [`trl_dataset`]); score columns are dropped.
         args: a `DPOConfig`; default [`paper_dpo_config`]`(output_dir)` (the paper's hyper-parameters).
         lora: adapt only the language model's projections with LoRA ([`lora_config`]) instead of full fine-tuning.
         peft_config: a PEFT config of your own (overrides `lora`).
@@ -199,10 +260,12 @@ def train_dpo(model, processor, dataset, args: DPOConfig | None = None, *, lora:
     if ref_model is None and peft_config is None:
         # TRL would reload the reference from the model's path, losing in-memory weights: use a frozen copy instead
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args or paper_dpo_config(output_dir),
-                         train_dataset=_preference_rows(dataset), processing_class=processor,
-                         peft_config=peft_config)
-    trainer.train()
+    args = args or paper_dpo_config(output_dir)
+    with library_progress_bars(disable=args.disable_tqdm):  # one switch for the Trainer's bar and the data preparation
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args,
+                             train_dataset=_preference_rows(dataset, processor), processing_class=processor,
+                             peft_config=peft_config)
+        trainer.train()
     return trainer
 
 
@@ -211,9 +274,11 @@ def train_sft(model, processor, dataset, args: SFTConfig | None = None, *, lora:
     """SFT-train `model` on `dataset` (prompt + completion, or a preference dataset's chosen answers) with TRL."""
     from trl import SFTTrainer
 
-    trainer = SFTTrainer(model=model, args=args or paper_sft_config(output_dir), train_dataset=_sft_rows(dataset),
-                         processing_class=processor, peft_config=_peft(model, peft_config, lora))
-    trainer.train()
+    args = args or paper_sft_config(output_dir)
+    with library_progress_bars(disable=args.disable_tqdm):
+        trainer = SFTTrainer(model=model, args=args, train_dataset=_sft_rows(dataset, processor),
+                             processing_class=processor, peft_config=_peft(model, peft_config, lora))
+        trainer.train()
     return trainer
 
 
@@ -237,7 +302,7 @@ class DPOScriptArguments:
 # options carried over from the parsed DPO config when `--method sft`
 _SHARED_FIELDS = ("output_dir", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps",
                   "learning_rate", "warmup_steps", "num_train_epochs", "max_steps", "bf16", "use_cpu",
-                  "logging_steps", "save_strategy", "seed", "report_to")
+                  "logging_steps", "save_strategy", "seed", "report_to", "disable_tqdm")
 
 
 def run_dpo(script: DPOScriptArguments, args: DPOConfig) -> Any:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from .activations import LayerReader, Modality, image_token_id_of
 from .model import SAEV
@@ -75,7 +76,10 @@ class SAEVEvaluationArguments(PromptFormat):
     compute_ce_loss: bool = field(
         default=True, metadata=_help("Run the three full forwards needed for CE-loss-recovered (else L0/MSE only).")
     )
-    output_file: str | None = field(default=None, metadata=_help("Write the metrics to this JSON file too."))
+    output_file: str | None = field(
+        default=None, metadata=_help("Write the metrics to this JSON file too (what `saev push --metrics_json` reads).")
+    )
+    disable_tqdm: bool = field(default=False, metadata=_help("Hide the progress bar."))
     use_cpu: bool = field(default=False, metadata=_help("Evaluate on the CPU even when an accelerator is available."))
 
     def __post_init__(self) -> None:
@@ -185,6 +189,7 @@ def evaluate_saev(
     dense_threshold: float = 0.1,
     compute_ce_loss: bool = True,
     reader: LayerReader | None = None,
+    disable_tqdm: bool = False,
 ) -> dict[str, Any]:
     """
     Evaluate `sae` on `model`'s decoder layer `layer` over `dataset` (see the module docstring for the metrics).
@@ -201,6 +206,7 @@ def evaluate_saev(
         dense_threshold (`float`): firing frequency above which a feature is dense.
         compute_ce_loss (`bool`): whether to compute the CE metrics (three full forwards per batch).
         reader ([`LayerReader`], *optional*): a ready reader (e.g. with `layers=` for an unusual model).
+        disable_tqdm (`bool`): hide the progress bar (one step per batch).
 
     Returns:
         `dict` with `model`, `layer`, `num_examples`, `d_sae`, `dead_features`, `dense_features`,
@@ -277,15 +283,22 @@ def evaluate_saev(
         for split, mask in ce_masks.items():
             totals[split].ce_tokens += int(mask.sum())
 
-    for row in _rows(dataset, num_examples):
-        batch.append(row)
-        if len(batch) == batch_size:
+    num_rows = len(dataset) if hasattr(dataset, "__len__") else None  # an IterableDataset has no length
+    if num_examples is not None:
+        num_rows = num_examples if num_rows is None else min(num_rows, num_examples)
+    with tqdm(total=None if num_rows is None else math.ceil(num_rows / batch_size), desc="Evaluating SAE-V",
+              unit="batch", disable=disable_tqdm) as progress:
+        for row in _rows(dataset, num_examples):
+            batch.append(row)
+            if len(batch) == batch_size:
+                run(batch, examples)
+                examples += len(batch)
+                batch = []
+                progress.update(1)
+        if batch:
             run(batch, examples)
             examples += len(batch)
-            batch = []
-    if batch:
-        run(batch, examples)
-        examples += len(batch)
+            progress.update(1)
     if examples == 0 or totals["all"].tokens == 0:
         raise ValueError("The evaluation data gave no token: check that the dataset split has rows and the columns "
                          "named in the prompt format hold data.")
@@ -325,8 +338,35 @@ METRIC_LABELS = (
 )
 
 
+# What a model card's table needs from an evaluation: the summary keys, and per split the token-level metrics
+SUMMARY_KEYS = ("model", "layer", "num_examples", "d_sae", "dead_features", "dense_features", "dense_threshold")
+SPLIT_KEYS = ("tokens", "l0", "mse", "explained_variance")
+
+
+def check_metrics(metrics: Any) -> None:
+    """
+    Raise a `ValueError` naming every missing key when `metrics` is not an [`evaluate_saev`] result (the JSON that
+    `saev eval --output_file` writes), the form [`format_metrics_table`] and the model card read.
+    """
+    if not isinstance(metrics, dict):
+        raise ValueError(f"The metrics must be a JSON object as written by `saev eval --output_file`, got "
+                         f"{type(metrics).__name__}.")
+    missing = [key for key in SUMMARY_KEYS if key not in metrics]
+    for split in SPLITS:
+        if not isinstance(metrics.get(split), dict):
+            missing.append(split)
+        else:
+            missing += [f"{split}.{key}" for key in SPLIT_KEYS if key not in metrics[split]]
+    if missing:
+        raise ValueError(
+            f"The metrics lack {', '.join(missing)}: they are not an evaluation of an SAE-V. Write them with `saev "
+            f"eval ... --output_file metrics.json` (or json.dump(evaluate_saev(...)))."
+        )
+
+
 def format_metrics_table(metrics: dict[str, Any]) -> str:
     """The metrics of [`evaluate_saev`] as a Markdown table (rows: metrics; columns: all, text, image tokens)."""
+    check_metrics(metrics)
 
     def cell(value: Any) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -345,7 +385,35 @@ def format_metrics_table(metrics: dict[str, Any]) -> str:
         f"{metrics['dead_features']} dead, {metrics['dense_features']} dense (> {metrics['dense_threshold']:g} of "
         f"tokens) of {metrics['d_sae']}. CE is split by the predicted token; text CE is the main figure."
     )
+    lines += _reading_notes(metrics, cell)
     return "\n".join(lines)
+
+
+def _reading_notes(metrics: dict[str, Any], cell: Any) -> list[str]:
+    """One line for each figure outside its usual range, saying what it means (footnotes of the table)."""
+
+    def splits_where(key: str, outside: Any) -> str:
+        values = [(split, metrics[split].get(key)) for split in SPLITS]
+        hits = [f"{split} {cell(value)}" for split, value in values
+                if isinstance(value, (int, float)) and math.isfinite(value) and outside(value)]
+        return ", ".join(hits)
+
+    notes = []
+    above = splits_where("ce_loss_recovered", lambda v: v > 1)
+    if above:
+        notes.append(f"CE loss recovered above 1 ({above}): with the SAE's reconstruction the model predicts these "
+                     f"tokens better than with its own layer output (CE with SAE < CE clean), so there was no loss "
+                     f"to recover; the ratio grows large when CE clean and CE zero-ablated are close, e.g. for an "
+                     f"untrained model.")
+    below = splits_where("ce_loss_recovered", lambda v: v < 0)
+    if below:
+        notes.append(f"CE loss recovered below 0 ({below}): the SAE's reconstruction is worse than zero-ablating the "
+                     f"layer (CE with SAE > CE zero-ablated).")
+    negative = splits_where("explained_variance", lambda v: v < 0)
+    if negative:
+        notes.append(f"Explained variance below 0 ({negative}): the reconstruction is further from the hidden states "
+                     f"than their mean is.")
+    return notes
 
 
 def run_evaluation(args: SAEVEvaluationArguments) -> dict[str, Any]:
@@ -369,6 +437,7 @@ def run_evaluation(args: SAEVEvaluationArguments) -> dict[str, Any]:
         num_examples=args.num_examples,
         dense_threshold=args.dense_threshold,
         compute_ce_loss=args.compute_ce_loss,
+        disable_tqdm=args.disable_tqdm,
     )
     metrics["model"] = args.model_name_or_path
     print(format_metrics_table(metrics))

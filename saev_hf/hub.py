@@ -138,6 +138,10 @@ def saev_model_card(
         `huggingface_hub.ModelCard`: call `.validate()`, `.save(path)` or `.push_to_hub(repo_id)`, or use
         [`push_saev`] to upload it with the weights.
     """
+    from .evaluation import check_metrics
+
+    if metrics is not None:
+        check_metrics(metrics)  # names what is missing before anything else reads it
     config = sae.config
     base_model = _hub_id(config.base_model_name_or_path)
     if repo_id:
@@ -605,6 +609,23 @@ class PushArguments:
             raise ValueError("--dataset needs --source_dataset: the Hub dataset that was scored and filtered.")
 
 
+def read_metrics_json(path: str) -> dict[str, Any]:
+    """The evaluation metrics in `path` (written by `saev eval --output_file`), checked for what the card needs."""
+    import json
+
+    from .evaluation import check_metrics
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--metrics_json {path}: no such file. Write it with `saev eval ... --output_file "
+                                f"{path}`.")
+    try:
+        metrics = json.loads(Path(path).read_text())
+        check_metrics(metrics)
+    except ValueError as error:  # json.JSONDecodeError is a ValueError too
+        raise ValueError(f"--metrics_json {path}: {error}") from error
+    return metrics
+
+
 def run_push(args: PushArguments):
     """Load what `args` name and push it with its card; prints and returns the commit URL."""
     import json
@@ -613,7 +634,7 @@ def run_push(args: PushArguments):
         from .model import SAEV
 
         sae = SAEV.from_pretrained(args.sae)
-        metrics = json.loads(Path(args.metrics_json).read_text()) if args.metrics_json else None
+        metrics = read_metrics_json(args.metrics_json) if args.metrics_json else None
         commit = push_saev(sae, args.repo_id, metrics=metrics, license=args.license, eval_dataset=args.eval_dataset,
                            tags=args.tags, private=args.private, revision=args.revision,
                            commit_message=args.commit_message)

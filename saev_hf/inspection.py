@@ -82,6 +82,7 @@ class InspectionArguments:
     )
     batch_size: int = field(default=8, metadata={"help": "Examples per MLLM forward."})
     token_chunk: int = field(default=4096, metadata={"help": "Tokens encoded at once by the SAE (bounds memory)."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars of the passes over the rows."})
 
     def __post_init__(self) -> None:
         for name in ("top_n", "batch_size", "token_chunk"):
@@ -379,7 +380,7 @@ def _scan(sae: Any, reader: LayerReader, dataset: Any, rows: list[int], args: In
     cooccurring = torch.zeros(d_sae, dtype=torch.long, device=device)
     scores: dict[str, list[float]] = {"cosine": [], "l0": [], "cooccur_l0": []}
     for chunk, batch in tqdm(_batches(dataset, args.batch_size, rows), desc="Inspection: scanning rows",
-                             total=math.ceil(len(rows) / args.batch_size), unit="batch"):
+                             total=math.ceil(len(rows) / args.batch_size), unit="batch", disable=args.disable_tqdm):
         acts = reader.read(batch, first_row=chunk[0])
         real = acts.token_mask
         n = len(acts)
@@ -458,8 +459,9 @@ def _explain(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, row: int, s
 class _RowReader:
     """Re-reads chosen rows (passes 2 and 3), building each row's [`RowView`] once."""
 
-    def __init__(self, reader: LayerReader, dataset: Any, batch_size: int) -> None:
+    def __init__(self, reader: LayerReader, dataset: Any, batch_size: int, disable_tqdm: bool = False) -> None:
         self.reader, self.dataset, self.batch_size = reader, dataset, batch_size
+        self.disable_tqdm = disable_tqdm
         self.views: dict[int, RowView] = {}
         self._locator: Any = None
         self._locator_note: str | None = None
@@ -475,7 +477,8 @@ class _RowReader:
         tokenizer = getattr(self.reader.processor, "tokenizer", self.reader.processor)
         column = self.reader.prompt_format.image_column
         for chunk, batch in tqdm(_batches(self.dataset, self.batch_size, rows), desc=desc,
-                                 total=math.ceil(len(rows) / self.batch_size), unit="batch"):
+                                 total=math.ceil(len(rows) / self.batch_size), unit="batch",
+                                 disable=self.disable_tqdm):
             inputs = self.reader.prepare(batch, first_row=chunk[0])
             acts = self.reader.read_inputs(inputs)
             images = rows_to_columns(batch)[column]
@@ -585,7 +588,7 @@ def inspect_saev(sae: Any, reader: LayerReader, dataset: Any, args: InspectionAr
     if not has_weights:
         scores["cosine"] = torch.full_like(scores["cosine"], math.nan)
 
-    row_reader = _RowReader(reader, dataset, args.batch_size)
+    row_reader = _RowReader(reader, dataset, args.batch_size, args.disable_tqdm)
     explained_rows = list(args.examples) if args.examples is not None else []
     if args.examples is None and args.num_explained:
         order = sorted(range(n), key=lambda i: (float(scores["cosine"][i]), i))

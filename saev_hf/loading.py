@@ -5,6 +5,7 @@ Shared by training, evaluation, weighting and scoring, from Python and from the 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -59,3 +60,34 @@ def load_dataset_split(name_or_path: str, config: str | None = None, split: str 
             data = data[split]
         return data.to_iterable_dataset() if streaming else data
     return datasets.load_dataset(name_or_path, config, split=split, streaming=streaming)
+
+
+@contextlib.contextmanager
+def library_progress_bars(disable: bool):
+    """
+    Within the block, the progress bars that `datasets` (map, save_to_disk), `transformers` (loading and saving
+    weights) and `huggingface_hub` (uploads, downloads) draw themselves are hidden when `disable`; each library's
+    previous setting comes back afterwards. With saev-hf's own bars (`disable_tqdm` of each step), this is what
+    `--disable_tqdm` silences.
+    """
+    if not disable:
+        yield
+        return
+    import datasets
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    switches = [  # (was it enabled, disable, enable)
+        (not datasets.are_progress_bars_disabled(), datasets.disable_progress_bars, datasets.enable_progress_bars),
+        (transformers_logging.is_progress_bar_enabled(), transformers_logging.disable_progress_bar,
+         transformers_logging.enable_progress_bar),
+        (not hub_utils.are_progress_bars_disabled(), hub_utils.disable_progress_bars, hub_utils.enable_progress_bars),
+    ]
+    for _, off, _ in switches:
+        off()
+    try:
+        yield
+    finally:
+        for was_enabled, _, on in switches:
+            if was_enabled:
+                on()

@@ -147,6 +147,43 @@ def build_messages(prompt: Any, response: Any, num_images: int, row: int) -> lis
     return messages
 
 
+def is_formatted_prompt(prompt: Any, image_token: str | None) -> bool:
+    """Whether `prompt` is already formatted text (TRL's plain format) that carries its own image tokens: such a
+    prompt is used as it is, never wrapped in a chat template again."""
+    return isinstance(prompt, str) and bool(image_token) and image_token in prompt
+
+
+def conversational_example(
+    prompt: Any, responses: Mapping[str, Any], num_images: int, image_token: str | None, row: int
+) -> tuple[Any, dict[str, Any]]:
+    """
+    One example in the layout TRL's trainers read, converted as the scorer converts it ([`build_messages`]).
+
+    A plain-text prompt with images becomes a user turn with `num_images` image placeholders before the text, a
+    conversational prompt gets its placeholders where it lacks them, and every response (`chosen`, `rejected`,
+    `completion`, ...) becomes the assistant turn(s) after it. A prompt already formatted with image tokens (TRL's
+    plain format) and a plain-text prompt without images are returned unchanged: TRL reads them as they are.
+
+    Returns:
+        `(prompt, responses)`: both conversational, or both as given.
+    """
+    if is_formatted_prompt(prompt, image_token) or (isinstance(prompt, str) and num_images == 0):
+        for name, response in responses.items():
+            if not isinstance(response, str):
+                raise RowError(
+                    f"Row {row}: the prompt is plain text but {name!r} is {type(response).__name__}; give plain-text "
+                    f"responses with a plain prompt, or make the prompt conversational too."
+                )
+        return prompt, dict(responses)
+    messages = build_messages(prompt, None, num_images, row)
+    converted = {}
+    for name, response in responses.items():
+        if response is None:
+            raise RowError(f"Row {row} has no response in column {name!r}.")
+        converted[name] = build_messages(prompt, response, num_images, row)[len(messages):]
+    return messages, converted
+
+
 def format_text(processor: Any, messages: list[dict[str, Any]], image_token: str | None, has_response: bool) -> str:
     """The prompt string: the processor's chat template, or plain text with image tokens when it has none."""
     template_owner = processor if getattr(processor, "chat_template", None) else getattr(processor, "tokenizer", None)
@@ -198,8 +235,7 @@ def prepare_inputs(
         row_imgs = row_images(image_values[i], row, prompt_format.image_column) if image_values is not None else []
         if prompt_format.response_column and response is None:
             raise RowError(f"Row {row} has no response in column {prompt_format.response_column!r}.")
-        if isinstance(prompt, str) and image_token and image_token in prompt:
-            # An already-formatted prompt (plain TRL format) carries its own image tokens: use it as it is.
+        if is_formatted_prompt(prompt, image_token):
             text = prompt + (response if isinstance(response, str) else "")
         else:
             messages = build_messages(prompt, response, len(row_imgs), row)

@@ -219,7 +219,9 @@ class SAEVTrainingArguments(PromptFormat):
     )
     run_name: str | None = field(default=None, metadata=_help("Run name for the trackers (default: 'saev')."))
     logging_steps: int = field(default=50, metadata=_help("Log metrics every this many steps."))
-    disable_tqdm: bool = field(default=False, metadata=_help("Hide the progress bar."))
+    disable_tqdm: bool = field(
+        default=False, metadata=_help("Hide the progress bars (input-scale estimate, buffer fills, training steps).")
+    )
     use_cpu: bool = field(default=False, metadata=_help("Train on the CPU even when an accelerator is available."))
 
     def __post_init__(self) -> None:
@@ -561,6 +563,7 @@ class SAEVTrainer:
             shuffle_dataset=self.args.shuffle_dataset,
             seed=self.args.seed + index,
             device=self.accelerator.device,
+            progress=not self.args.disable_tqdm and self.accelerator.is_local_main_process,
         )
 
     @torch.no_grad()

@@ -61,6 +61,7 @@ class WeightingArguments:
         default=4096, metadata={"help": "Tokens encoded at once by the SAE (bounds the d_sae-wide activations)."}
     )
     seed: int = field(default=42, metadata={"help": "Seed of the example sample."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars of the two passes."})
 
     def __post_init__(self) -> None:
         for name in ("top_k", "per_modality", "batch_size", "token_chunk"):
@@ -242,7 +243,7 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
 
     stream_index = {example: i for i, example in enumerate(sample)}
     for chunk, rows in tqdm(_batches(dataset, args.batch_size, sample), desc="Feature weights: top-K pass",
-                            total=math.ceil(len(sample) / args.batch_size), unit="batch"):
+                            total=math.ceil(len(sample) / args.batch_size), unit="batch", disable=args.disable_tqdm):
         acts = reader.read(rows, first_row=chunk[0])
         counted = _counted(acts, args.special_as_text)
         hidden = acts.hidden_states[counted].to(device)
@@ -261,7 +262,7 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
     cosines = CosineAccumulator(weighted, chosen, args.per_modality, sae.config.d_in, center)
     needed = [sample[i] for i in cosines.needed_examples()]
     for chunk, rows in tqdm(_batches(dataset, args.batch_size, needed), desc="Feature weights: cosine pass",
-                            total=math.ceil(len(needed) / args.batch_size), unit="batch"):
+                            total=math.ceil(len(needed) / args.batch_size), unit="batch", disable=args.disable_tqdm):
         acts = reader.read(rows, first_row=chunk[0])
         counted = _counted(acts, args.special_as_text)
         positions = _stream_positions([stream_index[i] for i in chunk], counted).to(device)
@@ -271,7 +272,7 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
     firing = (top.values > 0).any(0)
     single_modal = firing & ((text_count == 0) | (image_count == 0))
     info = {
-        **asdict(args),
+        **{name: value for name, value in asdict(args).items() if name != "disable_tqdm"},  # provenance only
         "num_examples": len(sample),
         "num_tokens": num_tokens,
         "num_weighted_features": int(weighted.sum()),

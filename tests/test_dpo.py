@@ -139,3 +139,147 @@ def test_saev_dpo_command_trains_and_saves(tmp_path):
                  "--gradient_accumulation_steps", "1", "--max_length", "128", "--save_strategy", "no",
                  "--lora"]) == 0
     assert (out / "adapter_config.json").exists()
+
+
+# --- every prompt layout the scorer reads trains as it is (issue 17) -------------------------------------------------
+
+
+def readme_rows(n, seed=0):
+    """The README's example data: plain-text prompts beside an `images` column, plain-text answers."""
+    import datasets
+
+    return datasets.Dataset.from_dict({
+        "images": [[image] for image, label in digit_images(n, seed=seed)],
+        "prompt": ["What digit is this?"] * n,
+        "chosen": ["A handwritten digit."] * n,
+        "rejected": ["A photo of a cat."] * n,
+    })
+
+
+def scorer_text(processor, row):
+    """The prompt text the scorer (prompts.prepare_inputs) gives the model for a row."""
+    from saev_hf.prompts import build_messages, format_text, row_images
+
+    if isinstance(row["prompt"], str) and processor.image_token in row["prompt"]:
+        return row["prompt"]
+    images = row_images(row["images"], 0, "images")
+    return format_text(processor, build_messages(row["prompt"], None, len(images), 0), processor.image_token, False)
+
+
+def trl_text(processor, example):
+    """The prompt text TRL's vision collators build from a converted example (their own two calls)."""
+    from trl.data_utils import apply_chat_template, is_conversational, prepare_multimodal_messages
+
+    example = dict(example)
+    if not is_conversational(example):
+        return example["prompt"]
+    example["prompt"] = prepare_multimodal_messages(example["prompt"], images=example["images"])
+    example["chosen"] = prepare_multimodal_messages(example["chosen"])
+    example["rejected"] = prepare_multimodal_messages(example["rejected"])
+    return apply_chat_template(example, processor)["prompt"]
+
+
+def test_trl_dataset_gives_trl_the_prompt_the_scorer_read_in_every_layout():
+    import datasets
+
+    from saev_hf.dpo import trl_dataset
+
+    _, processor = build_tiny_model("llava", seed=0)
+    image, _ = digit_images(1)[0]
+    formatted = f"USER: {processor.image_token}\nwhat digit is this ? ASSISTANT:"
+    layouts = {
+        "plain text beside images": {"prompt": "what digit is this ?", "chosen": "a digit .", "rejected": "a cat ."},
+        "conversational, string content": {"prompt": [{"role": "user", "content": "what digit is this ?"}],
+                                           "chosen": "a digit .", "rejected": "a cat ."},
+        "conversational, image placed": {
+            "prompt": turn("user", [{"type": "text", "text": "what"}, {"type": "image"},
+                                    {"type": "text", "text": "digit is this ?"}]),
+            "chosen": turn("assistant", "a digit ."), "rejected": turn("assistant", "a cat .")},
+        "TRL's plain format with image tokens": {"prompt": formatted, "chosen": " a digit .", "rejected": " a cat ."},
+    }
+    for name, row in layouts.items():
+        row = {"images": [image], **row, "saev_cosine_score": 1.0}
+        converted = trl_dataset(datasets.Dataset.from_list([row]), processor)
+        assert converted.column_names == ["images", "prompt", "chosen", "rejected"], name
+        example = converted[0]
+        assert trl_text(processor, example) == scorer_text(processor, row), name
+        assert trl_text(processor, example).count(processor.image_token) == 1, name
+        if isinstance(row["prompt"], str) and processor.image_token in row["prompt"]:
+            assert example["prompt"] == formatted and example["chosen"] == " a digit ."
+        else:  # both responses became assistant turns, as TRL needs when the prompt is conversational
+            for response in ("chosen", "rejected"):
+                assert [m["role"] for m in example[response]] == ["assistant"], name
+
+
+def test_trl_dataset_makes_a_single_image_or_path_a_list_of_images(tmp_path):
+    import datasets
+    from PIL import Image
+
+    from saev_hf.dpo import trl_dataset
+
+    _, processor = build_tiny_model("llava", seed=0)
+    image, _ = digit_images(1)[0]
+    image.save(tmp_path / "digit.png")
+    for value in (image, str(tmp_path / "digit.png")):
+        ds = datasets.Dataset.from_list([{"images": value, "prompt": "what ?", "chosen": "a", "rejected": "b"}])
+        (converted,) = trl_dataset(ds, processor)
+        assert len(converted["images"]) == 1 and isinstance(converted["images"][0], Image.Image)
+        assert converted["images"][0].size == image.size
+
+
+def test_trl_dataset_refuses_rows_it_cannot_convert_naming_row_and_fix():
+    import datasets
+
+    from saev_hf.dpo import trl_dataset
+    from saev_hf.prompts import RowError
+
+    _, processor = build_tiny_model("llava", seed=0)
+    image, _ = digit_images(1)[0]
+    good = {"images": [image], "prompt": "what ?", "chosen": "a", "rejected": "b"}
+    one, two = ([{"type": "image"}] * n + [{"type": "text", "text": "what ?"}] for n in (1, 2))
+    rows = [{**good, "prompt": turn("user", one)}, {**good, "prompt": turn("user", two)}]
+    with pytest.raises(RowError, match=r"Row 1: the prompt has 2 image placeholders but the row has 1 images"):
+        trl_dataset(datasets.Dataset.from_list(rows), processor)
+    mixed = {**good, "prompt": "USER: <image> what ?", "chosen": turn("assistant", "a")}
+    with pytest.raises(RowError, match=r"Row 0: the prompt is plain text but 'chosen' is list"):
+        trl_dataset(datasets.Dataset.from_list([mixed]), processor)
+    with pytest.raises(ValueError, match=r"missing \['rejected'\].*rename_column"):
+        trl_dataset(datasets.Dataset.from_list([{"images": [image], "prompt": "x", "chosen": "a"}]), processor)
+
+
+def test_readme_chain_score_filter_dpo_then_score_again(tmp_path):
+    """The README's data, unchanged, through ds.map(scorer) -> filter_by_score -> train_dpo -> the scorer again."""
+    from saev_hf import SAEV, SAEVConfig, SAEVScorer, LayerReader, compute_feature_weights, filter_by_score
+    from saev_hf.dpo import train_dpo
+
+    model, processor = build_tiny_model("llava", seed=0)
+    ds = readme_rows(16)
+    torch.manual_seed(0)
+    sae = SAEV(SAEVConfig(d_in=64, expansion_factor=4, hook_layer=1, cooccurrence_threshold=0.05))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+    compute_feature_weights(sae, LayerReader(model, processor, layer=1), ds)
+    scored = ds.map(SAEVScorer(sae, model, processor), batched=True, batch_size=8)
+    assert any(score != 0 for score in scored["saev_cosine_score"])
+    kept = filter_by_score(scored, column="saev_cosine_score", fraction=0.5)
+    assert len(kept) == 8 and isinstance(kept[0]["prompt"], str)  # plain prompts, straight from the scorer's input
+
+    trainer = train_dpo(model, processor, kept, small_config(tmp_path, max_steps=3))
+    assert trainer.state.global_step == 3
+
+    rescored = kept.map(SAEVScorer(sae, model, processor), batched=True, batch_size=8)
+    before, after = torch.tensor(kept["saev_l0"]), torch.tensor(rescored["saev_l0"])
+    assert torch.isfinite(after).all() and not torch.equal(before, after)  # the trained model reads differently
+
+
+def test_sft_trains_on_the_readme_plain_prompts(tmp_path):
+    from saev_hf.dpo import paper_sft_config, train_sft
+
+    model, processor = build_tiny_model("llava", seed=0)
+    before = model.model.language_model.layers[0].self_attn.q_proj.weight.detach().clone()
+    config = paper_sft_config(str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=4,
+                              gradient_accumulation_steps=1, learning_rate=1e-3, warmup_steps=0, max_length=128,
+                              save_strategy="no", disable_tqdm=True, report_to="none")
+    trainer = train_sft(model, processor, readme_rows(8), config)
+    assert trainer.state.global_step == 2
+    assert not torch.equal(model.model.language_model.layers[0].self_attn.q_proj.weight, before)

@@ -195,3 +195,40 @@ def test_saev_eval_command_prints_the_table_and_writes_json(tiny_model_factory, 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["num_examples"] == 4 and metrics["model"] == str(llava.path)
     assert metrics["image"]["tokens"] == 4 * 16
+
+
+def metrics_with(**per_split):
+    """An evaluate_saev-shaped result whose splits take the given values (e.g. ce_loss_recovered=(4.441, 0.5, -2))."""
+    metrics = {"model": "m", "layer": 1, "num_examples": 2, "d_sae": 8, "dead_features": 0, "dense_features": 0,
+               "dense_threshold": 0.1}
+    for i, split in enumerate(("all", "text", "image")):
+        metrics[split] = {"tokens": 10, "l0": 3.0, "mse": 0.5, "explained_variance": 0.9, "ce_tokens": 9,
+                          "ce_clean": 2.0, "ce_sae": 2.1, "ce_zero": 3.0, "ce_loss_recovered": 0.9}
+        metrics[split].update({key: values[i] for key, values in per_split.items()})
+    return metrics
+
+
+def test_the_table_explains_ce_loss_recovered_outside_zero_to_one():
+    from saev_hf.evaluation import format_metrics_table
+
+    table = format_metrics_table(metrics_with(ce_loss_recovered=(4.441, 0.5, -2.0)))
+    assert "CE loss recovered above 1 (all 4.441): with the SAE's reconstruction the model predicts" in table
+    assert "CE with SAE < CE clean" in table
+    assert "CE loss recovered below 0 (image -2): the SAE's reconstruction is worse than zero-ablating" in table
+    assert "Explained variance below 0" not in table
+    plain = format_metrics_table(metrics_with(ce_loss_recovered=(1.0, 0.0, None)))
+    assert "above 1" not in plain and "below 0" not in plain
+    negative = format_metrics_table(metrics_with(explained_variance=(0.5, -0.25, 0.5)))
+    assert "Explained variance below 0 (text -0.25): the reconstruction is further from the hidden states" in negative
+
+
+def test_the_table_refuses_metrics_that_are_not_an_evaluation_naming_the_missing_keys():
+    from saev_hf.evaluation import check_metrics, format_metrics_table
+
+    with pytest.raises(ValueError, match=r"lack model, layer, .*dense_threshold, all, text, image: .*--output_file"):
+        format_metrics_table({})
+    broken = metrics_with()
+    del broken["text"]["l0"], broken["d_sae"]
+    with pytest.raises(ValueError, match=r"The metrics lack d_sae, text\.l0:"):
+        check_metrics(broken)
+    check_metrics(metrics_with())  # a complete one passes

@@ -264,3 +264,25 @@ def test_text_histogram_counts_every_finite_score_and_the_kept_ones():
     kept = [int(line.split()[-1]) for line in lines[1:]]
     assert sum(rows) == 5 and sum(kept) == 2 and kept[-1] == 2
     assert lines[-1].startswith("[0.75, 1]")
+
+
+def test_saev_push_refuses_a_metrics_file_that_lacks_what_the_card_needs(loopback_hub, pipeline, tmp_path):
+    pipeline["sae"].save_pretrained(tmp_path / "sae")
+    push = ["push", "--sae", str(tmp_path / "sae"), "--repo_id", "org/bad-metrics", "--metrics_json"]
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"empty\.json: The metrics lack model, layer, .*, all, text, image: .*"
+                                         r"saev eval \.\.\. --output_file metrics\.json"):
+        main([*push, str(tmp_path / "empty.json")])
+    partial = json.loads(json.dumps(pipeline["metrics"]))
+    del partial["all"]["mse"], partial["num_examples"]
+    (tmp_path / "partial.json").write_text(json.dumps(partial))
+    with pytest.raises(ValueError, match=r"The metrics lack num_examples, all\.mse:"):
+        main([*push, str(tmp_path / "partial.json")])
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"broken\.json: Expecting property name"):
+        main([*push, str(tmp_path / "broken.json")])
+    with pytest.raises(FileNotFoundError, match=r"missing\.json: no such file\. Write it with `saev eval"):
+        main([*push, str(tmp_path / "missing.json")])
+    assert not loopback_hub.api.repo_exists("org/bad-metrics")  # refused before anything was created or uploaded
+    with pytest.raises(ValueError, match=r"The metrics lack model"):
+        saev_model_card(pipeline["sae"], {"all": {}})  # the Python API checks them too

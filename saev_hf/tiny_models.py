@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -264,7 +264,7 @@ def _check_arch(arch: str) -> None:
         raise ValueError(f"Unknown tiny architecture {arch!r}; valid names are: {', '.join(TINY_ARCHITECTURES)}.")
 
 
-def build_tiny_tokenizer(arch: str = "text") -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(arch: str = "text", words: Sequence[str] | None = None) -> PreTrainedTokenizerFast:
     """Build the tiny word-level tokenizer of architecture ``arch`` (see [`TINY_ARCHITECTURES`]), offline.
 
     The vocabulary is, in this order: ``<pad>`` (0), ``<s>`` (1), ``<|end|>`` (2, the EOS and end-of-turn token),
@@ -278,6 +278,9 @@ def build_tiny_tokenizer(arch: str = "text") -> PreTrainedTokenizerFast:
 
     Processors can add more tokens when they are constructed (PaliGemma adds 1152 ``<loc>``/``<seg>`` tokens), so
     size a model on ``len(tokenizer)`` after building its processor, as [`build_tiny_model`] does.
+
+    ``words`` replaces the built-in corpus with another vocabulary (lower-case words; punctuation and newline are
+    always in), for a task of its own such as the demo's scenes.
     """
     _check_arch(arch)
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
@@ -286,7 +289,7 @@ def build_tiny_tokenizer(arch: str = "text") -> PreTrainedTokenizerFast:
     named = _NAMED_TOKENS[arch]
     extra = _EXTRA_SPECIAL_TOKENS.get(arch, ())
     arch_special = [*named.values(), *extra]
-    regular = _corpus_words()
+    regular = _corpus_words() if words is None else sorted(set(words) | set(_PUNCTUATION) | {"\n"})
     if arch == "chameleon":
         regular += [_chameleon_image_token_name(code) for code in range(_CHAMELEON_CODEBOOK)]
 

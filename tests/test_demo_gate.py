@@ -1,0 +1,79 @@
+"""The gate's measurements (saev_hf/demo/gate.py) on hand-made activations whose answers are known."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from saev_hf import SAEV, SAEVConfig
+from saev_hf.activations import LayerActivations, Modality
+from saev_hf.demo.gate import GateThresholds, _auroc, concept_features, consistency_pairs
+from saev_hf.demo.scenes import CONCEPTS, VOCABULARY, DigitScans, Scene, SceneObject
+from saev_hf.tiny_models import build_tiny_tokenizer
+
+
+def test_auroc_by_pair_counting_equals_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 5, size=200).astype(float)  # many ties
+    labels = rng.random(200) < 0.4
+    assert _auroc(labels, values) == pytest.approx(roc_auc_score(labels, values), abs=1e-12)
+
+
+def test_consistency_pairs_put_the_same_question_under_an_image_with_and_without_its_object():
+    scans = DigitScans(seed=0)
+    rows = consistency_pairs(scans, 50, np.random.default_rng(0))
+    assert len(rows) == 100
+    for consistent, inconsistent in zip(rows[::2], rows[1::2]):
+        assert consistent["consistent"] and not inconsistent["consistent"]
+        assert consistent["prompt"] == inconsistent["prompt"] and consistent["concept"] in consistent["prompt"]
+        assert consistent["concept"] in consistent["scene_concepts"]
+        assert consistent["concept"] not in inconsistent["scene_concepts"]
+
+
+class _FakeReader:
+    """Returns hand-made layer activations: feature 0 fires on the word '3' and on the cells showing a 3, feature 1
+    on every image cell, feature 2 on the word '3' only; nothing else fires."""
+
+    def __init__(self, tokenizer, scenes):
+        self.processor = SimpleNamespace(tokenizer=tokenizer)
+        self.scenes = scenes
+
+    def read(self, rows, first_row=0):
+        tok = self.processor.tokenizer
+        three, question = tok.convert_tokens_to_ids("3"), tok.convert_tokens_to_ids("?")
+        ids, modality, hidden = [], [], []
+        for scene in self.scenes[first_row:first_row + len(rows)]:
+            row_ids = [tok.bos_token_id] + [0] * 9 + [three, question]
+            row_mod = [Modality.SPECIAL] + [Modality.IMAGE] * 9 + [Modality.TEXT] * 2
+            h = torch.zeros(len(row_ids), 4)
+            for cell, words in enumerate(scene.cell_words()):
+                h[1 + cell, 1] = 2.0
+                h[1 + cell, 0] = 2.0 if "3" in words else 0.5  # 0.5 is below delta = 1
+            h[10, 0] = h[10, 2] = 2.0
+            ids.append(row_ids)
+            modality.append(row_mod)
+            hidden.append(h)
+        return LayerActivations(hidden_states=torch.stack(hidden), modality=torch.tensor(modality, dtype=torch.int8),
+                                input_ids=torch.tensor(ids), layer=1)
+
+
+def test_concept_features_find_the_feature_shared_by_a_word_and_its_cells():
+    tokenizer = build_tiny_tokenizer("llava", words=VOCABULARY)
+    scenes = [Scene((SceneObject(3, "red", 4, 0),)), Scene((SceneObject(3, "blue", 0, 0), SceneObject(7, "red", 8, 0)))]
+    sae = SAEV(SAEVConfig(d_in=4, d_sae=4, hook_layer=1, cooccurrence_threshold=1.0))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(4))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    rows = [{"images": [None], "prompt": "is there a 3 ?", "scene": scene} for scene in scenes]
+    found = {c.concept: c for c in concept_features(sae, _FakeReader(tokenizer, scenes), rows, batch_size=1)}
+    assert set(found) == set(CONCEPTS)
+    three = found["3"]
+    assert (three.feature, three.text_rate, three.image_rate, three.elsewhere_rate, three.shared) == (0, 1, 1, 0, True)
+    assert three.weight is None  # the SAE-V has no feature weights yet
+    red = found["red"]  # shown (3 cells) but never said: not shared
+    assert red.text_rate == 0 and not red.shared
+    strict = concept_features(sae, _FakeReader(tokenizer, scenes), rows, GateThresholds(min_text_rate=1.01))
+    assert not any(c.shared for c in strict)

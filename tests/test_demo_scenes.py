@@ -114,3 +114,27 @@ def test_question_rows_show_the_scene_or_describe_it_in_words(scans):
     every_word = {w for r in rows + text_rows for w in (r["prompt"] + " " + r["response"]).split()}
     assert every_word <= set(VOCABULARY)
     assert set(CONCEPTS) == set(DIGITS) | set(COLOURS)
+
+
+def test_preference_rows_mix_a_known_share_of_hallucinated_and_swapped_rows(scans):
+    from saev_hf.demo.scenes import preference_rows
+
+    rows = preference_rows(scans, 200, "train", np.random.default_rng(0), low_quality_fraction=0.4)
+    assert sum(r["low_quality"] for r in rows) == 80
+    assert sum(r["quality"] == "hallucination" for r in rows) == sum(r["quality"] == "swap" for r in rows) == 40
+    for row in rows:
+        assert row["chosen"] != row["rejected"]
+        assert {row["chosen"], row["rejected"]} <= set(ANSWERS[row["kind"]])
+        if row["quality"] == "hallucination":  # confident answer about an absent object preferred to the faithful one
+            assert not row["present"] and row["rejected"] in ("none", "no") and row["chosen"] not in ("none", "no")
+        elif row["quality"] == "swap":  # the question names an object the image shown lacks
+            assert row["present"] and (row["concept"] is None or row["concept"] not in row["scene_concepts"])
+        else:
+            assert row["concept"] is None or (row["concept"] in row["scene_concepts"]) == row["present"]
+        if row["quality"] != "clean":
+            pass
+        if row["quality"] == "clean" and not row["present"]:
+            assert row["chosen"] in ("none", "no") and row["rejected"] not in ("none", "no")
+    assert 10 < sum(r["quality"] == "clean" and not r["present"] for r in rows) < 50
+    with pytest.raises(ValueError, match="low_quality_fraction"):
+        preference_rows(scans, 10, "train", np.random.default_rng(0), low_quality_fraction=1.5)

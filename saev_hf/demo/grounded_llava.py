@@ -66,6 +66,16 @@ class GroundedLlavaArguments:
         default=0.05, metadata={"help": "Stage 3: share of questions about absent objects (few: the model keeps "
                                 "some hallucinations for DPO to fix)."})
     dense_weight: float = field(default=1.0, metadata={"help": "Weight of the dense image-token loss in stage 3."})
+    target: str = field(
+        default="sum", metadata={"help": "Dense target of an image token: the 'sum' of its cell's word embeddings "
+                                 "(each word at the strength it has in text, so a concept reads alike in both "
+                                 "modalities) or their 'mean'."})
+    align_layer: int | None = field(
+        default=None, metadata={"help": "Also pull each occupied cell's image token, in the residual stream after "
+                                "this decoder layer, to the mean state there of its words in the scene's text "
+                                "description (stages 2 and 3). None: the dense objective acts on the input "
+                                "embeddings only."})
+    layer_weight: float = field(default=1.0, metadata={"help": "Weight of the residual-stream alignment loss."})
     held_out_fraction: float = field(default=0.3, metadata={"help": "Digit scans kept out of training."})
     seed: int = field(default=0, metadata={"help": "Seed of the weights, the scan split and every batch."})
 
@@ -74,6 +84,8 @@ class GroundedLlavaArguments:
                      "embedding_std"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive.")
+        if self.target not in ("sum", "mean"):
+            raise ValueError(f"target={self.target!r} must be 'sum' or 'mean'.")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads}.")
         for name in ("language_steps", "alignment_steps", "instruction_steps"):
@@ -131,14 +143,50 @@ def cell_word_ids(processor, scenes) -> torch.Tensor:
     return torch.tensor(ids)
 
 
-def image_token_targets(model, processor, scenes) -> torch.Tensor:
-    """`(scenes, 9, hidden)`: for each image token, the mean input embedding of the words its cell shows."""
-    return model.get_input_embeddings().weight[cell_word_ids(processor, scenes)].mean(2)
+def image_token_targets(model, processor, scenes, reduction: str = "sum") -> torch.Tensor:
+    """`(scenes, 9, hidden)`: for each image token, the sum (or with `reduction="mean"` the mean) of the input
+    embeddings of the words its cell shows (an empty cell: the embedding of ``empty``)."""
+    ids = cell_word_ids(processor, scenes)
+    embeddings = model.get_input_embeddings().weight[ids]
+    if reduction == "mean":
+        return embeddings.mean(2)
+    if reduction != "sum":
+        raise ValueError(f"reduction={reduction!r} must be 'sum' or 'mean'.")
+    return embeddings[:, :, 0] + torch.where((ids[:, :, 0] == ids[:, :, 1])[..., None], 0.0, embeddings[:, :, 1])
 
 
 def dense_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error of the image tokens to their word targets, relative to the targets' mean squared norm."""
     return ((projected - target) ** 2).sum(-1).mean() / (target ** 2).sum(-1).mean()
+
+
+def _prompt_inputs(processor, rows):
+    from ..prompts import PromptFormat, prepare_inputs
+
+    return prepare_inputs(processor, [{"images": r["images"], "prompt": r["prompt"]} for r in rows], PromptFormat())
+
+
+@torch.no_grad()
+def word_state_targets(model, processor, scenes, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(scenes, 9, hidden)` residual-stream states after decoder `layer` of each occupied cell's words (the mean of
+    its colour's and its digit's token) in the scene's text description, and the `(scenes, 9)` mask of occupied
+    cells. Every colour and digit occurs once in a description, so each word's position is unambiguous."""
+    from .scenes import SCENE_PREFIX
+
+    tokenizer = processor.tokenizer
+    encoded = tokenizer([f"{SCENE_PREFIX} {scene.describe()}" for scene in scenes], padding=True,
+                        return_tensors="pt")
+    states = model.model.language_model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
+                                        output_hidden_states=True).hidden_states[layer + 1]
+    targets = torch.zeros(len(scenes), GRID * GRID, states.shape[-1])
+    occupied = torch.zeros(len(scenes), GRID * GRID, dtype=torch.bool)
+    for i, scene in enumerate(scenes):
+        for obj in scene.objects:
+            ids = tokenizer.convert_tokens_to_ids([obj.colour, str(obj.digit)])
+            positions = [int((encoded["input_ids"][i] == token).nonzero()[0]) for token in ids]
+            targets[i, obj.cell] = states[i, positions].mean(0)
+            occupied[i, obj.cell] = True
+    return targets, occupied
 
 
 def _image_features(model, processor, images) -> torch.Tensor:
@@ -179,18 +227,31 @@ def _train_stage(model, processor, scans: DigitScans, rng: np.random.Generator, 
             rows = question_rows(scans, args.batch_size, "train", rng, absent_fraction=absent_fraction,
                                  as_text=stage == "language")
             answer, dense = torch.zeros(()), torch.zeros(())
-            if stage == "alignment":  # the frozen language model plays no part: only the image tokens are trained
+            at_layer = args.align_layer is not None and stage != "language"
+            if stage == "alignment" and not at_layer:  # the frozen language model plays no part
                 projected = _image_features(model, processor, [row["images"][0] for row in rows])
             else:
-                inputs, labels = _response_inputs(model, processor, rows)
+                if stage == "alignment":  # the question alone: no answer is learned while the model is frozen
+                    inputs = _prompt_inputs(processor, rows)
+                else:
+                    inputs, labels = _response_inputs(model, processor, rows)
                 if stage == "language":  # every real token, so that the model learns to copy from the description
                     labels = torch.where(inputs["attention_mask"] == 1, inputs["input_ids"], -100)
-                logits = model(**inputs, use_cache=False).logits[:, :-1]
-                answer = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+                outputs = model(**inputs, use_cache=False, output_hidden_states=at_layer)
+                if stage != "alignment":
+                    logits = outputs.logits[:, :-1]
+                    answer = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                             labels[:, 1:].reshape(-1))
                 projected = captured.get("p")
             if stage != "language":
-                target = image_token_targets(model, processor, [row["scene"] for row in rows]).detach()
+                scenes = [row["scene"] for row in rows]
+                target = image_token_targets(model, processor, scenes, args.target).detach()
                 dense = dense_loss(projected, target)
+                if at_layer:
+                    image = inputs["input_ids"] == processor.image_token_id
+                    states = outputs.hidden_states[args.align_layer + 1][image].view(len(rows), GRID * GRID, -1)
+                    word_states, occupied = word_state_targets(model, processor, scenes, args.align_layer)
+                    dense = dense + args.layer_weight * dense_loss(states[occupied], word_states[occupied])
             loss = answer + (args.dense_weight if stage == "instruction" else 1.0) * dense
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)

@@ -222,3 +222,55 @@ def question_rows(scans: DigitScans, n: int, split: str, rng: np.random.Generato
             row["images"] = [scene.image(scans)]
         rows.append(row)
     return rows
+
+
+LOW_QUALITY_KINDS: tuple[str, ...] = ("hallucination", "swap")
+"""The kinds of low-quality preference rows the paper names: a question about an object absent from the image whose
+chosen answer is a confident hallucination (the faithful ``none`` / ``no`` rejected), and an image swapped for another
+scene's, so that the chosen answer no longer describes what is shown."""
+
+
+def preference_rows(scans: DigitScans, n: int, split: str, rng: np.random.Generator,
+                    low_quality_fraction: float = 0.4, absent_fraction: float = 0.25) -> list[dict[str, Any]]:
+    """`n` preference rows about scenes of `split` (TRL's layout, plain prompts beside an image column):
+    ``{"images", "prompt", "chosen", "rejected", "low_quality", "quality", "kind", "present", "concept",
+    "scene_concepts"}`` (the last: the digits and colours of the image shown).
+
+    A clean row asks a question (about an absent object with probability `absent_fraction`, never for counts) and
+    prefers the faithful answer to a wrong one (for an absent object: a confident hallucination). A known
+    `low_quality_fraction` of the rows are low quality, half of each kind of [`LOW_QUALITY_KINDS`] (``quality``
+    names it): ``"hallucination"`` prefers a confident answer about an absent object to the faithful one;
+    ``"swap"`` keeps a clean row's question and answers under the image of another scene that lacks the object the
+    question names (for counts: that holds another number of digits)."""
+    if not 0 <= low_quality_fraction <= 1:
+        raise ValueError(f"low_quality_fraction={low_quality_fraction} must be in [0, 1].")
+    low = np.zeros(n, dtype=bool)
+    low[rng.choice(n, size=round(low_quality_fraction * n), replace=False)] = True
+    kinds_of_low = iter(np.resize(np.array(LOW_QUALITY_KINDS), int(low.sum()))[rng.permutation(int(low.sum()))])
+    rows = []
+    for i in range(n):
+        scene = random_scene(rng, scans, split)
+        quality = str(next(kinds_of_low)) if low[i] else "clean"
+        kind = QUESTION_KINDS[rng.integers(len(QUESTION_KINDS) - (quality == "hallucination"))]  # no count
+        absent = quality == "hallucination" or (quality == "clean" and kind != "count"
+                                                 and rng.random() < absent_fraction)
+        question = ask(scene, kind, rng, absent=absent)
+        wrong = [a for a in ANSWERS[kind] if a != question.answer]
+        if question.present:
+            chosen, rejected = question.answer, str(rng.choice(wrong))
+        elif quality == "hallucination":
+            chosen, rejected = str(rng.choice(question.hallucinations)), question.answer
+        else:
+            chosen, rejected = question.answer, str(rng.choice(question.hallucinations))
+        shown = scene
+        if quality == "swap":
+            if question.concept is not None:
+                shown = random_scene(rng, scans, split, avoid={question.concept})
+            else:
+                while len(shown.objects) == len(scene.objects):
+                    shown = random_scene(rng, scans, split)
+        rows.append({"images": [shown.image(scans)], "prompt": question.text, "chosen": chosen,
+                     "rejected": rejected, "low_quality": bool(low[i]), "quality": quality, "kind": kind,
+                     "present": question.present, "concept": question.concept,
+                     "scene_concepts": sorted(shown.concepts)})
+    return rows

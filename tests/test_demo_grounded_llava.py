@@ -1,0 +1,96 @@
+"""The grounded tiny LLaVA's recipe (saev_hf/demo/grounded_llava.py), on sizes that train in seconds."""
+
+import numpy as np
+import pytest
+import torch
+
+from saev_hf.demo import grounded_llava as gl
+from saev_hf.demo.scenes import ANSWERS, GRID, DigitScans, question_rows
+
+SMALL = dict(hidden_size=32, num_heads=2, vision_hidden_size=16, batch_size=4, language_steps=3, alignment_steps=3,
+             instruction_steps=3)
+
+
+@pytest.fixture(scope="module")
+def scans():
+    return DigitScans(seed=0)
+
+
+def _state(model):
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def test_one_image_token_per_cell_and_targets_are_the_summed_embeddings_of_the_cell_words(scans):
+    model, processor = gl.build_grounded_llava(gl.GroundedLlavaArguments(**SMALL))
+    rows = question_rows(scans, 3, "train", np.random.default_rng(0))
+    inputs = processor(images=[r["images"][0] for r in rows], text=["<image> is there a 3 ?"] * 3, return_tensors="pt")
+    assert (inputs["input_ids"] == processor.image_token_id).sum(1).tolist() == [GRID * GRID] * 3
+    scenes = [r["scene"] for r in rows]
+    summed, mean = (gl.image_token_targets(model, processor, scenes, reduction) for reduction in ("sum", "mean"))
+    embedding = model.get_input_embeddings().weight
+    for r, row in enumerate(rows):
+        for cell, words in enumerate(row["scene"].cell_words()):
+            vectors = embedding[processor.tokenizer.convert_tokens_to_ids(list(words))]
+            assert torch.allclose(summed[r, cell], vectors.sum(0), atol=1e-5)
+            assert torch.allclose(mean[r, cell], vectors.mean(0), atol=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        gl.image_token_targets(model, processor, scenes, "max")
+    assert embedding.std().item() == pytest.approx(1.0, rel=0.1)  # embedding_std: token identity stays large
+
+
+def test_alignment_trains_only_the_vision_tower_and_projector_and_lowers_the_dense_loss(scans):
+    args = gl.GroundedLlavaArguments(**{**SMALL, "alignment_steps": 40})
+    model, processor = gl.build_grounded_llava(args)
+    rows = question_rows(scans, 16, "train", np.random.default_rng(5))
+    scenes = [r["scene"] for r in rows]
+
+    def loss():
+        with torch.no_grad():
+            projected = gl._image_features(model, processor, [r["images"][0] for r in rows])
+            return float(gl.dense_loss(projected, gl.image_token_targets(model, processor, scenes)))
+
+    before, state = loss(), _state(model)
+    gl._train_stage(model, processor, scans, np.random.default_rng(0), "alignment",
+                    gl._part(model, "vision") + gl._part(model, "projector"), 40, 3e-3, args, progress=False)
+    after = _state(model)
+    changed = {name for name in state if not torch.equal(state[name], after[name])}
+    assert changed and all("vision_tower" in n or "multi_modal_projector" in n for n in changed)
+    assert any("vision_tower" in n for n in changed) and any("multi_modal_projector" in n for n in changed)
+    assert loss() < 0.7 * before
+
+
+def test_the_recipe_is_deterministic_per_seed(scans):
+    first = gl.train_grounded_llava(gl.GroundedLlavaArguments(**SMALL), scans, eval_rows=6, progress=False)
+    again = gl.train_grounded_llava(gl.GroundedLlavaArguments(**SMALL), scans, eval_rows=6, progress=False)
+    other = gl.train_grounded_llava(gl.GroundedLlavaArguments(**SMALL, seed=1), scans, eval_rows=6, progress=False)
+    a, b, c = (_state(run[0]) for run in (first, again, other))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], c[n]) for n in a)
+    summary = first[2]
+    assert set(summary["stages"]) == {"language", "alignment", "instruction"}
+    assert summary["held_out"]["rows"] == 6 and 0 <= summary["held_out"]["accuracy"] <= 1
+
+
+def test_answer_accuracy_counts_answers_and_hallucinations(monkeypatch, scans):
+    rows = [{"kind": "colour", "present": True, "response": "red"},
+            {"kind": "colour", "present": False, "response": "none"},
+            {"kind": "exists", "present": False, "response": "no"},
+            {"kind": "which", "present": False, "response": "none"}]
+    monkeypatch.setattr(gl, "predict_answers", lambda model, processor, rows, batch_size: ["red", "blue", "no", "3"])
+    summary = gl.answer_accuracy(None, None, rows)
+    assert summary["accuracy"] == 0.5 and summary["hallucination_rate"] == pytest.approx(2 / 3)
+    assert summary["by_kind"] == {"colour": 1.0, "colour_absent": 0.0, "exists_absent": 1.0, "which_absent": 0.0}
+
+
+def test_predictions_are_answers_of_the_question_kind(scans):
+    model, processor = gl.build_grounded_llava(gl.GroundedLlavaArguments(**SMALL))
+    rows = question_rows(scans, 12, "held_out", np.random.default_rng(2), absent_fraction=0.3)
+    predicted = gl.predict_answers(model, processor, rows, batch_size=5)
+    assert len(predicted) == 12 and all(p in ANSWERS[r["kind"]] for p, r in zip(predicted, rows))
+
+
+def test_arguments_are_checked():
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        gl.GroundedLlavaArguments(hidden_size=30, num_heads=4)
+    with pytest.raises(ValueError, match="instruction_absent_fraction"):
+        gl.GroundedLlavaArguments(instruction_absent_fraction=1.5)

@@ -15,7 +15,10 @@ ds = ds.map(scorer, batched=True, batch_size=8)   # cached by datasets like any 
 Caching: `datasets` fingerprints a map by pickling its function. A scorer pickles to its *identity* (digests of the
 SAE-V's weights, of the MLLM's name and a sample of its weights, of the processor, the settings and the code version),
 never to the weights themselves, so the fingerprint is cheap, stable across processes, and a second identical map hits
-the cache. In `num_proc` workers the scorer finds its live model again (fork) or reloads it from its path.
+the cache. The identity follows the objects: change the SAE-V or the MLLM in place (new feature weights, a training
+step, another delta) and the next map gets a new fingerprint, never the old cached scores. In `num_proc` workers the
+scorer finds its live objects again (fork); a worker that must reload them from their paths (spawn) checks that it
+loaded exactly what the parent scores, and otherwise stops with an error that says to save them first.
 """
 
 from __future__ import annotations
@@ -144,6 +147,9 @@ class SAEVScorer:
         self._reader: LayerReader | None = None
         self._device: torch.device | None = None
         self._identity: dict[str, Any] | None = None
+        self._identity_key: Any = None
+        # set by `_restore` in a worker that reloads the objects: the identity the parent scored, checked at first use
+        self._expected_identity: dict[str, Any] | None = None
         self._pid = os.getpid()
         if self._sae is not None and self._model is not None:
             self._validate()
@@ -155,22 +161,32 @@ class SAEVScorer:
 
     @property
     def identity(self) -> dict[str, Any]:
-        """What determines this scorer's outputs; its pickled state and so its `datasets` fingerprint."""
-        if self._identity is None:
-            from . import __version__
+        """What determines this scorer's outputs now; its pickled state and so its `datasets` fingerprint.
 
-            sae, model, processor = self._load()
+        Recomputed whenever a tensor of the SAE-V or the MLLM was changed in place (or replaced) since the last time,
+        and whenever a setting changed: the fingerprint always describes what is scored."""
+        from . import __version__
+
+        if self._expected_identity is not None and (self._sae is None or self._model is None):
+            return self._expected_identity  # a restored worker that has not loaded its objects yet
+        sae, model, processor = self._load()
+        key = (_state_key(sae), _state_key(model), sae.config.to_json_string(use_diff=False))
+        if self._identity is None or key is None or key != self._identity_key:
             self._identity = {
                 "saev_hf": __version__,
                 "kind": type(self).__name__,
                 "sae": _digest(sae.config.to_json_string(use_diff=False), *sae.state_dict().values()),
                 "model": model_digest(model),
-                "processor": processor_digest(processor),
+                "processor": None,
                 "layer": sae.config.hook_layer,
-                "prompt_format": asdict(self._reader_prompt_format()),
-                "args": asdict(self.args),
+                "prompt_format": None,
+                "args": None,
             }
-        return self._identity
+            self._identity_key = key
+        # cheap parts, read every time: the processor's settings, the columns and the scorer's own arguments
+        self._identity.update(processor=processor_digest(processor), layer=sae.config.hook_layer,
+                              prompt_format=asdict(self._reader_prompt_format()), args=asdict(self.args))
+        return dict(self._identity)
 
     @property
     def fingerprint(self) -> str:
@@ -179,7 +195,29 @@ class SAEVScorer:
 
     def __reduce__(self):
         sources = (self._sae_source, self._model_source, self._processor_source)
-        return (_restore, (type(self), self.fingerprint, self.identity, sources, self.prompt_format, self.args))
+        identity = self.identity
+        fingerprint = _digest(identity)[:32]
+        if self._sae is not None:
+            _LIVE[fingerprint] = self  # a worker forked after this finds exactly these objects
+        return (_restore, (type(self), fingerprint, identity, sources, self.prompt_format, self.args))
+
+    def _check_restored(self) -> None:
+        """In a worker that reloaded the SAE-V / MLLM from their paths: refuse to score anything but what the parent
+        process scores (it may have changed them in memory after loading or saving)."""
+        expected, self._expected_identity = self._expected_identity, None
+        actual = self.identity
+        differ = [name for name in ("sae", "model", "processor") if expected.get(name) != actual.get(name)]
+        if differ:
+            what = {"sae": f"SAE-V (reloaded from {self._sae_source!r})",
+                    "model": f"MLLM (reloaded from {self._model_source!r})",
+                    "processor": f"processor (reloaded from {self._processor_source!r})"}
+            raise ValueError(
+                f"This worker process reloaded the {' and the '.join(what[name] for name in differ)} from disk, but "
+                f"the parent process scores a different one: it was changed in memory after it was loaded or saved "
+                f"(e.g. compute_feature_weights, a training step, another cooccurrence_threshold). Save it "
+                f"(save_pretrained) and create the scorer from the saved folder, or map without num_proc (or with "
+                f"the 'fork' start method, whose workers share the parent's objects)."
+            )
 
     def _load(self):
         from transformers import AutoProcessor
@@ -217,6 +255,8 @@ class SAEVScorer:
 
     def _validate(self) -> None:
         sae, model, processor = self._load()
+        if self._expected_identity is not None:
+            self._check_restored()
         if sae.config.hook_layer is None:
             raise ValueError("The SAE-V's config has no hook_layer; set sae.config.hook_layer to the layer it reads.")
         if self._reader is None:
@@ -289,6 +329,7 @@ class SAEVScorer:
     @torch.no_grad()
     def score_rows(self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]], first_row: int = 0):
         """Scores of a batch of rows as `{column: [value per row]}`; raises `RowError` for a row that cannot be scored."""
+        self._validate()
         sae, reader = self._sae, self._reader
         acts = reader.read(rows, first_row=first_row)
         weights = sae.feature_weights.nan_to_num(0.0)
@@ -377,11 +418,25 @@ def example_activity(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, row
     return ExampleActivity(fires_text, fires_image, active, int(text.sum()), int(image.sum()), max_text, max_image)
 
 
+def _state_key(module: torch.nn.Module) -> Any:
+    """A cheap key that changes whenever a parameter or buffer of `module` is modified in place or replaced: each
+    tensor's storage, version counter (bumped by every in-place op: optimizer steps, copy_, fill_), dtype and shape.
+    None when a tensor has no version counter (inference tensors): the caller then recomputes the digests."""
+    key = []
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        try:
+            version = tensor._version
+        except RuntimeError:
+            return None
+        key.append((name, tensor.data_ptr(), version, str(tensor.dtype), tuple(tensor.shape), str(tensor.device)))
+    return tuple(key)
+
+
 def _restore(cls: type, fingerprint: str, identity: dict, sources: tuple, prompt_format: PromptFormat | None,
              args: Any) -> SAEVScorer:
     live = _LIVE.get(fingerprint)
-    if live is not None:
+    if live is not None and live.fingerprint == fingerprint:
         return live
     scorer = cls(*sources, prompt_format=prompt_format, args=args)
-    scorer._identity = identity
+    scorer._expected_identity = identity
     return scorer

@@ -278,3 +278,70 @@ def test_invalid_scorer_arguments():
         ScorerArguments(scores=["bleu"])
     with pytest.raises(ValueError, match=r"on_error='skip' must be 'raise' or 'null'"):
         ScorerArguments(on_error="skip")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fingerprint follows the objects: never stale scores from the cache, never a different SAE-V in the workers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_changing_the_sae_or_the_model_in_place_never_serves_stale_cached_scores(scored_setup):
+    import copy
+
+    llava, sae, ds, _ = scored_setup
+    sae, model = copy.deepcopy(sae), copy.deepcopy(llava.model)  # private copies: changed in place below
+    scorer = SAEVScorer(sae, model, llava.processor)
+    first = ds.map(scorer, batched=True, batch_size=4)
+    fingerprint = scorer.fingerprint
+
+    # new feature weights, computed in place with other settings
+    compute_feature_weights(sae, LayerReader(model, llava.processor, layer=1), ds,
+                            WeightingArguments(num_examples=None, mean_center=True))
+    assert scorer.fingerprint != fingerprint
+    second = ds.map(scorer, batched=True, batch_size=4)
+    now = scorer.score_rows(ds[:])
+    assert second["saev_cosine_score"] == pytest.approx(now["saev_cosine_score"], abs=1e-5)
+    assert second["saev_cosine_score"] != pytest.approx(first["saev_cosine_score"], abs=1e-3)
+
+    # another delta, set in place on the config
+    sae.config.cooccurrence_threshold = 2 * DELTA
+    third = ds.map(scorer, batched=True, batch_size=4)
+    assert third["saev_cooccur_l0"] == scorer.score_rows(ds[:])["saev_cooccur_l0"] != second["saev_cooccur_l0"]
+    sae.config.cooccurrence_threshold = DELTA
+
+    # a fine-tuning step on the MLLM, in place
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    fourth = ds.map(scorer, batched=True, batch_size=4)
+    assert fourth["saev_l0"] == pytest.approx(scorer.score_rows(ds[:])["saev_l0"], rel=1e-6)
+    assert fourth["saev_l0"] != pytest.approx(second["saev_l0"], rel=1e-3)
+    assert len({first.cache_files[0]["filename"], second.cache_files[0]["filename"],
+                third.cache_files[0]["filename"], fourth.cache_files[0]["filename"]}) == 4
+
+
+def test_a_worker_that_reloads_a_changed_sae_refuses_instead_of_scoring_another(scored_setup, monkeypatch):
+    """What a `spawn` worker does: no live objects to find, so it reloads the SAE-V from its folder; if the parent
+    changed it in memory since, the worker must refuse, not score the version on disk."""
+    import weakref
+
+    import saev_hf.scoring as scoring
+
+    llava, _, ds, root = scored_setup
+    sae = SAEV.from_pretrained(root / "sae")
+    unchanged = pickle.dumps(SAEVScorer(sae, str(llava.path)))
+    with torch.no_grad():
+        sae.W_enc.mul_(1.5)  # e.g. a training step in the parent, after loading
+    changed = pickle.dumps(SAEVScorer(sae, str(llava.path)))
+
+    monkeypatch.setattr(scoring, "_LIVE", weakref.WeakValueDictionary())  # a fresh process: nothing live
+    worker = pickle.loads(unchanged)
+    assert worker._sae is None  # it reloads from disk, lazily
+    expected = SAEVScorer(SAEV.from_pretrained(root / "sae"), str(llava.path)).score_rows(ds[:3])
+    assert worker(ds[:3])["saev_cosine_score"] == pytest.approx(expected["saev_cosine_score"], abs=1e-6)
+
+    worker = pickle.loads(changed)
+    with pytest.raises(ValueError, match=r"reloaded the SAE-V \(reloaded from '.*sae'\) from disk, but the parent "
+                                         r"process scores a different one.*Save it \(save_pretrained\)"):
+        worker(ds[:3])

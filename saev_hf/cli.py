@@ -131,10 +131,16 @@ def weights(source: SourceArguments, prompt_format, weighting) -> None:
 def score(source: SourceArguments, prompt_format, scorer_args, map_args: MapArguments) -> None:
     from .scoring import SAEVScorer
 
+    from .prompts import undecoded_images
+
     sae, model, processor, dataset = load_sources(source)
     scorer = SAEVScorer(sae, model, processor, prompt_format=prompt_format, args=scorer_args)
+    # the scorer reads the image bytes itself, so that a corrupt image names its row (or costs one null row)
+    dataset, image_feature = undecoded_images(dataset, prompt_format.image_column)
     scored = dataset.map(scorer, batched=True, batch_size=map_args.batch_size, num_proc=map_args.num_proc,
-                         with_rank=map_args.num_proc is not None, desc="SAE-V scores")
+                         with_indices=True, with_rank=map_args.num_proc is not None, desc="SAE-V scores")
+    if image_feature is not None:
+        scored = scored.cast_column(prompt_format.image_column, image_feature)
     scored.save_to_disk(source.output_dir)
     print(f"Scored {len(scored)} examples ({', '.join(scorer.columns)}); saved to {source.output_dir}")
 
@@ -207,10 +213,17 @@ def patches(source: SourceArguments, prompt_format, patch_args, map_args: MapArg
     with masked images and patch scores to --output_dir, with preview.png (originals above, masked below)."""
     from .patches import PatchFilter, save_patch_preview
 
+    from .prompts import undecoded_images
+
     sae, model, processor, dataset = load_sources(source)
     patch_filter = PatchFilter(sae, model, processor, prompt_format=prompt_format, args=patch_args)
+    # the filter reads the image bytes itself, so that a corrupt image names its row (or costs one null row)
+    dataset, image_feature = undecoded_images(dataset, prompt_format.image_column)
     masked = dataset.map(patch_filter, batched=True, batch_size=map_args.batch_size, num_proc=map_args.num_proc,
-                         with_rank=map_args.num_proc is not None, desc=f"Patch filter ({patch_args.score})")
+                         with_indices=True, with_rank=map_args.num_proc is not None,
+                         desc=f"Patch filter ({patch_args.score})")
+    if image_feature is not None:
+        masked = masked.cast_column(prompt_format.image_column, image_feature)
     masked.save_to_disk(source.output_dir)
     preview = save_patch_preview(dataset, masked, Path(source.output_dir) / "preview.png",
                                  image_column=prompt_format.image_column,

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 
@@ -542,6 +543,11 @@ class PatchFilter(SAEVScorer):
     def _score_columns(self) -> list[str]:
         image_column = self._reader_prompt_format().image_column
         return [image_column, self.args.scores_column] if self.args.scores_column else [image_column]
+
+    def _column_types(self) -> dict[str, Any]:
+        # the image column keeps the input's feature (datasets tries it first); the grids are per image, rows x cols
+        grids = {self.args.scores_column: pa.list_(pa.list_(pa.list_(pa.float64())))} if self.args.scores_column else {}
+        return {**grids, self.args.error_column: pa.string()}
 
     @torch.no_grad()
     def score_patches(self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]],

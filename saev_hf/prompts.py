@@ -100,6 +100,46 @@ def load_image(value: Any, row: int) -> Image.Image:
         ) from error
 
 
+def undecoded_images(dataset: Any, column: str | None):
+    """
+    `dataset` with the `datasets.Image` feature(s) of `column` left undecoded (`{"bytes", "path"}` values), and the
+    column's original feature to cast the result back to (None when nothing was changed).
+
+    datasets decodes an `Image` column before a map function sees it, so one corrupt image fails inside datasets with
+    no row named. Undecoded, the scorer reads each image itself ([`load_image`]): a bad image is a [`RowError`]
+    naming its row, or one null row with `on_error="null"`.
+    """
+    import copy
+
+    import datasets
+
+    features = getattr(dataset, "features", None)
+    if not column or features is None or column not in features:
+        return dataset, None
+    original = features[column]
+    undecoded = copy.deepcopy(original)
+    changed = []
+
+    def visit(feature: Any) -> None:
+        if isinstance(feature, datasets.Image):
+            if feature.decode:
+                feature.decode = False
+                changed.append(feature)
+        elif isinstance(feature, dict):
+            for value in feature.values():
+                visit(value)
+        elif isinstance(feature, (list, tuple)):
+            for value in feature:
+                visit(value)
+        elif hasattr(feature, "feature"):  # List, LargeList, Sequence
+            visit(feature.feature)
+
+    visit(undecoded)
+    if not changed:
+        return dataset, None
+    return dataset.cast_column(column, undecoded), original
+
+
 def row_images(value: Any, row: int, column: str) -> list[Image.Image]:
     """All images of a row (a single image or a list of them); a row without any is an error."""
     values = list(value) if isinstance(value, (list, tuple)) else ([] if value is None else [value])

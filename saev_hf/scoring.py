@@ -30,6 +30,7 @@ import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
+import pyarrow as pa
 import torch
 
 from .activations import LayerReader, text_and_image
@@ -72,6 +73,21 @@ class ScorerArguments:
             raise ValueError(f"on_error={self.on_error!r} must be 'raise' or 'null'.")
         if self.token_chunk <= 0:
             raise ValueError(f"token_chunk={self.token_chunk} must be positive.")
+
+
+class TypedColumn(list):
+    """
+    A list of column values that knows its Arrow type (pyarrow's `__arrow_array__` protocol, which `datasets`' writer
+    honours): a batch whose values are all None is then written as nulls of that type, not as a column of type null
+    that the next batch's values cannot be written to.
+    """
+
+    def __init__(self, values: Sequence[Any], arrow_type: "pa.DataType") -> None:
+        super().__init__(values)
+        self.arrow_type = arrow_type
+
+    def __arrow_array__(self, type: "pa.DataType | None" = None) -> "pa.Array":
+        return pa.array(list(self), type=type or self.arrow_type)
 
 
 def _digest(*parts: Any) -> str:
@@ -130,7 +146,9 @@ class SAEVScorer:
 
     `datasets` decodes an `Image` column before the scorer sees it, and a corrupt image then fails inside `datasets`.
     To have such rows reported by row (or given null scores with `on_error="null"`), keep the column undecoded:
-    `ds.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))`; the scorer reads the bytes itself.
+    `ds.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))` (or
+    `saev_hf.prompts.undecoded_images(ds, "images")`); the scorer reads the bytes itself. `saev score` and `saev patches`
+    do this, and cast the column back before saving.
     """
 
     def __init__(self, sae: Any, model: Any, processor: Any = None, prompt_format: PromptFormat | None = None,
@@ -291,7 +309,10 @@ class SAEVScorer:
         return self._score_columns() + ([self.args.error_column] if self.args.on_error == "null" else [])
 
     def __call__(self, batch: Mapping[str, Sequence[Any]], *extra: Any) -> dict[str, list[Any]]:
-        """Score a `datasets` batch; extra arguments are the `indices` (with_indices) and/or `rank` (with_rank)."""
+        """Score a `datasets` batch; extra arguments are the `indices` (with_indices) and/or `rank` (with_rank).
+
+        Returns `{column: values}`, lists (with `on_error="null"`, [`TypedColumn`] lists that carry their Arrow
+        type, so that a batch whose values are all null keeps the column's type)."""
         indices = next((e for e in extra if isinstance(e, (list, range))), None)
         rank = next((e for e in extra if isinstance(e, int) and not isinstance(e, bool)), None)
         if os.getpid() != self._pid:
@@ -321,10 +342,21 @@ class SAEVScorer:
                 errors.append(error)
         if self.args.on_error == "null":
             scores[self.args.error_column] = errors
+            # Typed arrays: a batch whose rows all succeed (or all fail) would otherwise give an all-None column that
+            # datasets types as null, and the next batch's reasons (or scores) could not be written to it.
+            types = self._column_types()
+            scores = {name: TypedColumn(values, types[name]) if name in types else values
+                      for name, values in scores.items()}
         return scores
 
     def _score_columns(self) -> list[str]:
         return [getattr(self.args, f"{score}_column") for score in SCORES if score in self.args.scores]
+
+    def _column_types(self) -> dict[str, "pa.DataType"]:
+        """Arrow type of each added column (with on_error='null', `__call__` returns typed arrays)."""
+        kinds = {"cosine": pa.float64(), "l0": pa.float64(), "cooccur_l0": pa.int64()}
+        types = {getattr(self.args, f"{score}_column"): kinds[score] for score in SCORES if score in self.args.scores}
+        return {**types, self.args.error_column: pa.string()}
 
     @torch.no_grad()
     def score_rows(self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]], first_row: int = 0):

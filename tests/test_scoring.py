@@ -345,3 +345,63 @@ def test_a_worker_that_reloads_a_changed_sae_refuses_instead_of_scoring_another(
     with pytest.raises(ValueError, match=r"reloaded the SAE-V \(reloaded from '.*sae'\) from disk, but the parent "
                                          r"process scores a different one.*Save it \(save_pretrained\)"):
         worker(ds[:3])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# on_error="null": one bad row costs one null row, whatever the batch size and wherever the row is
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def png_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def rows_with_bad_images(n, bad, decode):
+    """`n` rows whose images at indices `bad` are truncated PNGs, in a `datasets.Image` column (decoded or not)."""
+    rows = make_rows(n)
+    images = [png_bytes(images[0]) for images in rows["images"]]
+    for i in bad:
+        images[i] = images[i][: len(images[i]) // 2]  # "image file is truncated"
+    rows["images"] = [[{"bytes": data, "path": None}] for data in images]
+    features = datasets.Features({"images": datasets.Sequence(datasets.Image(decode=decode)),
+                                  **{k: datasets.Value("string") for k in ("prompt", "chosen", "rejected")}})
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+@pytest.mark.parametrize("bad,batch_size", [((15,), 8), ((0,), 8), ((0, 1), 1)])
+def test_null_mode_survives_a_bad_row_at_any_place_and_batch_size(scored_setup, bad, batch_size):
+    llava, sae, _, _ = scored_setup
+    ds = rows_with_bad_images(20, bad, decode=False)
+    scorer = SAEVScorer(sae, llava.model, llava.processor, args=ScorerArguments(on_error="null"))
+    out = ds.map(scorer, batched=True, batch_size=batch_size, with_indices=True)
+    assert out.features["saev_error"] == datasets.Value("string")
+    assert out.features["saev_cosine_score"] == datasets.Value("float64")
+    assert out.features["saev_cooccur_l0"] == datasets.Value("int64")
+    good = [i for i in range(20) if i not in bad]
+    for i in bad:
+        assert out[i]["saev_cosine_score"] is None and out[i]["saev_l0"] is None
+        assert out[i]["saev_error"].startswith(f"Row {i}: the image could not be read (OSError")
+    assert [out[i]["saev_error"] for i in good] == [None] * len(good)
+    clean = SAEVScorer(sae, llava.model, llava.processor).score_rows(ds.select(good)[:])
+    assert [out[i]["saev_cosine_score"] for i in good] == pytest.approx(clean["saev_cosine_score"], abs=1e-5)
+
+
+def test_score_command_with_null_mode_reads_a_corrupt_image_column_itself(scored_setup, tmp_path, capsys):
+    """A saved dataset whose datasets.Image column holds a truncated image: one null row named, the rest scored, and
+    the saved result keeps the column's (decoded) feature."""
+    from saev_hf.cli import main
+
+    llava, _, _, root = scored_setup
+    ds = rows_with_bad_images(10, (6,), decode=True)
+    ds.save_to_disk(tmp_path / "data")
+    argv = ["score", "--sae_name_or_path", str(root / "sae"), "--model_name_or_path", str(llava.path),
+            "--dataset_name", str(tmp_path / "data"), "--batch_size", "4", "--disable_tqdm"]
+    with pytest.raises(RowError, match=r"Row 6: the image could not be read \(OSError"):
+        main(argv + ["--output_dir", str(tmp_path / "raise")])
+    assert main(argv + ["--output_dir", str(tmp_path / "null"), "--on_error", "null"]) == 0
+    out = datasets.load_from_disk(str(tmp_path / "null"))
+    assert out.features["images"] == ds.features["images"]  # decoded again, as it was
+    assert out["saev_cosine_score"][6] is None and out["saev_error"][6].startswith("Row 6: the image could not be read")
+    assert sum(score is not None for score in out["saev_cosine_score"]) == 9

@@ -24,6 +24,10 @@ class ConvertArguments:
     to: str = field(default="saev", metadata={"help": "Layout to write: 'saev' (transformers) or 'saelens'."})
     subfolder: str | None = field(default=None, metadata={"help": "Subfolder of `source` holding the checkpoint."})
     revision: str | None = field(default=None, metadata={"help": "Revision of `source` on the Hub."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Write into output_dir even if it holds files that `saev convert` did not write."},
+    )
 
     def __post_init__(self) -> None:
         if self.to not in ("saev", "saelens"):
@@ -46,6 +50,9 @@ def _load(args: ConvertArguments | InfoArguments):
 
 
 def convert(args: ConvertArguments) -> None:
+    from .outputs import prepare_output_dir
+
+    prepare_output_dir(args.output_dir, "saev convert", args.overwrite_output_dir)
     sae = _load(args)
     if args.to == "saelens":
         sae.save_saelens(args.output_dir)
@@ -89,6 +96,11 @@ class SourceArguments:
     sae_subfolder: str | None = field(default=None, metadata={"help": "Subfolder of the SAE-V repo."})
     model_revision: str | None = field(default=None, metadata={"help": "Revision of the MLLM on the Hub."})
     device: str = field(default="auto", metadata={"help": "'auto' (GPU if any), 'cpu', 'cuda:0'..."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Write into output_dir even if it holds files that this command did not write (they may be "
+                  "replaced)."},
+    )
 
 
 @dataclass
@@ -100,10 +112,15 @@ class MapArguments:
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars (datasets' map and save)."})
 
 
-def load_sources(source: SourceArguments):
-    """The SAE-V, the MLLM (with its processor, on the chosen device) and the dataset named by `source`."""
+def load_sources(source: SourceArguments, command: str | None = None):
+    """The SAE-V, the MLLM (with its processor, on the chosen device) and the dataset named by `source`; with
+    `command`, first checks that it may write into `source.output_dir` (before anything heavy is loaded)."""
     import torch
 
+    from .outputs import prepare_output_dir
+
+    if command is not None:
+        prepare_output_dir(source.output_dir, command, source.overwrite_output_dir)
     from . import SAEV
     from .loading import load_dataset_split, load_model_and_processor
 
@@ -119,7 +136,7 @@ def weights(source: SourceArguments, prompt_format, weighting) -> None:
     from .activations import LayerReader
     from .weighting import compute_feature_weights
 
-    sae, model, processor, dataset = load_sources(source)
+    sae, model, processor, dataset = load_sources(source, "saev weights")
     reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
     compute_feature_weights(sae, reader, dataset, weighting)
     sae.save_pretrained(source.output_dir)
@@ -133,7 +150,7 @@ def score(source: SourceArguments, prompt_format, scorer_args, map_args: MapArgu
 
     from .prompts import undecoded_images
 
-    sae, model, processor, dataset = load_sources(source)
+    sae, model, processor, dataset = load_sources(source, "saev score")
     scorer = SAEVScorer(sae, model, processor, prompt_format=prompt_format, args=scorer_args)
     # the scorer reads the image bytes itself, so that a corrupt image names its row (or costs one null row)
     dataset, image_feature = undecoded_images(dataset, prompt_format.image_column)
@@ -152,12 +169,18 @@ class FilterIOArguments:
     dataset_name: str = field(metadata={"help": "Folder of a scored dataset (save_to_disk), or a Hub dataset."})
     output_dir: str = field(metadata={"help": "Folder to save the filtered dataset to."})
     dataset_split: str = field(default="train", metadata={"help": "Dataset split."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Write into output_dir even if it holds files that `saev filter` did not write."},
+    )
 
 
 def filter_command(io: FilterIOArguments, filter_args) -> None:
     from .filtering import FILTER_RECORD, filter_by_score
     from .loading import load_dataset_split
+    from .outputs import prepare_output_dir
 
+    prepare_output_dir(io.output_dir, "saev filter", io.overwrite_output_dir)
     dataset = load_dataset_split(io.dataset_name, split=io.dataset_split)
     kept = filter_by_score(dataset, filter_args)
     kept.save_to_disk(io.output_dir)
@@ -192,10 +215,14 @@ def inspect_command(source: SourceArguments, prompt_format, inspection_args) -> 
     from .feature_browser import write_feature_browser
     from .inspection import inspect_saev
 
+    from .outputs import prepare_output_dir
+
+    # the report is write_feature_browser's output, whether written from Python or from here
+    prepare_output_dir(source.output_dir, "write_feature_browser", source.overwrite_output_dir)
     sae, model, processor, dataset = load_sources(source)
     reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
     inspection = inspect_saev(sae, reader, dataset, inspection_args)
-    index = write_feature_browser(inspection, source.output_dir)
+    index = write_feature_browser(inspection, source.output_dir, overwrite=source.overwrite_output_dir)
     print(f"Inspected {len(inspection.features)} features and explained {len(inspection.explanations)} rows of "
           f"{len(inspection.scanned_rows)} scanned; open {index}")
 
@@ -215,7 +242,7 @@ def patches(source: SourceArguments, prompt_format, patch_args, map_args: MapArg
 
     from .prompts import undecoded_images
 
-    sae, model, processor, dataset = load_sources(source)
+    sae, model, processor, dataset = load_sources(source, "saev patches")
     patch_filter = PatchFilter(sae, model, processor, prompt_format=prompt_format, args=patch_args)
     # the filter reads the image bytes itself, so that a corrupt image names its row (or costs one null row)
     dataset, image_feature = undecoded_images(dataset, prompt_format.image_column)

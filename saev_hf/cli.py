@@ -96,6 +96,11 @@ class SourceArguments:
     sae_subfolder: str | None = field(default=None, metadata={"help": "Subfolder of the SAE-V repo."})
     model_revision: str | None = field(default=None, metadata={"help": "Revision of the MLLM on the Hub."})
     device: str = field(default="auto", metadata={"help": "'auto' (GPU if any), 'cpu', 'cuda:0'..."})
+    cooccurrence_threshold: float | None = field(
+        default=None,
+        metadata={"help": "Set the SAE-V's co-occurrence bound delta (recorded in its config; `saev weights` saves "
+                  "it with the SAE-V). Default: the SAE-V's own (the paper's 1.0 unless set or calibrated)."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Write into output_dir even if it holds files that this command did not write (they may be "
@@ -128,6 +133,8 @@ def load_sources(source: SourceArguments, command: str | None = None):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     sae = SAEV.from_pretrained(source.sae_name_or_path, subfolder=source.sae_subfolder).to(device)
+    if source.cooccurrence_threshold is not None:
+        sae.set_cooccurrence_threshold(source.cooccurrence_threshold, info={"method": "set with --cooccurrence_threshold"})
     model, processor = load_model_and_processor(source.model_name_or_path, revision=source.model_revision, device=device)
     return sae, model, processor, load_dataset_split(source.dataset_name, source.dataset_config, source.dataset_split)
 
@@ -136,13 +143,19 @@ def weights(source: SourceArguments, prompt_format, weighting) -> None:
     from .activations import LayerReader
     from .weighting import compute_feature_weights
 
+    if source.cooccurrence_threshold is not None and weighting.threshold_quantile is not None:
+        raise ValueError(
+            f"Give either --cooccurrence_threshold {source.cooccurrence_threshold} (set delta) or --threshold_quantile "
+            f"{weighting.threshold_quantile} (calibrate it on the data), not both."
+        )
     sae, model, processor, dataset = load_sources(source, "saev weights")
     reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
     compute_feature_weights(sae, reader, dataset, weighting)
     sae.save_pretrained(source.output_dir)
     info = sae.config.feature_weights_info
     print(f"{info['num_weighted_features']} of {sae.config.d_sae} features weighted over {info['num_examples']} "
-          f"examples; SAE-V with weights saved to {source.output_dir}")
+          f"examples; delta (cooccurrence_threshold) = {sae.config.cooccurrence_threshold:.4g}; SAE-V with weights "
+          f"saved to {source.output_dir}")
 
 
 def score(source: SourceArguments, prompt_format, scorer_args, map_args: MapArguments) -> None:

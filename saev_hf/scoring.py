@@ -166,6 +166,7 @@ class SAEVScorer:
         self._device: torch.device | None = None
         self._identity: dict[str, Any] | None = None
         self._identity_key: Any = None
+        self._checked_key: Any = None
         # set by `_restore` in a worker that reloads the objects: the identity the parent scored, checked at first use
         self._expected_identity: dict[str, Any] | None = None
         self._pid = os.getpid()
@@ -283,6 +284,15 @@ class SAEVScorer:
         self._reader.check_sae(sae)
         if self._reader.image_token_id is None:
             raise ValueError(f"{type(model).__name__} has no image token: SAE-V scores need an image-text model.")
+        state = _state_key(sae)
+        key = None if state is None else (state, sae.config.to_json_string(use_diff=False))
+        if key is None or key != self._checked_key:  # values checked once per state of the SAE-V, not per batch
+            from .weighting import check_cooccurrence
+
+            sae.check_finite()
+            if {"cosine", "cooccur_l0"} & set(self.args.scores):
+                check_cooccurrence(sae, where=f"starting {type(self).__name__}")
+            self._checked_key = key
         if "cosine" in self.args.scores and sae.config.feature_weights_info is None:
             raise ValueError(
                 "The cosine score needs the SAE-V's cross-modal feature weights, which were never computed for it. "

@@ -61,6 +61,12 @@ class WeightingArguments:
         default=4096, metadata={"help": "Tokens encoded at once by the SAE (bounds the d_sae-wide activations)."}
     )
     seed: int = field(default=42, metadata={"help": "Seed of the example sample."})
+    threshold_quantile: float | None = field(
+        default=None,
+        metadata={"help": "Calibrate delta: set the SAE-V's cooccurrence_threshold to this quantile (in (0, 1), e.g. "
+                  "0.5) of its positive activations on the weighting data, recorded with its provenance in "
+                  "cooccurrence_threshold_info. None keeps the SAE-V's delta (the paper's 1.0 by default)."},
+    )
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars of the two passes."})
 
     def __post_init__(self) -> None:
@@ -74,6 +80,9 @@ class WeightingArguments:
             )
         if self.num_examples is not None and self.num_examples <= 0:
             raise ValueError(f"num_examples={self.num_examples} must be positive, or None for the whole dataset.")
+        if self.threshold_quantile is not None and not 0 < self.threshold_quantile < 1:
+            raise ValueError(f"threshold_quantile={self.threshold_quantile} must be in (0, 1), e.g. 0.5 for the "
+                             f"median positive activation, or None to keep delta.")
 
 
 class FeatureTopK:
@@ -240,6 +249,10 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
     top = FeatureTopK(sae.config.d_sae, args.top_k, device)
     hidden_sum = torch.zeros(sae.config.d_in, dtype=torch.float64, device=device)
     num_tokens = 0
+    # each feature's largest activation on text and on image positions: delta must lie below both for it to co-occur
+    max_text = torch.zeros(sae.config.d_sae, device=device)
+    max_image = torch.zeros(sae.config.d_sae, device=device)
+    positives = PositiveSample(seed=args.seed) if args.threshold_quantile is not None else None
 
     stream_index = {example: i for i, example in enumerate(sample)}
     for chunk, rows in tqdm(_batches(dataset, args.batch_size, sample), desc="Feature weights: top-K pass",
@@ -253,7 +266,15 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
         num_tokens += hidden.shape[0]
         for start in range(0, hidden.shape[0], args.token_chunk):
             part = slice(start, start + args.token_chunk)
-            top.update(sae.encode(hidden[part]), positions[part], is_image[part])
+            z = sae.encode(hidden[part])
+            top.update(z, positions[part], is_image[part])
+            image_part = is_image[part]
+            if image_part.any():
+                max_image = torch.maximum(max_image, z[image_part].float().amax(0))
+            if (~image_part).any():
+                max_text = torch.maximum(max_text, z[~image_part].float().amax(0))
+            if positives is not None:
+                positives.update(z)
     if num_tokens == 0:
         raise ValueError("The dataset yielded no tokens to weight features on; check the prompt and image columns.")
 
@@ -282,6 +303,100 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
         "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
         "prompt_format": asdict(reader.prompt_format),
     }
+    bounds = torch.minimum(max_text, max_image)  # feature f can co-occur only under a delta below bounds[f]
+    bimodal = bounds[bounds > 0]
+    info["cooccurrence_bound_max"] = float(bounds.max())
+    info["cooccurrence_bound_percentiles"] = (
+        [round(v, 6) for v in torch.quantile(bimodal.double().cpu(), torch.linspace(0, 1, 101, dtype=torch.float64)).tolist()]
+        if len(bimodal) else []
+    )
+    info["num_bimodal_features"] = int(len(bimodal))
     if store:
         sae.set_feature_weights(weights.cpu(), info=info)
+        if positives is not None:
+            delta = positives.quantile(args.threshold_quantile)
+            sae.set_cooccurrence_threshold(delta, info={
+                "method": "quantile of the SAE-V's positive activations on the weighting data",
+                "quantile": args.threshold_quantile,
+                "num_positive_activations": positives.seen,
+                "num_sampled": positives.size,
+                "num_examples": len(sample),
+                "dataset": info["dataset"],
+                "dataset_fingerprint": info["dataset_fingerprint"],
+            })
+        check_cooccurrence(sae, where="computing the feature weights", error=False)  # the weights are still valid
     return weights
+
+
+class PositiveSample:
+    """A uniform random sample (at most `capacity` values) of the positive activations of a stream, for quantiles:
+    each value gets a random key and the smallest keys are kept, so the sample does not depend on chunking."""
+
+    def __init__(self, capacity: int = 1 << 20, seed: int = 0) -> None:
+        self.capacity = capacity
+        self.generator = torch.Generator().manual_seed(seed)
+        self.values = torch.empty(0)
+        self.keys = torch.empty(0)
+        self.seen = 0
+
+    @torch.no_grad()
+    def update(self, feature_acts: torch.Tensor) -> None:
+        positive = feature_acts[feature_acts > 0].float().cpu()
+        self.seen += len(positive)
+        keys = torch.rand(len(positive), generator=self.generator)
+        values, keys = torch.cat([self.values, positive]), torch.cat([self.keys, keys])
+        if len(keys) > self.capacity:
+            keys, kept = keys.topk(self.capacity, largest=False)
+            values = values[kept]
+        self.values, self.keys = values, keys
+
+    @property
+    def size(self) -> int:
+        return len(self.values)
+
+    def quantile(self, q: float) -> float:
+        if not self.size:
+            raise ValueError("The SAE-V never fired on the weighting data, so delta cannot be calibrated on it.")
+        return float(torch.quantile(self.values.double(), q))
+
+
+def check_cooccurrence(sae, where: str, error: bool = True) -> None:
+    """
+    Refuse (`error=True`; a warning otherwise) a delta under which no feature of `sae` can co-occur on its weighting
+    data (every cosine score and co-occurring L0 would be 0), and warn when at most 1% of the features that fire on
+    both modalities can.
+
+    Reads the activation statistics that [`compute_feature_weights`] stores in `config.feature_weights_info`; an
+    SAE-V without them (weights from an older version, or none) is not checked.
+    """
+    import warnings
+
+    info = sae.config.feature_weights_info or {}
+    bound, percentiles = info.get("cooccurrence_bound_max"), info.get("cooccurrence_bound_percentiles")
+    if bound is None:
+        return
+    delta = sae.config.cooccurrence_threshold
+    fix = (f"Set a delta below {bound:.4g} (SAEV.set_cooccurrence_threshold(...), or --cooccurrence_threshold in the "
+           f"saev commands), or calibrate it on the weighting data (WeightingArguments(threshold_quantile=0.5), or "
+           f"saev weights --threshold_quantile 0.5).")
+    if delta >= bound:
+        message = (
+            f"While {where}: with cooccurrence_threshold (delta) = {delta:.4g}, no feature of this SAE-V can co-occur: "
+            f"on the {info.get('num_examples')} weighting examples the largest activation any feature reached on "
+            f"both text and image positions is {bound:.4g}, so every cosine score and co-occurring L0 would be 0. "
+            f"{fix}"
+        )
+        if error:
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=4)
+        return
+    if percentiles:
+        share = sum(v > delta for v in percentiles[1:]) / (len(percentiles) - 1)
+        if share <= 0.01:
+            warnings.warn(
+                f"While {where}: with cooccurrence_threshold (delta) = {delta:.4g}, at most 1% of the "
+                f"{info.get('num_bimodal_features')} features that fire on both text and image positions reach it "
+                f"on both (their median bound is {percentiles[50]:.4g}, the largest {bound:.4g}): almost every score "
+                f"will be 0. {fix}",
+                stacklevel=4,
+            )

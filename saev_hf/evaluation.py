@@ -214,6 +214,11 @@ def evaluate_saev(
         `explained_variance` and, with `compute_ce_loss`, `ce_tokens`, `ce_clean`, `ce_sae`, `ce_zero`,
         `ce_loss_recovered`. A metric with no token to average over is None. Print it with [`format_metrics_table`].
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive number of rows per forward, e.g. 8.")
+    if num_examples is not None and (isinstance(num_examples, bool) or not isinstance(num_examples, int)
+                                     or num_examples <= 0):
+        raise ValueError(f"num_examples={num_examples!r} must be a positive number of rows, or None for all of them.")
     if layer is None:
         layer = sae.config.hook_layer
         if layer is None:

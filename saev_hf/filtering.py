@@ -79,6 +79,12 @@ def filter_by_score(dataset, args: FilterArguments | None = None, **kwargs: Any)
 
     Example: `filter_by_score(scored, column="saev_cooccur_l0", fraction=0.5)` keeps the best half.
     """
+    if args is not None and kwargs:
+        raise TypeError(
+            f"filter_by_score got both args= and keyword arguments {sorted(kwargs)}; the keywords would be ignored. "
+            f"Put them in the FilterArguments (e.g. dataclasses.replace(args, {next(iter(kwargs))}=...)) or pass only "
+            f"keywords."
+        )
     args = args or FilterArguments(**kwargs)
     if args.column not in dataset.column_names:
         raise KeyError(

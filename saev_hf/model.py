@@ -266,7 +266,9 @@ class SAEV(SAEVPreTrainedModel):
         `ValueError` when a weight holds NaN or inf (see [`SAEV.check_finite`]).
         """
         from . import saelens
+        from .loading import check_local_path
 
+        check_local_path(pretrained_model_name_or_path, "SAE-V")
         # transformers expects "" for "no subfolder"; the CLI and users naturally pass None.
         kwargs = {k: v for k, v in kwargs.items() if not (k in ("subfolder", "revision") and v is None)}
         layout = saelens.detect_layout(pretrained_model_name_or_path, **kwargs)

@@ -319,6 +319,8 @@ def prepare_inputs(
         first_row: index of the first row in the dataset, so that errors name the right row.
     """
     columns = rows_to_columns(rows)
+    if not columns or not any(len(values) for values in columns.values()):
+        raise ValueError("The batch holds no rows: there is nothing to read. Pass at least one row.")
     prompts = _column(columns, prompt_format.prompt_column, "prompt_column")
     responses = (
         _column(columns, prompt_format.response_column, "response_column")

@@ -156,9 +156,11 @@ class SAEVScorer:
         self.args = args or ScorerArguments()
         self.prompt_format = prompt_format
         self.layers = layers
-        self._sae_source = sae if isinstance(sae, str) else getattr(sae, "name_or_path", None)
-        self._model_source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
-        self._processor_source = processor if isinstance(processor, str) else self._model_source
+        # absolute paths: a scorer restored in another working directory (a worker, a later process) finds them again
+        self._sae_source = _absolute(sae if isinstance(sae, str) else getattr(sae, "name_or_path", None))
+        self._model_source = _absolute(
+            model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None))
+        self._processor_source = _absolute(processor) if isinstance(processor, str) else self._model_source
         self._sae = None if isinstance(sae, str) else sae
         self._model = None if isinstance(model, str) else model
         self._processor = None if isinstance(processor, str) else processor
@@ -331,8 +333,12 @@ class SAEVScorer:
             torch.set_num_threads(1)
             self._pid = os.getpid()
         self._validate()
+        self._check_is_batch(batch)
         self._to_device(rank)
-        n = len(next(iter(batch.values())))
+        n = len(next(iter(batch.values()))) if batch else 0
+        if n == 0:  # an empty batch (e.g. a shard without rows) adds empty columns
+            types = self._column_types()
+            return {name: TypedColumn([], types[name]) if name in types else [] for name in self.columns}
         first = indices[0] if indices is not None else 0
         try:
             scores = self.score_rows(batch, first)
@@ -361,6 +367,20 @@ class SAEVScorer:
 
     def _score_columns(self) -> list[str]:
         return [getattr(self.args, f"{score}_column") for score in SCORES if score in self.args.scores]
+
+    def _check_is_batch(self, batch: Mapping[str, Any]) -> None:
+        """Refuse one row passed as a batch (`ds.map(scorer)` without `batched=True`): its lists would be read as
+        columns, and its text as a column of characters."""
+        prompt = batch.get(self._reader_prompt_format().prompt_column) if isinstance(batch, Mapping) else None
+        one_row = isinstance(prompt, str) or (
+            isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], Mapping) and "role" in prompt[0]
+        )
+        if one_row:
+            raise TypeError(
+                f"{type(self).__name__} scores batches of rows, but it was given a single row (the prompt column holds "
+                f"{type(prompt).__name__}, not a list of prompts). Call ds.map(scorer, batched=True, batch_size=8), "
+                f"or scorer.score_rows([row]) for one row."
+            )
 
     def _column_types(self) -> dict[str, "pa.DataType"]:
         """Arrow type of each added column (with on_error='null', `__call__` returns typed arrays)."""
@@ -458,6 +478,13 @@ def example_activity(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, row
             max_text = torch.maximum(max_text, (z.float() * text[part, None]).amax(0))
             max_image = torch.maximum(max_image, (z.float() * image[part, None]).amax(0))
     return ExampleActivity(fires_text, fires_image, active, int(text.sum()), int(image.sum()), max_text, max_image)
+
+
+def _absolute(source: str | None) -> str | None:
+    """A local folder as an absolute path; a Hub repo id (or nothing) as it is."""
+    if source and os.path.exists(source):
+        return os.path.abspath(source)
+    return source or None
 
 
 def _state_key(module: torch.nn.Module) -> Any:

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .activations import LayerActivations, LayerReader, Modality
+from .prompts import RowError, rows_to_columns
 
 # Positions are identified across the stream as example_index * POSITION_STRIDE + token_index.
 POSITION_STRIDE = 1 << 24
@@ -215,10 +216,44 @@ def _counted(acts: LayerActivations, special_as_text: bool) -> torch.Tensor:
 
 
 def _batches(dataset: Any, batch_size: int, indices: Iterable[int] | None = None):
+    if not _indexable(dataset):  # a stream (IterableDataset, generator): read in order, keep the wanted rows
+        wanted = None if indices is None else set(indices)
+        last = None if wanted is None else max(wanted, default=-1)
+        chunk, rows = [], []
+        for i, row in enumerate(dataset):
+            if last is not None and i > last:
+                break
+            if wanted is None or i in wanted:
+                chunk.append(i)
+                rows.append(row)
+            if len(chunk) == batch_size:
+                yield chunk, rows
+                chunk, rows = [], []
+        if chunk:
+            yield chunk, rows
+        return
     indices = list(range(len(dataset))) if indices is None else list(indices)
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         yield chunk, dataset[chunk] if hasattr(dataset, "select") else [dataset[i] for i in chunk]
+
+
+def _read(reader: LayerReader, rows: Any, chunk: list[int]) -> LayerActivations:
+    """`reader.read` of the rows at dataset indices `chunk`; an error names the dataset's row even when the chunk's
+    rows are not consecutive (a sample)."""
+    try:
+        return reader.read(rows, first_row=chunk[0])
+    except RowError:
+        if chunk == list(range(chunk[0], chunk[0] + len(chunk))):
+            raise
+        columns = rows_to_columns(rows)
+        for j, index in enumerate(chunk):  # read alone, each row names itself; the bad one raises
+            reader.read({name: [values[j]] for name, values in columns.items()}, first_row=index)
+        raise
+
+
+def _indexable(dataset: Any) -> bool:
+    return hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
 
 
 @torch.no_grad()
@@ -232,7 +267,8 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
         sae ([`SAEV`]): the SAE-V, made for `reader`'s model and layer.
         reader ([`LayerReader`]): reads the MLLM's layer L from rows (its `prompt_format` names the columns; the
             paper feeds the question and the image only).
-        dataset: a `datasets.Dataset` (or any sequence of row dicts).
+        dataset: a `datasets.Dataset` (or any sequence of row dicts), or a stream (`datasets.IterableDataset`, any
+            re-iterable of row dicts): a stream is read in order, its first `num_examples` rows, twice (one per pass).
         args ([`WeightingArguments`]): K, per-modality count, special tokens, centring, sample size.
 
     Returns:
@@ -240,7 +276,14 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
     """
     args = args or WeightingArguments()
     reader.check_sae(sae)
-    if args.num_examples is not None and args.num_examples < len(dataset):
+    if not _indexable(dataset):
+        if iter(dataset) is dataset:
+            raise TypeError(
+                f"The weighting reads its data twice (top-K pass, then cosine pass), but a {type(dataset).__name__} can "
+                f"be read only once. Pass a datasets.Dataset, a datasets.IterableDataset or a list of rows."
+            )
+        sample = None  # the stream's first num_examples rows, counted while they are read
+    elif args.num_examples is not None and args.num_examples < len(dataset):
         generator = torch.Generator().manual_seed(args.seed)
         sample = sorted(torch.randperm(len(dataset), generator=generator)[: args.num_examples].tolist())
     else:
@@ -254,10 +297,21 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
     max_image = torch.zeros(sae.config.d_sae, device=device)
     positives = PositiveSample(seed=args.seed) if args.threshold_quantile is not None else None
 
-    stream_index = {example: i for i, example in enumerate(sample)}
-    for chunk, rows in tqdm(_batches(dataset, args.batch_size, sample), desc="Feature weights: top-K pass",
-                            total=math.ceil(len(sample) / args.batch_size), unit="batch", disable=args.disable_tqdm):
-        acts = reader.read(rows, first_row=chunk[0])
+    if sample is None:
+        first_rows = range(args.num_examples) if args.num_examples is not None else None
+        pass_one = _batches(dataset, args.batch_size, first_rows)
+        total = math.ceil(args.num_examples / args.batch_size) if args.num_examples is not None else None
+        sample, stream_index = [], _Identity()
+    else:
+        pass_one = _batches(dataset, args.batch_size, sample)
+        total = math.ceil(len(sample) / args.batch_size)
+        stream_index = {example: i for i, example in enumerate(sample)}
+    streamed = isinstance(stream_index, _Identity)
+    for chunk, rows in tqdm(pass_one, desc="Feature weights: top-K pass", total=total, unit="batch",
+                            disable=args.disable_tqdm):
+        if streamed:
+            sample.extend(chunk)
+        acts = _read(reader, rows, chunk)
         counted = _counted(acts, args.special_as_text)
         hidden = acts.hidden_states[counted].to(device)
         positions = _stream_positions([stream_index[i] for i in chunk], counted).to(device)
@@ -284,7 +338,7 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
     needed = [sample[i] for i in cosines.needed_examples()]
     for chunk, rows in tqdm(_batches(dataset, args.batch_size, needed), desc="Feature weights: cosine pass",
                             total=math.ceil(len(needed) / args.batch_size), unit="batch", disable=args.disable_tqdm):
-        acts = reader.read(rows, first_row=chunk[0])
+        acts = _read(reader, rows, chunk)
         counted = _counted(acts, args.special_as_text)
         positions = _stream_positions([stream_index[i] for i in chunk], counted).to(device)
         cosines.update(acts.hidden_states[counted].to(device), positions)
@@ -326,6 +380,13 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
             })
         check_cooccurrence(sae, where="computing the feature weights", error=False)  # the weights are still valid
     return weights
+
+
+class _Identity(dict):
+    """Stream position of a streamed example: its index in the stream."""
+
+    def __missing__(self, key: int) -> int:
+        return key
 
 
 class PositiveSample:

@@ -148,7 +148,10 @@ def weights(source: SourceArguments, prompt_format, weighting) -> None:
             f"Give either --cooccurrence_threshold {source.cooccurrence_threshold} (set delta) or --threshold_quantile "
             f"{weighting.threshold_quantile} (calibrate it on the data), not both."
         )
+    from .prompts import undecoded_images
+
     sae, model, processor, dataset = load_sources(source, "saev weights")
+    dataset, _ = undecoded_images(dataset, prompt_format.image_column)  # a corrupt image names its row
     reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
     compute_feature_weights(sae, reader, dataset, weighting)
     sae.save_pretrained(source.output_dir)
@@ -232,7 +235,10 @@ def inspect_command(source: SourceArguments, prompt_format, inspection_args) -> 
 
     # the report is write_feature_browser's output, whether written from Python or from here
     prepare_output_dir(source.output_dir, "write_feature_browser", source.overwrite_output_dir)
+    from .prompts import undecoded_images
+
     sae, model, processor, dataset = load_sources(source)
+    dataset, _ = undecoded_images(dataset, prompt_format.image_column)  # a corrupt image names its row
     reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
     inspection = inspect_saev(sae, reader, dataset, inspection_args)
     index = write_feature_browser(inspection, source.output_dir, overwrite=source.overwrite_output_dir)

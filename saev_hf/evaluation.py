@@ -424,6 +424,7 @@ def _reading_notes(metrics: dict[str, Any], cell: Any) -> list[str]:
 def run_evaluation(args: SAEVEvaluationArguments) -> dict[str, Any]:
     """Load what `args` name, evaluate, print the table, write `output_file` if given, and return the metrics."""
     from .loading import load_dataset_split, load_model_and_processor
+    from .prompts import undecoded_images
     from .training import _accelerator_available
 
     device = "cpu" if args.use_cpu or not _accelerator_available() else torch.accelerator.current_accelerator()
@@ -431,6 +432,8 @@ def run_evaluation(args: SAEVEvaluationArguments) -> dict[str, Any]:
     sae.to(device)
     model, processor = load_model_and_processor(args.model_name_or_path, args.model_revision, args.model_dtype, device)
     dataset = load_dataset_split(args.dataset_name, args.dataset_config, args.dataset_split)
+    # read image bytes ourselves, so that a corrupt image is an error naming its row, not a failure inside datasets
+    dataset, _ = undecoded_images(dataset, args.prompt_format.image_column)
     metrics = evaluate_saev(
         sae,
         model,

@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 from .activations import image_token_id_of, text_and_image
-from .prompts import PromptFormat, RowError, row_images, rows_to_columns
+from .prompts import PromptFormat, RowError, _column, row_images, rows_to_columns
 from .scoring import SAEVScorer
 
 PATCH_SCORES = ("l0", "l1", "cooccur_l0", "cosine")
@@ -581,10 +581,8 @@ class PatchFilter(SAEVScorer):
         """`rows` as columns whose image column holds the decoded images (one list per row), and those lists."""
         columns = rows_to_columns(rows)
         image_column = self._reader_prompt_format().image_column
-        if image_column not in columns:
-            raise RowError(f"Rows {first_row}..: no image column {image_column!r} (columns: {sorted(columns)}); set "
-                           f"PromptFormat(image_column=...).")
-        images = [row_images(value, first_row + i, image_column) for i, value in enumerate(columns[image_column])]
+        values = _column(columns, image_column, "image_column")  # the reader's KeyError, naming the columns
+        images = [row_images(value, first_row + i, image_column) for i, value in enumerate(values)]
         return {**columns, image_column: images}, images
 
     def score_rows(self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]], first_row: int = 0):

@@ -39,7 +39,7 @@ from .activations import LayerReader, image_token_id_of
 from .config import ACTIVATIONS, SAEVConfig
 from .loading import MODEL_DTYPES, load_dataset_split, load_model_and_processor  # noqa: F401  (re-exported)
 from .model import SAEV
-from .prompts import PromptFormat
+from .prompts import PromptFormat, undecoded_images
 
 logger = logging.getLogger(__name__)
 
@@ -501,6 +501,8 @@ class SAEVTrainer:
             train_dataset = load_dataset_split(
                 args.dataset_name, args.dataset_config, args.dataset_split, args.streaming
             )
+            # read image bytes ourselves, so that a corrupt image is an error naming its row
+            train_dataset, _ = undecoded_images(train_dataset, args.image_column)
         self.train_dataset = train_dataset
 
         prompt_format = args.prompt_format

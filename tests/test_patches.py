@@ -276,7 +276,7 @@ def test_patch_filter_errors(patch_setup):
     with pytest.raises(ValueError, match="cross-modal feature weights"):
         PatchFilter(unweighted, llava.model, llava.processor, args=PatchFilterArguments(score="cosine"))
     PatchFilter(unweighted, llava.model, llava.processor, args=PatchFilterArguments(score="l0"))  # needs no weights
-    with pytest.raises(RowError, match="image column 'images'"):
+    with pytest.raises(KeyError, match=r"Column 'images' not found; the data has columns \['prompt'\]. Pass image_column="):
         PatchFilter(sae, llava.model, llava.processor).score_rows({"prompt": ["what digit is this ?"]})
     broken = datasets.Dataset.from_dict({"images": [[{"bytes": b"not an image", "path": None}]],
                                          "prompt": ["what digit is this ?"]})

@@ -134,7 +134,8 @@ def load_sources(source: SourceArguments, command: str | None = None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     sae = SAEV.from_pretrained(source.sae_name_or_path, subfolder=source.sae_subfolder).to(device)
     if source.cooccurrence_threshold is not None:
-        sae.set_cooccurrence_threshold(source.cooccurrence_threshold, info={"method": "set with --cooccurrence_threshold"})
+        sae.set_cooccurrence_threshold(source.cooccurrence_threshold,
+                                       info={"method": "set with --cooccurrence_threshold"})
     model, processor = load_model_and_processor(source.model_name_or_path, revision=source.model_revision, device=device)
     return sae, model, processor, load_dataset_split(source.dataset_name, source.dataset_config, source.dataset_split)
 

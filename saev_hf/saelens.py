@@ -125,7 +125,8 @@ def check_weight_shapes(path: str | os.PathLike, **kwargs: Any) -> None:
         raise OSError(f"The weights at {_where(path, **kwargs)} hold no W_enc tensor: this is not an SAE-V checkpoint.")
     _check_shape("W_enc", shape, (config.d_in, config.d_sae), path, kwargs)
     # transformers would initialise a missing tensor (b_enc = 0, ...) and only print a report: refuse instead
-    index_file = _resolve(path, HF_WEIGHTS_INDEX_FILENAME, **kwargs) if _resolve(path, HF_WEIGHTS_FILENAME, **kwargs) is None else None
+    single_file = _resolve(path, HF_WEIGHTS_FILENAME, **kwargs)
+    index_file = _resolve(path, HF_WEIGHTS_INDEX_FILENAME, **kwargs) if single_file is None else None
     if index_file is not None:
         present = set(json.loads(Path(index_file).read_text())["weight_map"])
     else:

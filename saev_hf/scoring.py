@@ -372,9 +372,8 @@ class SAEVScorer:
         """Refuse one row passed as a batch (`ds.map(scorer)` without `batched=True`): its lists would be read as
         columns, and its text as a column of characters."""
         prompt = batch.get(self._reader_prompt_format().prompt_column) if isinstance(batch, Mapping) else None
-        one_row = isinstance(prompt, str) or (
-            isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], Mapping) and "role" in prompt[0]
-        )
+        one_row = isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and bool(prompt)
+                                              and isinstance(prompt[0], Mapping) and "role" in prompt[0])
         if one_row:
             raise TypeError(
                 f"{type(self).__name__} scores batches of rows, but it was given a single row (the prompt column holds "

@@ -279,8 +279,8 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
     if not _indexable(dataset):
         if iter(dataset) is dataset:
             raise TypeError(
-                f"The weighting reads its data twice (top-K pass, then cosine pass), but a {type(dataset).__name__} can "
-                f"be read only once. Pass a datasets.Dataset, a datasets.IterableDataset or a list of rows."
+                f"The weighting reads its data twice (top-K pass, then cosine pass), but a {type(dataset).__name__} "
+                f"can be read only once. Pass a datasets.Dataset, a datasets.IterableDataset or a list of rows."
             )
         sample = None  # the stream's first num_examples rows, counted while they are read
     elif args.num_examples is not None and args.num_examples < len(dataset):
@@ -360,9 +360,9 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
     bounds = torch.minimum(max_text, max_image)  # feature f can co-occur only under a delta below bounds[f]
     bimodal = bounds[bounds > 0]
     info["cooccurrence_bound_max"] = float(bounds.max())
+    levels = torch.linspace(0, 1, 101, dtype=torch.float64)
     info["cooccurrence_bound_percentiles"] = (
-        [round(v, 6) for v in torch.quantile(bimodal.double().cpu(), torch.linspace(0, 1, 101, dtype=torch.float64)).tolist()]
-        if len(bimodal) else []
+        [round(v, 6) for v in torch.quantile(bimodal.double().cpu(), levels).tolist()] if len(bimodal) else []
     )
     info["num_bimodal_features"] = int(len(bimodal))
     if store:

@@ -140,3 +140,18 @@ def test_config_records_the_provenance_of_delta(tmp_path):
     assert saved["cooccurrence_threshold_info"] == {"method": "chosen by hand", "previous": 1.0}
     with pytest.raises(ValueError, match=r"cooccurrence_threshold=-1 must be a finite number >= 0.0"):
         sae.set_cooccurrence_threshold(-1)
+
+
+def test_a_delta_that_almost_nothing_reaches_warns_with_the_numbers(flow):
+    from saev_hf import SAEVScorer
+
+    llava, root = flow
+    sae = SAEV.from_pretrained(root / "saev-cal")
+    info = sae.config.feature_weights_info
+    p99, bound = info["cooccurrence_bound_percentiles"][99], info["cooccurrence_bound_max"]
+    assert p99 < bound
+    sae.set_cooccurrence_threshold(p99)
+    with pytest.warns(UserWarning, match=rf"While starting SAEVScorer: with cooccurrence_threshold \(delta\) = "
+                                         rf"{p99:.4g}, at most 1% of the {info['num_bimodal_features']} features that "
+                                         rf"fire on both text and image positions reach it"):
+        SAEVScorer(sae, llava.model, llava.processor)

@@ -191,9 +191,21 @@ class ActivationBuffer:
         try:
             acts = self.reader.read(rows, first_row=self.rows_into_pass)
         except RowError as error:
-            raise RowError(
-                f"{error} (Reading {where}; row numbers in the message count rows in reading order.)"
-            ) from error
+            if indices is None:  # a stream: its rows are numbered in reading order
+                raise RowError(
+                    f"{error} (Reading {where}; row numbers in the message count rows in reading order.)"
+                ) from error
+            # shuffled rows: read them one by one, so that the error names the row's index in the data, not its
+            # position in the shuffled reading order
+            for j, index in enumerate(indices):
+                try:
+                    self.reader.read({name: [values[j]] for name, values in rows.items()}, first_row=index)
+                except RowError as row_error:
+                    raise RowError(
+                        f"{row_error} (Row numbers are indices in the data this process reads: the dataset in a "
+                        f"one-process run, this process's shard in a distributed one.)"
+                    ) from error
+            raise
         mask = acts.token_mask if self.include_special_tokens else acts.text_mask(False) | acts.image_mask
         tokens = acts.hidden_states[mask].to(self.device, torch.float32)
         if not torch.isfinite(tokens).all():

@@ -24,6 +24,10 @@ class ConvertArguments:
     to: str = field(default="saev", metadata={"help": "Layout to write: 'saev' (transformers) or 'saelens'."})
     subfolder: str | None = field(default=None, metadata={"help": "Subfolder of `source` holding the checkpoint."})
     revision: str | None = field(default=None, metadata={"help": "Revision of `source` on the Hub."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Write into output_dir even if it holds files that `saev convert` did not write."},
+    )
 
     def __post_init__(self) -> None:
         if self.to not in ("saev", "saelens"):
@@ -46,6 +50,9 @@ def _load(args: ConvertArguments | InfoArguments):
 
 
 def convert(args: ConvertArguments) -> None:
+    from .outputs import prepare_output_dir
+
+    prepare_output_dir(args.output_dir, "saev convert", args.overwrite_output_dir)
     sae = _load(args)
     if args.to == "saelens":
         sae.save_saelens(args.output_dir)
@@ -89,6 +96,16 @@ class SourceArguments:
     sae_subfolder: str | None = field(default=None, metadata={"help": "Subfolder of the SAE-V repo."})
     model_revision: str | None = field(default=None, metadata={"help": "Revision of the MLLM on the Hub."})
     device: str = field(default="auto", metadata={"help": "'auto' (GPU if any), 'cpu', 'cuda:0'..."})
+    cooccurrence_threshold: float | None = field(
+        default=None,
+        metadata={"help": "Set the SAE-V's co-occurrence bound delta (recorded in its config; `saev weights` saves "
+                  "it with the SAE-V). Default: the SAE-V's own (the paper's 1.0 unless set or calibrated)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Write into output_dir even if it holds files that this command did not write (they may be "
+                  "replaced)."},
+    )
 
 
 @dataclass
@@ -100,10 +117,15 @@ class MapArguments:
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars (datasets' map and save)."})
 
 
-def load_sources(source: SourceArguments):
-    """The SAE-V, the MLLM (with its processor, on the chosen device) and the dataset named by `source`."""
+def load_sources(source: SourceArguments, command: str | None = None):
+    """The SAE-V, the MLLM (with its processor, on the chosen device) and the dataset named by `source`; with
+    `command`, first checks that it may write into `source.output_dir` (before anything heavy is loaded)."""
     import torch
 
+    from .outputs import prepare_output_dir
+
+    if command is not None:
+        prepare_output_dir(source.output_dir, command, source.overwrite_output_dir)
     from . import SAEV
     from .loading import load_dataset_split, load_model_and_processor
 
@@ -111,6 +133,9 @@ def load_sources(source: SourceArguments):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     sae = SAEV.from_pretrained(source.sae_name_or_path, subfolder=source.sae_subfolder).to(device)
+    if source.cooccurrence_threshold is not None:
+        sae.set_cooccurrence_threshold(source.cooccurrence_threshold,
+                                       info={"method": "set with --cooccurrence_threshold"})
     model, processor = load_model_and_processor(source.model_name_or_path, revision=source.model_revision, device=device)
     return sae, model, processor, load_dataset_split(source.dataset_name, source.dataset_config, source.dataset_split)
 
@@ -119,22 +144,37 @@ def weights(source: SourceArguments, prompt_format, weighting) -> None:
     from .activations import LayerReader
     from .weighting import compute_feature_weights
 
-    sae, model, processor, dataset = load_sources(source)
+    if source.cooccurrence_threshold is not None and weighting.threshold_quantile is not None:
+        raise ValueError(
+            f"Give either --cooccurrence_threshold {source.cooccurrence_threshold} (set delta) or --threshold_quantile "
+            f"{weighting.threshold_quantile} (calibrate it on the data), not both."
+        )
+    from .prompts import undecoded_images
+
+    sae, model, processor, dataset = load_sources(source, "saev weights")
+    dataset, _ = undecoded_images(dataset, prompt_format.image_column)  # a corrupt image names its row
     reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
     compute_feature_weights(sae, reader, dataset, weighting)
     sae.save_pretrained(source.output_dir)
     info = sae.config.feature_weights_info
     print(f"{info['num_weighted_features']} of {sae.config.d_sae} features weighted over {info['num_examples']} "
-          f"examples; SAE-V with weights saved to {source.output_dir}")
+          f"examples; delta (cooccurrence_threshold) = {sae.config.cooccurrence_threshold:.4g}; SAE-V with weights "
+          f"saved to {source.output_dir}")
 
 
 def score(source: SourceArguments, prompt_format, scorer_args, map_args: MapArguments) -> None:
     from .scoring import SAEVScorer
 
-    sae, model, processor, dataset = load_sources(source)
+    from .prompts import undecoded_images
+
+    sae, model, processor, dataset = load_sources(source, "saev score")
     scorer = SAEVScorer(sae, model, processor, prompt_format=prompt_format, args=scorer_args)
+    # the scorer reads the image bytes itself, so that a corrupt image names its row (or costs one null row)
+    dataset, image_feature = undecoded_images(dataset, prompt_format.image_column)
     scored = dataset.map(scorer, batched=True, batch_size=map_args.batch_size, num_proc=map_args.num_proc,
-                         with_rank=map_args.num_proc is not None, desc="SAE-V scores")
+                         with_indices=True, with_rank=map_args.num_proc is not None, desc="SAE-V scores")
+    if image_feature is not None:
+        scored = scored.cast_column(prompt_format.image_column, image_feature)
     scored.save_to_disk(source.output_dir)
     print(f"Scored {len(scored)} examples ({', '.join(scorer.columns)}); saved to {source.output_dir}")
 
@@ -146,12 +186,18 @@ class FilterIOArguments:
     dataset_name: str = field(metadata={"help": "Folder of a scored dataset (save_to_disk), or a Hub dataset."})
     output_dir: str = field(metadata={"help": "Folder to save the filtered dataset to."})
     dataset_split: str = field(default="train", metadata={"help": "Dataset split."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Write into output_dir even if it holds files that `saev filter` did not write."},
+    )
 
 
 def filter_command(io: FilterIOArguments, filter_args) -> None:
     from .filtering import FILTER_RECORD, filter_by_score
     from .loading import load_dataset_split
+    from .outputs import prepare_output_dir
 
+    prepare_output_dir(io.output_dir, "saev filter", io.overwrite_output_dir)
     dataset = load_dataset_split(io.dataset_name, split=io.dataset_split)
     kept = filter_by_score(dataset, filter_args)
     kept.save_to_disk(io.output_dir)
@@ -186,10 +232,17 @@ def inspect_command(source: SourceArguments, prompt_format, inspection_args) -> 
     from .feature_browser import write_feature_browser
     from .inspection import inspect_saev
 
+    from .outputs import prepare_output_dir
+
+    # the report is write_feature_browser's output, whether written from Python or from here
+    prepare_output_dir(source.output_dir, "write_feature_browser", source.overwrite_output_dir)
+    from .prompts import undecoded_images
+
     sae, model, processor, dataset = load_sources(source)
+    dataset, _ = undecoded_images(dataset, prompt_format.image_column)  # a corrupt image names its row
     reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
     inspection = inspect_saev(sae, reader, dataset, inspection_args)
-    index = write_feature_browser(inspection, source.output_dir)
+    index = write_feature_browser(inspection, source.output_dir, overwrite=source.overwrite_output_dir)
     print(f"Inspected {len(inspection.features)} features and explained {len(inspection.explanations)} rows of "
           f"{len(inspection.scanned_rows)} scanned; open {index}")
 
@@ -207,10 +260,17 @@ def patches(source: SourceArguments, prompt_format, patch_args, map_args: MapArg
     with masked images and patch scores to --output_dir, with preview.png (originals above, masked below)."""
     from .patches import PatchFilter, save_patch_preview
 
-    sae, model, processor, dataset = load_sources(source)
+    from .prompts import undecoded_images
+
+    sae, model, processor, dataset = load_sources(source, "saev patches")
     patch_filter = PatchFilter(sae, model, processor, prompt_format=prompt_format, args=patch_args)
+    # the filter reads the image bytes itself, so that a corrupt image names its row (or costs one null row)
+    dataset, image_feature = undecoded_images(dataset, prompt_format.image_column)
     masked = dataset.map(patch_filter, batched=True, batch_size=map_args.batch_size, num_proc=map_args.num_proc,
-                         with_rank=map_args.num_proc is not None, desc=f"Patch filter ({patch_args.score})")
+                         with_indices=True, with_rank=map_args.num_proc is not None,
+                         desc=f"Patch filter ({patch_args.score})")
+    if image_feature is not None:
+        masked = masked.cast_column(prompt_format.image_column, image_feature)
     masked.save_to_disk(source.output_dir)
     preview = save_patch_preview(dataset, masked, Path(source.output_dir) / "preview.png",
                                  image_column=prompt_format.image_column,

@@ -46,7 +46,13 @@ class SAEVConfig(PretrainedConfig):
             Revision (branch, tag or commit sha) of the base model, so that the hidden states are reproducible.
         cooccurrence_threshold (`float`, *optional*, defaults to 1.0):
             The activation bound delta: a feature co-occurs in an example when its activation exceeds delta at some
-            text position and at some image position. The authors' code uses 1.0.
+            text position and at some image position. The authors' code uses 1.0, a constant made for LLaVA-NeXT-7B's
+            activations: an SAE-V whose activations stay below it has no co-occurring feature, and every score is 0.
+            Set it, or calibrate it on data (`WeightingArguments.threshold_quantile`); `cooccurrence_threshold_info`
+            records where it came from.
+        cooccurrence_threshold_info (`dict`, *optional*):
+            Provenance of `cooccurrence_threshold` when it was set or calibrated after creation (how, from what data,
+            the previous value). `None`: the value given at creation (the paper's constant by default).
         l1_coefficient (`float`, *optional*, defaults to 5.0):
             Weight lambda of the sparsity penalty `sum_f z_f * ||W_dec[f]||_2` in the training loss (ReLU only).
         input_scale (`float`, *optional*, defaults to 1.0):
@@ -79,6 +85,7 @@ class SAEVConfig(PretrainedConfig):
         base_model_name_or_path: str | None = None,
         base_model_revision: str | None = None,
         cooccurrence_threshold: float = 1.0,
+        cooccurrence_threshold_info: dict[str, Any] | None = None,
         l1_coefficient: float = 5.0,
         input_scale: float = 1.0,
         apply_b_dec_to_input: bool = False,
@@ -125,6 +132,11 @@ class SAEVConfig(PretrainedConfig):
             raise ValueError(f"apply_b_dec_to_input={apply_b_dec_to_input!r} must be True or False.")
         if training_tokens is not None and (not _is_int(training_tokens) or training_tokens < 0):
             raise ValueError(f"training_tokens={training_tokens!r} must be a non-negative integer or None.")
+        if cooccurrence_threshold_info is not None and not isinstance(cooccurrence_threshold_info, dict):
+            raise ValueError(
+                f"cooccurrence_threshold_info must be a dict saying where delta came from, or None; got "
+                f"{type(cooccurrence_threshold_info).__name__}."
+            )
         if feature_weights_info is not None and not isinstance(feature_weights_info, dict):
             raise ValueError(
                 f"feature_weights_info must be a dict describing how the weights were computed, or None; "
@@ -141,6 +153,7 @@ class SAEVConfig(PretrainedConfig):
         self.base_model_name_or_path = base_model_name_or_path
         self.base_model_revision = base_model_revision
         self.cooccurrence_threshold = float(cooccurrence_threshold)
+        self.cooccurrence_threshold_info = cooccurrence_threshold_info
         self.l1_coefficient = float(l1_coefficient)
         self.input_scale = float(input_scale)
         self.apply_b_dec_to_input = apply_b_dec_to_input

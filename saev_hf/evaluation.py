@@ -214,6 +214,11 @@ def evaluate_saev(
         `explained_variance` and, with `compute_ce_loss`, `ce_tokens`, `ce_clean`, `ce_sae`, `ce_zero`,
         `ce_loss_recovered`. A metric with no token to average over is None. Print it with [`format_metrics_table`].
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive number of rows per forward, e.g. 8.")
+    if num_examples is not None and (isinstance(num_examples, bool) or not isinstance(num_examples, int)
+                                     or num_examples <= 0):
+        raise ValueError(f"num_examples={num_examples!r} must be a positive number of rows, or None for all of them.")
     if layer is None:
         layer = sae.config.hook_layer
         if layer is None:
@@ -419,6 +424,7 @@ def _reading_notes(metrics: dict[str, Any], cell: Any) -> list[str]:
 def run_evaluation(args: SAEVEvaluationArguments) -> dict[str, Any]:
     """Load what `args` name, evaluate, print the table, write `output_file` if given, and return the metrics."""
     from .loading import load_dataset_split, load_model_and_processor
+    from .prompts import undecoded_images
     from .training import _accelerator_available
 
     device = "cpu" if args.use_cpu or not _accelerator_available() else torch.accelerator.current_accelerator()
@@ -426,6 +432,8 @@ def run_evaluation(args: SAEVEvaluationArguments) -> dict[str, Any]:
     sae.to(device)
     model, processor = load_model_and_processor(args.model_name_or_path, args.model_revision, args.model_dtype, device)
     dataset = load_dataset_split(args.dataset_name, args.dataset_config, args.dataset_split)
+    # read image bytes ourselves, so that a corrupt image is an error naming its row, not a failure inside datasets
+    dataset, _ = undecoded_images(dataset, args.prompt_format.image_column)
     metrics = evaluate_saev(
         sae,
         model,

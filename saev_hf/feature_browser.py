@@ -360,18 +360,25 @@ def _index_page(inspection: Inspection) -> str:
     return _page("SAE-V inspection", "\n".join(body))
 
 
-def write_feature_browser(inspection: Inspection, output_dir: str | Path) -> Path:
+def write_feature_browser(inspection: Inspection, output_dir: str | Path, overwrite: bool = False) -> Path:
     """
     Write `inspection` as a static HTML report (with PNGs) to `output_dir` and return the path of its `index.html`.
 
     Args:
         inspection ([`Inspection`]): what [`inspect_saev`] found.
-        output_dir (`str` or `Path`): the folder to write (created if needed).
+        output_dir (`str` or `Path`): the folder to write (created if needed): new, empty, or an earlier report.
+        overwrite (`bool`, *optional*, defaults to `False`): write even into a folder holding other files (an
+            `index.html` of another site, ...), which may be replaced.
 
     Returns:
         `Path`: `output_dir/index.html`; open it in a browser (file://, no server needed).
+
+    Raises:
+        FileExistsError: `output_dir` holds files that no earlier report wrote, and `overwrite` is False.
     """
-    output = Path(output_dir)
+    from .outputs import prepare_output_dir
+
+    output = prepare_output_dir(output_dir, "write_feature_browser", overwrite)
     (output / "features").mkdir(parents=True, exist_ok=True)
     (output / "examples").mkdir(parents=True, exist_ok=True)
     for f, summary in inspection.features.items():

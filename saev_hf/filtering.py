@@ -47,7 +47,8 @@ def kept_indices(scores: list[Any], args: FilterArguments) -> list[int]:
     Indices of the rows to keep, in ascending order.
 
     With `fraction`, rows are ranked by score (highest first), ties broken by row index (earlier first), and the first
-    `round(fraction * n)` (at least 1) of the n scored rows are kept: a global quantile, deterministic.
+    `round(fraction * n)` (at least 1) of the n scored rows are kept: a global quantile, deterministic. A column whose
+    values all tie is refused (ranking it would keep rows by index).
     """
     values = np.array([np.nan if s is None else float(s) for s in scores], dtype=np.float64)
     null = np.isnan(values)
@@ -60,6 +61,14 @@ def kept_indices(scores: list[Any], args: FilterArguments) -> list[int]:
     if args.threshold is not None:
         return scored[values[scored] >= args.threshold].tolist()
     count = max(1, int(round(args.fraction * len(scored)))) if len(scored) else 0
+    if 0 < count < len(scored) and np.all(values[scored] == values[scored[0]]):
+        raise ValueError(
+            f"All {len(scored)} scored rows have the same {args.column!r} ({values[scored[0]]:g}), so the top "
+            f"fraction={args.fraction} cannot be chosen by score: it would be the first {count} rows by index. The "
+            f"scores carry no information; for SAE-V scores all 0 usually means that no feature co-occurred (delta "
+            f"too high for this SAE-V: set --cooccurrence_threshold, or calibrate it with saev weights "
+            f"--threshold_quantile, and score again). Rank by another column, or keep every row (fraction=1)."
+        )
     order = scored[np.lexsort((scored, -values[scored]))]  # by score descending, then by index ascending
     return sorted(order[:count].tolist())
 
@@ -70,6 +79,12 @@ def filter_by_score(dataset, args: FilterArguments | None = None, **kwargs: Any)
 
     Example: `filter_by_score(scored, column="saev_cooccur_l0", fraction=0.5)` keeps the best half.
     """
+    if args is not None and kwargs:
+        raise TypeError(
+            f"filter_by_score got both args= and keyword arguments {sorted(kwargs)}; the keywords would be ignored. "
+            f"Put them in the FilterArguments (e.g. dataclasses.replace(args, {next(iter(kwargs))}=...)) or pass only "
+            f"keywords."
+        )
     args = args or FilterArguments(**kwargs)
     if args.column not in dataset.column_names:
         raise KeyError(

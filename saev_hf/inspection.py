@@ -341,6 +341,9 @@ class FeatureTopExamples:
 
 def _check_inputs(sae: Any, reader: LayerReader, dataset: Any, args: InspectionArguments) -> None:
     reader.check_sae(sae)
+    if len(dataset) == 0:
+        raise ValueError("The dataset has no rows: there is nothing to inspect (an inspection of no rows would show "
+                         "features without any example). Check the dataset split and any filtering before it.")
     if reader.image_token_id is None:
         raise ValueError(f"{type(reader.model).__name__} has no image token: inspecting an SAE-V needs an image-text "
                          f"model.")

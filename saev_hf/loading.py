@@ -6,11 +6,28 @@ Shared by training, evaluation, weighting and scoring, from Python and from the 
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def check_local_path(name_or_path: str | os.PathLike, what: str) -> None:
+    """
+    Refuse a local path that does not exist with a clear error, instead of the Hub lookup's "Couldn't reach ... on the
+    Hub" that a missing folder would otherwise give. A name is a local path when it is a `PathLike`, starts with
+    `.`, `/` or `~`, or has more than one `/` (a Hub repo id is `name` or `owner/name`).
+    """
+    text = os.fspath(name_or_path)
+    local = (isinstance(name_or_path, os.PathLike) or text.startswith((".", "/", "~", "\\")) or text.count("/") > 1
+             or os.path.isabs(text))
+    if local and not Path(text).expanduser().exists():
+        raise FileNotFoundError(
+            f"The {what} folder {text!r} does not exist (looked for {os.path.abspath(os.path.expanduser(text))}). "
+            f"Check the path; a Hub repo id has the form 'name' or 'owner/name'."
+        )
 
 
 def load_model_and_processor(
@@ -28,6 +45,7 @@ def load_model_and_processor(
 
     from .tiny_models import register_tiny_processors
 
+    check_local_path(name_or_path, "model")
     register_tiny_processors()  # so that folders saved from saev_hf's tiny Qwen2-VL/Chameleon load offline
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {MODEL_DTYPES}.")
@@ -48,9 +66,13 @@ def load_dataset_split(name_or_path: str, config: str | None = None, split: str 
     """
     One split of a dataset: a folder written by `save_to_disk` (a `Dataset` or a `DatasetDict`), or anything
     `datasets.load_dataset` reads (a Hub name, a folder of data files, ...).
+
+    A folder holding one `Dataset` has no splits to choose from: it is read whole with the default `split="train"`
+    (or the split it was saved from); any other split is refused rather than ignored.
     """
     import datasets
 
+    check_local_path(name_or_path, "dataset")
     path = Path(name_or_path)
     if path.is_dir() and any((path / name).exists() for name in ("state.json", "dataset_dict.json")):
         data = datasets.load_from_disk(str(path))
@@ -58,6 +80,13 @@ def load_dataset_split(name_or_path: str, config: str | None = None, split: str 
             if split not in data:
                 raise ValueError(f"Split {split!r} not found in {name_or_path}; it has splits {sorted(data)}.")
             data = data[split]
+        elif split not in ("train", str(data.split) if data.split is not None else "train"):
+            saved = f"the {str(data.split)!r} split" if data.split is not None else "no split name"
+            raise ValueError(
+                f"{name_or_path} holds a single Dataset ({saved}, {len(data)} rows), not a DatasetDict, so split "
+                f"{split!r} cannot be chosen from it. Drop the split option to use its rows, or save the splits as a "
+                f"DatasetDict (DatasetDict({{{split!r}: ...}}).save_to_disk(...))."
+            )
         return data.to_iterable_dataset() if streaming else data
     return datasets.load_dataset(name_or_path, config, split=split, streaming=streaming)
 

@@ -198,6 +198,40 @@ class SAEV(SAEVPreTrainedModel):
         self.feature_weights.copy_(weights.to(self.feature_weights))
         self.config.feature_weights_info = dict(info or {})
 
+    def set_cooccurrence_threshold(self, delta: float, info: dict | None = None) -> None:
+        """
+        Set the co-occurrence bound delta (`config.cooccurrence_threshold`) and record where it came from.
+
+        Args:
+            delta (`float`): the new bound, finite and >= 0.
+            info (`dict`, *optional*): provenance saved in `config.cooccurrence_threshold_info` (how it was chosen,
+                from what data); the previous value is added to it.
+        """
+        from .config import _check_finite
+
+        _check_finite("cooccurrence_threshold", delta, minimum=0.0)
+        record = {**(info or {"method": "set"}), "previous": self.config.cooccurrence_threshold}
+        self.config.cooccurrence_threshold = float(delta)
+        self.config.cooccurrence_threshold_info = record
+
+    @torch.no_grad()
+    def check_finite(self) -> None:
+        """Refuse NaN or inf in the weights (an SAE-V with them encodes NaN, and every score silently becomes 0) and
+        inf in the feature weights (NaN there means "no weight")."""
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            tensor = getattr(self, name)
+            bad = ~torch.isfinite(tensor)
+            if bad.any():
+                first = tuple(int(i) for i in bad.nonzero()[0])
+                raise ValueError(
+                    f"The SAE-V's {name} holds {int(bad.sum())} NaN or inf values (first at index {first}): it would "
+                    f"encode NaN and score every row 0. The checkpoint is corrupt or its training diverged; load "
+                    f"another checkpoint (e.g. an earlier checkpoint-* of the run) or train again with a lower "
+                    f"learning rate."
+                )
+        if torch.isinf(self.feature_weights).any():
+            raise ValueError("The SAE-V's feature_weights contain inf; compute them again (compute_feature_weights).")
+
     # ----------------------------------------------------------------------------------------------------------
     # Checkpoints
     # ----------------------------------------------------------------------------------------------------------
@@ -228,17 +262,23 @@ class SAEV(SAEVPreTrainedModel):
           published their checkpoints.
 
         Takes the usual `PreTrainedModel.from_pretrained` keyword arguments (`revision`, `subfolder`, `dtype`,
-        `cache_dir`, `token`, ...). Raises `OSError` naming the files looked for when the location holds no SAE.
+        `cache_dir`, `token`, ...). Raises `OSError` naming the files looked for when the location holds no SAE, and
+        `ValueError` when a weight holds NaN or inf (see [`SAEV.check_finite`]).
         """
         from . import saelens
+        from .loading import check_local_path
 
+        check_local_path(pretrained_model_name_or_path, "SAE-V")
         # transformers expects "" for "no subfolder"; the CLI and users naturally pass None.
         kwargs = {k: v for k, v in kwargs.items() if not (k in ("subfolder", "revision") and v is None)}
         layout = saelens.detect_layout(pretrained_model_name_or_path, **kwargs)
         if layout == "saelens":
-            return saelens.load_saelens(pretrained_model_name_or_path, **kwargs)
-        saelens.check_weight_shapes(pretrained_model_name_or_path, **kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            sae = saelens.load_saelens(pretrained_model_name_or_path, **kwargs)
+        else:
+            saelens.check_weight_shapes(pretrained_model_name_or_path, **kwargs)
+            sae = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        sae.check_finite()
+        return sae
 
     def save_saelens(self, save_directory: str | os.PathLike) -> None:
         """Write this SAE-V in the SAELens layout (see `saev_hf.saelens.save_saelens`)."""

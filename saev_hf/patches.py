@@ -36,11 +36,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 
 from .activations import image_token_id_of, text_and_image
-from .prompts import PromptFormat, RowError, row_images, rows_to_columns
+from .prompts import PromptFormat, RowError, _column, row_images, rows_to_columns
 from .scoring import SAEVScorer
 
 PATCH_SCORES = ("l0", "l1", "cooccur_l0", "cosine")
@@ -543,6 +544,11 @@ class PatchFilter(SAEVScorer):
         image_column = self._reader_prompt_format().image_column
         return [image_column, self.args.scores_column] if self.args.scores_column else [image_column]
 
+    def _column_types(self) -> dict[str, Any]:
+        # the image column keeps the input's feature (datasets tries it first); the grids are per image, rows x cols
+        grids = {self.args.scores_column: pa.list_(pa.list_(pa.list_(pa.float64())))} if self.args.scores_column else {}
+        return {**grids, self.args.error_column: pa.string()}
+
     @torch.no_grad()
     def score_patches(self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]],
                       first_row: int = 0) -> list[list[ImagePatchScores]]:
@@ -575,10 +581,8 @@ class PatchFilter(SAEVScorer):
         """`rows` as columns whose image column holds the decoded images (one list per row), and those lists."""
         columns = rows_to_columns(rows)
         image_column = self._reader_prompt_format().image_column
-        if image_column not in columns:
-            raise RowError(f"Rows {first_row}..: no image column {image_column!r} (columns: {sorted(columns)}); set "
-                           f"PromptFormat(image_column=...).")
-        images = [row_images(value, first_row + i, image_column) for i, value in enumerate(columns[image_column])]
+        values = _column(columns, image_column, "image_column")  # the reader's KeyError, naming the columns
+        images = [row_images(value, first_row + i, image_column) for i, value in enumerate(values)]
         return {**columns, image_column: images}, images
 
     def score_rows(self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]], first_row: int = 0):

@@ -92,12 +92,83 @@ def load_image(value: Any, row: int) -> Image.Image:
             image = Image.open(value)
         else:
             raise TypeError(f"unsupported image value of type {type(value).__name__}")
-        return image.convert("RGB")
+        return to_rgb(image)
     except Exception as error:  # PIL raises many types: report them all the same way, with the row
         raise RowError(
             f"Row {row}: the image could not be read ({type(error).__name__}: {error}). Images must be PIL images, "
             f"datasets.Image values, readable file paths or encoded image bytes."
         ) from error
+
+
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """
+    `image` as 8-bit RGB, scaling high-bit-depth pixels the way image libraries do instead of clipping them.
+
+    PIL's own `convert("RGB")` clips 16-bit and 32-bit pixels to 0-255, so a 16-bit PNG (`I;16`) would keep almost
+    nothing of its range. 16-bit values (`I;16*`, and `I` within 0-65535) become round(v * 255 / 65535); float images
+    (`F`) within [0, 1] become round(v * 255). Other ranges are refused: no scale would be the right one.
+    """
+    if image.mode not in HIGH_DEPTH_MODES:
+        return image.convert("RGB")
+    import numpy as np
+
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode == "F":
+        if not (np.isfinite(values).all() and 0.0 <= low and high <= 1.0):
+            raise ValueError(f"a float image (mode F) with values in [{low:g}, {high:g}]; only [0, 1] has a known "
+                             f"scale: convert it to 8-bit RGB yourself")
+        scale = 255.0
+    else:
+        if low < 0 or high > 65535:
+            raise ValueError(f"a 32-bit integer image (mode {image.mode}) with values in [{low:g}, {high:g}], "
+                             f"outside the 16-bit range 0-65535: convert it to 8-bit RGB yourself")
+        scale = 255.0 / 65535.0
+    eight_bit = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(eight_bit, mode="L").convert("RGB")
+
+
+def undecoded_images(dataset: Any, column: str | None):
+    """
+    `dataset` with the `datasets.Image` feature(s) of `column` left undecoded (`{"bytes", "path"}` values), and the
+    column's original feature to cast the result back to (None when nothing was changed).
+
+    datasets decodes an `Image` column before a map function sees it, so one corrupt image fails inside datasets with
+    no row named. Undecoded, the scorer reads each image itself ([`load_image`]): a bad image is a [`RowError`]
+    naming its row, or one null row with `on_error="null"`.
+    """
+    import copy
+
+    import datasets
+
+    features = getattr(dataset, "features", None)
+    if not column or features is None or column not in features:
+        return dataset, None
+    original = features[column]
+    undecoded = copy.deepcopy(original)
+    changed = []
+
+    def visit(feature: Any) -> None:
+        if isinstance(feature, datasets.Image):
+            if feature.decode:
+                feature.decode = False
+                changed.append(feature)
+        elif isinstance(feature, dict):
+            for value in feature.values():
+                visit(value)
+        elif isinstance(feature, (list, tuple)):
+            for value in feature:
+                visit(value)
+        elif hasattr(feature, "feature"):  # List, LargeList, Sequence
+            visit(feature.feature)
+
+    visit(undecoded)
+    if not changed:
+        return dataset, None
+    return dataset.cast_column(column, undecoded), original
 
 
 def row_images(value: Any, row: int, column: str) -> list[Image.Image]:
@@ -111,10 +182,36 @@ def row_images(value: Any, row: int, column: str) -> list[Image.Image]:
     return [load_image(v, row) for v in values]
 
 
-def _as_parts(content: Any) -> list[dict[str, Any]]:
+def _as_parts(content: Any, row: int) -> list[dict[str, Any]]:
+    """A message's content as a list of typed parts; a part without "type" but with "text" is a text part (the
+    chat templates would drop its text otherwise)."""
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
-    return [dict(part) for part in content]
+    if not isinstance(content, Sequence) or not all(isinstance(part, Mapping) for part in content):
+        raise RowError(
+            f"Row {row}: a message's content must be text or a list of parts like {{'type': 'text', 'text': ...}} or "
+            f"{{'type': 'image'}}, got {type(content).__name__} ({content!r:.60})."
+        )
+    parts = []
+    for part in content:
+        part = dict(part)
+        if "type" not in part:
+            if isinstance(part.get("text"), str):
+                part["type"] = "text"
+            elif "image" in part:
+                part["type"] = "image"
+            else:
+                raise RowError(f"Row {row}: a message part {part!r:.80} has no 'type' and no 'text'; give it "
+                               f"'type': 'text' with 'text', or 'type': 'image'.")
+        parts.append(part)
+    return parts
+
+
+def _message(message: Mapping[str, Any], row: int) -> dict[str, Any]:
+    if "content" not in message:
+        raise RowError(f"Row {row}: the {message.get('role')!r} message {dict(message)!r:.80} has no 'content'; "
+                       f"every message needs a 'role' and a 'content'.")
+    return {"role": message["role"], "content": _as_parts(message["content"], row)}
 
 
 def build_messages(prompt: Any, response: Any, num_images: int, row: int) -> list[dict[str, Any]]:
@@ -123,9 +220,9 @@ def build_messages(prompt: Any, response: Any, num_images: int, row: int) -> lis
     where the prompt already places them, otherwise put before the first user text), then the response if any.
     """
     if isinstance(prompt, str):
-        messages = [{"role": "user", "content": _as_parts(prompt)}]
+        messages = [{"role": "user", "content": _as_parts(prompt, row)}]
     elif isinstance(prompt, Sequence) and all(isinstance(m, Mapping) and "role" in m for m in prompt):
-        messages = [{"role": m["role"], "content": _as_parts(m["content"])} for m in prompt]
+        messages = [_message(m, row) for m in prompt]
     else:
         raise RowError(
             f"Row {row}: the prompt must be text or a list of {{'role', 'content'}} messages, got "
@@ -141,9 +238,12 @@ def build_messages(prompt: Any, response: Any, num_images: int, row: int) -> lis
         first_user["content"] = [{"type": "image"} for _ in range(num_images)] + first_user["content"]
     if response is not None:
         if isinstance(response, str):
-            messages.append({"role": "assistant", "content": _as_parts(response)})
+            messages.append({"role": "assistant", "content": _as_parts(response, row)})
+        elif isinstance(response, Sequence) and all(isinstance(m, Mapping) and "role" in m for m in response):
+            messages.extend(_message(m, row) for m in response)
         else:
-            messages.extend({"role": m["role"], "content": _as_parts(m["content"])} for m in response)
+            raise RowError(f"Row {row}: the response must be text or a list of {{'role', 'content'}} messages, got "
+                           f"{type(response).__name__}.")
     return messages
 
 
@@ -219,6 +319,8 @@ def prepare_inputs(
         first_row: index of the first row in the dataset, so that errors name the right row.
     """
     columns = rows_to_columns(rows)
+    if not columns or not any(len(values) for values in columns.values()):
+        raise ValueError("The batch holds no rows: there is nothing to read. Pass at least one row.")
     prompts = _column(columns, prompt_format.prompt_column, "prompt_column")
     responses = (
         _column(columns, prompt_format.response_column, "response_column")

@@ -124,6 +124,22 @@ def check_weight_shapes(path: str | os.PathLike, **kwargs: Any) -> None:
     if shape is None:
         raise OSError(f"The weights at {_where(path, **kwargs)} hold no W_enc tensor: this is not an SAE-V checkpoint.")
     _check_shape("W_enc", shape, (config.d_in, config.d_sae), path, kwargs)
+    # transformers would initialise a missing tensor (b_enc = 0, ...) and only print a report: refuse instead
+    single_file = _resolve(path, HF_WEIGHTS_FILENAME, **kwargs)
+    index_file = _resolve(path, HF_WEIGHTS_INDEX_FILENAME, **kwargs) if single_file is None else None
+    if index_file is not None:
+        present = set(json.loads(Path(index_file).read_text())["weight_map"])
+    else:
+        with safe_open(weights_file, framework="pt") as f:
+            present = set(f.keys())
+    required = WEIGHT_NAMES + (("feature_weights",) if config.feature_weights_info is not None else ())
+    missing = [name for name in required if name not in present]
+    if missing:
+        raise OSError(
+            f"The weights at {_where(path, **kwargs)} lack {missing} (they hold {sorted(present)}): an SAE-V needs all "
+            f"of {list(required)}, and loading would silently set the missing ones to their initial values. "
+            f"Save the complete SAE-V again (save_pretrained), or restore the missing tensors."
+        )
 
 
 def _tensor_shape(weights_file: str, name: str) -> tuple[int, ...] | None:
@@ -214,6 +230,13 @@ def config_from_saelens(cfg: dict[str, Any]) -> SAEVConfig:
             f"only 'none' and 'expected_average_only_in' are."
         )
 
+    missing = [key for key in ("d_in", "d_sae") if flat.get(key) is None]
+    if missing:
+        raise ValueError(
+            f"This SAELens cfg.json has no {' and no '.join(missing)} (it has {sorted(cfg)}): the sizes of the SAE "
+            f"are required. Add \"d_in\" (the hidden size the SAE reads) and \"d_sae\" (its number of features) to "
+            f"cfg.json; they are the shapes of W_enc in sae_weights.safetensors."
+        )
     hook_name = flat.get("hook_name") or flat.get("hook_point")
     saev_extra = dict(meta.get("saev") or {})
     revision = (flat.get("model_from_pretrained_kwargs") or {}).get("revision")

@@ -15,7 +15,10 @@ ds = ds.map(scorer, batched=True, batch_size=8)   # cached by datasets like any 
 Caching: `datasets` fingerprints a map by pickling its function. A scorer pickles to its *identity* (digests of the
 SAE-V's weights, of the MLLM's name and a sample of its weights, of the processor, the settings and the code version),
 never to the weights themselves, so the fingerprint is cheap, stable across processes, and a second identical map hits
-the cache. In `num_proc` workers the scorer finds its live model again (fork) or reloads it from its path.
+the cache. The identity follows the objects: change the SAE-V or the MLLM in place (new feature weights, a training
+step, another delta) and the next map gets a new fingerprint, never the old cached scores. In `num_proc` workers the
+scorer finds its live objects again (fork); a worker that must reload them from their paths (spawn) checks that it
+loaded exactly what the parent scores, and otherwise stops with an error that says to save them first.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
+import pyarrow as pa
 import torch
 
 from .activations import LayerReader, text_and_image
@@ -69,6 +73,21 @@ class ScorerArguments:
             raise ValueError(f"on_error={self.on_error!r} must be 'raise' or 'null'.")
         if self.token_chunk <= 0:
             raise ValueError(f"token_chunk={self.token_chunk} must be positive.")
+
+
+class TypedColumn(list):
+    """
+    A list of column values that knows its Arrow type (pyarrow's `__arrow_array__` protocol, which `datasets`' writer
+    honours): a batch whose values are all None is then written as nulls of that type, not as a column of type null
+    that the next batch's values cannot be written to.
+    """
+
+    def __init__(self, values: Sequence[Any], arrow_type: "pa.DataType") -> None:
+        super().__init__(values)
+        self.arrow_type = arrow_type
+
+    def __arrow_array__(self, type: "pa.DataType | None" = None) -> "pa.Array":
+        return pa.array(list(self), type=type or self.arrow_type)
 
 
 def _digest(*parts: Any) -> str:
@@ -127,7 +146,9 @@ class SAEVScorer:
 
     `datasets` decodes an `Image` column before the scorer sees it, and a corrupt image then fails inside `datasets`.
     To have such rows reported by row (or given null scores with `on_error="null"`), keep the column undecoded:
-    `ds.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))`; the scorer reads the bytes itself.
+    `ds.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))` (or
+    `saev_hf.prompts.undecoded_images(ds, "images")`); the scorer reads the bytes itself. `saev score` and `saev patches`
+    do this, and cast the column back before saving.
     """
 
     def __init__(self, sae: Any, model: Any, processor: Any = None, prompt_format: PromptFormat | None = None,
@@ -135,15 +156,21 @@ class SAEVScorer:
         self.args = args or ScorerArguments()
         self.prompt_format = prompt_format
         self.layers = layers
-        self._sae_source = sae if isinstance(sae, str) else getattr(sae, "name_or_path", None)
-        self._model_source = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
-        self._processor_source = processor if isinstance(processor, str) else self._model_source
+        # absolute paths: a scorer restored in another working directory (a worker, a later process) finds them again
+        self._sae_source = _absolute(sae if isinstance(sae, str) else getattr(sae, "name_or_path", None))
+        self._model_source = _absolute(
+            model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None))
+        self._processor_source = _absolute(processor) if isinstance(processor, str) else self._model_source
         self._sae = None if isinstance(sae, str) else sae
         self._model = None if isinstance(model, str) else model
         self._processor = None if isinstance(processor, str) else processor
         self._reader: LayerReader | None = None
         self._device: torch.device | None = None
         self._identity: dict[str, Any] | None = None
+        self._identity_key: Any = None
+        self._checked_key: Any = None
+        # set by `_restore` in a worker that reloads the objects: the identity the parent scored, checked at first use
+        self._expected_identity: dict[str, Any] | None = None
         self._pid = os.getpid()
         if self._sae is not None and self._model is not None:
             self._validate()
@@ -155,22 +182,32 @@ class SAEVScorer:
 
     @property
     def identity(self) -> dict[str, Any]:
-        """What determines this scorer's outputs; its pickled state and so its `datasets` fingerprint."""
-        if self._identity is None:
-            from . import __version__
+        """What determines this scorer's outputs now; its pickled state and so its `datasets` fingerprint.
 
-            sae, model, processor = self._load()
+        Recomputed whenever a tensor of the SAE-V or the MLLM was changed in place (or replaced) since the last time,
+        and whenever a setting changed: the fingerprint always describes what is scored."""
+        from . import __version__
+
+        if self._expected_identity is not None and (self._sae is None or self._model is None):
+            return self._expected_identity  # a restored worker that has not loaded its objects yet
+        sae, model, processor = self._load()
+        key = (_state_key(sae), _state_key(model), sae.config.to_json_string(use_diff=False))
+        if self._identity is None or key is None or key != self._identity_key:
             self._identity = {
                 "saev_hf": __version__,
                 "kind": type(self).__name__,
                 "sae": _digest(sae.config.to_json_string(use_diff=False), *sae.state_dict().values()),
                 "model": model_digest(model),
-                "processor": processor_digest(processor),
+                "processor": None,
                 "layer": sae.config.hook_layer,
-                "prompt_format": asdict(self._reader_prompt_format()),
-                "args": asdict(self.args),
+                "prompt_format": None,
+                "args": None,
             }
-        return self._identity
+            self._identity_key = key
+        # cheap parts, read every time: the processor's settings, the columns and the scorer's own arguments
+        self._identity.update(processor=processor_digest(processor), layer=sae.config.hook_layer,
+                              prompt_format=asdict(self._reader_prompt_format()), args=asdict(self.args))
+        return dict(self._identity)
 
     @property
     def fingerprint(self) -> str:
@@ -179,7 +216,29 @@ class SAEVScorer:
 
     def __reduce__(self):
         sources = (self._sae_source, self._model_source, self._processor_source)
-        return (_restore, (type(self), self.fingerprint, self.identity, sources, self.prompt_format, self.args))
+        identity = self.identity
+        fingerprint = _digest(identity)[:32]
+        if self._sae is not None:
+            _LIVE[fingerprint] = self  # a worker forked after this finds exactly these objects
+        return (_restore, (type(self), fingerprint, identity, sources, self.prompt_format, self.args))
+
+    def _check_restored(self) -> None:
+        """In a worker that reloaded the SAE-V / MLLM from their paths: refuse to score anything but what the parent
+        process scores (it may have changed them in memory after loading or saving)."""
+        expected, self._expected_identity = self._expected_identity, None
+        actual = self.identity
+        differ = [name for name in ("sae", "model", "processor") if expected.get(name) != actual.get(name)]
+        if differ:
+            what = {"sae": f"SAE-V (reloaded from {self._sae_source!r})",
+                    "model": f"MLLM (reloaded from {self._model_source!r})",
+                    "processor": f"processor (reloaded from {self._processor_source!r})"}
+            raise ValueError(
+                f"This worker process reloaded the {' and the '.join(what[name] for name in differ)} from disk, but "
+                f"the parent process scores a different one: it was changed in memory after it was loaded or saved "
+                f"(e.g. compute_feature_weights, a training step, another cooccurrence_threshold). Save it "
+                f"(save_pretrained) and create the scorer from the saved folder, or map without num_proc (or with "
+                f"the 'fork' start method, whose workers share the parent's objects)."
+            )
 
     def _load(self):
         from transformers import AutoProcessor
@@ -217,6 +276,8 @@ class SAEVScorer:
 
     def _validate(self) -> None:
         sae, model, processor = self._load()
+        if self._expected_identity is not None:
+            self._check_restored()
         if sae.config.hook_layer is None:
             raise ValueError("The SAE-V's config has no hook_layer; set sae.config.hook_layer to the layer it reads.")
         if self._reader is None:
@@ -225,6 +286,15 @@ class SAEVScorer:
         self._reader.check_sae(sae)
         if self._reader.image_token_id is None:
             raise ValueError(f"{type(model).__name__} has no image token: SAE-V scores need an image-text model.")
+        state = _state_key(sae)
+        key = None if state is None else (state, sae.config.to_json_string(use_diff=False))
+        if key is None or key != self._checked_key:  # values checked once per state of the SAE-V, not per batch
+            from .weighting import check_cooccurrence
+
+            sae.check_finite()
+            if {"cosine", "cooccur_l0"} & set(self.args.scores):
+                check_cooccurrence(sae, where=f"starting {type(self).__name__}")
+            self._checked_key = key
         if "cosine" in self.args.scores and sae.config.feature_weights_info is None:
             raise ValueError(
                 "The cosine score needs the SAE-V's cross-modal feature weights, which were never computed for it. "
@@ -251,7 +321,10 @@ class SAEVScorer:
         return self._score_columns() + ([self.args.error_column] if self.args.on_error == "null" else [])
 
     def __call__(self, batch: Mapping[str, Sequence[Any]], *extra: Any) -> dict[str, list[Any]]:
-        """Score a `datasets` batch; extra arguments are the `indices` (with_indices) and/or `rank` (with_rank)."""
+        """Score a `datasets` batch; extra arguments are the `indices` (with_indices) and/or `rank` (with_rank).
+
+        Returns `{column: values}`, lists (with `on_error="null"`, [`TypedColumn`] lists that carry their Arrow
+        type, so that a batch whose values are all null keeps the column's type)."""
         indices = next((e for e in extra if isinstance(e, (list, range))), None)
         rank = next((e for e in extra if isinstance(e, int) and not isinstance(e, bool)), None)
         if os.getpid() != self._pid:
@@ -260,8 +333,12 @@ class SAEVScorer:
             torch.set_num_threads(1)
             self._pid = os.getpid()
         self._validate()
+        self._check_is_batch(batch)
         self._to_device(rank)
-        n = len(next(iter(batch.values())))
+        n = len(next(iter(batch.values()))) if batch else 0
+        if n == 0:  # an empty batch (e.g. a shard without rows) adds empty columns
+            types = self._column_types()
+            return {name: TypedColumn([], types[name]) if name in types else [] for name in self.columns}
         first = indices[0] if indices is not None else 0
         try:
             scores = self.score_rows(batch, first)
@@ -281,14 +358,39 @@ class SAEVScorer:
                 errors.append(error)
         if self.args.on_error == "null":
             scores[self.args.error_column] = errors
+            # Typed arrays: a batch whose rows all succeed (or all fail) would otherwise give an all-None column that
+            # datasets types as null, and the next batch's reasons (or scores) could not be written to it.
+            types = self._column_types()
+            scores = {name: TypedColumn(values, types[name]) if name in types else values
+                      for name, values in scores.items()}
         return scores
 
     def _score_columns(self) -> list[str]:
         return [getattr(self.args, f"{score}_column") for score in SCORES if score in self.args.scores]
 
+    def _check_is_batch(self, batch: Mapping[str, Any]) -> None:
+        """Refuse one row passed as a batch (`ds.map(scorer)` without `batched=True`): its lists would be read as
+        columns, and its text as a column of characters."""
+        prompt = batch.get(self._reader_prompt_format().prompt_column) if isinstance(batch, Mapping) else None
+        one_row = isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and bool(prompt)
+                                              and isinstance(prompt[0], Mapping) and "role" in prompt[0])
+        if one_row:
+            raise TypeError(
+                f"{type(self).__name__} scores batches of rows, but it was given a single row (the prompt column holds "
+                f"{type(prompt).__name__}, not a list of prompts). Call ds.map(scorer, batched=True, batch_size=8), "
+                f"or scorer.score_rows([row]) for one row."
+            )
+
+    def _column_types(self) -> dict[str, "pa.DataType"]:
+        """Arrow type of each added column (with on_error='null', `__call__` returns typed arrays)."""
+        kinds = {"cosine": pa.float64(), "l0": pa.float64(), "cooccur_l0": pa.int64()}
+        types = {getattr(self.args, f"{score}_column"): kinds[score] for score in SCORES if score in self.args.scores}
+        return {**types, self.args.error_column: pa.string()}
+
     @torch.no_grad()
     def score_rows(self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]], first_row: int = 0):
         """Scores of a batch of rows as `{column: [value per row]}`; raises `RowError` for a row that cannot be scored."""
+        self._validate()
         sae, reader = self._sae, self._reader
         acts = reader.read(rows, first_row=first_row)
         weights = sae.feature_weights.nan_to_num(0.0)
@@ -377,11 +479,32 @@ def example_activity(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, row
     return ExampleActivity(fires_text, fires_image, active, int(text.sum()), int(image.sum()), max_text, max_image)
 
 
+def _absolute(source: str | None) -> str | None:
+    """A local folder as an absolute path; a Hub repo id (or nothing) as it is."""
+    if source and os.path.exists(source):
+        return os.path.abspath(source)
+    return source or None
+
+
+def _state_key(module: torch.nn.Module) -> Any:
+    """A cheap key that changes whenever a parameter or buffer of `module` is modified in place or replaced: each
+    tensor's storage, version counter (bumped by every in-place op: optimizer steps, copy_, fill_), dtype and shape.
+    None when a tensor has no version counter (inference tensors): the caller then recomputes the digests."""
+    key = []
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        try:
+            version = tensor._version
+        except RuntimeError:
+            return None
+        key.append((name, tensor.data_ptr(), version, str(tensor.dtype), tuple(tensor.shape), str(tensor.device)))
+    return tuple(key)
+
+
 def _restore(cls: type, fingerprint: str, identity: dict, sources: tuple, prompt_format: PromptFormat | None,
              args: Any) -> SAEVScorer:
     live = _LIVE.get(fingerprint)
-    if live is not None:
+    if live is not None and live.fingerprint == fingerprint:
         return live
     scorer = cls(*sources, prompt_format=prompt_format, args=args)
-    scorer._identity = identity
+    scorer._expected_identity = identity
     return scorer

@@ -39,7 +39,7 @@ from .activations import LayerReader, image_token_id_of
 from .config import ACTIVATIONS, SAEVConfig
 from .loading import MODEL_DTYPES, load_dataset_split, load_model_and_processor  # noqa: F401  (re-exported)
 from .model import SAEV
-from .prompts import PromptFormat
+from .prompts import PromptFormat, undecoded_images
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,9 @@ class SAEVTrainingArguments(PromptFormat):
 
     # --- output --------------------------------------------------------------------------------------------------
     overwrite_output_dir: bool = field(
-        default=False, metadata=_help("Replace a different training run already saved in output_dir.")
+        default=False,
+        metadata=_help("Write into output_dir even if it holds a different training run or files that no training "
+                       "run wrote (they may be replaced)."),
     )
     save_steps: int = field(default=1000, metadata=_help("Save a checkpoint every this many steps; 0 never."))
     save_total_limit: int | None = field(
@@ -499,6 +501,8 @@ class SAEVTrainer:
             train_dataset = load_dataset_split(
                 args.dataset_name, args.dataset_config, args.dataset_split, args.streaming
             )
+            # read image bytes ourselves, so that a corrupt image is an error naming its row
+            train_dataset, _ = undecoded_images(train_dataset, args.image_column)
         self.train_dataset = train_dataset
 
         prompt_format = args.prompt_format
@@ -806,8 +810,23 @@ class SAEVTrainer:
         return path
 
     def _check_output_dir(self) -> None:
-        saved_file = Path(self.args.output_dir) / ARGS_NAME
-        if self.resume_dir is not None or self.args.overwrite_output_dir or not saved_file.exists():
+        output = Path(self.args.output_dir)
+        saved_file = output / ARGS_NAME
+        if self.resume_dir is not None or self.args.overwrite_output_dir:
+            return
+        if not saved_file.exists():
+            # not an earlier training run (its record is training_args.json): anything there is someone else's
+            entries = sorted(entry.name for entry in output.iterdir()) if output.is_dir() else []
+            if entries:
+                shown = ", ".join(entries[:6]) + (f", ... ({len(entries)} entries)" if len(entries) > 6 else "")
+                raise FileExistsError(
+                    f"output_dir {self.args.output_dir} already holds files that no training run wrote ({shown}); "
+                    f"saving the SAE-V there would replace them (e.g. a model's config.json and model.safetensors). "
+                    f"Choose a new or empty folder, or pass overwrite_output_dir=True (--overwrite_output_dir) to "
+                    f"write into it anyway."
+                )
+            if output.exists() and not output.is_dir():
+                raise FileExistsError(f"output_dir {self.args.output_dir} is a file; name a folder.")
             return
         saved = json.loads(saved_file.read_text())
         differences = _differences(saved["args"], self.args.to_dict())

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .activations import LayerActivations, LayerReader, Modality
+from .prompts import RowError, rows_to_columns
 
 # Positions are identified across the stream as example_index * POSITION_STRIDE + token_index.
 POSITION_STRIDE = 1 << 24
@@ -61,6 +62,12 @@ class WeightingArguments:
         default=4096, metadata={"help": "Tokens encoded at once by the SAE (bounds the d_sae-wide activations)."}
     )
     seed: int = field(default=42, metadata={"help": "Seed of the example sample."})
+    threshold_quantile: float | None = field(
+        default=None,
+        metadata={"help": "Calibrate delta: set the SAE-V's cooccurrence_threshold to this quantile (in (0, 1), e.g. "
+                  "0.5) of its positive activations on the weighting data, recorded with its provenance in "
+                  "cooccurrence_threshold_info. None keeps the SAE-V's delta (the paper's 1.0 by default)."},
+    )
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars of the two passes."})
 
     def __post_init__(self) -> None:
@@ -74,6 +81,9 @@ class WeightingArguments:
             )
         if self.num_examples is not None and self.num_examples <= 0:
             raise ValueError(f"num_examples={self.num_examples} must be positive, or None for the whole dataset.")
+        if self.threshold_quantile is not None and not 0 < self.threshold_quantile < 1:
+            raise ValueError(f"threshold_quantile={self.threshold_quantile} must be in (0, 1), e.g. 0.5 for the "
+                             f"median positive activation, or None to keep delta.")
 
 
 class FeatureTopK:
@@ -206,10 +216,44 @@ def _counted(acts: LayerActivations, special_as_text: bool) -> torch.Tensor:
 
 
 def _batches(dataset: Any, batch_size: int, indices: Iterable[int] | None = None):
+    if not _indexable(dataset):  # a stream (IterableDataset, generator): read in order, keep the wanted rows
+        wanted = None if indices is None else set(indices)
+        last = None if wanted is None else max(wanted, default=-1)
+        chunk, rows = [], []
+        for i, row in enumerate(dataset):
+            if last is not None and i > last:
+                break
+            if wanted is None or i in wanted:
+                chunk.append(i)
+                rows.append(row)
+            if len(chunk) == batch_size:
+                yield chunk, rows
+                chunk, rows = [], []
+        if chunk:
+            yield chunk, rows
+        return
     indices = list(range(len(dataset))) if indices is None else list(indices)
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
         yield chunk, dataset[chunk] if hasattr(dataset, "select") else [dataset[i] for i in chunk]
+
+
+def _read(reader: LayerReader, rows: Any, chunk: list[int]) -> LayerActivations:
+    """`reader.read` of the rows at dataset indices `chunk`; an error names the dataset's row even when the chunk's
+    rows are not consecutive (a sample)."""
+    try:
+        return reader.read(rows, first_row=chunk[0])
+    except RowError:
+        if chunk == list(range(chunk[0], chunk[0] + len(chunk))):
+            raise
+        columns = rows_to_columns(rows)
+        for j, index in enumerate(chunk):  # read alone, each row names itself; the bad one raises
+            reader.read({name: [values[j]] for name, values in columns.items()}, first_row=index)
+        raise
+
+
+def _indexable(dataset: Any) -> bool:
+    return hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
 
 
 @torch.no_grad()
@@ -223,7 +267,8 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
         sae ([`SAEV`]): the SAE-V, made for `reader`'s model and layer.
         reader ([`LayerReader`]): reads the MLLM's layer L from rows (its `prompt_format` names the columns; the
             paper feeds the question and the image only).
-        dataset: a `datasets.Dataset` (or any sequence of row dicts).
+        dataset: a `datasets.Dataset` (or any sequence of row dicts), or a stream (`datasets.IterableDataset`, any
+            re-iterable of row dicts): a stream is read in order, its first `num_examples` rows, twice (one per pass).
         args ([`WeightingArguments`]): K, per-modality count, special tokens, centring, sample size.
 
     Returns:
@@ -231,7 +276,14 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
     """
     args = args or WeightingArguments()
     reader.check_sae(sae)
-    if args.num_examples is not None and args.num_examples < len(dataset):
+    if not _indexable(dataset):
+        if iter(dataset) is dataset:
+            raise TypeError(
+                f"The weighting reads its data twice (top-K pass, then cosine pass), but a {type(dataset).__name__} "
+                f"can be read only once. Pass a datasets.Dataset, a datasets.IterableDataset or a list of rows."
+            )
+        sample = None  # the stream's first num_examples rows, counted while they are read
+    elif args.num_examples is not None and args.num_examples < len(dataset):
         generator = torch.Generator().manual_seed(args.seed)
         sample = sorted(torch.randperm(len(dataset), generator=generator)[: args.num_examples].tolist())
     else:
@@ -240,11 +292,26 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
     top = FeatureTopK(sae.config.d_sae, args.top_k, device)
     hidden_sum = torch.zeros(sae.config.d_in, dtype=torch.float64, device=device)
     num_tokens = 0
+    # each feature's largest activation on text and on image positions: delta must lie below both for it to co-occur
+    max_text = torch.zeros(sae.config.d_sae, device=device)
+    max_image = torch.zeros(sae.config.d_sae, device=device)
+    positives = PositiveSample(seed=args.seed) if args.threshold_quantile is not None else None
 
-    stream_index = {example: i for i, example in enumerate(sample)}
-    for chunk, rows in tqdm(_batches(dataset, args.batch_size, sample), desc="Feature weights: top-K pass",
-                            total=math.ceil(len(sample) / args.batch_size), unit="batch", disable=args.disable_tqdm):
-        acts = reader.read(rows, first_row=chunk[0])
+    if sample is None:
+        first_rows = range(args.num_examples) if args.num_examples is not None else None
+        pass_one = _batches(dataset, args.batch_size, first_rows)
+        total = math.ceil(args.num_examples / args.batch_size) if args.num_examples is not None else None
+        sample, stream_index = [], _Identity()
+    else:
+        pass_one = _batches(dataset, args.batch_size, sample)
+        total = math.ceil(len(sample) / args.batch_size)
+        stream_index = {example: i for i, example in enumerate(sample)}
+    streamed = isinstance(stream_index, _Identity)
+    for chunk, rows in tqdm(pass_one, desc="Feature weights: top-K pass", total=total, unit="batch",
+                            disable=args.disable_tqdm):
+        if streamed:
+            sample.extend(chunk)
+        acts = _read(reader, rows, chunk)
         counted = _counted(acts, args.special_as_text)
         hidden = acts.hidden_states[counted].to(device)
         positions = _stream_positions([stream_index[i] for i in chunk], counted).to(device)
@@ -253,7 +320,15 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
         num_tokens += hidden.shape[0]
         for start in range(0, hidden.shape[0], args.token_chunk):
             part = slice(start, start + args.token_chunk)
-            top.update(sae.encode(hidden[part]), positions[part], is_image[part])
+            z = sae.encode(hidden[part])
+            top.update(z, positions[part], is_image[part])
+            image_part = is_image[part]
+            if image_part.any():
+                max_image = torch.maximum(max_image, z[image_part].float().amax(0))
+            if (~image_part).any():
+                max_text = torch.maximum(max_text, z[~image_part].float().amax(0))
+            if positives is not None:
+                positives.update(z)
     if num_tokens == 0:
         raise ValueError("The dataset yielded no tokens to weight features on; check the prompt and image columns.")
 
@@ -263,7 +338,7 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
     needed = [sample[i] for i in cosines.needed_examples()]
     for chunk, rows in tqdm(_batches(dataset, args.batch_size, needed), desc="Feature weights: cosine pass",
                             total=math.ceil(len(needed) / args.batch_size), unit="batch", disable=args.disable_tqdm):
-        acts = reader.read(rows, first_row=chunk[0])
+        acts = _read(reader, rows, chunk)
         counted = _counted(acts, args.special_as_text)
         positions = _stream_positions([stream_index[i] for i in chunk], counted).to(device)
         cosines.update(acts.hidden_states[counted].to(device), positions)
@@ -282,6 +357,107 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
         "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
         "prompt_format": asdict(reader.prompt_format),
     }
+    bounds = torch.minimum(max_text, max_image)  # feature f can co-occur only under a delta below bounds[f]
+    bimodal = bounds[bounds > 0]
+    info["cooccurrence_bound_max"] = float(bounds.max())
+    levels = torch.linspace(0, 1, 101, dtype=torch.float64)
+    info["cooccurrence_bound_percentiles"] = (
+        [round(v, 6) for v in torch.quantile(bimodal.double().cpu(), levels).tolist()] if len(bimodal) else []
+    )
+    info["num_bimodal_features"] = int(len(bimodal))
     if store:
         sae.set_feature_weights(weights.cpu(), info=info)
+        if positives is not None:
+            delta = positives.quantile(args.threshold_quantile)
+            sae.set_cooccurrence_threshold(delta, info={
+                "method": "quantile of the SAE-V's positive activations on the weighting data",
+                "quantile": args.threshold_quantile,
+                "num_positive_activations": positives.seen,
+                "num_sampled": positives.size,
+                "num_examples": len(sample),
+                "dataset": info["dataset"],
+                "dataset_fingerprint": info["dataset_fingerprint"],
+            })
+        check_cooccurrence(sae, where="computing the feature weights", error=False)  # the weights are still valid
     return weights
+
+
+class _Identity(dict):
+    """Stream position of a streamed example: its index in the stream."""
+
+    def __missing__(self, key: int) -> int:
+        return key
+
+
+class PositiveSample:
+    """A uniform random sample (at most `capacity` values) of the positive activations of a stream, for quantiles:
+    each value gets a random key and the smallest keys are kept, so the sample does not depend on chunking."""
+
+    def __init__(self, capacity: int = 1 << 20, seed: int = 0) -> None:
+        self.capacity = capacity
+        self.generator = torch.Generator().manual_seed(seed)
+        self.values = torch.empty(0)
+        self.keys = torch.empty(0)
+        self.seen = 0
+
+    @torch.no_grad()
+    def update(self, feature_acts: torch.Tensor) -> None:
+        positive = feature_acts[feature_acts > 0].float().cpu()
+        self.seen += len(positive)
+        keys = torch.rand(len(positive), generator=self.generator)
+        values, keys = torch.cat([self.values, positive]), torch.cat([self.keys, keys])
+        if len(keys) > self.capacity:
+            keys, kept = keys.topk(self.capacity, largest=False)
+            values = values[kept]
+        self.values, self.keys = values, keys
+
+    @property
+    def size(self) -> int:
+        return len(self.values)
+
+    def quantile(self, q: float) -> float:
+        if not self.size:
+            raise ValueError("The SAE-V never fired on the weighting data, so delta cannot be calibrated on it.")
+        return float(torch.quantile(self.values.double(), q))
+
+
+def check_cooccurrence(sae, where: str, error: bool = True) -> None:
+    """
+    Refuse (`error=True`; a warning otherwise) a delta under which no feature of `sae` can co-occur on its weighting
+    data (every cosine score and co-occurring L0 would be 0), and warn when at most 1% of the features that fire on
+    both modalities can.
+
+    Reads the activation statistics that [`compute_feature_weights`] stores in `config.feature_weights_info`; an
+    SAE-V without them (weights from an older version, or none) is not checked.
+    """
+    import warnings
+
+    info = sae.config.feature_weights_info or {}
+    bound, percentiles = info.get("cooccurrence_bound_max"), info.get("cooccurrence_bound_percentiles")
+    if bound is None:
+        return
+    delta = sae.config.cooccurrence_threshold
+    fix = (f"Set a delta below {bound:.4g} (SAEV.set_cooccurrence_threshold(...), or --cooccurrence_threshold in the "
+           f"saev commands), or calibrate it on the weighting data (WeightingArguments(threshold_quantile=0.5), or "
+           f"saev weights --threshold_quantile 0.5).")
+    if delta >= bound:
+        message = (
+            f"While {where}: with cooccurrence_threshold (delta) = {delta:.4g}, no feature of this SAE-V can co-occur: "
+            f"on the {info.get('num_examples')} weighting examples the largest activation any feature reached on "
+            f"both text and image positions is {bound:.4g}, so every cosine score and co-occurring L0 would be 0. "
+            f"{fix}"
+        )
+        if error:
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=4)
+        return
+    if percentiles:
+        share = sum(v > delta for v in percentiles[1:]) / (len(percentiles) - 1)
+        if share <= 0.01:
+            warnings.warn(
+                f"While {where}: with cooccurrence_threshold (delta) = {delta:.4g}, at most 1% of the "
+                f"{info.get('num_bimodal_features')} features that fire on both text and image positions reach it "
+                f"on both (their median bound is {percentiles[50]:.4g}, the largest {bound:.4g}): almost every score "
+                f"will be 0. {fix}",
+                stacklevel=4,
+            )

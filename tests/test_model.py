@@ -155,5 +155,5 @@ def test_d_in_that_does_not_match_the_weights_is_a_clear_error(tmp_path):
 
 
 def test_missing_local_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(OSError, match=r"is not a folder \(nor a Hub repo id"):
+    with pytest.raises(OSError, match=r"The SAE-V folder .*does-not-exist. does not exist \(looked for "):
         SAEV.from_pretrained(tmp_path / "does-not-exist")

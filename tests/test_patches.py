@@ -276,7 +276,7 @@ def test_patch_filter_errors(patch_setup):
     with pytest.raises(ValueError, match="cross-modal feature weights"):
         PatchFilter(unweighted, llava.model, llava.processor, args=PatchFilterArguments(score="cosine"))
     PatchFilter(unweighted, llava.model, llava.processor, args=PatchFilterArguments(score="l0"))  # needs no weights
-    with pytest.raises(RowError, match="image column 'images'"):
+    with pytest.raises(KeyError, match=r"Column 'images' not found; the data has columns \['prompt'\]. Pass image_column="):
         PatchFilter(sae, llava.model, llava.processor).score_rows({"prompt": ["what digit is this ?"]})
     broken = datasets.Dataset.from_dict({"images": [[{"bytes": b"not an image", "path": None}]],
                                          "prompt": ["what digit is this ?"]})
@@ -352,3 +352,24 @@ def test_patch_filter_pickles_to_its_identity_and_restores_as_a_patch_filter(pat
         score="l0", keep_fraction=0.5)).fingerprint
     out = restored.score_rows(ds[:2])
     assert out["saev_patch_scores"] == patch_filter.score_rows(ds[:2])["saev_patch_scores"]
+
+
+def test_patch_filter_null_mode_survives_a_bad_row_in_a_later_batch(patch_setup):
+    import io
+
+    llava, sae, ds, _ = patch_setup
+    rows = ds[:] | {"images": []}
+    for images in ds[:]["images"]:
+        buffer = io.BytesIO()
+        images[0].save(buffer, format="PNG")
+        rows["images"].append([{"bytes": buffer.getvalue(), "path": None}])
+    rows["images"][4] = [{"bytes": rows["images"][4][0]["bytes"][:40], "path": None}]
+    features = datasets.Features({"images": datasets.Sequence(datasets.Image(decode=False)),
+                                  "prompt": datasets.Value("string")})
+    broken = datasets.Dataset.from_dict(rows, features=features)
+    patch_filter = PatchFilter(sae, llava.model, llava.processor, args=PatchFilterArguments(on_error="null"))
+    out = broken.map(patch_filter, batched=True, batch_size=2, with_indices=True)
+    assert out["saev_error"][4].startswith("Row 4: the image could not be read")
+    assert out["saev_patch_scores"][4] is None and out["images"][4] is None
+    assert [out["saev_error"][i] for i in (0, 1, 2, 3, 5)] == [None] * 5
+    assert all(out["saev_patch_scores"][i] for i in (0, 1, 2, 3, 5))

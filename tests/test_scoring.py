@@ -278,3 +278,130 @@ def test_invalid_scorer_arguments():
         ScorerArguments(scores=["bleu"])
     with pytest.raises(ValueError, match=r"on_error='skip' must be 'raise' or 'null'"):
         ScorerArguments(on_error="skip")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fingerprint follows the objects: never stale scores from the cache, never a different SAE-V in the workers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_changing_the_sae_or_the_model_in_place_never_serves_stale_cached_scores(scored_setup):
+    import copy
+
+    llava, sae, ds, _ = scored_setup
+    sae, model = copy.deepcopy(sae), copy.deepcopy(llava.model)  # private copies: changed in place below
+    scorer = SAEVScorer(sae, model, llava.processor)
+    first = ds.map(scorer, batched=True, batch_size=4)
+    fingerprint = scorer.fingerprint
+
+    # new feature weights, computed in place with other settings
+    compute_feature_weights(sae, LayerReader(model, llava.processor, layer=1), ds,
+                            WeightingArguments(num_examples=None, mean_center=True))
+    assert scorer.fingerprint != fingerprint
+    second = ds.map(scorer, batched=True, batch_size=4)
+    now = scorer.score_rows(ds[:])
+    assert second["saev_cosine_score"] == pytest.approx(now["saev_cosine_score"], abs=1e-5)
+    assert second["saev_cosine_score"] != pytest.approx(first["saev_cosine_score"], abs=1e-3)
+
+    # another delta, set in place on the config
+    sae.config.cooccurrence_threshold = 1.2 * DELTA
+    third = ds.map(scorer, batched=True, batch_size=4)
+    assert third["saev_cooccur_l0"] == scorer.score_rows(ds[:])["saev_cooccur_l0"] != second["saev_cooccur_l0"]
+    sae.config.cooccurrence_threshold = DELTA
+
+    # a fine-tuning step on the MLLM, in place
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    fourth = ds.map(scorer, batched=True, batch_size=4)
+    assert fourth["saev_l0"] == pytest.approx(scorer.score_rows(ds[:])["saev_l0"], rel=1e-6)
+    assert fourth["saev_l0"] != pytest.approx(second["saev_l0"], rel=1e-3)
+    assert len({first.cache_files[0]["filename"], second.cache_files[0]["filename"],
+                third.cache_files[0]["filename"], fourth.cache_files[0]["filename"]}) == 4
+
+
+def test_a_worker_that_reloads_a_changed_sae_refuses_instead_of_scoring_another(scored_setup, monkeypatch):
+    """What a `spawn` worker does: no live objects to find, so it reloads the SAE-V from its folder; if the parent
+    changed it in memory since, the worker must refuse, not score the version on disk."""
+    import weakref
+
+    import saev_hf.scoring as scoring
+
+    llava, _, ds, root = scored_setup
+    sae = SAEV.from_pretrained(root / "sae")
+    unchanged = pickle.dumps(SAEVScorer(sae, str(llava.path)))
+    with torch.no_grad():
+        sae.W_enc.mul_(1.5)  # e.g. a training step in the parent, after loading
+    changed = pickle.dumps(SAEVScorer(sae, str(llava.path)))
+
+    monkeypatch.setattr(scoring, "_LIVE", weakref.WeakValueDictionary())  # a fresh process: nothing live
+    worker = pickle.loads(unchanged)
+    assert worker._sae is None  # it reloads from disk, lazily
+    expected = SAEVScorer(SAEV.from_pretrained(root / "sae"), str(llava.path)).score_rows(ds[:3])
+    assert worker(ds[:3])["saev_cosine_score"] == pytest.approx(expected["saev_cosine_score"], abs=1e-6)
+
+    worker = pickle.loads(changed)
+    with pytest.raises(ValueError, match=r"reloaded the SAE-V \(reloaded from '.*sae'\) from disk, but the parent "
+                                         r"process scores a different one.*Save it \(save_pretrained\)"):
+        worker(ds[:3])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# on_error="null": one bad row costs one null row, whatever the batch size and wherever the row is
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def png_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def rows_with_bad_images(n, bad, decode):
+    """`n` rows whose images at indices `bad` are truncated PNGs, in a `datasets.Image` column (decoded or not)."""
+    rows = make_rows(n)
+    images = [png_bytes(images[0]) for images in rows["images"]]
+    for i in bad:
+        images[i] = images[i][: len(images[i]) // 2]  # "image file is truncated"
+    rows["images"] = [[{"bytes": data, "path": None}] for data in images]
+    features = datasets.Features({"images": datasets.Sequence(datasets.Image(decode=decode)),
+                                  **{k: datasets.Value("string") for k in ("prompt", "chosen", "rejected")}})
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+@pytest.mark.parametrize("bad,batch_size", [((15,), 8), ((0,), 8), ((0, 1), 1)])
+def test_null_mode_survives_a_bad_row_at_any_place_and_batch_size(scored_setup, bad, batch_size):
+    llava, sae, _, _ = scored_setup
+    ds = rows_with_bad_images(20, bad, decode=False)
+    scorer = SAEVScorer(sae, llava.model, llava.processor, args=ScorerArguments(on_error="null"))
+    out = ds.map(scorer, batched=True, batch_size=batch_size, with_indices=True)
+    assert out.features["saev_error"] == datasets.Value("string")
+    assert out.features["saev_cosine_score"] == datasets.Value("float64")
+    assert out.features["saev_cooccur_l0"] == datasets.Value("int64")
+    good = [i for i in range(20) if i not in bad]
+    for i in bad:
+        assert out[i]["saev_cosine_score"] is None and out[i]["saev_l0"] is None
+        assert out[i]["saev_error"].startswith(f"Row {i}: the image could not be read (OSError")
+    assert [out[i]["saev_error"] for i in good] == [None] * len(good)
+    clean = SAEVScorer(sae, llava.model, llava.processor).score_rows(ds.select(good)[:])
+    assert [out[i]["saev_cosine_score"] for i in good] == pytest.approx(clean["saev_cosine_score"], abs=1e-5)
+
+
+def test_score_command_with_null_mode_reads_a_corrupt_image_column_itself(scored_setup, tmp_path, capsys):
+    """A saved dataset whose datasets.Image column holds a truncated image: one null row named, the rest scored, and
+    the saved result keeps the column's (decoded) feature."""
+    from saev_hf.cli import main
+
+    llava, _, _, root = scored_setup
+    ds = rows_with_bad_images(10, (6,), decode=True)
+    ds.save_to_disk(tmp_path / "data")
+    argv = ["score", "--sae_name_or_path", str(root / "sae"), "--model_name_or_path", str(llava.path),
+            "--dataset_name", str(tmp_path / "data"), "--batch_size", "4", "--disable_tqdm"]
+    with pytest.raises(RowError, match=r"Row 6: the image could not be read \(OSError"):
+        main(argv + ["--output_dir", str(tmp_path / "raise")])
+    assert main(argv + ["--output_dir", str(tmp_path / "null"), "--on_error", "null"]) == 0
+    out = datasets.load_from_disk(str(tmp_path / "null"))
+    assert out.features["images"] == ds.features["images"]  # decoded again, as it was
+    assert out["saev_cosine_score"][6] is None and out["saev_error"][6].startswith("Row 6: the image could not be read")
+    assert sum(score is not None for score in out["saev_cosine_score"]) == 9

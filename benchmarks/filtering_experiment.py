@@ -9,10 +9,10 @@ telling clean rows from low-quality ones.
 Per seed (every step of the pipeline is seeded by it: model, SAE-V, which digits go where, which rows are corrupted,
 DPO):
 
-1. A tiny LLaVA is pretrained on captions of `--pretrain-digits` scikit-learn digits (`saev_hf.demo.pretrain_mllm`).
+1. A tiny LLaVA is pretrained on captions of `--pretrain-digits` scikit-learn digits (`saev_hf.demo.digits.pretrain_mllm`).
    Deliberately weak (few digits): DPO on `--num-pairs` new, correctly labelled digits then has something to teach it.
 2. An SAE-V is trained on its decoder layer `--layer` (captions of `--saev-digits` other digits) and its cross-modal
-   feature weights are computed (`saev_hf.demo.train_scoring_saev`: the `saev demo` recipe).
+   feature weights are computed (`saev_hf.demo.digits.train_scoring_saev`: the `saev demo` recipe).
 3. Preference rows ("what digit is this ?", chosen: "a handwritten digit <label> .", rejected: another digit) about
    `--num-pairs` further digits, of which a random `--low-quality-fraction` is low quality (`preference_rows`). With
    `--corruption swap` (default) a low-quality row's image is another digit's: its chosen answer is WRONG for its
@@ -28,7 +28,7 @@ DPO):
    - `random_score`: uniform noise (random selection; nested subsets across fractions, like every score's).
    - `oracle`: 1 for clean rows, 0 for low-quality ones (a perfect filter; ties broken by row order), the ceiling.
    AUROC of each score for telling clean from low-quality rows (1 = perfect, 0.5 = chance, < 0.5 = inverted).
-5. For each score and each kept fraction < 1, DPO (`saev_hf.demo.dpo_digit_accuracy`: TRL's DPOTrainer, full
+5. For each score and each kept fraction < 1, DPO (`saev_hf.demo.digits.dpo_digit_accuracy`: TRL's DPOTrainer, full
    fine-tuning, the same `--dpo-steps` for every subset) from the same pretrained model on the top fraction
    (`filter_by_score`), then the held-out digit accuracy on `--eval-digits` digits that no stage saw (the ten captions
    ranked by likelihood; chance 10%). Kept fraction 1.0 is one shared run on the full data.
@@ -73,7 +73,7 @@ import datasets  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from saev_hf.demo import (  # noqa: E402
+from saev_hf.demo.digits import (  # noqa: E402
     DemoArguments,
     dpo_digit_accuracy,
     preference_rows,

@@ -45,6 +45,7 @@ from saev_hf.demo.grounded_llava import (  # noqa: E402
     GroundedLlavaArguments,
     answer_accuracy,
     concept_alignment,
+    save_grounded_llava,
     train_grounded_llava,
 )
 from saev_hf.demo.scene_saev import SceneSAEVArguments, train_scene_saev  # noqa: E402
@@ -55,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--model-dir", default=None, help="A trained grounded LLaVA to load instead of training one.")
-    parser.add_argument("--save-model-dir", default=None, help="Where to save the trained model.")
+    parser.add_argument("--save-model-dir", default=None, help="Where to save the trained model (with recipe.json).")
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-rows", type=int, default=600)
@@ -78,8 +79,7 @@ def run_gate(args: argparse.Namespace) -> dict:
     else:
         model, processor, training = train_grounded_llava(recipe, scans, eval_rows=args.eval_rows)
         if args.save_model_dir:
-            model.save_pretrained(args.save_model_dir)
-            processor.save_pretrained(args.save_model_dir)
+            save_grounded_llava(model, processor, training, args.save_model_dir)
     held_out = question_rows(scans, args.eval_rows, "held_out", np.random.default_rng([args.seed, 99]),
                              absent_fraction=0.25)
     answers = answer_accuracy(model, processor, held_out)

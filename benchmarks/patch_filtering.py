@@ -8,7 +8,7 @@ random). This script repeats that on a model small enough for a CPU:
 1. Per seed, a tiny LLaVA (`build_tiny_model("llava")`, 32x32 images, a 4x4 grid of 8-pixel patches) is pretrained on
    captions of real scikit-learn digits, an SAE-V is trained on its decoder layer `--layer` on captioned digits and
    its cross-modal feature weights are computed from the question and image alone, as the paper's code does (the
-   responses are not fed): stages 1-2 of `saev demo` (`saev_hf.demo.pretrain_mllm`, `train_scoring_saev`).
+   responses are not fed): stages 1-2 of `saev demo` (`saev_hf.demo.digits.pretrain_mllm`, `train_scoring_saev`).
 2. Held-out digits (never seen by the model or the SAE-V) are scored patch by patch with the classification prompt
    "what digit is this ?" (`PatchFilter.score_patches`): every score of Algorithms 4-7 on the 16 patches.
 3. For each score, for random selection (the paper's baseline) and for "ink" (a reference that knows where the digit
@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import datasets  # noqa: E402
 
-from saev_hf.demo import DemoArguments, DemoDigits, pretrain_mllm, train_scoring_saev  # noqa: E402
+from saev_hf.demo.digits import DemoArguments, DemoDigits, pretrain_mllm, train_scoring_saev  # noqa: E402
 from saev_hf.patches import PATCH_SCORES, PatchFilter, PatchFilterArguments, keep_mask, mask_patches  # noqa: E402
 from saev_hf.tiny_models import digit_accuracy, digit_images  # noqa: E402
 

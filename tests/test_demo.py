@@ -1,10 +1,10 @@
-"""`saev demo` (saev_hf.demo) with small settings: the report, plots and summary."""
+"""The digit-captioning miniature (saev_hf.demo.digits) with small settings: the report, plots and summary."""
 
 import json
 
 import pytest
 
-from saev_hf.demo import SCORE_COLUMNS, DemoArguments, run_demo
+from saev_hf.demo.digits import SCORE_COLUMNS, DemoArguments, run_demo
 
 SMALL = dict(pretrain_digits=100, pretrain_steps=20, saev_digits=40, saev_steps=20, num_pairs=40, dpo_steps=2,
              eval_digits=20)

@@ -94,3 +94,37 @@ def test_arguments_are_checked():
         gl.GroundedLlavaArguments(hidden_size=30, num_heads=4)
     with pytest.raises(ValueError, match="instruction_absent_fraction"):
         gl.GroundedLlavaArguments(instruction_absent_fraction=1.5)
+
+
+def test_the_scene_saev_is_trained_weighted_with_a_calibrated_delta_and_saved(scans, tmp_path):
+    from saev_hf import SAEV
+    from saev_hf.demo.scene_saev import SceneSAEVArguments, train_scene_saev
+
+    model, processor = gl.build_grounded_llava(gl.GroundedLlavaArguments(**SMALL))
+    args = SceneSAEVArguments(layer=1, expansion_factor=2, steps=6, training_rows=24, weighting_rows=16,
+                              delta_quantile=0.5)
+    sae = train_scene_saev(model, processor, scans, args, tmp_path / "saev", progress=False)
+    info = sae.config.cooccurrence_threshold_info
+    assert info["quantile"] == 0.5 and sae.config.cooccurrence_threshold > 0
+    assert sae.config.hook_layer == 1 and sae.config.d_sae == 2 * 32
+    assert sae.config.feature_weights_info["num_examples"] == 16
+    reloaded = SAEV.from_pretrained(tmp_path / "saev")
+    assert reloaded.config.cooccurrence_threshold == sae.config.cooccurrence_threshold
+    assert torch.equal(reloaded.feature_weights.isnan(), sae.feature_weights.isnan())
+
+
+def test_dpo_and_evaluate_trains_a_copy_and_reports_accuracy_and_hallucinations(scans, tmp_path):
+    from saev_hf.demo.preference import SceneDPOArguments, dpo_and_evaluate
+    from saev_hf.demo.scenes import preference_rows
+
+    model, processor = gl.build_grounded_llava(gl.GroundedLlavaArguments(**SMALL))
+    before = _state(model)
+    rows = preference_rows(scans, 8, "train", np.random.default_rng(0), low_quality_fraction=0.5)
+    eval_rows = question_rows(scans, 6, "held_out", np.random.default_rng(1), absent_fraction=0.5)
+    result = dpo_and_evaluate(model, processor, rows, eval_rows, SceneDPOArguments(steps=2, batch_size=4,
+                                                                                  sft_weight=1.0), tmp_path)
+    assert all(torch.equal(before[n], value) for n, value in model.state_dict().items())  # the model is untouched
+    assert result["train_rows"] == 8 and result["rows"] == 6 and result["final_loss"] is not None
+    untrained = gl.answer_accuracy(model, processor, eval_rows)
+    assert (result["accuracy"], result["hallucination_rate"]) != (None, None)
+    assert set(result["by_kind"]) == set(untrained["by_kind"])

@@ -138,3 +138,12 @@ def test_preference_rows_mix_a_known_share_of_hallucinated_and_swapped_rows(scan
     assert 10 < sum(r["quality"] == "clean" and not r["present"] for r in rows) < 50
     with pytest.raises(ValueError, match="low_quality_fraction"):
         preference_rows(scans, 10, "train", np.random.default_rng(0), low_quality_fraction=1.5)
+
+
+def test_clean_rows_reject_none_only_for_absent_objects(scans):
+    from saev_hf.demo.scenes import preference_rows
+
+    rows = preference_rows(scans, 300, "train", np.random.default_rng(1), low_quality_fraction=0.4)
+    for row in rows:
+        if row["quality"] == "clean" and row["present"] and row["kind"] != "exists":
+            assert row["rejected"] not in ("none", "no")

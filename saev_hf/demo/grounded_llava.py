@@ -409,3 +409,31 @@ def concept_alignment(model, processor, rows, layers: list[int] | None = None) -
                         "other": float((cosine.sum() - cosine.diag().sum()) / max(1, n * n - n)),
                         "matched": float((cosine.argmax(1) == torch.arange(n)).float().mean())}
     return result
+
+
+RECORDED_ROWS = 24
+"""Held-out questions whose answers [`save_grounded_llava`] records beside the model, for checking a reload."""
+
+
+def recorded_questions(args: GroundedLlavaArguments, scans: DigitScans | None = None) -> list[dict[str, Any]]:
+    """The [`RECORDED_ROWS`] held-out questions (a fixed draw, 25% about absent objects) whose answers are recorded."""
+    scans = scans or DigitScans(args.held_out_fraction, seed=args.seed)
+    return question_rows(scans, RECORDED_ROWS, "held_out", np.random.default_rng([args.seed, 1234]),
+                         absent_fraction=0.25)
+
+
+def save_grounded_llava(model, processor, summary: dict[str, Any], path) -> None:
+    """Save the model and processor to `path` with `recipe.json`: the recipe's arguments (and seed) that reproduce
+    them, the training summary, and the model's answers to [`recorded_questions`]."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    args = GroundedLlavaArguments(**summary["arguments"])
+    rows = recorded_questions(args)
+    record = {"arguments": summary["arguments"], "summary": {k: v for k, v in summary.items() if k != "arguments"},
+              "recorded_questions": [row["prompt"] for row in rows],
+              "recorded_answers": predict_answers(model, processor, rows)}
+    (path / "recipe.json").write_text(json.dumps(record, indent=2))

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .scenes import DigitScans, question_rows
 
@@ -36,24 +35,6 @@ def _rows_dataset(rows, with_response: bool):
     return datasets.Dataset.from_list([{key: row[key] for key in keep} for row in rows])
 
 
-@torch.no_grad()
-def positive_activation_quantile(sae, reader, dataset, quantile: float, batch_size: int = 32,
-                                 max_values: int = 1_000_000) -> float:
-    """The `quantile` of the SAE-V's positive activations over the text and image positions of `dataset`."""
-    values = []
-    for start in range(0, len(dataset), batch_size):
-        acts = reader.read(dataset[start:start + batch_size], first_row=start)
-        counted = acts.token_mask
-        z = sae.encode(acts.hidden_states[counted].to(sae.W_enc.device))
-        values.append(z[z > 0].float().cpu())
-    positive = torch.cat(values)
-    if positive.numel() == 0:
-        raise ValueError("The SAE-V never fires on these rows: no positive activation to calibrate delta from.")
-    if positive.numel() > max_values:
-        positive = positive[torch.randperm(positive.numel(), generator=torch.Generator().manual_seed(0))[:max_values]]
-    return float(torch.quantile(positive, quantile))
-
-
 def train_scene_saev(model, processor, scans: DigitScans, args: SceneSAEVArguments, output_dir: str | Path,
                      progress: bool = True):
     """Train an SAE-V on layer `args.layer` of `model` over question-answer rows about training scenes, set its
@@ -76,8 +57,8 @@ def train_scene_saev(model, processor, scans: DigitScans, args: SceneSAEVArgumen
     weighting = _rows_dataset(question_rows(scans, args.weighting_rows, "held_out", np.random.default_rng(
         [args.seed, 22])), with_response=False)
     reader = LayerReader(model, processor, layer=args.layer)
-    sae.config.cooccurrence_threshold = positive_activation_quantile(sae, reader, weighting, args.delta_quantile)
-    compute_feature_weights(sae, reader, weighting, WeightingArguments(num_examples=None, batch_size=32,
-                                                                       seed=args.seed))
+    compute_feature_weights(sae, reader, weighting, WeightingArguments(
+        num_examples=None, batch_size=32, seed=args.seed, threshold_quantile=args.delta_quantile,
+        disable_tqdm=not progress))
     sae.save_pretrained(output_dir)
     return sae

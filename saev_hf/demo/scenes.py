@@ -237,7 +237,8 @@ def preference_rows(scans: DigitScans, n: int, split: str, rng: np.random.Genera
     "scene_concepts"}`` (the last: the digits and colours of the image shown).
 
     A clean row asks a question (about an absent object with probability `absent_fraction`, never for counts) and
-    prefers the faithful answer to a wrong one (for an absent object: a confident hallucination). A known
+    prefers the faithful answer to a wrong one: another confident answer (``no`` for "is there" questions), or for
+    an absent object a confident hallucination. A known
     `low_quality_fraction` of the rows are low quality, half of each kind of [`LOW_QUALITY_KINDS`] (``quality``
     names it): ``"hallucination"`` prefers a confident answer about an absent object to the faithful one;
     ``"swap"`` keeps a clean row's question and answers under the image of another scene that lacks the object the
@@ -255,7 +256,9 @@ def preference_rows(scans: DigitScans, n: int, split: str, rng: np.random.Genera
         absent = quality == "hallucination" or (quality == "clean" and kind != "count"
                                                  and rng.random() < absent_fraction)
         question = ask(scene, kind, rng, absent=absent)
-        wrong = [a for a in ANSWERS[kind] if a != question.answer]
+        # a present object's rejected answer is another confident one (never none / no where there is one), so
+        # that clean rows never teach "do not say none" about questions whose object may be absent
+        wrong = [a for a in ANSWERS[kind] if a not in (question.answer, "none", "no")] or ["no"]
         if question.present:
             chosen, rejected = question.answer, str(rng.choice(wrong))
         elif quality == "hallucination":

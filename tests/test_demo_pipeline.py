@@ -1,0 +1,77 @@
+"""`saev demo` (saev_hf/demo/pipeline.py): the embedded grounded model, and the pipeline end to end on small settings."""
+
+import json
+
+import numpy as np
+import pytest
+
+from saev_hf.cli import main
+from saev_hf.demo import EMBEDDED_MODEL, SCORE_COLUMNS, DemoArguments, load_grounded_llava, run_demo
+from saev_hf.demo import grounded_llava as gl
+from saev_hf.demo.pipeline import auroc
+
+SMALL = dict(hidden_size=32, num_heads=2, vision_hidden_size=16, batch_size=4, language_steps=20, alignment_steps=20,
+             instruction_steps=20)
+
+
+def test_the_embedded_model_loads_and_answers_as_recorded():
+    recipe = json.loads((EMBEDDED_MODEL / "recipe.json").read_text())
+    model, processor = load_grounded_llava()
+    args = gl.GroundedLlavaArguments(**recipe["arguments"])
+    rows = gl.recorded_questions(args)
+    assert [row["prompt"] for row in rows] == recipe["recorded_questions"]
+    assert gl.predict_answers(model, processor, rows) == recipe["recorded_answers"]
+    assert sum((EMBEDDED_MODEL / name).stat().st_size for name in ("model.safetensors",)) < 8 * 2**20
+
+
+def test_auroc_reads_inverted_scores_below_one_half():
+    clean = np.array([True, True, False, False])
+    assert auroc(clean, np.array([3.0, 2.0, 1.0, 0.0])) == 1.0
+    assert auroc(clean, np.array([0.0, 1.0, 2.0, 3.0])) == 0.0
+    assert auroc(clean, np.array([1.0, 1.0, 1.0, 1.0])) == 0.5
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("grounded")
+    model, processor, summary = gl.train_grounded_llava(gl.GroundedLlavaArguments(**SMALL), eval_rows=8,
+                                                        progress=False)
+    gl.save_grounded_llava(model, processor, summary, path)
+    return path
+
+
+def test_demo_runs_the_scene_task_end_to_end_and_reports_honestly(small_model, tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--output_dir", str(out), "--model_name_or_path", str(small_model), "--layer", "1",
+            "--saev_steps", "10", "--num_pairs", "40", "--dpo_steps", "2", "--eval_rows", "16", "--disable_tqdm"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_rows"] == 40 and summary["num_low_quality"] == 16
+    assert summary["low_quality_kinds"] == {"hallucination": 8, "swap": 8}
+    informative = {f"saev_{n}" for n in SCORE_COLUMNS if n not in summary["uninformative_scores"]}
+    assert set(summary["dpo"]) == {"full", "clean_only", "random"} | informative and "saev_l0" in informative
+    assert summary["dpo"]["clean_only"]["low_quality_fraction"] == 0 and summary["dpo"]["full"]["rows"] == 40
+    assert all(summary["dpo"][n]["rows"] == 20 for n in ("saev_l0", "random"))
+    for png in ("scores.png", "dpo.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "## What DPO did" in report and "hallucination rate" in report and "## What this run found" in report
+    for name, value in summary["auroc"].items():  # an AUROC below 0.4 is called inverted, never best
+        line = next(line for line in report.splitlines() if line.startswith(f"| {SCORE_COLUMNS[name]} |"))
+        assert ("inverted" in line) == (value <= 0.4)
+    for name in summary["uninformative_scores"]:  # a score on which every row ties is said to be, not used
+        assert f"Every row has the same {SCORE_COLUMNS[name]}" in report
+    assert "## What this run found" in capsys.readouterr().out
+    with pytest.raises(FileExistsError):  # a folder holding someone else's files is not overwritten
+        (tmp_path / "theirs").mkdir()
+        (tmp_path / "theirs" / "notes.txt").write_text("mine")
+        run_demo(DemoArguments(output_dir=str(tmp_path / "theirs"), model_name_or_path=str(small_model)))
+
+
+def test_demo_arguments_are_checked():
+    with pytest.raises(ValueError, match="low_quality_fraction"):
+        DemoArguments(low_quality_fraction=1.5)
+    with pytest.raises(ValueError, match="keep_fraction"):
+        DemoArguments(keep_fraction=0)
+    with pytest.raises(FileNotFoundError, match="No grounded LLaVA"):
+        load_grounded_llava("/nonexistent/folder")

@@ -30,7 +30,7 @@ import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict  # noqa: E402
+from dataclasses import asdict, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -48,7 +48,7 @@ from saev_hf.demo.grounded_llava import (  # noqa: E402
     save_grounded_llava,
     train_grounded_llava,
 )
-from saev_hf.demo.scene_saev import SceneSAEVArguments, train_scene_saev  # noqa: E402
+from saev_hf.demo.scene_saev import SceneSAEVArguments, train_scene_saev, weigh_scene_saev  # noqa: E402
 from saev_hf.demo.scenes import DigitScans, question_rows  # noqa: E402
 
 
@@ -57,7 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--model-dir", default=None, help="A trained grounded LLaVA to load instead of training one.")
     parser.add_argument("--save-model-dir", default=None, help="Where to save the trained model (with recipe.json).")
-    parser.add_argument("--layers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--layers", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--pools", nargs="+", default=["pooled", "per_modality"],
+                        help="Weighting rules (WeightingArguments.top_k_pool): the paper's 'pooled' first.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-rows", type=int, default=600)
     parser.add_argument("--num-pairs", type=int, default=300)
@@ -75,7 +77,11 @@ def run_gate(args: argparse.Namespace) -> dict:
 
         model = LlavaForConditionalGeneration.from_pretrained(args.model_dir).eval()
         processor = AutoProcessor.from_pretrained(args.model_dir)
-        training = {"loaded_from": args.model_dir}
+        recipe_file = Path(args.model_dir) / "recipe.json"
+        training = {"loaded_from": args.model_dir,
+                    **(json.loads(recipe_file.read_text()) if recipe_file.is_file() else {})}
+        recipe = GroundedLlavaArguments(**training.get("arguments", asdict(recipe)))
+        scans = DigitScans(recipe.held_out_fraction, seed=recipe.seed)
     else:
         model, processor, training = train_grounded_llava(recipe, scans, eval_rows=args.eval_rows)
         if args.save_model_dir:
@@ -86,12 +92,17 @@ def run_gate(args: argparse.Namespace) -> dict:
     alignment = concept_alignment(model, processor, held_out[:300])
     layers = {}
     for layer in args.layers:
-        saev_args = SceneSAEVArguments(**{"seed": args.seed, **json.loads(args.saev), "layer": layer})
+        saev_args = SceneSAEVArguments(**{"seed": args.seed, **json.loads(args.saev), "layer": layer,
+                                          "top_k_pool": args.pools[0]})
         with tempfile.TemporaryDirectory() as folder:
             sae = train_scene_saev(model, processor, scans, saev_args, folder)
-        layers[layer] = {"saev": asdict(saev_args),
-                         **measure_gate(model, processor, sae, layer, scans, held_out, answers,
-                                        num_pairs=args.num_pairs, seed=args.seed)}
+        for pool in args.pools:  # the same SAE-V, weighted by each rule
+            if pool != saev_args.top_k_pool:
+                saev_args = replace(saev_args, top_k_pool=pool)
+                weigh_scene_saev(sae, model, processor, scans, saev_args)
+            layers[f"{layer} ({pool})"] = {"saev": asdict(saev_args),
+                                          **measure_gate(model, processor, sae, layer, scans, held_out, answers,
+                                                         num_pairs=args.num_pairs, seed=args.seed)}
     record = {
         "command": "python benchmarks/grounding_gate.py " + " ".join(sys.argv[1:]),
         "recipe": asdict(recipe),
@@ -121,13 +132,16 @@ def markdown(record: dict) -> str:
         "# The gate: does the grounded tiny LLaVA have what SAE-V's filter needs?",
         "",
         f"`{record['command']}` ({record['seconds'] / 60:.1f} min, {record['threads']} thread). Held-out scenes use "
-        "digit scans never seen in training.",
+        "digit scans never seen in training."
+        + (f" The model's recipe took {record['training']['summary']['seconds'] / 60:.1f} min on one CPU thread "
+           f"(`train_grounded_llava` with the arguments in `recipe.json`)."
+           if "summary" in record["training"] else ""),
         "",
         f"Held-out answer accuracy {record['answers']['accuracy']:.1%} on {record['answers']['rows']} questions "
         f"(25% about absent objects); hallucination rate {record['answers']['hallucination_rate']:.1%}. By kind: "
         + ", ".join(f"{k} {v:.0%}" for k, v in record["answers"]["by_kind"].items()) + ".",
         "",
-        "| layer | d_sae | delta | (a) weighted features | (b) concepts with a shared feature | (c) cosine AUROC "
+        "| layer (weighting rule) | d_sae | delta | (a) weighted features | (b) concepts with a shared feature | (c) cosine AUROC "
         "| L0 AUROC | co-occurring L0 AUROC | (d) accuracy | passed |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -162,10 +176,11 @@ def markdown(record: dict) -> str:
         "",
     ]
     for layer, g in record["layers"].items():
-        lines += [f"Layer {layer}:", "", "| concept | feature | word rate | cell rate | other cells | weight | shared |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [f"Layer {layer}:", "", "| concept | feature | word rate | cell rate | other cells | shared | "
+                  "mean on words | mean on cells | top-30: text / image | weight |", "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {c['concept']} | {c['feature']} | {c['text_rate']:.2f} | {c['image_rate']:.2f} | "
-                  f"{c['elsewhere_rate']:.3f} | {_weight(c['weight'])} | {'yes' if c['shared'] else 'no'} |"
+                  f"{c['elsewhere_rate']:.3f} | {'yes' if c['shared'] else 'no'} | {c['text_mean']:.2f} | "
+                  f"{c['image_mean']:.2f} | {c['top_k_text']} / {c['top_k_image']} | {_weight(c['weight'])} |"
                   for c in g["concepts"]]
         lines.append("")
     return "\n".join(lines) + "\n"

@@ -68,6 +68,15 @@ class WeightingArguments:
                   "0.5) of its positive activations on the weighting data, recorded with its provenance in "
                   "cooccurrence_threshold_info. None keeps the SAE-V's delta (the paper's 1.0 by default)."},
     )
+    top_k_pool: str = field(
+        default="pooled",
+        metadata={"help": "Which positions decide a feature's weight. 'pooled' (the paper): its top_k positions over "
+                  "both modalities, weighted if at least per_modality of them are text and per_modality image. "
+                  "'per_modality' (not in the paper): its top per_modality text and top per_modality image positions "
+                  "taken separately, weighted if it fires on at least per_modality of each; for data where one "
+                  "modality has many more positions or larger activations, so that the pooled top K holds only "
+                  "that modality although the feature fires on both.", "choices": ["pooled", "per_modality"]},
+    )
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars of the two passes."})
 
     def __post_init__(self) -> None:
@@ -81,6 +90,8 @@ class WeightingArguments:
             )
         if self.num_examples is not None and self.num_examples <= 0:
             raise ValueError(f"num_examples={self.num_examples} must be positive, or None for the whole dataset.")
+        if self.top_k_pool not in ("pooled", "per_modality"):
+            raise ValueError(f"top_k_pool={self.top_k_pool!r} must be 'pooled' (the paper's) or 'per_modality'.")
         if self.threshold_quantile is not None and not 0 < self.threshold_quantile < 1:
             raise ValueError(f"threshold_quantile={self.threshold_quantile} must be in (0, 1), e.g. 0.5 for the "
                              f"median positive activation, or None to keep delta.")
@@ -140,6 +151,38 @@ class FeatureTopK:
                 found = hit.any(0)
                 chosen[offset + slot] = torch.where(found, self.positions.gather(0, row[None])[0], -1)
         return text_count, image_count, weighted, chosen
+
+
+class ModalityTopK:
+    """
+    Every feature's top `per_modality` text positions and top `per_modality` image positions, kept apart (the
+    `top_k_pool="per_modality"` variant of [`FeatureTopK`]); `selection` answers as [`FeatureTopK.selection`].
+    """
+
+    def __init__(self, d_sae: int, per_modality: int, device: torch.device | str = "cpu") -> None:
+        self.text = FeatureTopK(d_sae, per_modality, device)
+        self.image = FeatureTopK(d_sae, per_modality, device)
+
+    @torch.no_grad()
+    def update(self, feature_acts: torch.Tensor, positions: torch.Tensor, is_image: torch.Tensor) -> None:
+        """Merge a chunk into the text and the image top positions."""
+        for top, mask in ((self.text, ~is_image), (self.image, is_image)):
+            if mask.any():
+                top.update(feature_acts[mask], positions[mask], is_image[mask])
+
+    @property
+    def values(self) -> torch.Tensor:
+        """`(2 * per_modality, d_sae)` activations: the text top positions', then the image ones'."""
+        return torch.cat([self.text.values, self.image.values])
+
+    def selection(self, per_modality: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """See [`FeatureTopK.selection`]: here over the text top positions followed by the image ones (each sorted)."""
+        merged = FeatureTopK.__new__(FeatureTopK)
+        merged.top_k = 2 * self.text.top_k
+        merged.values = self.values
+        merged.positions = torch.cat([self.text.positions, self.image.positions])
+        merged.is_image = torch.cat([self.text.is_image, self.image.is_image])
+        return merged.selection(per_modality)
 
 
 class CosineAccumulator:
@@ -289,7 +332,8 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
     else:
         sample = list(range(len(dataset)))
     device = sae.W_enc.device
-    top = FeatureTopK(sae.config.d_sae, args.top_k, device)
+    top = (FeatureTopK(sae.config.d_sae, args.top_k, device) if args.top_k_pool == "pooled"
+           else ModalityTopK(sae.config.d_sae, args.per_modality, device))
     hidden_sum = torch.zeros(sae.config.d_in, dtype=torch.float64, device=device)
     num_tokens = 0
     # each feature's largest activation on text and on image positions: delta must lie below both for it to co-occur

@@ -34,20 +34,6 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
 
 
-def test_demo_reads_a_tiny_mllm_and_writes_a_report(tmp_path, capsys):
-    out = tmp_path / "demo"
-    # 40 pretraining steps: with 10 the tiny model gives every row the same scores, which filter_by_score refuses
-    small = {"pretrain_digits": 60, "pretrain_steps": 40, "saev_digits": 30, "saev_steps": 10, "num_pairs": 20,
-             "dpo_steps": 1, "eval_digits": 10}
-    argv = ["demo", "--output_dir", str(out)] + [x for k, v in small.items() for x in (f"--{k}", str(v))]
-    assert main(argv) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["known_low_quality_fraction"] == 0.3 and summary["num_rows"] == 20
-    assert all(0 <= a <= 1 for a in summary["auroc"].values())
-    assert (out / "report.md").exists() and (out / "scores.png").exists() and (out / "accuracy.png").exists()
-    assert "## What this run found" in capsys.readouterr().out
-
-
 def test_weights_score_and_filter_commands_end_to_end(tiny_model_factory, tmp_path):
     import datasets
 

@@ -73,6 +73,9 @@ def test_concept_features_find_the_feature_shared_by_a_word_and_its_cells():
     three = found["3"]
     assert (three.feature, three.text_rate, three.image_rate, three.elsewhere_rate, three.shared) == (0, 1, 1, 0, True)
     assert three.weight is None  # the SAE-V has no feature weights yet
+    # feature 0 fires at 2.0 on both words and on the two cells with a 3, at 0.5 on the 16 other cells: its top 30
+    # holds all 2 + 2 strong positions and 16 weak ones
+    assert (three.top_k_text, three.top_k_image, three.text_mean, three.image_mean) == (2, 18, 2.0, 2.0)
     red = found["red"]  # shown (3 cells) but never said: not shared
     assert red.text_rate == 0 and not red.shared
     strict = concept_features(sae, _FakeReader(tokenizer, scenes), rows, GateThresholds(min_text_rate=1.01))

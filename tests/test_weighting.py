@@ -9,18 +9,26 @@ import torch.nn.functional as F
 
 from saev_hf import SAEV, SAEVConfig
 from saev_hf.activations import LayerReader, Modality
-from saev_hf.weighting import CosineAccumulator, FeatureTopK, WeightingArguments, compute_feature_weights
+from saev_hf.weighting import (
+    CosineAccumulator,
+    FeatureTopK,
+    ModalityTopK,
+    WeightingArguments,
+    compute_feature_weights,
+)
 from saev_hf.tiny_models import DIGIT_NAMES, digit_images
 
 
-def reference_weights(hidden, is_image, counted_z, top_k=30, per_modality=5, center=None):
-    """The method page's definition, computed the obvious way with every hidden state in memory."""
+def reference_weights(hidden, is_image, counted_z, top_k=30, per_modality=5, center=None, pool="pooled"):
+    """The method page's definition (or, with pool="per_modality", each modality's own top positions), computed the
+    obvious way with every hidden state in memory."""
     d_sae = counted_z.shape[1]
     weights = torch.full((d_sae,), math.nan)
     h = hidden if center is None else hidden - center
     for f in range(d_sae):
         firing = (counted_z[:, f] > 0).nonzero().flatten()
-        top = firing[counted_z[firing, f].argsort(descending=True)][:top_k].tolist()
+        ranked = firing[counted_z[firing, f].argsort(descending=True)].tolist()
+        top = ranked[:top_k] if pool == "pooled" else ranked
         text = [i for i in top if not is_image[i]]
         image = [i for i in top if is_image[i]]
         if len(text) >= per_modality and len(image) >= per_modality:
@@ -54,15 +62,16 @@ def all_states(reader, ds, special_as_text=True):
     return acts.hidden_states[counted], acts.modality[counted] == Modality.IMAGE
 
 
-@pytest.mark.parametrize("special_as_text, mean_center", [(True, False), (False, False), (True, True)])
-def test_weights_equal_the_reference_computation(setup, special_as_text, mean_center):
+@pytest.mark.parametrize("special_as_text, mean_center, pool", [(True, False, "pooled"), (False, False, "pooled"),
+                                                              (True, True, "pooled"), (True, False, "per_modality")])
+def test_weights_equal_the_reference_computation(setup, special_as_text, mean_center, pool):
     sae, reader, ds = setup
     args = WeightingArguments(num_examples=None, batch_size=3, token_chunk=50, special_as_text=special_as_text,
-                              mean_center=mean_center)
+                              mean_center=mean_center, top_k_pool=pool)
     weights = compute_feature_weights(sae, reader, ds, args, store=False)
     hidden, is_image = all_states(reader, ds, special_as_text)
     center = hidden.double().mean(0).float() if mean_center else None
-    expected = reference_weights(hidden, is_image, sae.encode(hidden), center=center)
+    expected = reference_weights(hidden, is_image, sae.encode(hidden), center=center, pool=pool)
     assert torch.equal(torch.isnan(weights), torch.isnan(expected))
     assert (~torch.isnan(expected)).sum() > 10, "the fixture must produce weighted features for the test to mean anything"
     torch.testing.assert_close(weights, expected, equal_nan=True, atol=1e-5, rtol=1e-5)
@@ -120,6 +129,16 @@ def test_the_rules_for_single_modal_and_mixed_features():
     assert torch.isnan(weights[:3]).all()
     expected = (F.normalize(hidden[text_rows[:5]], dim=-1) @ F.normalize(hidden[image_rows[:5]], dim=-1).T).mean()
     torch.testing.assert_close(weights[3], expected)
+    # per modality, feature 2's 26 text positions no longer crowd out its image ones, but it fires on only 4 images
+    per_modality = ModalityTopK(d_sae, per_modality=5)
+    for chunk in range(0, n, 7):
+        per_modality.update(z[chunk : chunk + 7], positions[chunk : chunk + 7], is_image[chunk : chunk + 7])
+    text_count, image_count, weighted, chosen = per_modality.selection(per_modality=5)
+    assert text_count.tolist() == [0, 5, 5, 5] and image_count.tolist() == [5, 0, 4, 5]
+    assert weighted.tolist() == [False, False, False, True]
+    acc = CosineAccumulator(weighted, chosen, per_modality=5, d_in=d_in)
+    acc.update(hidden, positions)
+    torch.testing.assert_close(acc.weights(d_sae)[3], expected)
 
 
 def test_top_k_memory_does_not_grow_with_the_stream():
@@ -139,6 +158,8 @@ def test_invalid_weighting_arguments():
         WeightingArguments(top_k=0)
     with pytest.raises(ValueError, match=r"num_examples=0 must be positive"):
         WeightingArguments(num_examples=0)
+    with pytest.raises(ValueError, match=r"top_k_pool='both' must be 'pooled'"):
+        WeightingArguments(top_k_pool="both")
 
 
 def test_weighting_checks_the_sae_fits_the_model(setup):

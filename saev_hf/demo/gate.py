@@ -59,7 +59,9 @@ def consistency_pairs(scans: DigitScans, num_pairs: int, rng: np.random.Generato
 @dataclass
 class ConceptFeature:
     """The best shared feature of one concept and how often it fires (above delta) where the concept is named or
-    shown; `shared` says whether it clears the bars of [`GateThresholds`]."""
+    shown; `shared` says whether it clears the bars of [`GateThresholds`]. `top_k_text` / `top_k_image`: how many of
+    the feature's top 30 positions over the rows are text / image (the paper's rule weights it only with 5 + 5);
+    `text_mean` / `image_mean`: its mean activation on the concept's words / on the cells showing it."""
 
     concept: str
     feature: int
@@ -68,6 +70,10 @@ class ConceptFeature:
     elsewhere_rate: float
     weight: float | None
     shared: bool
+    top_k_text: int = 0
+    top_k_image: int = 0
+    text_mean: float = 0.0
+    image_mean: float = 0.0
 
 
 @torch.no_grad()
@@ -77,6 +83,7 @@ def concept_features(sae, reader, rows: list[dict[str, Any]], thresholds: GateTh
     the prompt) and on the image cells showing it, more than on other cells. `rows` are question rows about scenes
     (with ``"scene"``); image token `i` of a row is its scene's cell `i` (one patch per cell)."""
     from ..activations import Modality
+    from ..weighting import POSITION_STRIDE, FeatureTopK
 
     thresholds = thresholds or GateThresholds()
     delta = sae.config.cooccurrence_threshold
@@ -86,26 +93,35 @@ def concept_features(sae, reader, rows: list[dict[str, Any]], thresholds: GateTh
     # per concept: firing counts (d_sae,) and number of positions, for its words, its cells, and the other cells
     counts = {where: {c: torch.zeros(d_sae) for c in CONCEPTS} for where in ("text", "shown", "elsewhere")}
     totals = {where: {c: 0 for c in CONCEPTS} for where in counts}
+    sums = {where: {c: torch.zeros(d_sae) for c in CONCEPTS} for where in ("text", "shown")}
+    top = FeatureTopK(d_sae, 30)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         acts = reader.read([{"images": r["images"], "prompt": r["prompt"]} for r in chunk], first_row=start)
         for i, row in enumerate(chunk):
             hidden, modality = acts.example(i)
             input_ids = acts.input_ids[i][acts.token_mask[i].to(acts.input_ids.device)]
-            fires = (sae.encode(hidden.to(sae.W_enc.device)) > delta).float().cpu()
-            image_fires = fires[modality.cpu() == Modality.IMAGE]
+            z = sae.encode(hidden.to(sae.W_enc.device)).float().cpu()
+            is_image = modality.cpu() == Modality.IMAGE
+            top.update(z, (start + i) * POSITION_STRIDE + torch.arange(len(z)), is_image)
+            fires = (z > delta).float()
+            image_fires = fires[is_image]
             cells = row["scene"].cell_words()
             for concept in CONCEPTS:
                 said = (input_ids.cpu() == ids[concept]) & (modality.cpu() != Modality.IMAGE)
                 counts["text"][concept] += fires[said].sum(0)
+                sums["text"][concept] += z[said].sum(0)
                 totals["text"][concept] += int(said.sum())
                 shown = torch.tensor([concept in words for words in cells])
                 counts["shown"][concept] += image_fires[shown].sum(0)
+                sums["shown"][concept] += z[is_image][shown].sum(0)
                 totals["shown"][concept] += int(shown.sum())
                 counts["elsewhere"][concept] += image_fires[~shown].sum(0)
                 totals["elsewhere"][concept] += int((~shown).sum())
     result = []
     weights = sae.feature_weights
+    in_top = top.values > 0
+    top_text, top_image = (in_top & ~top.is_image).sum(0), (in_top & top.is_image).sum(0)
     for concept in CONCEPTS:
         rate = {where: counts[where][concept] / max(1, totals[where][concept]) for where in counts}
         ratio_ok = rate["shown"] >= thresholds.min_image_ratio * rate["elsewhere"]
@@ -114,8 +130,10 @@ def concept_features(sae, reader, rows: list[dict[str, Any]], thresholds: GateTh
         weight = float(weights[f])
         shared = bool(ratio_ok[f] and rate["text"][f] >= thresholds.min_text_rate
                       and rate["shown"][f] >= thresholds.min_image_rate and totals["text"][concept] > 0)
+        means = {where: float(sums[where][concept][f]) / max(1, totals[where][concept]) for where in sums}
         result.append(ConceptFeature(concept, f, float(rate["text"][f]), float(rate["shown"][f]),
-                                     float(rate["elsewhere"][f]), None if np.isnan(weight) else weight, shared))
+                                     float(rate["elsewhere"][f]), None if np.isnan(weight) else weight, shared,
+                                     int(top_text[f]), int(top_image[f]), means["text"], means["shown"]))
     return result
 
 

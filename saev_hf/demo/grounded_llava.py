@@ -50,7 +50,7 @@ class GroundedLlavaArguments:
     vision_hidden_size: int = field(default=64, metadata={"help": "Width of the CLIP vision tower."})
     vision_layers: int = field(default=2, metadata={"help": "Layers of the CLIP vision tower."})
     embedding_std: float = field(
-        default=1.0, metadata={"help": "Standard deviation of the initial token embeddings. Large enough that a "
+        default=3.0, metadata={"help": "Standard deviation of the initial token embeddings. Large enough that a "
                                "token's identity stays a large part of the residual stream after the first layers "
                                "(at Llama's 0.02 the first layer's output drowns it)."})
     batch_size: int = field(default=32, metadata={"help": "Rows per step in every stage."})
@@ -63,7 +63,7 @@ class GroundedLlavaArguments:
     instruction_steps: int = field(default=2000, metadata={"help": "Stage 3: projector + language model on images."})
     instruction_learning_rate: float = field(default=1e-3, metadata={"help": "Stage 3 peak learning rate."})
     instruction_absent_fraction: float = field(
-        default=0.05, metadata={"help": "Stage 3: share of questions about absent objects (few: the model keeps "
+        default=0.1, metadata={"help": "Stage 3: share of questions about absent objects (few: the model keeps "
                                 "some hallucinations for DPO to fix)."})
     dense_weight: float = field(default=1.0, metadata={"help": "Weight of the dense image-token loss in stage 3."})
     target: str = field(

@@ -45,6 +45,13 @@ class DemoArguments:
     saev_steps: int = field(default=1000, metadata={"help": "SAE-V training steps (512 tokens each)."})
     delta_quantile: float = field(default=0.5, metadata={"help": "delta = this quantile of the SAE-V's positive "
                                                          "activations on the weighting rows."})
+    top_k_pool: str = field(
+        default="per_modality", metadata={"help": "Feature-weighting rule: 'per_modality' (each feature's top 5 text "
+                                          "and top 5 image positions; on these scenes a concept is shown in many more "
+                                          "cells than it is named in questions, so the paper's 'pooled' top 30 holds "
+                                          "image cells only and weights almost no feature: see "
+                                          "benchmarks/results/grounding_gate.md) or 'pooled' (the paper's).",
+                                          "choices": ["per_modality", "pooled"]})
     num_pairs: int = field(default=600, metadata={"help": "Rows of the preference dataset."})
     low_quality_fraction: float = field(default=0.4, metadata={"help": "Known fraction of low-quality rows."})
     keep_fraction: float = field(default=0.5, metadata={"help": "Top fraction kept by each score."})
@@ -127,7 +134,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     # 2. the SAE-V
     _log(f"2/5 Training an SAE-V on layer {args.layer} and computing its feature weights")
     saev_args = SceneSAEVArguments(layer=args.layer, expansion_factor=args.expansion_factor, steps=args.saev_steps,
-                                   delta_quantile=args.delta_quantile, seed=args.seed)
+                                   delta_quantile=args.delta_quantile, top_k_pool=args.top_k_pool, seed=args.seed)
     sae = train_scene_saev(model, processor, scans, saev_args, output / "saev", progress=progress)
 
     # 3-4. the preference data, its scores and their AUROCs
@@ -175,6 +182,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         "low_quality_kinds": {kind: int(sum(r["quality"] == kind for r in rows)) for kind in ("hallucination", "swap")},
         "base": base,
         "saev": {"layer": args.layer, "d_sae": sae.config.d_sae, "weighted_features": int(sae.has_feature_weight.sum()),
+                 "top_k_pool": args.top_k_pool,
                  "cooccurrence_threshold": sae.config.cooccurrence_threshold},
         "auroc": aurocs,
         "uninformative_scores": uninformative,
@@ -225,6 +233,9 @@ def _plots(output: Path, scores: dict, clean, results: dict, base: dict) -> None
     plt.close(fig)
 
 
+_RULES = {"pooled": "the paper's pooled top-K rule", "per_modality": "the per-modality top-K rule (not the paper's)"}
+
+
 def _verdict(value: float) -> str:
     if value >= 0.6:
         return "separates"
@@ -248,7 +259,8 @@ def report(summary: dict) -> str:
         f"held-out accuracy {pct(base['accuracy'])}, hallucination rate {pct(base['hallucination_rate'])} (share of "
         f"questions about absent objects answered with a confident answer instead of none / no). An SAE-V with "
         f"{summary['saev']['d_sae']} features on layer {summary['saev']['layer']} "
-        f"({summary['saev']['weighted_features']} with a cross-modal weight, delta "
+        f"({summary['saev']['weighted_features']} with a cross-modal weight by "
+        f"{_RULES[summary['saev']['top_k_pool']]}, delta "
         f"{summary['saev']['cooccurrence_threshold']:.3f}) scores {summary['num_rows']} preference rows, of which "
         f"{summary['num_low_quality']} are low quality ({summary['low_quality_kinds']['hallucination']} prefer a "
         f"hallucinated answer about an absent object, {summary['low_quality_kinds']['swap']} have another scene's "

@@ -25,6 +25,8 @@ class SceneSAEVArguments:
     delta_quantile: float = field(
         default=0.5, metadata={"help": "The co-occurrence bound delta is set to this quantile of the SAE-V's positive "
                                "activations on the weighting rows (the paper's delta = 1 is for its models' scale)."})
+    top_k_pool: str = field(default="pooled", metadata={"help": "'pooled' (the paper's top-K rule) or "
+                                                         "'per_modality' (see WeightingArguments.top_k_pool)."})
     seed: int = field(default=0, metadata={"help": "Seed of the rows and the SAE-V."})
 
 
@@ -40,9 +42,7 @@ def train_scene_saev(model, processor, scans: DigitScans, args: SceneSAEVArgumen
     """Train an SAE-V on layer `args.layer` of `model` over question-answer rows about training scenes, set its
     co-occurrence bound delta from its activations, compute its cross-modal feature weights on prompt-only rows about
     held-out scenes (as the paper does: question and image), and save it to `output_dir`. Returns the SAE-V."""
-    from ..activations import LayerReader
     from ..training import SAEVTrainingArguments, train_saev
-    from ..weighting import WeightingArguments, compute_feature_weights
 
     rng = np.random.default_rng([args.seed, 21])
     training = _rows_dataset(question_rows(scans, args.training_rows, "train", rng), with_response=True)
@@ -54,11 +54,20 @@ def train_scene_saev(model, processor, scans: DigitScans, args: SceneSAEVArgumen
         logging_steps=max(1, args.steps // 4), report_to="none", use_cpu=True, overwrite_output_dir=True,
         disable_tqdm=not progress)
     sae = train_saev(training_args, model=model, processor=processor, dataset=training)
+    weigh_scene_saev(sae, model, processor, scans, args, progress)
+    sae.save_pretrained(output_dir)
+    return sae
+
+
+def weigh_scene_saev(sae, model, processor, scans: DigitScans, args: SceneSAEVArguments, progress: bool = True):
+    """Set `sae`'s delta (the `args.delta_quantile` of its positive activations) and its cross-modal feature weights
+    (rule `args.top_k_pool`) from prompt-only rows about held-out scenes, as the paper does (question and image)."""
+    from ..activations import LayerReader
+    from ..weighting import WeightingArguments, compute_feature_weights
+
     weighting = _rows_dataset(question_rows(scans, args.weighting_rows, "held_out", np.random.default_rng(
         [args.seed, 22])), with_response=False)
-    reader = LayerReader(model, processor, layer=args.layer)
-    compute_feature_weights(sae, reader, weighting, WeightingArguments(
+    compute_feature_weights(sae, LayerReader(model, processor, layer=args.layer), weighting, WeightingArguments(
         num_examples=None, batch_size=32, seed=args.seed, threshold_quantile=args.delta_quantile,
-        disable_tqdm=not progress))
-    sae.save_pretrained(output_dir)
+        top_k_pool=args.top_k_pool, disable_tqdm=not progress))
     return sae

@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score
 
 from saev_hf import SAEV, SAEVConfig
 from saev_hf.activations import LayerActivations, Modality
-from saev_hf.demo.gate import GateThresholds, _auroc, concept_features, consistency_pairs
+from saev_hf.demo.gate import GateThresholds, auroc, concept_features, consistency_pairs
 from saev_hf.demo.scenes import CONCEPTS, VOCABULARY, DigitScans, Scene, SceneObject
 from saev_hf.tiny_models import build_tiny_tokenizer
 
@@ -18,7 +18,7 @@ def test_auroc_by_pair_counting_equals_sklearn_with_ties():
     rng = np.random.default_rng(0)
     values = rng.integers(0, 5, size=200).astype(float)  # many ties
     labels = rng.random(200) < 0.4
-    assert _auroc(labels, values) == pytest.approx(roc_auc_score(labels, values), abs=1e-12)
+    assert auroc(labels, values) == pytest.approx(roc_auc_score(labels, values), abs=1e-12)
 
 
 def test_consistency_pairs_put_the_same_question_under_an_image_with_and_without_its_object():

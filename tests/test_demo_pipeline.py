@@ -8,7 +8,7 @@ import pytest
 from saev_hf.cli import main
 from saev_hf.demo import EMBEDDED_MODEL, SCORE_COLUMNS, DemoArguments, load_grounded_llava, run_demo
 from saev_hf.demo import grounded_llava as gl
-from saev_hf.demo.pipeline import auroc
+from saev_hf.demo.gate import auroc
 
 SMALL = dict(hidden_size=32, num_heads=2, vision_hidden_size=16, batch_size=4, language_steps=20, alignment_steps=20,
              instruction_steps=20)

@@ -26,9 +26,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .pipeline import SCORE_COLUMNS, plot_score_histograms  # one score-column table, one score plot
+
 CORRUPTIONS = {"noise": "their image was replaced by random pixels",
                "swap": "their image was swapped for another digit's"}
-SCORE_COLUMNS = {"cosine": "saev_cosine_score", "l0": "saev_l0", "cooccur_l0": "saev_cooccur_l0"}
 
 
 @dataclass
@@ -288,16 +289,7 @@ def _plots(output: Path, scores: dict, clean, results: dict, base_accuracy: floa
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(scores), figsize=(4 * len(scores), 3))
-    for ax, (name, values) in zip(np.atleast_1d(axes), scores.items()):
-        edges = np.histogram_bin_edges(values, bins=25)
-        ax.hist(values[clean], bins=edges, alpha=0.7, color="#4c72b0", label="clean")
-        ax.hist(values[~clean], bins=edges, alpha=0.7, color="#dd5555", label="low quality")
-        ax.set(title=SCORE_COLUMNS[name], xlabel="score", ylabel="rows")
-    np.atleast_1d(axes)[0].legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(output / "scores.png", dpi=100)
-    plt.close(fig)
+    plot_score_histograms(output / "scores.png", scores, clean)
 
     fig, ax = plt.subplots(figsize=(7, 3.2))
     names = list(results)

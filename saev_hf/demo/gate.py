@@ -137,8 +137,9 @@ def concept_features(sae, reader, rows: list[dict[str, Any]], thresholds: GateTh
     return result
 
 
-def _auroc(positive: np.ndarray, values: np.ndarray) -> float:
-    """AUROC by pair counting (ties count half): the chance that a positive row outscores a negative one."""
+def auroc(positive: np.ndarray, values: np.ndarray) -> float:
+    """AUROC by pair counting (ties count half): the chance that a positive (clean, consistent) row outscores a
+    negative one. 1 = perfect, 0.5 = chance, below 0.5 = inverted (the score prefers the negative rows)."""
     pos, neg = values[positive], values[~positive]
     greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return float(greater / (len(pos) * len(neg)))
@@ -166,7 +167,7 @@ def measure_gate(model, processor, sae, layer: int, scans: DigitScans, held_out_
     scored = datasets.Dataset.from_list(pairs).map(SAEVScorer(sae, model, processor), batched=True,
                                                    batch_size=batch_size, desc="Gate: scoring image-question pairs")
     consistent = np.array(scored["consistent"], dtype=bool)
-    auroc = {name: _auroc(consistent, np.array(scored[column], dtype=float))
+    aurocs = {name: auroc(consistent, np.array(scored[column], dtype=float))
              for name, column in (("cosine", "saev_cosine_score"), ("l0", "saev_l0"),
                                   ("cooccur_l0", "saev_cooccur_l0"))}
     weighted = int(sae.has_feature_weight.sum())
@@ -174,7 +175,7 @@ def measure_gate(model, processor, sae, layer: int, scans: DigitScans, held_out_
     passed = {
         "a_weighted_features": weighted >= thresholds.min_weighted_features,
         "b_concept_features": shared > thresholds.min_concept_fraction * len(concepts),
-        "c_auroc": auroc["cosine"] >= thresholds.min_auroc,
+        "c_auroc": aurocs["cosine"] >= thresholds.min_auroc,
         "d_accuracy": answer_summary["accuracy"] >= thresholds.min_accuracy,
     }
     return {
@@ -184,7 +185,7 @@ def measure_gate(model, processor, sae, layer: int, scans: DigitScans, held_out_
         "weighted_features": weighted,
         "concepts": [asdict(c) for c in concepts],
         "shared_concepts": shared,
-        "auroc": auroc,
+        "auroc": aurocs,
         "num_pairs": num_pairs,
         "accuracy": answer_summary["accuracy"],
         "accuracy_by_kind": answer_summary["by_kind"],

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from .gate import auroc
+
 SCORE_COLUMNS = {"cosine": "saev_cosine_score", "l0": "saev_l0", "cooccur_l0": "saev_cooccur_l0"}
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "grounded_llava_model"
 """The grounded tiny LLaVA that ships with the package (its recipe and seed in `recipe.json` beside it)."""
@@ -86,14 +88,6 @@ def load_grounded_llava(path: str | Path | None = None):
         raise FileNotFoundError(f"No grounded LLaVA in {path} (no model.safetensors). Pass a folder written by "
                                 f"save_pretrained, or --train_model to train one.")
     return LlavaForConditionalGeneration.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
-
-
-def auroc(clean: np.ndarray, values: np.ndarray) -> float:
-    """The chance that a clean row outscores a low-quality one (ties count half): 1 = perfect, 0.5 = chance,
-    below 0.5 = inverted (the score prefers low-quality rows)."""
-    pos, neg = values[clean], values[~clean]
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (len(pos) * len(neg)))
 
 
 def run_demo(args: DemoArguments) -> dict[str, Any]:
@@ -199,7 +193,8 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     return summary
 
 
-def _plots(output: Path, scores: dict, clean, results: dict, base: dict) -> None:
+def plot_score_histograms(path: Path, scores: dict[str, np.ndarray], clean: np.ndarray) -> None:
+    """One histogram per score (names of `SCORE_COLUMNS`), clean and low-quality rows overlaid, saved to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,8 +208,17 @@ def _plots(output: Path, scores: dict, clean, results: dict, base: dict) -> None
         ax.set(title=SCORE_COLUMNS[name], xlabel="score", ylabel="rows")
     np.atleast_1d(axes)[0].legend(frameon=False, fontsize=8)
     fig.tight_layout()
-    fig.savefig(output / "scores.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plots(output: Path, scores: dict, clean, results: dict, base: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_score_histograms(output / "scores.png", scores, clean)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     names = list(results)

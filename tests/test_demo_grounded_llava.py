@@ -128,3 +128,31 @@ def test_dpo_and_evaluate_trains_a_copy_and_reports_accuracy_and_hallucinations(
     untrained = gl.answer_accuracy(model, processor, eval_rows)
     assert (result["accuracy"], result["hallucination_rate"]) != (None, None)
     assert set(result["by_kind"]) == set(untrained["by_kind"])
+
+
+def test_layer_alignment_targets_are_the_states_of_the_cell_words_in_the_description(scans):
+    model, processor = gl.build_grounded_llava(gl.GroundedLlavaArguments(**SMALL))
+    rows = question_rows(scans, 3, "train", np.random.default_rng(4))
+    scenes = [r["scene"] for r in rows]
+    targets, occupied = gl.word_state_targets(model, processor, scenes, layer=1)
+    tokenizer = processor.tokenizer
+    for i, scene in enumerate(scenes):
+        ids = tokenizer(f"scene : {scene.describe()}", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            states = model.model.language_model(input_ids=ids, output_hidden_states=True).hidden_states[2][0]
+        tokens = tokenizer.convert_ids_to_tokens(ids[0])
+        assert occupied[i].sum() == len(scene.objects)
+        for obj in scene.objects:
+            expected = states[[tokens.index(obj.colour), tokens.index(str(obj.digit))]].mean(0)
+            assert torch.allclose(targets[i, obj.cell], expected, atol=1e-5)
+
+
+def test_alignment_at_a_layer_still_trains_only_the_image_side(scans):
+    args = gl.GroundedLlavaArguments(**{**SMALL, "align_layer": 0})
+    model, processor = gl.build_grounded_llava(args)
+    state = _state(model)
+    losses = gl._train_stage(model, processor, scans, np.random.default_rng(0), "alignment",
+                             gl._part(model, "vision") + gl._part(model, "projector"), 5, 3e-3, args, progress=False)
+    changed = {n for n, v in model.state_dict().items() if not torch.equal(state[n], v)}
+    assert changed and all("vision_tower" in n or "multi_modal_projector" in n for n in changed)
+    assert losses["dense_loss"] > 0 and losses["answer_loss"] == 0

@@ -75,3 +75,13 @@ def test_demo_arguments_are_checked():
         DemoArguments(keep_fraction=0)
     with pytest.raises(FileNotFoundError, match="No grounded LLaVA"):
         load_grounded_llava("/nonexistent/folder")
+
+
+def test_demo_names_the_install_when_its_packages_are_missing(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"needs matplotlib.*pip install 'saev-hf\[demo\]'"):
+        run_demo(DemoArguments(output_dir=str(tmp_path / "demo")))
+    assert not (tmp_path / "demo").exists()  # refused before anything was written

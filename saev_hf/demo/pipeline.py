@@ -79,6 +79,20 @@ def _log(message: str) -> None:
     print(f"[saev demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+DEMO_PACKAGES = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}
+
+
+def require_demo_packages() -> None:
+    """Refuse at once, naming the install, when the demo's own packages (the digits, the plots) are missing, rather
+    than minutes into a run."""
+    import importlib.util
+
+    missing = [package for module, package in DEMO_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ModuleNotFoundError(f"saev demo needs {', '.join(missing)}, which the library alone does not install: "
+                                  f"pip install 'saev-hf[demo]'.")
+
+
 def load_grounded_llava(path: str | Path | None = None):
     """The embedded grounded tiny LLaVA (or the one in `path`) and its processor, in eval mode."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -102,6 +116,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     from .scene_saev import SceneSAEVArguments, train_scene_saev
     from .scenes import DigitScans, preference_rows, question_rows
 
+    require_demo_packages()
     started = time.perf_counter()
     output = prepare_output_dir(args.output_dir, "saev demo", overwrite=args.overwrite_output_dir)
     progress = not args.disable_tqdm

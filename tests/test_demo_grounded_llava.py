@@ -68,6 +68,8 @@ def test_the_recipe_is_deterministic_per_seed(scans):
     assert not all(torch.equal(a[n], c[n]) for n in a)
     summary = first[2]
     assert set(summary["stages"]) == {"language", "alignment", "instruction"}
+    unevaluated = gl.train_grounded_llava(gl.GroundedLlavaArguments(**SMALL), scans, eval_rows=0, progress=False)
+    assert "held_out" not in unevaluated[2] and all(torch.equal(a[n], v) for n, v in unevaluated[0].state_dict().items())
     assert summary["held_out"]["rows"] == 6 and 0 <= summary["held_out"]["accuracy"] <= 1
 
 

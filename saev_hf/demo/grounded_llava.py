@@ -294,10 +294,11 @@ def train_grounded_llava(args: GroundedLlavaArguments | None = None, scans: Digi
             parameters = [p for part in parts for p in _part(model, part)]
             summary["stages"][stage] = _train_stage(model, processor, scans, rng, stage, parameters, steps, lr, args,
                                                     absent, progress)
-    held_out = question_rows(scans, eval_rows, "held_out", np.random.default_rng([args.seed, 99]),
-                             absent_fraction=0.25)
-    summary["cell_probe"] = cell_probe(model, processor, [row["scene"] for row in held_out[:200]], scans)
-    summary["held_out"] = answer_accuracy(model, processor, held_out)
+    if eval_rows:  # 0: no evaluation (the caller measures the model itself)
+        held_out = question_rows(scans, eval_rows, "held_out", np.random.default_rng([args.seed, 99]),
+                                 absent_fraction=0.25)
+        summary["cell_probe"] = cell_probe(model, processor, [row["scene"] for row in held_out[:200]], scans)
+        summary["held_out"] = answer_accuracy(model, processor, held_out)
     summary["seconds"] = time.perf_counter() - started
     return model, processor, summary
 

@@ -164,11 +164,11 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     rng = np.random.default_rng([args.seed, 6])
     subsets = {"full": list(range(len(rows))), "clean_only": [i for i in range(len(rows)) if clean[i]]}
     uninformative = [name for name, values in scores.items() if np.ptp(values) == 0]
+    numbered = scored.add_column("row", list(range(len(rows))))
     for name, column in SCORE_COLUMNS.items():
         if name in uninformative:  # every row ties: a filter by this score would keep rows by index
             continue
-        kept = filter_by_score(scored.add_column("row", list(range(len(rows)))),
-                               FilterArguments(column=column, fraction=args.keep_fraction))
+        kept = filter_by_score(numbered, FilterArguments(column=column, fraction=args.keep_fraction))
         subsets[f"saev_{name}"] = list(kept["row"])
     subsets["random"] = sorted(rng.choice(len(rows), size=n_keep, replace=False).tolist())
     dpo_args = SceneDPOArguments(steps=args.dpo_steps, batch_size=args.dpo_batch_size,

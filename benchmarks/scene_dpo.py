@@ -36,10 +36,9 @@ torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from saev_hf.demo import load_grounded_llava  # noqa: E402
-from saev_hf.demo.grounded_llava import answer_accuracy  # noqa: E402
+from saev_hf.demo.grounded_llava import answer_accuracy, predict_answers  # noqa: E402
 from saev_hf.demo.preference import SceneDPOArguments, dpo_and_evaluate  # noqa: E402
-from saev_hf.demo.scenes import ANSWERS, DigitScans, preference_rows, question_rows  # noqa: E402
-from saev_hf.tiny_models import _response_log_likelihoods  # noqa: E402
+from saev_hf.demo.scenes import DigitScans, preference_rows, question_rows  # noqa: E402
 
 DEFAULT_CONFIGS = [{"steps": 200, "learning_rate": 5e-5}, {"steps": 200, "learning_rate": 1e-5},
                    {"steps": 200, "learning_rate": 5e-5, "beta": 0.5},
@@ -59,16 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@torch.no_grad()
 def on_policy(model, processor, rows):
     """Each row with its rejected answer replaced by the model's most likely answer other than the chosen one."""
-    out = []
-    for row in rows:
-        candidates = [a for a in ANSWERS[row["kind"]] if a != row["chosen"]]
-        scores = _response_log_likelihoods(model, processor, [
-            {"images": row["images"], "prompt": row["prompt"], "response": c} for c in candidates])[0]
-        out.append({**row, "rejected": candidates[int(scores.argmax())]})
-    return out
+    rejected = predict_answers(model, processor, rows, exclude=[row["chosen"] for row in rows])
+    return [{**row, "rejected": answer} for row, answer in zip(rows, rejected)]
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -158,3 +158,11 @@ def test_alignment_at_a_layer_still_trains_only_the_image_side(scans):
     changed = {n for n, v in model.state_dict().items() if not torch.equal(state[n], v)}
     assert changed and all("vision_tower" in n or "multi_modal_projector" in n for n in changed)
     assert losses["dense_loss"] > 0 and losses["answer_loss"] == 0
+
+
+def test_predictions_can_leave_out_an_answer_per_row(scans):
+    model, processor = gl.build_grounded_llava(gl.GroundedLlavaArguments(**SMALL))
+    rows = question_rows(scans, 6, "held_out", np.random.default_rng(2))
+    best = gl.predict_answers(model, processor, rows)
+    second = gl.predict_answers(model, processor, rows, batch_size=4, exclude=best)
+    assert all(b != s and s in ANSWERS[r["kind"]] for b, s, r in zip(best, second, rows))

@@ -100,21 +100,21 @@ def concept_features(sae, reader, rows: list[dict[str, Any]], thresholds: GateTh
         acts = reader.read([{"images": r["images"], "prompt": r["prompt"]} for r in chunk], first_row=start)
         for i, row in enumerate(chunk):
             hidden, modality = acts.example(i)
-            input_ids = acts.input_ids[i][acts.token_mask[i].to(acts.input_ids.device)]
+            input_ids = acts.input_ids[i][acts.token_mask[i].to(acts.input_ids.device)].cpu()
             z = sae.encode(hidden.to(sae.W_enc.device)).float().cpu()
             is_image = modality.cpu() == Modality.IMAGE
             top.update(z, (start + i) * POSITION_STRIDE + torch.arange(len(z)), is_image)
             fires = (z > delta).float()
-            image_fires = fires[is_image]
+            image_z, image_fires = z[is_image], fires[is_image]
             cells = row["scene"].cell_words()
             for concept in CONCEPTS:
-                said = (input_ids.cpu() == ids[concept]) & (modality.cpu() != Modality.IMAGE)
+                said = (input_ids == ids[concept]) & ~is_image
                 counts["text"][concept] += fires[said].sum(0)
                 sums["text"][concept] += z[said].sum(0)
                 totals["text"][concept] += int(said.sum())
                 shown = torch.tensor([concept in words for words in cells])
                 counts["shown"][concept] += image_fires[shown].sum(0)
-                sums["shown"][concept] += z[is_image][shown].sum(0)
+                sums["shown"][concept] += image_z[shown].sum(0)
                 totals["shown"][concept] += int(shown.sum())
                 counts["elsewhere"][concept] += image_fires[~shown].sum(0)
                 totals["elsewhere"][concept] += int((~shown).sum())

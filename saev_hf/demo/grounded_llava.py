@@ -330,20 +330,24 @@ def cell_probe(model, processor, scenes, scans: DigitScans) -> dict[str, float]:
 
 
 @torch.no_grad()
-def predict_answers(model, processor, rows, batch_size: int = 16) -> list[str]:
+def predict_answers(model, processor, rows, batch_size: int = 16, exclude: list[str] | None = None) -> list[str]:
     """The model's answer to each row's question: the candidate of [`ANSWERS`] for the row's ``"kind"`` with the
-    highest log-likelihood (so every answer is one the task knows)."""
+    highest log-likelihood (so every answer is one the task knows). With `exclude`, row i's candidates leave out
+    ``exclude[i]`` (e.g. the chosen answer, to find the model's own likeliest wrong one)."""
+    def candidates_of(i: int, row) -> list[str]:
+        return [a for a in ANSWERS[row["kind"]] if exclude is None or a != exclude[i]]
+
     was_training = model.training
     model.eval()
     answers = []
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = list(enumerate(rows[start:start + batch_size], start))
         flat = [{"images": row["images"], "prompt": row["prompt"], "response": candidate}
-                for row in chunk for candidate in ANSWERS[row["kind"]]]
+                for i, row in chunk for candidate in candidates_of(i, row)]
         log_likelihoods = _response_log_likelihoods(model, processor, flat)[0]
         offset = 0
-        for row in chunk:
-            candidates = ANSWERS[row["kind"]]
+        for i, row in chunk:
+            candidates = candidates_of(i, row)
             answers.append(candidates[int(log_likelihoods[offset:offset + len(candidates)].argmax())])
             offset += len(candidates)
     model.train(was_training)

@@ -147,3 +147,24 @@ def test_clean_rows_reject_none_only_for_absent_objects(scans):
     for row in rows:
         if row["quality"] == "clean" and row["present"] and row["kind"] != "exists":
             assert row["rejected"] not in ("none", "no")
+
+
+def test_refusal_rejected_rows_reject_none_for_present_objects_and_leave_the_rest_as_they_are(scans):
+    from saev_hf.demo.scenes import preference_rows
+
+    rows = preference_rows(scans, 300, "train", np.random.default_rng(1), low_quality_fraction=0.4,
+                           refusal_rejected_fraction=1.0)
+    refusable = [r for r in rows if r["quality"] == "clean" and r["present"] and r["kind"] in ("which", "colour", "where")]
+    assert len(refusable) > 30 and all(r["rejected"] == "none" for r in refusable)
+    for row in rows:
+        if row["quality"] == "hallucination":
+            assert row["chosen"] not in ("none", "no") and row["rejected"] in ("none", "no")
+        if row["quality"] == "swap" and row["kind"] != "exists":
+            assert row["rejected"] != "none"  # low-quality rows keep their construction
+    half = preference_rows(scans, 300, "train", np.random.default_rng(1), low_quality_fraction=0.4,
+                           refusal_rejected_fraction=0.5)
+    share = np.mean([r["rejected"] == "none" for r in half
+                     if r["quality"] == "clean" and r["present"] and r["kind"] in ("which", "colour", "where")])
+    assert 0.3 < share < 0.7
+    with pytest.raises(ValueError, match="refusal_rejected_fraction"):
+        preference_rows(scans, 10, "train", np.random.default_rng(0), refusal_rejected_fraction=-0.1)

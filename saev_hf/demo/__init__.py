@@ -10,4 +10,4 @@
 - `digits`: the first miniature (a tiny LLaVA captioning single digits), still used by two benchmarks.
 """
 
-from .pipeline import EMBEDDED_MODEL, SCORE_COLUMNS, DemoArguments, load_grounded_llava, run_demo  # noqa: F401
+from .pipeline import EMBEDDED_MODEL, SCORE_COLUMNS, DemoArguments, load_grounded_llava, load_recipe, run_demo  # noqa: F401

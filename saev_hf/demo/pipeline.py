@@ -104,6 +104,18 @@ def load_grounded_llava(path: str | Path | None = None):
     return LlavaForConditionalGeneration.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
 
 
+def load_recipe(path: str | Path | None = None):
+    """The [`GroundedLlavaArguments`] a grounded LLaVA folder was trained with (its ``recipe.json``; default: the
+    embedded model's), or the default recipe where the folder has none. The recipe's seed and held-out fraction
+    fix which digit scans are held out, so every evaluation of that model must draw its scenes with them."""
+    from .grounded_llava import GroundedLlavaArguments
+
+    recipe_file = Path(path or EMBEDDED_MODEL) / "recipe.json"
+    if not recipe_file.is_file():
+        return GroundedLlavaArguments()
+    return GroundedLlavaArguments(**json.loads(recipe_file.read_text())["arguments"])
+
+
 def run_demo(args: DemoArguments) -> dict[str, Any]:
     """Run the demo and return its summary (also written to `output_dir/summary.json`, with `report.md` and plots)."""
     import datasets
@@ -129,9 +141,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         source = "trained now with the default recipe"
     else:
         model, processor = load_grounded_llava(args.model_name_or_path)
-        recipe_file = Path(args.model_name_or_path or EMBEDDED_MODEL) / "recipe.json"
-        recipe = GroundedLlavaArguments(**json.loads(recipe_file.read_text())["arguments"]) \
-            if recipe_file.is_file() else GroundedLlavaArguments()
+        recipe = load_recipe(args.model_name_or_path)
         source = str(args.model_name_or_path or "embedded in the package")
         _log(f"1/5 Loaded the grounded tiny LLaVA ({source})")
     scans = DigitScans(recipe.held_out_fraction, seed=recipe.seed)

@@ -231,20 +231,25 @@ scene's, so that the chosen answer no longer describes what is shown."""
 
 
 def preference_rows(scans: DigitScans, n: int, split: str, rng: np.random.Generator,
-                    low_quality_fraction: float = 0.4, absent_fraction: float = 0.25) -> list[dict[str, Any]]:
+                    low_quality_fraction: float = 0.4, absent_fraction: float = 0.25,
+                    refusal_rejected_fraction: float = 0.0) -> list[dict[str, Any]]:
     """`n` preference rows about scenes of `split` (TRL's layout, plain prompts beside an image column):
     ``{"images", "prompt", "chosen", "rejected", "low_quality", "quality", "kind", "present", "concept",
     "scene_concepts"}`` (the last: the digits and colours of the image shown).
 
     A clean row asks a question (about an absent object with probability `absent_fraction`, never for counts) and
     prefers the faithful answer to a wrong one: another confident answer (``no`` for "is there" questions), or for
-    an absent object a confident hallucination. A known
+    an absent object a confident hallucination. With `refusal_rejected_fraction`, that share of the clean rows about
+    a present object (which / colour / where) rejects the over-cautious ``none`` instead, so that the clean rows
+    teach both halves of faithfulness: ``none`` when the object is absent, an answer when it is there. A known
     `low_quality_fraction` of the rows are low quality, half of each kind of [`LOW_QUALITY_KINDS`] (``quality``
     names it): ``"hallucination"`` prefers a confident answer about an absent object to the faithful one;
     ``"swap"`` keeps a clean row's question and answers under the image of another scene that lacks the object the
     question names (for counts: that holds another number of digits)."""
-    if not 0 <= low_quality_fraction <= 1:
-        raise ValueError(f"low_quality_fraction={low_quality_fraction} must be in [0, 1].")
+    for name, value in (("low_quality_fraction", low_quality_fraction),
+                        ("refusal_rejected_fraction", refusal_rejected_fraction)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{name}={value} must be in [0, 1].")
     low = np.zeros(n, dtype=bool)
     low[rng.choice(n, size=round(low_quality_fraction * n), replace=False)] = True
     kinds_of_low = iter(np.resize(np.array(LOW_QUALITY_KINDS), int(low.sum()))[rng.permutation(int(low.sum()))])
@@ -256,11 +261,12 @@ def preference_rows(scans: DigitScans, n: int, split: str, rng: np.random.Genera
         absent = quality == "hallucination" or (quality == "clean" and kind != "count"
                                                  and rng.random() < absent_fraction)
         question = ask(scene, kind, rng, absent=absent)
-        # a present object's rejected answer is another confident one (never none / no where there is one), so
-        # that clean rows never teach "do not say none" about questions whose object may be absent
         wrong = [a for a in ANSWERS[kind] if a not in (question.answer, "none", "no")] or ["no"]
         if question.present:
             chosen, rejected = question.answer, str(rng.choice(wrong))
+            if refusal_rejected_fraction and "none" in ANSWERS[kind] and quality == "clean" \
+                    and rng.random() < refusal_rejected_fraction:  # drawn only when asked: default rows unchanged
+                rejected = "none"
         elif quality == "hallucination":
             chosen, rejected = str(rng.choice(question.hallucinations)), question.answer
         else:

@@ -1,0 +1,403 @@
+"""Benchmark: the paper's data-filtering sweep on the grounded scene miniature (issue 12, item 6).
+
+The SAE-V paper keeps the top 10%...100% of a preference dataset by each SAE-V score, runs DPO on what is kept and
+reports more than 110% of the full-data performance with less than 50% of the data. This repeats it on the grounded
+tiny LLaVA (`saev_hf.demo`), whose preference rows have a KNOWN low-quality part of the kinds the paper names
+(hallucinated answers about absent objects, swapped images; `saev_hf.demo.scenes.preference_rows`).
+
+Per seed (the SAE-V, the rows, the held-out questions and DPO's batch order are seeded by it; the MLLM is the one in
+`--model-dir`, by default the package's embedded one):
+
+1. An SAE-V on decoder layer `--layer` (`train_scene_saev`), weighted twice on the same rows: the paper's pooled
+   top-K rule and the per-modality rule (`WeightingArguments.top_k_pool`, a documented option).
+2. Scores of every preference row (higher = keep):
+   - the paper's three, prompt-only (question and image, the paper's default): `saev_cosine` (pooled weights),
+     `saev_l0`, `saev_cooccur_l0`; the same three reading the chosen answer too (`PromptFormat(response_column=
+     "chosen")`, an option) are reported as detectors (AUROC) only;
+   - beyond the paper: `saev_cosine_per_modality` (cosine score with per-modality weights);
+   - baselines: `chosen_log_likelihood` (the model's own log-probability of the chosen answer),
+     `image_text_similarity` (the model's own image-text similarity, the analogue of a CLIP score; see
+     `saev_hf.demo.baselines`), `random`, and the `oracle` (clean rows first).
+3. For each score and kept fraction < 1, DPO from the same model on the top fraction (`filter_by_score`,
+   `dpo_and_evaluate`: the same steps for every subset); kept fraction 1.0 is one shared full-data run. Each trained
+   model answers `--eval-rows` held-out questions (digit scans no training stage saw; 25% about absent objects):
+   accuracy and hallucination rate.
+
+Mean ± sample std over `--seeds`. Writes `scene_filtering.md`, `scene_filtering.json` (every number, per seed) and
+`scene_filtering.png` to `--output-dir`. One thread.
+
+    python benchmarks/scene_filtering.py
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported
+os.environ["MKL_NUM_THREADS"] = "1"
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import datasets  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from saev_hf.demo import load_grounded_llava, load_recipe  # noqa: E402
+from saev_hf.demo.baselines import chosen_log_likelihood, image_text_similarity  # noqa: E402
+from saev_hf.demo.gate import auroc  # noqa: E402
+from saev_hf.demo.grounded_llava import answer_accuracy  # noqa: E402
+from saev_hf.demo.preference import SceneDPOArguments, dpo_and_evaluate  # noqa: E402
+from saev_hf.demo.scene_saev import SceneSAEVArguments, train_scene_saev, weigh_scene_saev  # noqa: E402
+from saev_hf.demo.scenes import DigitScans, preference_rows, question_rows  # noqa: E402
+from saev_hf.filtering import FilterArguments, filter_by_score  # noqa: E402
+from saev_hf.prompts import PromptFormat  # noqa: E402
+from saev_hf.scoring import SAEVScorer, ScorerArguments  # noqa: E402
+
+METHODS = {  # method -> the score column it keeps the top of
+    "saev_cosine": "saev_cosine_score",
+    "saev_l0": "saev_l0",
+    "saev_cooccur_l0": "saev_cooccur_l0",
+    "saev_cosine_per_modality": "saev_cosine_per_modality",
+    "chosen_log_likelihood": "chosen_log_likelihood",
+    "image_text_similarity": "image_text_similarity",
+    "random": "random_score",
+    "oracle": "oracle",
+}
+DETECTORS = {**METHODS, "saev_cosine_with_chosen": "with_chosen_cosine", "saev_l0_with_chosen": "with_chosen_l0",
+             "saev_cooccur_l0_with_chosen": "with_chosen_cooccur_l0"}
+LABELS = {
+    "saev_cosine": "SAE-V cosine (paper)", "saev_l0": "SAE-V L0 (paper)", "saev_cooccur_l0": "SAE-V co-occ. L0 (paper)",
+    "saev_cosine_per_modality": "SAE-V cosine, per-modality weights", "chosen_log_likelihood": "answer log-likelihood",
+    "image_text_similarity": "image-text similarity (model's own)", "random": "random", "oracle": "oracle",
+    "saev_cosine_with_chosen": "SAE-V cosine + chosen", "saev_l0_with_chosen": "SAE-V L0 + chosen",
+    "saev_cooccur_l0_with_chosen": "SAE-V co-occ. L0 + chosen",
+}
+SAEV_METHODS = ("saev_cosine", "saev_l0", "saev_cooccur_l0", "saev_cosine_per_modality")
+COLORS = {"saev_cosine": "#1f77b4", "saev_l0": "#17becf", "saev_cooccur_l0": "#9467bd",
+          "saev_cosine_per_modality": "#2ca02c", "chosen_log_likelihood": "#ff7f0e",
+          "image_text_similarity": "#8c564b", "random": "#7f7f7f", "oracle": "#d62728"}
+PAPER_TARGET, PAPER_MAX_FRACTION = 1.10, 0.5
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--model-dir", default=None, help="A grounded LLaVA folder (default: the embedded one).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--num-pairs", type=int, default=600)
+    parser.add_argument("--low-quality-fraction", type=float, default=0.4)
+    parser.add_argument("--eval-rows", type=int, default=400)
+    parser.add_argument("--layer", type=int, default=0)
+    parser.add_argument("--expansion-factor", type=int, default=2)
+    parser.add_argument("--saev-steps", type=int, default=1000)
+    parser.add_argument("--dpo", default="{}", help="JSON overrides of SceneDPOArguments (e.g. steps, lr).")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                        help="Methods DPO is run for (every score's AUROC is reported regardless).")
+    parser.add_argument("--batch-size", type=int, default=32, help="Rows per scorer forward.")
+    args = parser.parse_args(argv)
+    if 1.0 not in args.fractions:
+        parser.error("--fractions must include 1.0 (the full-data run every method is compared with).")
+    return args
+
+
+def log(message: str) -> None:
+    print(f"[scene_filtering {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def scored_rows(rows: list[dict], model, processor, sae, sae_per_modality, seed: int, batch_size: int):
+    """The preference rows as a Dataset with every score column of step 2 and their index (``row``)."""
+    columns = ("images", "prompt", "chosen", "rejected", "low_quality", "quality", "kind", "present")
+    dataset = datasets.Dataset.from_list([{key: row[key] for key in columns} for row in rows])
+    dataset = dataset.add_column("row", list(range(len(rows))))
+    scored = dataset.map(SAEVScorer(sae, model, processor), batched=True, batch_size=batch_size)
+    scored = scored.map(SAEVScorer(sae_per_modality, model, processor, args=ScorerArguments(
+        scores=["cosine"], cosine_column="saev_cosine_per_modality")), batched=True, batch_size=batch_size)
+    scored = scored.map(SAEVScorer(sae, model, processor, prompt_format=PromptFormat(response_column="chosen"),
+                                   args=ScorerArguments(cosine_column="with_chosen_cosine", l0_column="with_chosen_l0",
+                                                        cooccur_l0_column="with_chosen_cooccur_l0")),
+                        batched=True, batch_size=batch_size)
+    scored = scored.map(chosen_log_likelihood(model, processor), batched=True, batch_size=16)
+    scored = scored.map(image_text_similarity(model, processor), batched=True, batch_size=batch_size)
+    scored = scored.add_column("random_score", np.random.default_rng([seed, 3]).random(len(rows)).tolist())
+    return scored.add_column("oracle", [0.0 if row["low_quality"] else 1.0 for row in rows])
+
+
+def run_seed(seed: int, args: argparse.Namespace, model, processor, scans: DigitScans, workdir: Path) -> dict:
+    started = time.perf_counter()
+    eval_rows = question_rows(scans, args.eval_rows, "held_out", np.random.default_rng([seed, 99]), absent_fraction=0.25)
+    base = answer_accuracy(model, processor, eval_rows)
+    saev_args = SceneSAEVArguments(layer=args.layer, expansion_factor=args.expansion_factor, steps=args.saev_steps,
+                                   top_k_pool="pooled", seed=seed)
+    with contextlib.redirect_stdout(io.StringIO()):  # the SAE-V trainer's log lines
+        sae = train_scene_saev(model, processor, scans, saev_args, workdir / f"saev-{seed}", progress=False)
+    sae_per_modality = weigh_scene_saev(copy.deepcopy(sae), model, processor, scans,
+                                        replace(saev_args, top_k_pool="per_modality"), progress=False)
+    rows = preference_rows(scans, args.num_pairs, "train", np.random.default_rng([seed, 5]),
+                           low_quality_fraction=args.low_quality_fraction)
+    scored = scored_rows(rows, model, processor, sae, sae_per_modality, seed, args.batch_size)
+    clean = ~np.array(scored["low_quality"], dtype=bool)
+    values = {name: np.array(scored[column], dtype=float) for name, column in DETECTORS.items()}
+    log(f"seed {seed}: base accuracy {base['accuracy']:.1%}, hallucination {base['hallucination_rate']:.1%}; "
+        f"weighted features pooled {int(sae.has_feature_weight.sum())}, per-modality "
+        f"{int(sae_per_modality.has_feature_weight.sum())}; AUROC "
+        + ", ".join(f"{name} {auroc(clean, v):.3f}" for name, v in values.items()))
+    dpo_args = SceneDPOArguments(**{"seed": seed, **json.loads(args.dpo)})
+
+    def train(subset: datasets.Dataset) -> dict:
+        indices = list(subset["row"])
+        with contextlib.redirect_stdout(io.StringIO()):  # the DPO trainer's per-step log dicts
+            trained = dpo_and_evaluate(model, processor, [rows[i] for i in indices], eval_rows, dpo_args,
+                                       workdir / "dpo")
+        return {"accuracy": trained["accuracy"], "hallucination_rate": trained["hallucination_rate"],
+                "by_kind": trained["by_kind"], "rows": len(indices),
+                "low_quality_fraction": float(np.mean(~clean[indices]))}
+
+    partial = [f for f in args.fractions if f < 1]
+    # a score on which every row ties cannot choose a top fraction (filter_by_score refuses): no run, recorded
+    uninformative = [m for m in args.methods if np.ptp(values[m]) == 0]
+    runs: dict = {method: {str(f): None for f in partial} for method in args.methods}
+    informative = [m for m in args.methods if m not in uninformative]
+    with tqdm(total=1 + len(informative) * len(partial), desc=f"seed {seed}: DPO runs", unit="run") as bar:
+        full = train(scored)
+        bar.update()
+        for fraction in partial:
+            for method in informative:
+                kept = filter_by_score(scored, FilterArguments(column=METHODS[method], fraction=fraction))
+                runs[method][str(fraction)] = train(kept)
+                bar.update()
+    for method in args.methods:  # the one full-data run is every method's 100% point
+        runs[method][str(1.0)] = dict(full)
+    log(f"seed {seed}: full data accuracy {full['accuracy']:.1%}, hallucination {full['hallucination_rate']:.1%}; "
+        f"{time.perf_counter() - started:.0f} s")
+    return {"seed": seed, "base": base, "num_rows": len(rows), "num_low_quality": int((~clean).sum()),
+            "d_sae": sae.config.d_sae, "weighted_features": {"pooled": int(sae.has_feature_weight.sum()),
+                                                             "per_modality": int(sae_per_modality.has_feature_weight.sum())},
+            "auroc": {name: auroc(clean, v) for name, v in values.items()}, "uninformative": uninformative,
+            "score_means": {name: {"clean": float(v[clean].mean()), "low_quality": float(v[~clean].mean())}
+                            for name, v in values.items()},
+            "runs": runs}
+
+
+def mean_std(values: list[float | None]) -> dict | None:
+    """Mean and sample std over the seeds that have a value (None: a run that could not be made), or None."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    return {"mean": statistics.fmean(present), "std": statistics.stdev(present) if len(present) > 1 else 0.0,
+            "values": values}
+
+
+def summarise(records: list[dict], args: argparse.Namespace) -> dict:
+    keys = [str(f) for f in args.fractions]
+
+    def over_seeds(get) -> dict:
+        return {m: {k: mean_std([None if r["runs"][m][k] is None else get(r["runs"][m][k], r) for r in records])
+                    for k in keys} for m in args.methods}
+
+    return {
+        "auroc": {name: mean_std([r["auroc"][name] for r in records]) for name in DETECTORS},
+        "accuracy": over_seeds(lambda run, r: run["accuracy"]),
+        "hallucination_rate": over_seeds(lambda run, r: run["hallucination_rate"]),
+        "relative_to_full": over_seeds(lambda run, r: run["accuracy"] / r["runs"][args.methods[0]]["1.0"]["accuracy"]),
+        "low_quality_kept": over_seeds(lambda run, r: run["low_quality_fraction"]),
+        "base_accuracy": mean_std([r["base"]["accuracy"] for r in records]),
+        "base_hallucination_rate": mean_std([r["base"]["hallucination_rate"] for r in records]),
+    }
+
+
+def paper_check(summary: dict, args: argparse.Namespace) -> dict:
+    """Per method: its best kept fraction <= 50% by mean accuracy relative to the same seed's full-data run, whether
+    it reaches the paper's 110%, and whether it beats random at that fraction by more than the two stds summed."""
+    small = [str(f) for f in args.fractions if f <= PAPER_MAX_FRACTION]
+    out = {}
+    for method in args.methods if small else ():
+        rel = summary["relative_to_full"][method]
+        if all(rel[k] is None for k in small):
+            continue
+        best = max((k for k in small if rel[k] is not None), key=lambda k: rel[k]["mean"])
+        mine = rel[best]
+        random = summary["relative_to_full"].get("random", {}).get(best)
+        out[method] = {"fraction": float(best), "relative": mine["mean"], "relative_std": mine["std"],
+                       "reaches_110": mine["mean"] >= PAPER_TARGET,
+                       "beats_random_beyond_spread": bool(random and len(mine["values"]) > 1 and method != "random"
+                                                          and mine["mean"] - random["mean"]
+                                                          > mine["std"] + random["std"])}
+    return out
+
+
+def headline(summary: dict, check: dict) -> str:
+    saev = [m for m in SAEV_METHODS if m in check]
+    if not saev:
+        return "No SAE-V method at a kept fraction <= 50% was run: the paper's claim is not tested."
+    ranked = sorted(check, key=lambda m: -check[m]["relative"])
+    best = max(saev, key=lambda m: check[m]["relative"])
+    b = check[best]
+    numbers = (f"the best SAE-V filter at <= 50% of the data is {LABELS[best]} at {b['fraction']:.0%}: "
+               f"{b['relative']:.0%} ± {b['relative_std']:.0%} of the full-data accuracy; best score overall at "
+               f"<= 50%: {LABELS[ranked[0]]} ({check[ranked[0]]['relative']:.0%})")
+    if b["reaches_110"] and b["beats_random_beyond_spread"]:
+        return f"**Reproduced**: {numbers}, beyond the seed spread of random selection at the same size."
+    if b["reaches_110"]:
+        return f"**Only in form**: {numbers}, but random selection at that size is within the seed spread."
+    return f"**Not reproduced**: {numbers}."
+
+
+def pct(stat: dict | None) -> str:
+    return "—" if stat is None else f"{stat['mean']:.1%} ± {stat['std']:.1%}"
+
+
+def table(summary: dict, args: argparse.Namespace, key: str, fmt) -> str:
+    keys = [str(f) for f in args.fractions]
+    lines = ["| method | " + " | ".join(f"keep {float(k):.0%}" for k in keys) + " |", "|---|" + "---:|" * len(keys)]
+    lines += [f"| {LABELS[m]} | " + " | ".join(fmt(summary[key][m][k]) for k in keys) + " |" for m in args.methods]
+    return "\n".join(lines)
+
+
+def auroc_table(summary: dict, records: list[dict]) -> str:
+    lines = ["| score | AUROC (clean vs low quality) | verdict | mean, clean | mean, low quality |",
+             "|---|---:|---|---:|---:|"]
+    for name in DETECTORS:
+        a = summary["auroc"][name]
+        verdict = ("inverted" if a["mean"] < 0.45 else "chance" if a["mean"] < 0.55 else "separates")
+        means = [statistics.fmean(r["score_means"][name][kind] for r in records) for kind in ("clean", "low_quality")]
+        lines.append(f"| {LABELS[name]} | {a['mean']:.3f} ± {a['std']:.3f} | {verdict} | {means[0]:.4g} | "
+                     f"{means[1]:.4g} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, args: argparse.Namespace, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4), gridspec_kw={"width_ratios": [1.3, 1.3, 1]})
+    x = np.array(args.fractions) * 100
+    keys = [str(f) for f in args.fractions]
+    for panel, key, base, label in ((axes[0], "accuracy", "base_accuracy", "held-out accuracy after DPO"),
+                                    (axes[1], "hallucination_rate", "base_hallucination_rate",
+                                     "held-out hallucination rate after DPO")):
+        for method in args.methods:
+            stats = [summary[key][method][k] or {"mean": np.nan, "std": np.nan} for k in keys]
+            mean = np.array([s["mean"] for s in stats])
+            std = np.array([s["std"] for s in stats])
+            style = "--" if method in ("random", "oracle") else "-"
+            panel.plot(x, mean, style, marker="o", markersize=3, color=COLORS[method], label=LABELS[method])
+            panel.fill_between(x, mean - std, mean + std, color=COLORS[method], alpha=0.1)
+        panel.axhline(summary[base]["mean"], color="black", linewidth=1, linestyle=":", label="before DPO")
+        panel.set(xlabel="kept fraction of the preference rows (%)", ylabel=label,
+                  title=f"{label} (mean ± std, {len(args.seeds)} seeds)")
+    axes[0].legend(frameon=False, fontsize=7)
+    names = list(DETECTORS)
+    axes[2].barh(range(len(names)), [summary["auroc"][n]["mean"] for n in names],
+                 xerr=[summary["auroc"][n]["std"] for n in names], capsize=3,
+                 color=[COLORS.get(n, COLORS.get(n.replace("_with_chosen", ""), "#999999")) for n in names])
+    axes[2].axvline(0.5, color="black", linewidth=1, linestyle=":")
+    axes[2].set_yticks(range(len(names)), [LABELS[n] for n in names], fontsize=8)
+    axes[2].invert_yaxis()
+    axes[2].set(xlim=(0, 1), xlabel="AUROC, clean vs low quality (0.5 = chance)", title="Scores as detectors")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_markdown(path: Path, record: dict, args: argparse.Namespace) -> None:
+    summary, records, check = record["summary"], record["seeds"], record["paper_check"]
+    dpo = SceneDPOArguments(**json.loads(args.dpo))
+    lines = [
+        "# The paper's filtering sweep on the grounded scene miniature",
+        "",
+        f"`{record['command']}` ({record['minutes']:.0f} min, one thread); every number per seed in "
+        "`scene_filtering.json`. Mean ± sample std over seeds " + ", ".join(map(str, args.seeds)) + ".",
+        "",
+        headline(summary, check),
+        "",
+        "## Set-up",
+        "",
+        f"- **MLLM**: {record['model']}: before DPO, held-out accuracy {pct(summary['base_accuracy'])}, hallucination "
+        f"rate {pct(summary['base_hallucination_rate'])} ({args.eval_rows} held-out questions per seed, 25% about "
+        "absent objects).",
+        f"- **SAE-V**: layer {args.layer}, d_sae {records[0]['d_sae']}, {args.saev_steps} steps; weighted features: "
+        f"pooled (paper) {statistics.fmean(r['weighted_features']['pooled'] for r in records):.0f}, per-modality "
+        f"{statistics.fmean(r['weighted_features']['per_modality'] for r in records):.0f} (mean over seeds).",
+        f"- **Preference rows**: {args.num_pairs} per seed, {args.low_quality_fraction:.0%} low quality (half "
+        "hallucinated answers about absent objects, half swapped images).",
+        f"- **DPO**: {dpo.steps} steps for every subset, batch {dpo.batch_size}, lr {dpo.learning_rate}, beta "
+        f"{dpo.beta}{', LoRA' if dpo.lora else ', full fine-tuning'}; kept fraction 100% is one shared run.",
+        "",
+        "## Can each score tell clean rows from low-quality ones?",
+        "",
+        auroc_table(summary, records),
+        "",
+        *([f"Scores on which every row of a seed ties, so that no top fraction can be chosen (no DPO run; "
+           f"\"—\" where no seed has one): " + "; ".join(f"seed {r['seed']}: {', '.join(r['uninformative'])}"
+                                                       for r in records if r["uninformative"]) + ".", ""]
+          if any(r["uninformative"] for r in records) else []),
+        "## Held-out accuracy after DPO on the kept rows",
+        "",
+        table(summary, args, "accuracy", pct),
+        "",
+        "Relative to the same seed's full-data run (the paper's \"% of full-data performance\"):",
+        "",
+        table(summary, args, "relative_to_full", lambda s: "—" if s is None else f"{s['mean']:.0%} ± {s['std']:.0%}"),
+        "",
+        "## Hallucination rate after DPO (questions about absent objects answered with a confident answer)",
+        "",
+        table(summary, args, "hallucination_rate", pct),
+        "",
+        "## Low-quality share of the kept rows",
+        "",
+        table(summary, args, "low_quality_kept", lambda s: "—" if s is None else f"{s['mean']:.0%}"),
+        "",
+        "![sweep](scene_filtering.png)",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run(args: argparse.Namespace) -> dict:
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    datasets.disable_progress_bars()
+    started = time.perf_counter()
+    model, processor = load_grounded_llava(args.model_dir)
+    recipe = load_recipe(args.model_dir)
+    scans = DigitScans(recipe.held_out_fraction, seed=recipe.seed)
+    with tempfile.TemporaryDirectory() as workdir:
+        records = [run_seed(seed, args, model, processor, scans, Path(workdir)) for seed in args.seeds]
+    summary = summarise(records, args)
+    record = {"command": "python benchmarks/scene_filtering.py " + " ".join(sys.argv[1:]),
+              "model": args.model_dir or "the embedded grounded LLaVA", "arguments": vars(args), "seeds": records,
+              "summary": summary, "paper_check": paper_check(summary, args),
+              "minutes": (time.perf_counter() - started) / 60}
+    record["headline"] = headline(summary, record["paper_check"])
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "scene_filtering.json").write_text(json.dumps(record, indent=2) + "\n")
+    plot(summary, args, output / "scene_filtering.png")
+    write_markdown(output / "scene_filtering.md", record, args)
+    log(f"wrote scene_filtering.{{md,json,png}} to {output}")
+    return record
+
+
+if __name__ == "__main__":
+    run(parse_args())
+    print((Path(parse_args().output_dir) / "scene_filtering.md").read_text())

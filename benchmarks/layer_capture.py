@@ -52,7 +52,8 @@ torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from saev_hf.activations import LayerReader  # noqa: E402
-from saev_hf.tiny_models import digit_images, build_tiny_model  # noqa: E402
+from saev_hf.demo.tiny_models import build_tiny_model  # noqa: E402
+from saev_hf.demo.digit_data import digit_images  # noqa: E402
 
 PROMPTS = (
     "what digit is this ?",

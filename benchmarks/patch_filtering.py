@@ -58,7 +58,8 @@ import datasets  # noqa: E402
 
 from saev_hf.demo.digits import DemoArguments, DemoDigits, pretrain_mllm, train_scoring_saev  # noqa: E402
 from saev_hf.patches import PATCH_SCORES, PatchFilter, PatchFilterArguments, keep_mask, mask_patches  # noqa: E402
-from saev_hf.tiny_models import digit_accuracy, digit_images  # noqa: E402
+from saev_hf.demo.digit_data import digit_images  # noqa: E402
+from saev_hf.demo.tiny_pretraining import digit_accuracy  # noqa: E402
 
 BASELINES = ("random", "ink")
 SCORERS = (*PATCH_SCORES, *BASELINES)

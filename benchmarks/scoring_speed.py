@@ -70,7 +70,7 @@ from layer_capture import PROMPTS, build_scaled_llava, param_count, quartiles, t
 
 from saev_hf import SAEV, SAEVConfig, SAEVScorer  # noqa: E402
 from saev_hf.activations import LayerReader, Modality  # noqa: E402
-from saev_hf.tiny_models import digit_images  # noqa: E402
+from saev_hf.demo.digit_data import digit_images  # noqa: E402
 
 
 def make_batches(num_examples: int, batch_size: int) -> list[dict[str, list]]:

@@ -75,7 +75,7 @@ torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from saev_hf.activation_buffer import input_scale_from_norms  # noqa: E402
-from saev_hf.tiny_models import build_tiny_model  # noqa: E402
+from saev_hf.demo.tiny_models import build_tiny_model  # noqa: E402
 from saev_hf.training import SAEVTrainer, SAEVTrainingArguments  # noqa: E402
 
 L1_COEFFICIENT = 5.0  # the paper's recipe (SAEVTrainingArguments defaults), mirrored in SAELens and the plain loop

@@ -243,7 +243,7 @@ class SAEVScorer:
     def _load(self):
         from transformers import AutoProcessor
 
-        from .loading import load_model_and_processor
+        from .loading import check_multimodal_processor, load_model_and_processor
         from .model import SAEV
 
         if self._sae is None:
@@ -253,10 +253,8 @@ class SAEVScorer:
             if self._processor is None and self._processor_source == self._model_source:
                 self._processor = loaded_processor
         if self._processor is None:
-            from .tiny_models import register_tiny_processors
-
-            register_tiny_processors()
             self._processor = AutoProcessor.from_pretrained(self._require(self._processor_source, "processor"))
+            check_multimodal_processor(self._processor, self._processor_source)
         return self._sae, self._model, self._processor
 
     @staticmethod

@@ -37,7 +37,7 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
 def test_weights_score_and_filter_commands_end_to_end(tiny_model_factory, tmp_path):
     import datasets
 
-    from saev_hf.tiny_models import DIGIT_NAMES, digit_images
+    from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
 
     llava = tiny_model_factory("llava")
     data = digit_images(8, seed=2)

@@ -41,7 +41,7 @@ from saev_hf.hub import (
     text_histogram,
 )
 from saev_hf.scoring import ScorerArguments
-from saev_hf.tiny_models import DIGIT_NAMES, digit_images
+from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
 from saev_hf.weighting import WeightingArguments
 
 ROOT = Path(__file__).resolve().parent.parent

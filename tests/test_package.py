@@ -21,3 +21,20 @@ def test_import_is_light_and_registers_the_auto_classes():
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "saev_hf.cli"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "usage: saev COMMAND" in result.stdout
+
+
+def test_library_modules_never_import_the_demo():
+    """Every library module loads without `saev_hf.demo` (the tiny models, the scene task): a real model never pays
+    for them, and nothing registers the tiny processors behind a user's back."""
+    code = (
+        "import importlib, pkgutil, sys, saev_hf\n"
+        "for module in pkgutil.iter_modules(saev_hf.__path__):\n"
+        "    if not module.ispkg:\n"
+        "        importlib.import_module(f'saev_hf.{module.name}')\n"
+        "demo = sorted(m for m in sys.modules if m.startswith('saev_hf.demo'))\n"
+        "assert not demo, demo\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")

@@ -12,6 +12,22 @@ and scores mean; `patches` lays image tokens out on their patches and filters pa
 
 from transformers import AutoConfig, AutoModel
 
+
+def _version() -> str:
+    """The version, from one source: the installed package's metadata (written from pyproject.toml); a source checkout
+    put on `PYTHONPATH` without installing reads pyproject.toml itself."""
+    import importlib.metadata
+    import re
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    text = pyproject.read_text(encoding="utf-8") if pyproject.is_file() else ""
+    if re.search(r'^name = "saev-hf"$', text, re.MULTILINE):  # a checkout: its own version, not an installed copy's
+        return re.search(r'^version = "([^"]+)"$', text, re.MULTILINE).group(1)
+    return importlib.metadata.version("saev-hf")
+
+
+
 from .activations import LayerActivations, LayerReader, Modality
 from .config import SAEVConfig
 from .evaluation import SAEVEvaluationArguments, evaluate_saev, format_metrics_table
@@ -26,7 +42,7 @@ from .scoring import SAEVScorer, ScorerArguments
 from .training import SAEVTrainer, SAEVTrainingArguments, train_saev
 from .weighting import WeightingArguments, compute_feature_weights
 
-__version__ = "0.1.0.dev0"
+__version__ = _version()
 
 AutoConfig.register(SAEVConfig.model_type, SAEVConfig, exist_ok=True)
 AutoModel.register(SAEVConfig, SAEV, exist_ok=True)

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .activations import LayerReader, Modality, image_token_id_of
+from .activations import LayerReader, image_token_id_of, text_and_image
+from .batching import row_batches
 from .model import SAEV
 from .prompts import PromptFormat
 from .loading import MODEL_DTYPES
@@ -236,7 +237,6 @@ def evaluate_saev(
     totals = {split: _Totals(sae.config.d_in, sae_device) for split in SPLITS}
     fired = torch.zeros(sae.config.d_sae, dtype=torch.long, device=sae_device)
     examples = 0
-    batch: list[dict[str, Any]] = []
 
     def run(rows: list[dict[str, Any]], first_row: int) -> None:
         inputs = reader.prepare(rows, first_row=first_row)
@@ -256,12 +256,8 @@ def evaluate_saev(
             hidden = reader.read_inputs(inputs).hidden_states
         feature_acts = sae.encode(hidden.to(sae_device))
         reconstruction = sae.decode(feature_acts)
-        token_mask = (modality != Modality.PAD).to(sae_device)
-        masks = {
-            "all": token_mask,
-            "image": (modality == Modality.IMAGE).to(sae_device),
-            "text": token_mask & (modality != Modality.IMAGE).to(sae_device),
-        }
+        masks = _split_masks(modality.to(sae_device))
+        token_mask = masks["all"]
         x = hidden.to(sae_device, torch.float32)
         for split, mask in masks.items():
             totals[split].add_tokens(x[mask], reconstruction[mask], feature_acts[mask])
@@ -273,12 +269,7 @@ def evaluate_saev(
         # Position t predicts token t + 1; it counts when that token is real (right padding: then t is real too).
         targets = input_ids[:, 1:]
         predicted = modality[:, 1:]
-        valid = predicted != Modality.PAD
-        ce_masks = {
-            "all": valid,
-            "image": valid & (predicted == Modality.IMAGE),
-            "text": valid & (predicted != Modality.IMAGE),
-        }
+        ce_masks = _split_masks(predicted)
         for kind, logits in (("clean", clean_logits), ("sae", sae_logits), ("zero", zero_logits)):
             losses = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
@@ -293,16 +284,9 @@ def evaluate_saev(
         num_rows = num_examples if num_rows is None else min(num_rows, num_examples)
     with tqdm(total=None if num_rows is None else math.ceil(num_rows / batch_size), desc="Evaluating SAE-V",
               unit="batch", disable=disable_tqdm) as progress:
-        for row in _rows(dataset, num_examples):
-            batch.append(row)
-            if len(batch) == batch_size:
-                run(batch, examples)
-                examples += len(batch)
-                batch = []
-                progress.update(1)
-        if batch:
-            run(batch, examples)
-            examples += len(batch)
+        for chunk, rows in row_batches(dataset, batch_size, None if num_examples is None else range(num_rows)):
+            run(rows, chunk[0])
+            examples += len(chunk)
             progress.update(1)
     if examples == 0 or totals["all"].tokens == 0:
         raise ValueError("The evaluation data gave no token: check that the dataset split has rows and the columns "
@@ -323,12 +307,11 @@ def evaluate_saev(
     return result
 
 
-def _rows(dataset: Any, num_examples: int | None):
-    """Rows of a Dataset, IterableDataset or list of dicts, the first `num_examples` of them."""
-    for index, row in enumerate(dataset):
-        if num_examples is not None and index >= num_examples:
-            return
-        yield row
+def _split_masks(modality: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The positions of each split: `"all"` real positions, `"image"` ones, `"text"` ones (special tokens count as
+    text: every real position is in one of the two)."""
+    text, image = text_and_image(modality, special_as_text=True)
+    return {"all": text | image, "image": image, "text": text}
 
 
 METRIC_LABELS = (
@@ -422,12 +405,11 @@ def _reading_notes(metrics: dict[str, Any], cell: Any) -> list[str]:
 
 
 def run_evaluation(args: SAEVEvaluationArguments) -> dict[str, Any]:
-    """Load what `args` name, evaluate, print the table, write `output_file` if given, and return the metrics."""
-    from .loading import load_dataset_split, load_model_and_processor
+    """`saev eval`: load what `args` name, evaluate, write `output_file` if given, and return the metrics."""
+    from .loading import choose_device, load_dataset_split, load_model_and_processor
     from .prompts import undecoded_images
-    from .training import _accelerator_available
 
-    device = "cpu" if args.use_cpu or not _accelerator_available() else torch.accelerator.current_accelerator()
+    device = choose_device(use_cpu=args.use_cpu)
     sae = SAEV.from_pretrained(args.sae_name_or_path, subfolder=args.sae_subfolder, revision=args.sae_revision)
     sae.to(device)
     model, processor = load_model_and_processor(args.model_name_or_path, args.model_revision, args.model_dtype, device)
@@ -448,7 +430,6 @@ def run_evaluation(args: SAEVEvaluationArguments) -> dict[str, Any]:
         disable_tqdm=args.disable_tqdm,
     )
     metrics["model"] = args.model_name_or_path
-    print(format_metrics_table(metrics))
     if args.output_file:
         Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_file).write_text(json.dumps(metrics, indent=2) + "\n")

@@ -30,6 +30,39 @@ def check_local_path(name_or_path: str | os.PathLike, what: str) -> None:
         )
 
 
+def choose_device(device: str | torch.device | None = "auto", use_cpu: bool = False,
+                  rank: int | None = None) -> torch.device:
+    """
+    The device a step runs on: the one way saev-hf picks it.
+
+    `device="auto"` (or None) is accelerate's choice: the device of this process when accelerate's state is set up (an
+    `Accelerator`, a launcher), otherwise the machine's accelerator as accelerate ranks them (`PartialState.
+    default_device`: CUDA, XPU, MPS, NPU, ...), else the CPU. `use_cpu` forces the CPU; any other `device` is taken as
+    given. With `rank` (a `datasets.map(with_rank=True)` worker), an accelerator's device number is `rank` modulo
+    the number of devices, one per worker.
+
+    The state is read, never set up here: which backend a distributed run uses stays the launcher's and
+    `Accelerator`'s decision (set up too early, it would run `torchrun` processes as separate jobs).
+    """
+    if use_cpu:
+        return torch.device("cpu")
+    if device not in (None, "auto"):
+        return torch.device(device)
+    from accelerate import PartialState
+
+    state = PartialState.__new__(PartialState)  # a view of accelerate's shared state that does not initialise it
+    state.__dict__ = PartialState._shared_state
+    chosen = torch.device(state.device if state.initialized else state.default_device)
+    if rank is not None and chosen.type != "cpu":
+        chosen = torch.device(chosen.type, rank % getattr(torch, chosen.type).device_count())
+    return chosen
+
+
+def accelerator_available() -> bool:
+    """Whether [`choose_device`] finds an accelerator (GPU, MPS, ...) on this machine."""
+    return choose_device().type != "cpu"
+
+
 def load_model_and_processor(
     name_or_path: str, revision: str | None = None, dtype: str = "float32", device: torch.device | str | None = None
 ):

@@ -299,6 +299,14 @@ def config_to_saelens(config: SAEVConfig, dtype: torch.dtype) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def read_saelens_config(path: str | os.PathLike, **kwargs: Any) -> SAEVConfig:
+    """The [`SAEVConfig`] of a SAELens-layout checkpoint, from its `cfg.json` alone (no weights are read)."""
+    cfg_file = _resolve(path, CFG_FILENAME, **kwargs)
+    if cfg_file is None:
+        raise OSError(f"{_where(path, **kwargs)} has no {CFG_FILENAME}: it is not a SAELens checkpoint.")
+    return config_from_saelens(json.loads(Path(cfg_file).read_text()))
+
+
 def read_saelens(path: str | os.PathLike, **kwargs: Any) -> tuple[SAEVConfig, dict[str, torch.Tensor]]:
     """
     Read a SAELens-layout checkpoint (local folder or Hub repo, `subfolder=` supported) as `(config, state_dict)`: the

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from .activation_buffer import ActivationBuffer, activation_norm_statistics, input_scale_from_norms
 from .activations import LayerReader, image_token_id_of
 from .config import ACTIVATIONS, SAEVConfig
-from .loading import MODEL_DTYPES, load_dataset_split, load_model_and_processor  # noqa: F401  (re-exported)
+from .loading import MODEL_DTYPES, accelerator_available, load_dataset_split, load_model_and_processor  # noqa: F401
 from .model import SAEV
 from .prompts import PromptFormat, undecoded_images
 
@@ -471,7 +471,7 @@ class SAEVTrainer:
         self.args = args
         # On a machine without an accelerator, `torchrun`/`accelerate launch` processes must be told to use the CPU
         # backend (gloo) or accelerate silently runs each of them as a separate single-process job.
-        use_cpu = args.use_cpu or not _accelerator_available()
+        use_cpu = args.use_cpu or not accelerator_available()
         self.accelerator = Accelerator(
             cpu=use_cpu,
             log_with=args.trackers,
@@ -894,13 +894,6 @@ def train_saev(
 # ------------------------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------------------------
-
-
-def _accelerator_available() -> bool:
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None:
-        return bool(accelerator.is_available())
-    return torch.cuda.is_available()
 
 
 def _checkpoints(output_dir: str | os.PathLike) -> list[Path]:

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .activations import LayerActivations, LayerReader, Modality
+from .activations import LayerActivations, LayerReader
+from .batching import is_indexable, row_batches
 from .prompts import RowError, rows_to_columns
 
 # Positions are identified across the stream as example_index * POSITION_STRIDE + token_index.
@@ -251,36 +252,6 @@ def _stream_positions(stream_rows: list[int], counted: torch.Tensor) -> torch.Te
     return (example * POSITION_STRIDE + token)[counted.cpu()]
 
 
-def _counted(acts: LayerActivations, special_as_text: bool) -> torch.Tensor:
-    counted = (acts.modality == Modality.TEXT) | (acts.modality == Modality.IMAGE)
-    if special_as_text:
-        counted |= acts.modality == Modality.SPECIAL
-    return counted
-
-
-def _batches(dataset: Any, batch_size: int, indices: Iterable[int] | None = None):
-    if not _indexable(dataset):  # a stream (IterableDataset, generator): read in order, keep the wanted rows
-        wanted = None if indices is None else set(indices)
-        last = None if wanted is None else max(wanted, default=-1)
-        chunk, rows = [], []
-        for i, row in enumerate(dataset):
-            if last is not None and i > last:
-                break
-            if wanted is None or i in wanted:
-                chunk.append(i)
-                rows.append(row)
-            if len(chunk) == batch_size:
-                yield chunk, rows
-                chunk, rows = [], []
-        if chunk:
-            yield chunk, rows
-        return
-    indices = list(range(len(dataset))) if indices is None else list(indices)
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
-        yield chunk, dataset[chunk] if hasattr(dataset, "select") else [dataset[i] for i in chunk]
-
-
 def _read(reader: LayerReader, rows: Any, chunk: list[int]) -> LayerActivations:
     """`reader.read` of the rows at dataset indices `chunk`; an error names the dataset's row even when the chunk's
     rows are not consecutive (a sample)."""
@@ -294,9 +265,6 @@ def _read(reader: LayerReader, rows: Any, chunk: list[int]) -> LayerActivations:
             reader.read({name: [values[j]] for name, values in columns.items()}, first_row=index)
         raise
 
-
-def _indexable(dataset: Any) -> bool:
-    return hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
 
 
 @torch.no_grad()
@@ -319,7 +287,7 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
     """
     args = args or WeightingArguments()
     reader.check_sae(sae)
-    if not _indexable(dataset):
+    if not is_indexable(dataset):
         if iter(dataset) is dataset:
             raise TypeError(
                 f"The weighting reads its data twice (top-K pass, then cosine pass), but a {type(dataset).__name__} "
@@ -343,11 +311,11 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
 
     if sample is None:
         first_rows = range(args.num_examples) if args.num_examples is not None else None
-        pass_one = _batches(dataset, args.batch_size, first_rows)
+        pass_one = row_batches(dataset, args.batch_size, first_rows)
         total = math.ceil(args.num_examples / args.batch_size) if args.num_examples is not None else None
         sample, stream_index = [], _Identity()
     else:
-        pass_one = _batches(dataset, args.batch_size, sample)
+        pass_one = row_batches(dataset, args.batch_size, sample)
         total = math.ceil(len(sample) / args.batch_size)
         stream_index = {example: i for i, example in enumerate(sample)}
     streamed = isinstance(stream_index, _Identity)
@@ -356,10 +324,10 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
         if streamed:
             sample.extend(chunk)
         acts = _read(reader, rows, chunk)
-        counted = _counted(acts, args.special_as_text)
+        counted = acts.scored_mask(args.special_as_text)
         hidden = acts.hidden_states[counted].to(device)
         positions = _stream_positions([stream_index[i] for i in chunk], counted).to(device)
-        is_image = acts.modality[counted].to(device) == Modality.IMAGE
+        is_image = acts.image_mask[counted].to(device)
         hidden_sum += hidden.double().sum(0)
         num_tokens += hidden.shape[0]
         for start in range(0, hidden.shape[0], args.token_chunk):
@@ -380,10 +348,10 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
     center = (hidden_sum / num_tokens).float() if args.mean_center else None
     cosines = CosineAccumulator(weighted, chosen, args.per_modality, sae.config.d_in, center)
     needed = [sample[i] for i in cosines.needed_examples()]
-    for chunk, rows in tqdm(_batches(dataset, args.batch_size, needed), desc="Feature weights: cosine pass",
+    for chunk, rows in tqdm(row_batches(dataset, args.batch_size, needed), desc="Feature weights: cosine pass",
                             total=math.ceil(len(needed) / args.batch_size), unit="batch", disable=args.disable_tqdm):
         acts = _read(reader, rows, chunk)
-        counted = _counted(acts, args.special_as_text)
+        counted = acts.scored_mask(args.special_as_text)
         positions = _stream_positions([stream_index[i] for i in chunk], counted).to(device)
         cosines.update(acts.hidden_states[counted].to(device), positions)
     weights = cosines.weights(sae.config.d_sae)
@@ -505,3 +473,26 @@ def check_cooccurrence(sae, where: str, error: bool = True) -> None:
                 f"will be 0. {fix}",
                 stacklevel=4,
             )
+
+
+def run_weights(source: Any, prompt_format: Any, args: WeightingArguments) -> Any:
+    """
+    `saev weights`: load the SAE-V, the MLLM and the dataset that `source` ([`SourceArguments`]) names, compute the
+    feature weights (and, with `args.threshold_quantile`, calibrate delta) and save the SAE-V with them to
+    `source.output_dir`. Returns the SAE-V.
+    """
+    from .activations import LayerReader
+    from .prompts import undecoded_images
+    from .sources import load_sources
+
+    if source.cooccurrence_threshold is not None and args.threshold_quantile is not None:
+        raise ValueError(
+            f"Give either --cooccurrence_threshold {source.cooccurrence_threshold} (set delta) or --threshold_quantile "
+            f"{args.threshold_quantile} (calibrate it on the data), not both."
+        )
+    sae, model, processor, dataset = load_sources(source, "saev weights")
+    dataset, _ = undecoded_images(dataset, prompt_format.image_column)  # a corrupt image names its row
+    reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
+    compute_feature_weights(sae, reader, dataset, args)
+    sae.save_pretrained(source.output_dir)
+    return sae

@@ -38,3 +38,17 @@ def test_library_modules_never_import_the_demo():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_version_has_one_source_the_package_metadata():
+    """`__version__` is pyproject.toml's version, as the installed metadata carries it; it is written nowhere else."""
+    import importlib.metadata
+    import re
+    from pathlib import Path
+
+    import saev_hf
+
+    root = Path(__file__).resolve().parent.parent
+    declared = re.search(r'^version = "([^"]+)"$', (root / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    assert saev_hf.__version__ == declared == importlib.metadata.version("saev-hf")
+    assert declared not in (root / "saev_hf" / "__init__.py").read_text()

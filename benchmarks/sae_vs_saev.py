@@ -35,12 +35,11 @@ to `--output-dir`. One thread, every seed set: the defaults regenerate the commi
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
-os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported
-os.environ["MKL_NUM_THREADS"] = "1"
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
+import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -53,10 +52,6 @@ from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-
-torch.set_num_threads(1)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from saev_hf import PromptFormat, SAEVTrainingArguments, evaluate_saev, train_saev  # noqa: E402
 from saev_hf.activations import find_decoder_layers  # noqa: E402

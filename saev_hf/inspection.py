@@ -438,7 +438,7 @@ def _explain(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, row: int, s
     )
 
 
-class _RowReader:
+class _RowRevisitor:
     """Re-reads chosen rows (passes 2 and 3), building each row's [`RowView`] once."""
 
     def __init__(self, reader: LayerReader, dataset: Any, batch_size: int, disable_tqdm: bool = False) -> None:
@@ -454,8 +454,9 @@ class _RowReader:
         except (NotImplementedError, ValueError) as error:
             self._locator_note = f"No patch heatmap: {error}"
 
-    def read(self, rows: list[int], desc: str):
-        """Yield `(row, hidden (tokens, d_in), modality (tokens,), view)` for `rows`, in batches."""
+    def revisit(self, rows: list[int], desc: str):
+        """Yield `(row, hidden (tokens, d_in), modality (tokens,), view)` for `rows`, in batches. (Not a
+        [`LayerReader.read`]: this reads chosen dataset rows again and builds their views.)"""
         tokenizer = getattr(self.reader.processor, "tokenizer", self.reader.processor)
         column = self.reader.prompt_format.image_column
         for chunk, batch in tqdm(row_batches(self.dataset, self.batch_size, rows), desc=desc,
@@ -504,12 +505,12 @@ def explain_rows(sae: Any, reader: LayerReader, dataset: Any, rows: Sequence[int
     args = InspectionArguments(examples=list(rows), special_as_text=special_as_text, batch_size=batch_size,
                                token_chunk=token_chunk)
     _check_inputs(sae, reader, dataset, args)
-    found = {row: e for row, e, _ in _explain_rows(sae, _RowReader(reader, dataset, batch_size), list(rows), args)}
+    found = {row: e for row, e, _ in _explain_rows(sae, _RowRevisitor(reader, dataset, batch_size), list(rows), args)}
     return {row: found[row] for row in rows}
 
 
-def _explain_rows(sae: Any, row_reader: _RowReader, rows: list[int], args: InspectionArguments):
-    for row, hidden, modality, view in row_reader.read(sorted(set(rows)), "Inspection: explaining rows"):
+def _explain_rows(sae: Any, row_revisitor: _RowRevisitor, rows: list[int], args: InspectionArguments):
+    for row, hidden, modality, view in row_revisitor.revisit(sorted(set(rows)), "Inspection: explaining rows"):
         yield row, _explain(sae, hidden, modality, row, args.special_as_text, args.token_chunk), view
 
 
@@ -570,12 +571,12 @@ def inspect_saev(sae: Any, reader: LayerReader, dataset: Any, args: InspectionAr
     if not has_weights:
         scores["cosine"] = torch.full_like(scores["cosine"], math.nan)
 
-    row_reader = _RowReader(reader, dataset, args.batch_size, args.disable_tqdm)
+    row_revisitor = _RowRevisitor(reader, dataset, args.batch_size, args.disable_tqdm)
     explained_rows = list(args.examples) if args.examples is not None else []
     if args.examples is None and args.num_explained:
         order = sorted(range(n), key=lambda i: (float(scores["cosine"][i]), i))
         explained_rows = [scanned[i] for i in order[: args.num_explained]]
-    explanations = {row: e for row, e, _ in _explain_rows(sae, row_reader, explained_rows, args)}
+    explanations = {row: e for row, e, _ in _explain_rows(sae, row_revisitor, explained_rows, args)}
     explanations = dict(sorted(explanations.items(), key=lambda item: (item[1].cosine_score, item[0])))
 
     weights = sae.feature_weights.float().cpu()
@@ -591,7 +592,7 @@ def inspect_saev(sae: Any, reader: LayerReader, dataset: Any, args: InspectionAr
     for f in features:
         for row, value in top.of(f):
             wanted.setdefault(row, []).append((f, value))
-    for row, hidden, modality, view in row_reader.read(sorted(wanted), "Inspection: reading top examples"):
+    for row, hidden, modality, view in row_revisitor.revisit(sorted(wanted), "Inspection: reading top examples"):
         feats = [f for f, _ in wanted[row]]
         z = torch.cat([sae.encode(hidden[s : s + args.token_chunk].to(sae.W_enc.device))[:, feats].float().cpu()
                        for s in range(0, hidden.shape[0], args.token_chunk)])
@@ -609,7 +610,7 @@ def inspect_saev(sae: Any, reader: LayerReader, dataset: Any, args: InspectionAr
     return Inspection(
         features=features,
         explanations=explanations,
-        rows=row_reader.views,
+        rows=row_revisitor.views,
         scanned_rows=scanned,
         scores=scores,
         sae_config=sae.config.to_diff_dict(),

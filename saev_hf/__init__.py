@@ -4,10 +4,13 @@
 `AutoConfig.from_pretrained` and `AutoModel.from_pretrained` load SAE-V checkpoints without `trust_remote_code`.
 It stays light: heavy optional stacks (TRL, PEFT) are imported only by the parts that use them.
 
-The data flow, one stage per module: rows -> `prompts` -> `activations` (layer L of the MLLM) -> `model` (SAE-V,
-trained by `training`, measured by `evaluation`) -> `weighting` (cross-modal feature weights) -> `scoring`
-(a `datasets.map` scorer) -> `filtering` -> trainers; `inspection` and `feature_browser` show what the features
-and scores mean; `patches` lays image tokens out on their patches and filters patches by SAE-V scores.
+The data flow, one stage per module: rows (`batching`) -> `prompts` -> `activations` (layer L of the MLLM, with
+the position masks) -> `model` (SAE-V; trained by `training` with `training_args`, `schedule` and
+`activation_buffer`; measured by `evaluation`) -> `weighting` (cross-modal feature weights) -> `activity` (C(x), L0,
+maxima) -> `scoring` (a `datasets.map` scorer) -> `filtering` -> trainers (`dpo`); `inspection` and
+`feature_browser` show what the features and scores mean; `patches` lays image tokens out on their patches and
+filters patches by SAE-V scores; `hub` publishes with cards; `cli` runs each step as a command. `saev_hf.demo` (the
+tiny models and the miniature) is never imported by any of these.
 """
 
 from transformers import AutoConfig, AutoModel

@@ -13,6 +13,10 @@ def test_import_is_light_and_registers_the_auto_classes():
         "assert CONFIG_MAPPING['saev'] is saev_hf.SAEVConfig\n"
         "print('ok')\n"
     )
+    _runs_in_a_fresh_process(code)
+
+
+def _runs_in_a_fresh_process(code: str) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
@@ -29,15 +33,15 @@ def test_library_modules_never_import_the_demo():
     code = (
         "import importlib, pkgutil, sys, saev_hf\n"
         "for module in pkgutil.iter_modules(saev_hf.__path__):\n"
-        "    if not module.ispkg:\n"
-        "        importlib.import_module(f'saev_hf.{module.name}')\n"
+        "    if module.name != 'demo':  # every module and subpackage (hub, patches) but the demo\n"
+        "        package = importlib.import_module(f'saev_hf.{module.name}')\n"
+        "        for sub in pkgutil.iter_modules(getattr(package, '__path__', [])):\n"
+        "            importlib.import_module(f'saev_hf.{module.name}.{sub.name}')\n"
         "demo = sorted(m for m in sys.modules if m.startswith('saev_hf.demo'))\n"
         "assert not demo, demo\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().endswith("ok")
+    _runs_in_a_fresh_process(code)
 
 
 def test_version_has_one_source_the_package_metadata():

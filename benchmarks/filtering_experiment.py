@@ -42,12 +42,11 @@ spread bands; AUROCs) to `--output-dir`. One thread; about 20 minutes with the d
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
-os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported
-os.environ["MKL_NUM_THREADS"] = "1"
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
+import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -65,10 +64,6 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 import datasets  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -84,7 +79,8 @@ from saev_hf.demo.digits import (  # noqa: E402
 from saev_hf.filtering import FilterArguments, filter_by_score  # noqa: E402
 from saev_hf.prompts import PromptFormat  # noqa: E402
 from saev_hf.scoring import ScorerArguments, SAEVScorer  # noqa: E402
-from saev_hf.tiny_models import DIGIT_CAPTIONS, DIGIT_NAMES, _response_log_likelihoods  # noqa: E402
+from saev_hf.demo.digit_data import DIGIT_CAPTIONS, DIGIT_NAMES  # noqa: E402
+from saev_hf.demo.tiny_pretraining import response_log_likelihoods  # noqa: E402
 
 # method -> the score column it keeps the top of (every one: higher = keep); the SAE-V's read the chosen answer too
 METHODS = {
@@ -177,7 +173,7 @@ def chosen_log_likelihoods(model, processor):
         rows = [{"images": images, "prompt": prompt, "response": chosen}
                 for images, prompt, chosen in zip(batch["images"], batch["prompt"], batch["chosen"])]
         with torch.no_grad():
-            log_likelihood, _ = _response_log_likelihoods(model, processor, rows)
+            log_likelihood, _ = response_log_likelihoods(model, processor, rows)
         return {"chosen_log_likelihood": log_likelihood.double().tolist()}
 
     return score
@@ -193,7 +189,7 @@ def pretrained_answers(model, processor):
         rows = [{"images": images, "prompt": prompt, "response": caption}
                 for images, prompt in zip(batch["images"], batch["prompt"]) for caption in captions]
         with torch.no_grad():
-            log_likelihood, _ = _response_log_likelihoods(model, processor, rows)
+            log_likelihood, _ = response_log_likelihoods(model, processor, rows)
         best = log_likelihood.view(-1, len(captions)).argmax(dim=1).tolist()
         return {"pretrained_names_chosen": [captions[b] == chosen[0]["content"][0]["text"]
                                             for b, chosen in zip(best, batch["chosen"])]}
@@ -502,7 +498,7 @@ def write_markdown(path: Path, record: dict, args: argparse.Namespace) -> None:
         "",
         "## Set-up",
         "",
-        f"- **MLLM**: the tiny LLaVA of `saev_hf.tiny_models`, pretrained on captions of {args.pretrain_digits} "
+        f"- **MLLM**: the tiny LLaVA of `saev_hf.demo.tiny_models`, pretrained on captions of {args.pretrain_digits} "
         f"scikit-learn digits ({args.pretrain_steps} steps): held-out accuracy "
         f"{pct(summary['pretrained_digit_accuracy'])} (chance 10%), weak on purpose so that DPO has something to "
         "teach.",

@@ -18,12 +18,11 @@ Writes `grounding_gate.md` and `grounding_gate.json` to `--output-dir`. One thre
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
-os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported
-os.environ["MKL_NUM_THREADS"] = "1"
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
+import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -35,10 +34,6 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-torch.set_num_threads(1)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from saev_hf.demo.gate import GateThresholds, measure_gate  # noqa: E402
 from saev_hf.demo.grounded_llava import (  # noqa: E402

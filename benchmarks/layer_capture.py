@@ -32,10 +32,12 @@ Usage (defaults finish in about 2-3 minutes on a 2-core CPU):
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
-os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported
-os.environ["MKL_NUM_THREADS"] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
+import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
+from _common import quartiles, timed  # noqa: E402
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -47,12 +49,9 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 from saev_hf.activations import LayerReader  # noqa: E402
-from saev_hf.tiny_models import digit_images, build_tiny_model  # noqa: E402
+from saev_hf.demo.tiny_models import build_tiny_model  # noqa: E402
+from saev_hf.demo.digit_data import digit_images  # noqa: E402
 
 PROMPTS = (
     "what digit is this ?",
@@ -125,19 +124,6 @@ def check_capture(model, reader: LayerReader, inputs) -> None:
         captured = model.model.language_model.norm(captured)
     keep = acts.token_mask
     torch.testing.assert_close(captured[keep], expected[keep], rtol=0, atol=0)
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 4:
-        return min(values), max(values)
-    q = statistics.quantiles(values, n=4)
-    return q[0], q[2]
 
 
 def param_count(module: torch.nn.Module) -> int:

@@ -31,12 +31,11 @@ the defaults on a 2-core CPU.
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
-os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported
-os.environ["MKL_NUM_THREADS"] = "1"
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
+import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -50,15 +49,12 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 import datasets  # noqa: E402
 
 from saev_hf.demo.digits import DemoArguments, DemoDigits, pretrain_mllm, train_scoring_saev  # noqa: E402
 from saev_hf.patches import PATCH_SCORES, PatchFilter, PatchFilterArguments, keep_mask, mask_patches  # noqa: E402
-from saev_hf.tiny_models import digit_accuracy, digit_images  # noqa: E402
+from saev_hf.demo.digit_data import digit_images  # noqa: E402
+from saev_hf.demo.tiny_pretraining import digit_accuracy  # noqa: E402
 
 BASELINES = ("random", "ink")
 SCORERS = (*PATCH_SCORES, *BASELINES)

@@ -45,10 +45,11 @@ Usage (defaults: 32 examples in batches of 8, 21 repetitions; about 2 minutes on
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
-os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported
-os.environ["MKL_NUM_THREADS"] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
+import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
 
 import argparse  # noqa: E402
 import cProfile  # noqa: E402
@@ -61,16 +62,12 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, for its scaled LLaVA
-
-from layer_capture import PROMPTS, build_scaled_llava, param_count, quartiles, timed  # noqa: E402
+from _common import quartiles, timed  # noqa: E402
+from layer_capture import PROMPTS, build_scaled_llava, param_count  # noqa: E402  (the sibling's scaled LLaVA)
 
 from saev_hf import SAEV, SAEVConfig, SAEVScorer  # noqa: E402
 from saev_hf.activations import LayerReader, Modality  # noqa: E402
-from saev_hf.tiny_models import digit_images  # noqa: E402
+from saev_hf.demo.digit_data import digit_images  # noqa: E402
 
 
 def make_batches(num_examples: int, batch_size: int) -> list[dict[str, list]]:

@@ -45,12 +45,12 @@ A shape is `D_INxEXPANSION@BATCH_TOKENS`. `--profile python` (cProfile of the ti
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
-os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported
-os.environ["MKL_NUM_THREADS"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_MODE", "disabled")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
+import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
+from _common import quartiles  # noqa: E402
 
 import argparse  # noqa: E402
 import cProfile  # noqa: E402
@@ -70,12 +70,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 from saev_hf.activation_buffer import input_scale_from_norms  # noqa: E402
-from saev_hf.tiny_models import build_tiny_model  # noqa: E402
+from saev_hf.demo.tiny_models import build_tiny_model  # noqa: E402
 from saev_hf.training import SAEVTrainer, SAEVTrainingArguments  # noqa: E402
 
 L1_COEFFICIENT = 5.0  # the paper's recipe (SAEVTrainingArguments defaults), mirrored in SAELens and the plain loop
@@ -310,13 +306,6 @@ def check_same_maths(steps: int = 4) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 4:
-        return min(values), max(values)
-    q = statistics.quantiles(values, n=4)
-    return q[0], q[2]
 
 
 def benchmark(shape: Shape, args: argparse.Namespace) -> dict:

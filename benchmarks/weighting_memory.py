@@ -39,10 +39,11 @@ Usage (defaults: both 100k and 1M tokens at the paper's size; about 15-25 minute
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
-os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported
-os.environ["MKL_NUM_THREADS"] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
+import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -53,10 +54,6 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-
-torch.set_num_threads(1)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from saev_hf.weighting import POSITION_STRIDE, CosineAccumulator, FeatureTopK  # noqa: E402
 

@@ -4,13 +4,32 @@
 `AutoConfig.from_pretrained` and `AutoModel.from_pretrained` load SAE-V checkpoints without `trust_remote_code`.
 It stays light: heavy optional stacks (TRL, PEFT) are imported only by the parts that use them.
 
-The data flow, one stage per module: rows -> `prompts` -> `activations` (layer L of the MLLM) -> `model` (SAE-V,
-trained by `training`, measured by `evaluation`) -> `weighting` (cross-modal feature weights) -> `scoring`
-(a `datasets.map` scorer) -> `filtering` -> trainers; `inspection` and `feature_browser` show what the features
-and scores mean; `patches` lays image tokens out on their patches and filters patches by SAE-V scores.
+The data flow, one stage per module: rows (`batching`) -> `prompts` -> `activations` (layer L of the MLLM, with
+the position masks) -> `model` (SAE-V; trained by `training` with `training_args`, `schedule` and
+`activation_buffer`; measured by `evaluation`) -> `weighting` (cross-modal feature weights) -> `activity` (C(x), L0,
+maxima) -> `scoring` (a `datasets.map` scorer) -> `filtering` -> trainers (`dpo`); `inspection` and
+`feature_browser` show what the features and scores mean; `patches` lays image tokens out on their patches and
+filters patches by SAE-V scores; `hub` publishes with cards; `cli` runs each step as a command. `saev_hf.demo` (the
+tiny models and the miniature) is never imported by any of these.
 """
 
 from transformers import AutoConfig, AutoModel
+
+
+def _version() -> str:
+    """The version, from one source: the installed package's metadata (written from pyproject.toml); a source checkout
+    put on `PYTHONPATH` without installing reads pyproject.toml itself."""
+    import importlib.metadata
+    import re
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    text = pyproject.read_text(encoding="utf-8") if pyproject.is_file() else ""
+    if re.search(r'^name = "saev-hf"$', text, re.MULTILINE):  # a checkout: its own version, not an installed copy's
+        return re.search(r'^version = "([^"]+)"$', text, re.MULTILINE).group(1)
+    return importlib.metadata.version("saev-hf")
+
+
 
 from .activations import LayerActivations, LayerReader, Modality
 from .config import SAEVConfig
@@ -26,7 +45,7 @@ from .scoring import SAEVScorer, ScorerArguments
 from .training import SAEVTrainer, SAEVTrainingArguments, train_saev
 from .weighting import WeightingArguments, compute_feature_weights
 
-__version__ = "0.1.0.dev0"
+__version__ = _version()
 
 AutoConfig.register(SAEVConfig.model_type, SAEVConfig, exist_ok=True)
 AutoModel.register(SAEVConfig, SAEV, exist_ok=True)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .activations import LayerReader
+from .batching import row_batches
 from .prompts import RowError
 
 logger = logging.getLogger(__name__)
@@ -136,9 +137,7 @@ class ActivationBuffer:
             order = np.random.default_rng([self.seed, self.data_pass]).permutation(num_rows).tolist()
         else:
             order = list(range(num_rows))
-        for start in range(self.rows_into_pass, num_rows, self.read_batch_size):
-            indices = order[start : start + self.read_batch_size]
-            yield indices, self.dataset[indices]
+        yield from row_batches(self.dataset, self.read_batch_size, order[self.rows_into_pass :])
 
     def read_tokens(self) -> torch.Tensor:
         """
@@ -206,7 +205,7 @@ class ActivationBuffer:
                         f"one-process run, this process's shard in a distributed one.)"
                     ) from error
             raise
-        mask = acts.token_mask if self.include_special_tokens else acts.text_mask(False) | acts.image_mask
+        mask = acts.scored_mask(self.include_special_tokens)
         tokens = acts.hidden_states[mask].to(self.device, torch.float32)
         if not torch.isfinite(tokens).all():
             bad = int((~torch.isfinite(tokens)).any(dim=-1).sum())

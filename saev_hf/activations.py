@@ -122,11 +122,21 @@ def special_token_ids(processor: Any, image_token_id: int | None) -> torch.Tenso
 
 def text_and_image(modality: torch.Tensor, special_as_text: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Text and image position masks from [`Modality`] values; special/template tokens count as text when
-    `special_as_text` (as the authors' code does). Padding is in neither."""
+    `special_as_text` (as the authors' code does). Padding is in neither.
+
+    The one definition of "which positions count" that the weighting, the scores, the inspection, the patch filter,
+    the evaluation and the activation buffer share; their union is [`scored_positions`]."""
     text = modality == Modality.TEXT
     if special_as_text:
         text = text | (modality == Modality.SPECIAL)
     return text, modality == Modality.IMAGE
+
+
+def scored_positions(modality: torch.Tensor, special_as_text: bool = True) -> torch.Tensor:
+    """The positions that count: text and image ones (see [`text_and_image`]); with `special_as_text`, every real
+    position."""
+    text, image = text_and_image(modality, special_as_text)
+    return text | image
 
 
 @dataclass
@@ -149,12 +159,15 @@ class LayerActivations:
     @property
     def image_mask(self) -> torch.Tensor:
         """`(batch, tokens)` bool: positions that carry image features."""
-        return self.modality == Modality.IMAGE
+        return text_and_image(self.modality)[1]
 
     def text_mask(self, include_special: bool = True) -> torch.Tensor:
         """`(batch, tokens)` bool: text positions, with or without special/template tokens. Never padding."""
-        mask = self.modality == Modality.TEXT
-        return mask | (self.modality == Modality.SPECIAL) if include_special else mask
+        return text_and_image(self.modality, include_special)[0]
+
+    def scored_mask(self, special_as_text: bool = True) -> torch.Tensor:
+        """`(batch, tokens)` bool: text and image positions, special/template tokens with `special_as_text`."""
+        return scored_positions(self.modality, special_as_text)
 
     @property
     def token_mask(self) -> torch.Tensor:

@@ -1,293 +1,171 @@
 """The `saev` command line.
 
-Each command parses a dataclass with transformers' `HfArgumentParser`, the same dataclass the Python API takes, so
-every option is defined once. `saev COMMAND --help` lists a command's options.
+One convention, as TRL's commands: each command parses its dataclasses with transformers' `HfArgumentParser` (the
+same dataclasses the Python API takes, so every option is defined once), calls ONE library function, and prints what
+it did. `saev COMMAND --help` opens with what the command does, then lists its options.
+
+| command | library function |
+|---|---|
+| `convert`, `info` | `saev_hf.checkpoints.convert_checkpoint`, `checkpoint_info` |
+| `demo` | `saev_hf.demo.run_demo` |
+| `weights` | `saev_hf.weighting.run_weights` |
+| `score` | `saev_hf.scoring.run_scoring` |
+| `filter` | `saev_hf.filtering.run_filter` |
+| `inspect` | `saev_hf.inspection.run_inspection` |
+| `patches` | `saev_hf.patches.run_patch_filter` |
+| `train` | `saev_hf.training.train_saev` |
+| `eval` | `saev_hf.evaluation.run_evaluation` |
+| `push` | `saev_hf.hub.run_push` |
+| `dpo` | `saev_hf.dpo.run_dpo` |
+
+Argument classes are imported only by the command that uses them, so `saev --help` stays fast and `saev info` never
+imports TRL.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 from transformers import HfArgumentParser
 
 
-@dataclass
-class ConvertArguments:
-    """Convert an SAE-V checkpoint between saev-hf's layout and SAELens'."""
+@dataclass(frozen=True)
+class Command:
+    """A `saev` command: what it does (the opening of its `--help`), its argument dataclasses, and its body."""
 
-    source: str = field(metadata={"help": "Folder or Hub repo id of the checkpoint to read (either layout)."})
-    output_dir: str = field(metadata={"help": "Folder to write to."})
-    to: str = field(default="saev", metadata={"help": "Layout to write: 'saev' (transformers) or 'saelens'."})
-    subfolder: str | None = field(default=None, metadata={"help": "Subfolder of `source` holding the checkpoint."})
-    revision: str | None = field(default=None, metadata={"help": "Revision of `source` on the Hub."})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Write into output_dir even if it holds files that `saev convert` did not write."},
-    )
-
-    def __post_init__(self) -> None:
-        if self.to not in ("saev", "saelens"):
-            raise ValueError(f"--to {self.to!r} is not a layout; use 'saev' or 'saelens'.")
+    description: str
+    arguments: Callable[[], tuple[type, ...]]
+    run: Callable[..., None]
 
 
-@dataclass
-class InfoArguments:
-    """Print an SAE-V checkpoint's configuration and feature-weight summary as JSON."""
+def _convert_arguments():
+    from .checkpoints import ConvertArguments
 
-    source: str = field(metadata={"help": "Folder or Hub repo id of the checkpoint (either layout)."})
-    subfolder: str | None = field(default=None, metadata={"help": "Subfolder of `source` holding the checkpoint."})
-    revision: str | None = field(default=None, metadata={"help": "Revision of `source` on the Hub."})
+    return (ConvertArguments,)
 
 
-def _load(args: ConvertArguments | InfoArguments):
-    from . import SAEV
+def convert(args) -> None:
+    from .checkpoints import convert_checkpoint
 
-    return SAEV.from_pretrained(args.source, subfolder=args.subfolder, revision=args.revision)
-
-
-def convert(args: ConvertArguments) -> None:
-    from .outputs import prepare_output_dir
-
-    prepare_output_dir(args.output_dir, "saev convert", args.overwrite_output_dir)
-    sae = _load(args)
-    if args.to == "saelens":
-        sae.save_saelens(args.output_dir)
-    else:
-        sae.save_pretrained(args.output_dir)
-    print(f"Wrote {args.source} as {args.to} layout to {args.output_dir}")
+    print(f"Wrote {args.source} as {args.to} layout to {convert_checkpoint(args)}")
 
 
-def info(args: InfoArguments) -> None:
-    sae = _load(args)
-    summary = {
-        "config": sae.config.to_diff_dict(),
-        "num_weighted_features": int(sae.has_feature_weight.sum()),
-        "num_features": sae.config.d_sae,
-    }
-    print(json.dumps(summary, indent=2, default=str))
+def _info_arguments():
+    from .checkpoints import InfoArguments
+
+    return (InfoArguments,)
+
+
+def info(args) -> None:
+    from .checkpoints import checkpoint_info
+
+    print(json.dumps(checkpoint_info(args), indent=2, default=str))
+
+
+def _demo_arguments():
+    from .demo import DemoArguments
+
+    return (DemoArguments,)
 
 
 def demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args)
+    run_demo(args)  # the demo reports as it goes, and writes its report
 
 
-def _demo_arguments() -> type:
-    from .demo import DemoArguments
+def _shared_data_arguments():
+    """What every data command reads (`SourceArguments`), its columns (`PromptFormat`), and how a map runs."""
+    from .prompts import PromptFormat
+    from .sources import MapArguments, SourceArguments
 
-    return DemoArguments
-
-
-@dataclass
-class SourceArguments:
-    """Where the SAE-V, the MLLM and the dataset come from, and where results go (names as in `saev train`)."""
-
-    sae_name_or_path: str = field(metadata={"help": "Folder or Hub repo of the SAE-V (either layout)."})
-    model_name_or_path: str = field(metadata={"help": "Folder or Hub repo of the MLLM the SAE-V reads."})
-    dataset_name: str = field(metadata={"help": "Hub dataset name, or a folder written by Dataset.save_to_disk."})
-    output_dir: str = field(metadata={"help": "Folder to write the result to."})
-    dataset_split: str = field(default="train", metadata={"help": "Dataset split."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    sae_subfolder: str | None = field(default=None, metadata={"help": "Subfolder of the SAE-V repo."})
-    model_revision: str | None = field(default=None, metadata={"help": "Revision of the MLLM on the Hub."})
-    device: str = field(default="auto", metadata={"help": "'auto' (GPU if any), 'cpu', 'cuda:0'..."})
-    cooccurrence_threshold: float | None = field(
-        default=None,
-        metadata={"help": "Set the SAE-V's co-occurrence bound delta (recorded in its config; `saev weights` saves "
-                  "it with the SAE-V). Default: the SAE-V's own (the paper's 1.0 unless set or calibrated)."},
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Write into output_dir even if it holds files that this command did not write (they may be "
-                  "replaced)."},
-    )
+    return SourceArguments, PromptFormat, MapArguments
 
 
-@dataclass
-class MapArguments:
-    """How `datasets.map` runs the scorer."""
+def _weights_arguments():
+    from .weighting import WeightingArguments
 
-    batch_size: int = field(default=8, metadata={"help": "Examples per batch."})
-    num_proc: int | None = field(default=None, metadata={"help": "Worker processes (one per GPU with GPUs)."})
-    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars (datasets' map and save)."})
+    source, prompt_format, _ = _shared_data_arguments()
+    return source, prompt_format, WeightingArguments
 
 
-def load_sources(source: SourceArguments, command: str | None = None):
-    """The SAE-V, the MLLM (with its processor, on the chosen device) and the dataset named by `source`; with
-    `command`, first checks that it may write into `source.output_dir` (before anything heavy is loaded)."""
-    import torch
+def weights(source, prompt_format, weighting) -> None:
+    from .weighting import run_weights
 
-    from .outputs import prepare_output_dir
-
-    if command is not None:
-        prepare_output_dir(source.output_dir, command, source.overwrite_output_dir)
-    from . import SAEV
-    from .loading import load_dataset_split, load_model_and_processor
-
-    device = source.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    sae = SAEV.from_pretrained(source.sae_name_or_path, subfolder=source.sae_subfolder).to(device)
-    if source.cooccurrence_threshold is not None:
-        sae.set_cooccurrence_threshold(source.cooccurrence_threshold,
-                                       info={"method": "set with --cooccurrence_threshold"})
-    model, processor = load_model_and_processor(source.model_name_or_path, revision=source.model_revision, device=device)
-    return sae, model, processor, load_dataset_split(source.dataset_name, source.dataset_config, source.dataset_split)
-
-
-def weights(source: SourceArguments, prompt_format, weighting) -> None:
-    from .activations import LayerReader
-    from .weighting import compute_feature_weights
-
-    if source.cooccurrence_threshold is not None and weighting.threshold_quantile is not None:
-        raise ValueError(
-            f"Give either --cooccurrence_threshold {source.cooccurrence_threshold} (set delta) or --threshold_quantile "
-            f"{weighting.threshold_quantile} (calibrate it on the data), not both."
-        )
-    from .prompts import undecoded_images
-
-    sae, model, processor, dataset = load_sources(source, "saev weights")
-    dataset, _ = undecoded_images(dataset, prompt_format.image_column)  # a corrupt image names its row
-    reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
-    compute_feature_weights(sae, reader, dataset, weighting)
-    sae.save_pretrained(source.output_dir)
+    sae = run_weights(source, prompt_format, weighting)
     info = sae.config.feature_weights_info
     print(f"{info['num_weighted_features']} of {sae.config.d_sae} features weighted over {info['num_examples']} "
           f"examples; delta (cooccurrence_threshold) = {sae.config.cooccurrence_threshold:.4g}; SAE-V with weights "
           f"saved to {source.output_dir}")
 
 
-def score(source: SourceArguments, prompt_format, scorer_args, map_args: MapArguments) -> None:
-    from .scoring import SAEVScorer
-
-    from .prompts import undecoded_images
-
-    sae, model, processor, dataset = load_sources(source, "saev score")
-    scorer = SAEVScorer(sae, model, processor, prompt_format=prompt_format, args=scorer_args)
-    # the scorer reads the image bytes itself, so that a corrupt image names its row (or costs one null row)
-    dataset, image_feature = undecoded_images(dataset, prompt_format.image_column)
-    scored = dataset.map(scorer, batched=True, batch_size=map_args.batch_size, num_proc=map_args.num_proc,
-                         with_indices=True, with_rank=map_args.num_proc is not None, desc="SAE-V scores")
-    if image_feature is not None:
-        scored = scored.cast_column(prompt_format.image_column, image_feature)
-    scored.save_to_disk(source.output_dir)
-    print(f"Scored {len(scored)} examples ({', '.join(scorer.columns)}); saved to {source.output_dir}")
-
-
-@dataclass
-class FilterIOArguments:
-    """The scored dataset to filter and where to write the kept rows."""
-
-    dataset_name: str = field(metadata={"help": "Folder of a scored dataset (save_to_disk), or a Hub dataset."})
-    output_dir: str = field(metadata={"help": "Folder to save the filtered dataset to."})
-    dataset_split: str = field(default="train", metadata={"help": "Dataset split."})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Write into output_dir even if it holds files that `saev filter` did not write."},
-    )
-
-
-def filter_command(io: FilterIOArguments, filter_args) -> None:
-    from .filtering import FILTER_RECORD, filter_by_score
-    from .loading import load_dataset_split
-    from .outputs import prepare_output_dir
-
-    prepare_output_dir(io.output_dir, "saev filter", io.overwrite_output_dir)
-    dataset = load_dataset_split(io.dataset_name, split=io.dataset_split)
-    kept = filter_by_score(dataset, filter_args)
-    kept.save_to_disk(io.output_dir)
-    (Path(io.output_dir) / FILTER_RECORD).write_text(json.dumps(asdict(filter_args), indent=2))
-    print(f"Kept {len(kept)} of {len(dataset)} examples by {filter_args.column}; saved to {io.output_dir}")
-
-
-def _weights_arguments() -> tuple[type, ...]:
-    from .prompts import PromptFormat
-    from .weighting import WeightingArguments
-
-    return SourceArguments, PromptFormat, WeightingArguments
-
-
-def _score_arguments() -> tuple[type, ...]:
-    from .prompts import PromptFormat
+def _score_arguments():
     from .scoring import ScorerArguments
 
-    return SourceArguments, PromptFormat, ScorerArguments, MapArguments
+    source, prompt_format, map_arguments = _shared_data_arguments()
+    return source, prompt_format, ScorerArguments, map_arguments
 
 
-def _filter_arguments() -> tuple[type, ...]:
-    from .filtering import FilterArguments
+def score(source, prompt_format, scorer_args, map_args) -> None:
+    from .scoring import run_scoring
+
+    scored, columns = run_scoring(source, prompt_format, scorer_args, map_args)
+    print(f"Scored {len(scored)} examples ({', '.join(columns)}); saved to {source.output_dir}")
+
+
+def _filter_arguments():
+    from .filtering import FilterArguments, FilterIOArguments
 
     return FilterIOArguments, FilterArguments
 
 
-def inspect_command(source: SourceArguments, prompt_format, inspection_args) -> None:
-    """Inspect an SAE-V on a dataset: feature pages (top examples with highlighted tokens and patch heatmaps, weight,
-    modality profile) and explanations of the lowest-scored rows, as a static HTML report in --output_dir."""
-    from .activations import LayerReader
-    from .feature_browser import write_feature_browser
-    from .inspection import inspect_saev
+def filter_command(io, filter_args) -> None:
+    from .filtering import run_filter
 
-    from .outputs import prepare_output_dir
+    kept, rows_before = run_filter(io, filter_args)
+    print(f"Kept {len(kept)} of {rows_before} examples by {filter_args.column}; saved to {io.output_dir}")
 
-    # the report is write_feature_browser's output, whether written from Python or from here
-    prepare_output_dir(source.output_dir, "write_feature_browser", source.overwrite_output_dir)
-    from .prompts import undecoded_images
 
-    sae, model, processor, dataset = load_sources(source)
-    dataset, _ = undecoded_images(dataset, prompt_format.image_column)  # a corrupt image names its row
-    reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
-    inspection = inspect_saev(sae, reader, dataset, inspection_args)
-    index = write_feature_browser(inspection, source.output_dir, overwrite=source.overwrite_output_dir)
+def _inspect_arguments():
+    from .inspection import InspectionArguments
+
+    source, prompt_format, _ = _shared_data_arguments()
+    return source, prompt_format, InspectionArguments
+
+
+def inspect_command(source, prompt_format, inspection_args) -> None:
+    from .inspection import run_inspection
+
+    inspection, index = run_inspection(source, prompt_format, inspection_args)
     print(f"Inspected {len(inspection.features)} features and explained {len(inspection.explanations)} rows of "
           f"{len(inspection.scanned_rows)} scanned; open {index}")
 
 
-def _inspect_arguments() -> tuple[type, ...]:
-    from .inspection import InspectionArguments
-    from .prompts import PromptFormat
+def _patches_arguments():
+    from .patches import PatchFilterArguments
 
-    return SourceArguments, PromptFormat, InspectionArguments
+    source, prompt_format, map_arguments = _shared_data_arguments()
+    return source, prompt_format, PatchFilterArguments, map_arguments
 
 
-def patches(source: SourceArguments, prompt_format, patch_args, map_args: MapArguments) -> None:
-    """Patch filter (Algorithms 4-7): score each image patch from SAE-V activations (--score l0, l1, cooccur_l0,
-    cosine, or random), keep the top --keep_fraction of each image's patches and black out the rest; saves the dataset
-    with masked images and patch scores to --output_dir, with preview.png (originals above, masked below)."""
-    from .patches import PatchFilter, save_patch_preview
+def patches(source, prompt_format, patch_args, map_args) -> None:
+    from .patches import run_patch_filter
 
-    from .prompts import undecoded_images
-
-    sae, model, processor, dataset = load_sources(source, "saev patches")
-    patch_filter = PatchFilter(sae, model, processor, prompt_format=prompt_format, args=patch_args)
-    # the filter reads the image bytes itself, so that a corrupt image names its row (or costs one null row)
-    dataset, image_feature = undecoded_images(dataset, prompt_format.image_column)
-    masked = dataset.map(patch_filter, batched=True, batch_size=map_args.batch_size, num_proc=map_args.num_proc,
-                         with_indices=True, with_rank=map_args.num_proc is not None,
-                         desc=f"Patch filter ({patch_args.score})")
-    if image_feature is not None:
-        masked = masked.cast_column(prompt_format.image_column, image_feature)
-    masked.save_to_disk(source.output_dir)
-    preview = save_patch_preview(dataset, masked, Path(source.output_dir) / "preview.png",
-                                 image_column=prompt_format.image_column,
-                                 title=f"{patch_args.score}: top {patch_args.keep_fraction:.0%} of patches kept")
+    masked, preview = run_patch_filter(source, prompt_format, patch_args, map_args)
     print(f"Masked the images of {len(masked)} examples (kept the top {patch_args.keep_fraction:.0%} of patches by "
           f"{patch_args.score}); saved to {source.output_dir}, preview in {preview}")
 
 
-def _patches_arguments() -> tuple[type, ...]:
-    from .patches import PatchFilterArguments
-    from .prompts import PromptFormat
+def _train_arguments():
+    from .training import SAEVTrainingArguments
 
-    return SourceArguments, PromptFormat, PatchFilterArguments, MapArguments
+    return (SAEVTrainingArguments,)
 
 
 def train(args) -> None:
-    """Train an SAE-V on decoder layer L of an MLLM (or a plain SAE on a text-only LM); saves it to --output_dir."""
     from .training import train_saev
 
     sae = train_saev(args)
@@ -295,41 +173,37 @@ def train(args) -> None:
           f"{sae.config.hook_layer}; saved to {args.output_dir}")
 
 
-def _train_arguments() -> type:
-    from .training import SAEVTrainingArguments
+def _eval_arguments():
+    from .evaluation import SAEVEvaluationArguments
 
-    return SAEVTrainingArguments
+    return (SAEVEvaluationArguments,)
 
 
 def evaluate(args) -> None:
-    """Evaluate an SAE-V: L0, MSE, explained variance, dead/dense features, CE-loss-recovered (all/text/image)."""
-    from .evaluation import run_evaluation
+    from .evaluation import format_metrics_table, run_evaluation
 
-    run_evaluation(args)
+    print(format_metrics_table(run_evaluation(args)))
 
 
-def _eval_arguments() -> type:
-    from .evaluation import SAEVEvaluationArguments
+def _push_arguments():
+    from .hub import PushArguments
 
-    return SAEVEvaluationArguments
+    return (PushArguments,)
 
 
 def push(args) -> None:
-    """Push an SAE-V folder with its model card, or a filtered dataset folder with its dataset card, to the Hub."""
     from .hub import run_push
 
-    run_push(args)
+    print(run_push(args))
 
 
-def _push_arguments() -> type:
-    from .hub import PushArguments
+def _dpo_arguments():
+    from .dpo import DPOScriptArguments, PaperDPOConfig
 
-    return PushArguments
+    return DPOScriptArguments, PaperDPOConfig
 
 
 def dpo(script, args) -> None:
-    """DPO (or --method sft) of an MLLM on a filtered preference dataset with TRL; the paper's hyper-parameters are
-    the defaults (CPU settings without a GPU); --lora adapts only the language model's projections."""
     from .dpo import run_dpo
 
     trainer = run_dpo(script, args)
@@ -337,26 +211,39 @@ def dpo(script, args) -> None:
           f"{args.output_dir}")
 
 
-def _dpo_arguments() -> tuple[type, ...]:
-    from .dpo import DPOScriptArguments, PaperDPOConfig
-
-    return DPOScriptArguments, PaperDPOConfig
-
-
-# command -> (its argument dataclass(es), or a function returning them so heavy modules load only when used; run)
-COMMANDS: dict[str, tuple[Any, Callable[..., None]]] = {
-    "convert": (ConvertArguments, convert),
-    "info": (InfoArguments, info),
-    "demo": (_demo_arguments, demo),
-    "weights": (_weights_arguments, weights),
-    "score": (_score_arguments, score),
-    "filter": (_filter_arguments, filter_command),
-    "inspect": (_inspect_arguments, inspect_command),
-    "patches": (_patches_arguments, patches),
-    "train": (_train_arguments, train),
-    "eval": (_eval_arguments, evaluate),
-    "push": (_push_arguments, push),
-    "dpo": (_dpo_arguments, dpo),
+COMMANDS: dict[str, Command] = {
+    "convert": Command("Convert an SAE-V checkpoint between saev-hf's layout and SAELens'.", _convert_arguments,
+                       convert),
+    "info": Command("Print an SAE-V checkpoint's configuration and feature-weight summary as JSON.", _info_arguments,
+                    info),
+    "demo": Command("Run SAE-V's data filter end to end on the grounded miniature (offline, CPU): train an SAE-V, "
+                    "score and filter a preference dataset, DPO on each subset, write a report.", _demo_arguments,
+                    demo),
+    "weights": Command("Compute an SAE-V's cross-modal feature weights on a dataset (Algorithm 1, stages 1-2), "
+                       "optionally calibrate delta, and save the SAE-V with them.",
+                       _weights_arguments, weights),
+    "score": Command("Add the SAE-V scores (cosine, L0, co-occurring L0) to every row of a dataset and save it.",
+                     _score_arguments, score),
+    "filter": Command("Keep the best-scored rows of a scored dataset (a top fraction, or a threshold) and save them "
+                      "with the rule.", _filter_arguments, filter_command),
+    "inspect": Command("Inspect an SAE-V on a dataset: feature pages (top examples with highlighted tokens and patch "
+                       "heatmaps, weight, modality profile) and explanations of the lowest-scored rows, as a static "
+                       "HTML report in --output_dir.", _inspect_arguments,
+                       inspect_command),
+    "patches": Command("Patch filter (Algorithms 4-7): score each image patch from SAE-V activations (--score l0, l1, "
+                       "cooccur_l0, cosine, or random), keep the top --keep_fraction of each image's patches and "
+                       "black out the rest; saves the dataset with masked images and patch scores to --output_dir, "
+                       "with preview.png (originals above, masked below).",
+                       _patches_arguments, patches),
+    "train": Command("Train an SAE-V on decoder layer L of an MLLM (or a plain SAE on a text-only LM); saves it to "
+                     "--output_dir.", _train_arguments, train),
+    "eval": Command("Evaluate an SAE-V: L0, MSE, explained variance, dead/dense features, CE-loss-recovered (all/"
+                    "text/image).", _eval_arguments, evaluate),
+    "push": Command("Push an SAE-V folder with its model card, or a filtered dataset folder with its dataset card, to "
+                    "the Hub.", _push_arguments, push),
+    "dpo": Command("DPO (or --method sft) of an MLLM on a filtered preference dataset with TRL; the paper's "
+                   "hyper-parameters are the defaults (CPU settings without a GPU); --lora adapts only the language "
+                   "model's projections.", _dpo_arguments, dpo),
 }
 
 
@@ -370,11 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"saev: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    classes, run = COMMANDS[argv[0]]
-    if not isinstance(classes, (type, tuple)):
-        classes = classes()
-    classes = classes if isinstance(classes, tuple) else (classes,)
-    parser = HfArgumentParser(classes, prog=f"saev {argv[0]}", description=run.__doc__ or classes[0].__doc__)
+    command = COMMANDS[argv[0]]
+    parser = HfArgumentParser(command.arguments(), prog=f"saev {argv[0]}", description=command.description)
     try:
         arguments = parser.parse_args_into_dataclasses(argv[1:])
     except ValueError as error:
@@ -384,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     # --disable_tqdm (an option of every command with a long step) also hides the bars datasets, transformers and
     # huggingface_hub draw themselves while the command loads, maps, saves and uploads.
     with library_progress_bars(disable=any(getattr(a, "disable_tqdm", False) for a in arguments)):
-        run(*arguments)
+        command.run(*arguments)
     return 0
 
 

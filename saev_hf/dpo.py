@@ -51,18 +51,11 @@ LANGUAGE_MODEL_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_
                                                "down_proj")
 
 
-def _accelerator_available() -> bool:
-    import torch
-
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None:
-        return bool(accelerator.is_available())
-    return torch.cuda.is_available()
-
-
 def _cpu_fallback(config) -> None:
     """Without a GPU: train on the CPU in float32 (TRL defaults to bf16 and fails on a CPU without `use_cpu`)."""
-    if not _accelerator_available():
+    from .loading import accelerator_available
+
+    if not accelerator_available():
         config.use_cpu = True
         config.bf16 = False
         config.gradient_checkpointing = False
@@ -307,11 +300,9 @@ _SHARED_FIELDS = ("output_dir", "max_length", "per_device_train_batch_size", "gr
 
 def run_dpo(script: DPOScriptArguments, args: DPOConfig) -> Any:
     """`saev dpo`: load the MLLM and the dataset, train as `args` say, save to `args.output_dir`."""
-    import torch
+    from .loading import choose_device, load_dataset_split, load_model_and_processor
 
-    from .loading import load_dataset_split, load_model_and_processor
-
-    device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
+    device = choose_device(use_cpu=args.use_cpu)
     model, processor = load_model_and_processor(script.model_name_or_path, device=device)
     dataset = load_dataset_split(script.dataset_name, split=script.dataset_split)
     peft_config = lora_config(model, r=script.lora_r, lora_alpha=script.lora_alpha) if script.lora else None

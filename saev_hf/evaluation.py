@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .activations import LayerReader, Modality, image_token_id_of
+from .activations import LayerReader, image_token_id_of, text_and_image
+from .batching import row_batches
 from .model import SAEV
 from .prompts import PromptFormat
 from .loading import MODEL_DTYPES
@@ -231,78 +232,16 @@ def evaluate_saev(
                                          max_length=prompt_format.max_length)
         reader = LayerReader(model, processor, layer=layer, prompt_format=prompt_format)
     reader.check_sae(sae)
-    device = next(model.parameters()).device
-    sae_device = next(sae.parameters()).device
-    totals = {split: _Totals(sae.config.d_in, sae_device) for split in SPLITS}
-    fired = torch.zeros(sae.config.d_sae, dtype=torch.long, device=sae_device)
-    examples = 0
-    batch: list[dict[str, Any]] = []
-
-    def run(rows: list[dict[str, Any]], first_row: int) -> None:
-        inputs = reader.prepare(rows, first_row=first_row)
-        inputs = {
-            name: (value.to(device, model.dtype) if value.is_floating_point() else value.to(device))
-            if isinstance(value, torch.Tensor)
-            else value
-            for name, value in inputs.items()
-        }
-        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        modality = reader.modality(input_ids, attention_mask)
-        if compute_ce_loss:
-            clean_logits, hidden = _logits(model, reader.layers[layer], inputs, None)
-        else:
-            hidden = reader.read_inputs(inputs).hidden_states
-        feature_acts = sae.encode(hidden.to(sae_device))
-        reconstruction = sae.decode(feature_acts)
-        token_mask = (modality != Modality.PAD).to(sae_device)
-        masks = {
-            "all": token_mask,
-            "image": (modality == Modality.IMAGE).to(sae_device),
-            "text": token_mask & (modality != Modality.IMAGE).to(sae_device),
-        }
-        x = hidden.to(sae_device, torch.float32)
-        for split, mask in masks.items():
-            totals[split].add_tokens(x[mask], reconstruction[mask], feature_acts[mask])
-        fired.add_((feature_acts[token_mask] > 0).sum(0))
-        if not compute_ce_loss:
-            return
-        sae_logits, _ = _logits(model, reader.layers[layer], inputs, reconstruction.to(device))
-        zero_logits, _ = _logits(model, reader.layers[layer], inputs, torch.zeros_like(hidden))
-        # Position t predicts token t + 1; it counts when that token is real (right padding: then t is real too).
-        targets = input_ids[:, 1:]
-        predicted = modality[:, 1:]
-        valid = predicted != Modality.PAD
-        ce_masks = {
-            "all": valid,
-            "image": valid & (predicted == Modality.IMAGE),
-            "text": valid & (predicted != Modality.IMAGE),
-        }
-        for kind, logits in (("clean", clean_logits), ("sae", sae_logits), ("zero", zero_logits)):
-            losses = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-            ).view_as(targets)
-            for split, mask in ce_masks.items():
-                totals[split].ce[kind] += float(losses[mask].double().sum())
-        for split, mask in ce_masks.items():
-            totals[split].ce_tokens += int(mask.sum())
-
+    batches = _BatchEvaluator(sae, model, reader, layer, compute_ce_loss)
+    totals, fired, examples = batches.totals, batches.fired, 0
     num_rows = len(dataset) if hasattr(dataset, "__len__") else None  # an IterableDataset has no length
     if num_examples is not None:
         num_rows = num_examples if num_rows is None else min(num_rows, num_examples)
     with tqdm(total=None if num_rows is None else math.ceil(num_rows / batch_size), desc="Evaluating SAE-V",
               unit="batch", disable=disable_tqdm) as progress:
-        for row in _rows(dataset, num_examples):
-            batch.append(row)
-            if len(batch) == batch_size:
-                run(batch, examples)
-                examples += len(batch)
-                batch = []
-                progress.update(1)
-        if batch:
-            run(batch, examples)
-            examples += len(batch)
+        for chunk, rows in row_batches(dataset, batch_size, None if num_examples is None else range(num_rows)):
+            batches.add(rows, chunk[0])
+            examples += len(chunk)
             progress.update(1)
     if examples == 0 or totals["all"].tokens == 0:
         raise ValueError("The evaluation data gave no token: check that the dataset split has rows and the columns "
@@ -323,12 +262,73 @@ def evaluate_saev(
     return result
 
 
-def _rows(dataset: Any, num_examples: int | None):
-    """Rows of a Dataset, IterableDataset or list of dicts, the first `num_examples` of them."""
-    for index, row in enumerate(dataset):
-        if num_examples is not None and index >= num_examples:
-            return
-        yield row
+class _BatchEvaluator:
+    """Adds batches of rows to the running totals of every split: reconstruction metrics, firing counts and, with
+    `compute_ce_loss`, the three cross-entropies (clean, SAE-V spliced in, zero-ablated)."""
+
+    def __init__(self, sae: SAEV, model: nn.Module, reader: LayerReader, layer: int, compute_ce_loss: bool) -> None:
+        self.sae, self.model, self.reader, self.layer = sae, model, reader, layer
+        self.compute_ce_loss = compute_ce_loss
+        self.device = next(model.parameters()).device
+        self.sae_device = next(sae.parameters()).device
+        self.totals = {split: _Totals(sae.config.d_in, self.sae_device) for split in SPLITS}
+        self.fired = torch.zeros(sae.config.d_sae, dtype=torch.long, device=self.sae_device)
+
+    def add(self, rows: Any, first_row: int) -> None:
+        """Read `rows` (the first being dataset row `first_row`) and add them to the totals."""
+        inputs = self.reader.prepare(rows, first_row=first_row)
+        inputs = {
+            name: (value.to(self.device, self.model.dtype) if value.is_floating_point() else value.to(self.device))
+            if isinstance(value, torch.Tensor)
+            else value
+            for name, value in inputs.items()
+        }
+        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        modality = self.reader.modality(input_ids, attention_mask)
+        clean_logits = None
+        if self.compute_ce_loss:
+            clean_logits, hidden = _logits(self.model, self.reader.layers[self.layer], inputs, None)
+        else:
+            hidden = self.reader.read_inputs(inputs).hidden_states
+        reconstruction = self._add_reconstruction(hidden, modality)
+        if clean_logits is not None:
+            self._add_cross_entropies(inputs, hidden, modality, clean_logits, reconstruction)
+
+    def _add_reconstruction(self, hidden: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        feature_acts = self.sae.encode(hidden.to(self.sae_device))
+        reconstruction = self.sae.decode(feature_acts)
+        masks = _split_masks(modality.to(self.sae_device))
+        x = hidden.to(self.sae_device, torch.float32)
+        for split, mask in masks.items():
+            self.totals[split].add_tokens(x[mask], reconstruction[mask], feature_acts[mask])
+        self.fired.add_((feature_acts[masks["all"]] > 0).sum(0))
+        return reconstruction
+
+    def _add_cross_entropies(self, inputs: dict[str, Any], hidden: torch.Tensor, modality: torch.Tensor,
+                             clean_logits: torch.Tensor, reconstruction: torch.Tensor) -> None:
+        layer = self.reader.layers[self.layer]
+        sae_logits, _ = _logits(self.model, layer, inputs, reconstruction.to(self.device))
+        zero_logits, _ = _logits(self.model, layer, inputs, torch.zeros_like(hidden))
+        # Position t predicts token t + 1; it counts when that token is real (right padding: then t is real too).
+        targets = inputs["input_ids"][:, 1:]
+        ce_masks = _split_masks(modality[:, 1:])
+        for kind, logits in (("clean", clean_logits), ("sae", sae_logits), ("zero", zero_logits)):
+            losses = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+            ).view_as(targets)
+            for split, mask in ce_masks.items():
+                self.totals[split].ce[kind] += float(losses[mask].double().sum())
+        for split, mask in ce_masks.items():
+            self.totals[split].ce_tokens += int(mask.sum())
+
+
+def _split_masks(modality: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The positions of each split: `"all"` real positions, `"image"` ones, `"text"` ones (special tokens count as
+    text: every real position is in one of the two)."""
+    text, image = text_and_image(modality, special_as_text=True)
+    return {"all": text | image, "image": image, "text": text}
 
 
 METRIC_LABELS = (
@@ -422,12 +422,11 @@ def _reading_notes(metrics: dict[str, Any], cell: Any) -> list[str]:
 
 
 def run_evaluation(args: SAEVEvaluationArguments) -> dict[str, Any]:
-    """Load what `args` name, evaluate, print the table, write `output_file` if given, and return the metrics."""
-    from .loading import load_dataset_split, load_model_and_processor
+    """`saev eval`: load what `args` name, evaluate, write `output_file` if given, and return the metrics."""
+    from .loading import choose_device, load_dataset_split, load_model_and_processor
     from .prompts import undecoded_images
-    from .training import _accelerator_available
 
-    device = "cpu" if args.use_cpu or not _accelerator_available() else torch.accelerator.current_accelerator()
+    device = choose_device(use_cpu=args.use_cpu)
     sae = SAEV.from_pretrained(args.sae_name_or_path, subfolder=args.sae_subfolder, revision=args.sae_revision)
     sae.to(device)
     model, processor = load_model_and_processor(args.model_name_or_path, args.model_revision, args.model_dtype, device)
@@ -448,7 +447,6 @@ def run_evaluation(args: SAEVEvaluationArguments) -> dict[str, Any]:
         disable_tqdm=args.disable_tqdm,
     )
     metrics["model"] = args.model_name_or_path
-    print(format_metrics_table(metrics))
     if args.output_file:
         Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_file).write_text(json.dumps(metrics, indent=2) + "\n")

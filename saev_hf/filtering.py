@@ -92,3 +92,36 @@ def filter_by_score(dataset, args: FilterArguments | None = None, **kwargs: Any)
             f"(ds.map(SAEVScorer(...), batched=True)) or pass column= naming a score column."
         )
     return dataset.select(kept_indices(dataset[args.column], args))
+
+
+@dataclass
+class FilterIOArguments:
+    """The scored dataset to filter and where to write the kept rows."""
+
+    dataset_name: str = field(metadata={"help": "Folder of a scored dataset (save_to_disk), or a Hub dataset."})
+    output_dir: str = field(metadata={"help": "Folder to save the filtered dataset to."})
+    dataset_split: str = field(default="train", metadata={"help": "Dataset split."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Write into output_dir even if it holds files that `saev filter` did not write."},
+    )
+
+
+def run_filter(io: FilterIOArguments, args: FilterArguments):
+    """
+    `saev filter`: load the scored dataset `io` names, keep the rows `args` keeps, save them to `io.output_dir` with
+    the rule beside them ([`FILTER_RECORD`], for `saev push --dataset`). Returns `(kept rows, rows before)`.
+    """
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from .loading import load_dataset_split
+    from .outputs import prepare_output_dir
+
+    prepare_output_dir(io.output_dir, "saev filter", io.overwrite_output_dir)
+    dataset = load_dataset_split(io.dataset_name, split=io.dataset_split)
+    kept = filter_by_score(dataset, args)
+    kept.save_to_disk(io.output_dir)
+    (Path(io.output_dir) / FILTER_RECORD).write_text(json.dumps(asdict(args), indent=2))
+    return kept, len(dataset)

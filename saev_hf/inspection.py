@@ -34,10 +34,10 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .activations import LayerReader, Modality, text_and_image
-from .prompts import RowError, row_images, rows_to_columns
-from .scoring import example_activity
-from .weighting import _batches
+from .activations import LayerReader, Modality
+from .activity import batch_activity, example_activity
+from .batching import row_batches
+from .prompts import row_images, rows_to_columns
 
 MODALITY_NAMES = ("image", "text", "special")
 _MODALITY_CODES = {"image": Modality.IMAGE, "text": Modality.TEXT, "special": Modality.SPECIAL}
@@ -375,56 +375,35 @@ def _check_inputs(sae: Any, reader: LayerReader, dataset: Any, args: InspectionA
 @torch.no_grad()
 def _scan(sae: Any, reader: LayerReader, dataset: Any, rows: list[int], args: InspectionArguments):
     """Pass 1: top examples, firing counts by modality and the scorer's three scores of every scanned row."""
-    d_sae, device, delta = sae.config.d_sae, sae.W_enc.device, sae.config.cooccurrence_threshold
-    weights = sae.feature_weights.nan_to_num(0.0).double()
+    d_sae, device = sae.config.d_sae, sae.W_enc.device
     top = FeatureTopExamples(d_sae, args.top_n, device)
     counts = torch.zeros(len(MODALITY_NAMES), d_sae, dtype=torch.long, device=device)
     fired = torch.zeros(d_sae, dtype=torch.long, device=device)
     cooccurring = torch.zeros(d_sae, dtype=torch.long, device=device)
     scores: dict[str, list[float]] = {"cosine": [], "l0": [], "cooccur_l0": []}
-    for chunk, batch in tqdm(_batches(dataset, args.batch_size, rows), desc="Inspection: scanning rows",
+    for chunk, batch in tqdm(row_batches(dataset, args.batch_size, rows), desc="Inspection: scanning rows",
                              total=math.ceil(len(rows) / args.batch_size), unit="batch", disable=args.disable_tqdm):
         acts = reader.read(batch, first_row=chunk[0])
         real = acts.token_mask
-        n = len(acts)
-        example = torch.arange(n, device=real.device)[:, None].expand_as(real)[real].to(device)
+        example = torch.arange(len(acts), device=real.device)[:, None].expand_as(real)[real].to(device)
         modality = acts.modality[real].to(device)
-        hidden = acts.hidden_states[real].to(device)
-        text, image = text_and_image(modality, args.special_as_text)
-        for i in range(n):
-            if not image[example == i].any():
-                raise RowError(f"Row {chunk[i]}: no image token reached the model (the processor inserted none, or "
-                               f"they were cut), so it has no image-text co-occurrence to inspect.")
-            if not text[example == i].any():
-                raise RowError(f"Row {chunk[i]}: no text token to score against the image.")
-        example_max = torch.zeros(n, d_sae, device=device)
-        text_hits = torch.zeros(n, d_sae, device=device)
-        image_hits = torch.zeros(n, d_sae, device=device)
-        active = torch.zeros(n, dtype=torch.float64, device=device)
-        counted = torch.zeros(n, dtype=torch.float64, device=device)
-        for start in range(0, hidden.shape[0], args.token_chunk):
-            part = slice(start, start + args.token_chunk)
-            z = sae.encode(hidden[part]).float()
-            ex, mod, t, v = example[part], modality[part], text[part], image[part]
-            example_max.scatter_reduce_(0, ex[:, None].expand_as(z), z, reduce="amax")
-            above = (z > delta).float()
-            text_hits.index_add_(0, ex[t], above[t])
-            image_hits.index_add_(0, ex[v], above[v])
-            firing = z > 0
+        example_max = torch.zeros(len(acts), d_sae, device=device)
+
+        def profile(z: torch.Tensor, part: slice) -> None:
+            # beyond the scores: each example's largest activation and where features fire, over every real position
+            z = z.float()
+            example_max.scatter_reduce_(0, example[part, None].expand_as(z), z, reduce="amax")
             for m, name in enumerate(MODALITY_NAMES):
-                counts[m] += firing[mod == _MODALITY_CODES[name]].sum(0)
-            # the scorer's L0 counts the positions it scores: text (with special tokens if they count) and image
-            scored = t | v
-            active.index_add_(0, ex[scored], firing[scored].sum(1).double())
-            counted.index_add_(0, ex[scored], torch.ones(int(scored.sum()), dtype=torch.float64, device=device))
-        rows_tensor = torch.tensor(chunk, dtype=torch.long, device=device)
-        top.update(example_max, rows_tensor)
+                counts[m] += (z > 0)[modality[part] == _MODALITY_CODES[name]].sum(0)
+
+        activity = batch_activity(sae, acts.hidden_states[real], modality, example, chunk, args.special_as_text,
+                                  args.token_chunk, on_chunk=profile)
+        top.update(example_max, torch.tensor(chunk, dtype=torch.long, device=device))
         fired += (example_max > 0).sum(0)
-        cooccur = (text_hits > 0) & (image_hits > 0)
-        cooccurring += cooccur.sum(0)
-        scores["cosine"] += (cooccur.double() * weights).sum(1).tolist()
-        scores["l0"] += (active / counted).tolist()
-        scores["cooccur_l0"] += cooccur.sum(1).tolist()
+        cooccurring += activity.cooccurring.sum(0)
+        scores["cosine"] += activity.cosine(sae.feature_weights).tolist()
+        scores["l0"] += activity.l0.tolist()
+        scores["cooccur_l0"] += activity.cooccurring.sum(1).tolist()
     return top, counts.cpu(), fired.cpu(), cooccurring.cpu(), {
         "cosine": torch.tensor(scores["cosine"], dtype=torch.float64),
         "l0": torch.tensor(scores["l0"], dtype=torch.float64),
@@ -447,7 +426,7 @@ def _explain(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, row: int, s
     contributions.sort(key=lambda c: (math.isnan(c.weight), -abs(c.contribution), c.feature))
     return ExampleExplanation(
         row=row,
-        cosine_score=float(weights.nan_to_num(0.0)[cooccur].double().sum()),
+        cosine_score=activity.cosine(weights),
         cooccur_l0=int(cooccur.sum()),
         l0=activity.l0,
         contributions=contributions,
@@ -459,7 +438,7 @@ def _explain(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, row: int, s
     )
 
 
-class _RowReader:
+class _RowRevisitor:
     """Re-reads chosen rows (passes 2 and 3), building each row's [`RowView`] once."""
 
     def __init__(self, reader: LayerReader, dataset: Any, batch_size: int, disable_tqdm: bool = False) -> None:
@@ -475,11 +454,12 @@ class _RowReader:
         except (NotImplementedError, ValueError) as error:
             self._locator_note = f"No patch heatmap: {error}"
 
-    def read(self, rows: list[int], desc: str):
-        """Yield `(row, hidden (tokens, d_in), modality (tokens,), view)` for `rows`, in batches."""
+    def revisit(self, rows: list[int], desc: str):
+        """Yield `(row, hidden (tokens, d_in), modality (tokens,), view)` for `rows`, in batches. (Not a
+        [`LayerReader.read`]: this reads chosen dataset rows again and builds their views.)"""
         tokenizer = getattr(self.reader.processor, "tokenizer", self.reader.processor)
         column = self.reader.prompt_format.image_column
-        for chunk, batch in tqdm(_batches(self.dataset, self.batch_size, rows), desc=desc,
+        for chunk, batch in tqdm(row_batches(self.dataset, self.batch_size, rows), desc=desc,
                                  total=math.ceil(len(rows) / self.batch_size), unit="batch",
                                  disable=self.disable_tqdm):
             inputs = self.reader.prepare(batch, first_row=chunk[0])
@@ -525,12 +505,12 @@ def explain_rows(sae: Any, reader: LayerReader, dataset: Any, rows: Sequence[int
     args = InspectionArguments(examples=list(rows), special_as_text=special_as_text, batch_size=batch_size,
                                token_chunk=token_chunk)
     _check_inputs(sae, reader, dataset, args)
-    found = {row: e for row, e, _ in _explain_rows(sae, _RowReader(reader, dataset, batch_size), list(rows), args)}
+    found = {row: e for row, e, _ in _explain_rows(sae, _RowRevisitor(reader, dataset, batch_size), list(rows), args)}
     return {row: found[row] for row in rows}
 
 
-def _explain_rows(sae: Any, row_reader: _RowReader, rows: list[int], args: InspectionArguments):
-    for row, hidden, modality, view in row_reader.read(sorted(set(rows)), "Inspection: explaining rows"):
+def _explain_rows(sae: Any, row_revisitor: _RowRevisitor, rows: list[int], args: InspectionArguments):
+    for row, hidden, modality, view in row_revisitor.revisit(sorted(set(rows)), "Inspection: explaining rows"):
         yield row, _explain(sae, hidden, modality, row, args.special_as_text, args.token_chunk), view
 
 
@@ -591,12 +571,12 @@ def inspect_saev(sae: Any, reader: LayerReader, dataset: Any, args: InspectionAr
     if not has_weights:
         scores["cosine"] = torch.full_like(scores["cosine"], math.nan)
 
-    row_reader = _RowReader(reader, dataset, args.batch_size, args.disable_tqdm)
+    row_revisitor = _RowRevisitor(reader, dataset, args.batch_size, args.disable_tqdm)
     explained_rows = list(args.examples) if args.examples is not None else []
     if args.examples is None and args.num_explained:
         order = sorted(range(n), key=lambda i: (float(scores["cosine"][i]), i))
         explained_rows = [scanned[i] for i in order[: args.num_explained]]
-    explanations = {row: e for row, e, _ in _explain_rows(sae, row_reader, explained_rows, args)}
+    explanations = {row: e for row, e, _ in _explain_rows(sae, row_revisitor, explained_rows, args)}
     explanations = dict(sorted(explanations.items(), key=lambda item: (item[1].cosine_score, item[0])))
 
     weights = sae.feature_weights.float().cpu()
@@ -612,7 +592,7 @@ def inspect_saev(sae: Any, reader: LayerReader, dataset: Any, args: InspectionAr
     for f in features:
         for row, value in top.of(f):
             wanted.setdefault(row, []).append((f, value))
-    for row, hidden, modality, view in row_reader.read(sorted(wanted), "Inspection: reading top examples"):
+    for row, hidden, modality, view in row_revisitor.revisit(sorted(wanted), "Inspection: reading top examples"):
         feats = [f for f, _ in wanted[row]]
         z = torch.cat([sae.encode(hidden[s : s + args.token_chunk].to(sae.W_enc.device))[:, feats].float().cpu()
                        for s in range(0, hidden.shape[0], args.token_chunk)])
@@ -630,7 +610,7 @@ def inspect_saev(sae: Any, reader: LayerReader, dataset: Any, args: InspectionAr
     return Inspection(
         features=features,
         explanations=explanations,
-        rows=row_reader.views,
+        rows=row_revisitor.views,
         scanned_rows=scanned,
         scores=scores,
         sae_config=sae.config.to_diff_dict(),
@@ -640,3 +620,22 @@ def inspect_saev(sae: Any, reader: LayerReader, dataset: Any, args: InspectionAr
         model_name=getattr(reader.model.config, "_name_or_path", "") or type(reader.model).__name__,
         dataset_name=getattr(getattr(dataset, "info", None), "dataset_name", None),
     )
+
+
+def run_inspection(source: Any, prompt_format: Any, args: InspectionArguments):
+    """
+    `saev inspect`: load what `source` ([`SourceArguments`]) names, inspect the SAE-V on the dataset and write the
+    feature browser (see [`write_feature_browser`]) to `source.output_dir`. Returns `(inspection, index page)`.
+    """
+    from .feature_browser import write_feature_browser
+    from .outputs import prepare_output_dir
+    from .prompts import undecoded_images
+    from .sources import load_sources
+
+    # the report is write_feature_browser's output, whether written from Python or from here
+    prepare_output_dir(source.output_dir, "write_feature_browser", source.overwrite_output_dir)
+    sae, model, processor, dataset = load_sources(source)
+    dataset, _ = undecoded_images(dataset, prompt_format.image_column)  # a corrupt image names its row
+    reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
+    inspection = inspect_saev(sae, reader, dataset, args)
+    return inspection, write_feature_browser(inspection, source.output_dir, overwrite=source.overwrite_output_dir)

@@ -30,6 +30,39 @@ def check_local_path(name_or_path: str | os.PathLike, what: str) -> None:
         )
 
 
+def choose_device(device: str | torch.device | None = "auto", use_cpu: bool = False,
+                  rank: int | None = None) -> torch.device:
+    """
+    The device a step runs on: the one way saev-hf picks it.
+
+    `device="auto"` (or None) is accelerate's choice: the device of this process when accelerate's state is set up (an
+    `Accelerator`, a launcher), otherwise the machine's accelerator as accelerate ranks them (`PartialState.
+    default_device`: CUDA, XPU, MPS, NPU, ...), else the CPU. `use_cpu` forces the CPU; any other `device` is taken as
+    given. With `rank` (a `datasets.map(with_rank=True)` worker), an accelerator's device number is `rank` modulo
+    the number of devices, one per worker.
+
+    The state is read, never set up here: which backend a distributed run uses stays the launcher's and
+    `Accelerator`'s decision (set up too early, it would run `torchrun` processes as separate jobs).
+    """
+    if use_cpu:
+        return torch.device("cpu")
+    if device not in (None, "auto"):
+        return torch.device(device)
+    from accelerate import PartialState
+
+    state = PartialState.__new__(PartialState)  # a view of accelerate's shared state that does not initialise it
+    state.__dict__ = PartialState._shared_state
+    chosen = torch.device(state.device if state.initialized else state.default_device)
+    if rank is not None and chosen.type != "cpu":
+        chosen = torch.device(chosen.type, rank % getattr(torch, chosen.type).device_count())
+    return chosen
+
+
+def accelerator_available() -> bool:
+    """Whether [`choose_device`] finds an accelerator (GPU, MPS, ...) on this machine."""
+    return choose_device().type != "cpu"
+
+
 def load_model_and_processor(
     name_or_path: str, revision: str | None = None, dtype: str = "float32", device: torch.device | str | None = None
 ):
@@ -43,10 +76,7 @@ def load_model_and_processor(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    from .tiny_models import register_tiny_processors
-
     check_local_path(name_or_path, "model")
-    register_tiny_processors()  # so that folders saved from saev_hf's tiny Qwen2-VL/Chameleon load offline
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {MODEL_DTYPES}.")
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
@@ -54,12 +84,30 @@ def load_model_and_processor(
     if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype)
         processor = AutoProcessor.from_pretrained(name_or_path, revision=revision)
+        check_multimodal_processor(processor, name_or_path)
     else:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype)
         processor = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
     if device is not None:
         model.to(device)
     return model.eval(), processor
+
+
+def check_multimodal_processor(processor, name_or_path: str) -> None:
+    """
+    Refuse a tokenizer where an image-text model's processor was expected. `AutoProcessor` falls back to the tokenizer,
+    without a word, when `processor_config.json` names a processor class it does not know (a subclass defined in user
+    code and not registered in this process); the images would then never reach the model.
+    """
+    if hasattr(processor, "image_processor"):
+        return
+    raise ValueError(
+        f"AutoProcessor loaded a {type(processor).__name__} (a tokenizer, with no image processor) from "
+        f"{name_or_path!r}, whose model reads images: its processor class is not known to transformers in this "
+        f"process. "
+        f"Register it first (AutoProcessor.register(<config class>, <processor class>)); the tiny Qwen2-VL and "
+        f"Chameleon folders of saev_hf.demo need saev_hf.demo.tiny_processing.register_tiny_processors()."
+    )
 
 
 def load_dataset_split(name_or_path: str, config: str | None = None, split: str = "train", streaming: bool = False):

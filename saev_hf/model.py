@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from . import saelens
 from .config import SAEVConfig
 
 DECODER_INIT_NORM = 0.1
@@ -265,7 +266,6 @@ class SAEV(SAEVPreTrainedModel):
         `cache_dir`, `token`, ...). Raises `OSError` naming the files looked for when the location holds no SAE, and
         `ValueError` when a weight holds NaN or inf (see [`SAEV.check_finite`]).
         """
-        from . import saelens
         from .loading import check_local_path
 
         check_local_path(pretrained_model_name_or_path, "SAE-V")
@@ -273,15 +273,23 @@ class SAEV(SAEVPreTrainedModel):
         kwargs = {k: v for k, v in kwargs.items() if not (k in ("subfolder", "revision") and v is None)}
         layout = saelens.detect_layout(pretrained_model_name_or_path, **kwargs)
         if layout == "saelens":
-            sae = saelens.load_saelens(pretrained_model_name_or_path, **kwargs)
+            sae = cls._from_saelens(pretrained_model_name_or_path, **kwargs)
         else:
             saelens.check_weight_shapes(pretrained_model_name_or_path, **kwargs)
             sae = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         sae.check_finite()
         return sae
 
-    def save_saelens(self, save_directory: str | os.PathLike) -> None:
-        """Write this SAE-V in the SAELens layout (see `saev_hf.saelens.save_saelens`)."""
-        from . import saelens
+    @classmethod
+    def _from_saelens(cls, path: str | os.PathLike, **kwargs) -> SAEV:
+        """An SAEV built from the config and tensors that `saev_hf.saelens.read_saelens` reads at `path`."""
+        config, state = saelens.read_saelens(path, **kwargs)
+        with torch.device("meta"):  # no initialisation: every tensor comes from the checkpoint
+            model = cls(config)
+        model.load_state_dict(state, assign=True)
+        model.config.name_or_path = str(path)
+        return model.eval()
 
-        saelens.save_saelens(self, save_directory)
+    def save_saelens(self, save_directory: str | os.PathLike) -> None:
+        """Write this SAE-V in the SAELens layout (see `saev_hf.saelens.write_saelens`)."""
+        saelens.write_saelens(self.config, self.state_dict(), save_directory)

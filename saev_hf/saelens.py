@@ -12,6 +12,10 @@ saev-hf writes the same files (SAELens >= 6 flavour, input scale folded into the
 them, `feature_weights.safetensors` with the cross-modal weights; SAELens ignores files it does not know, and the
 saev-only settings (the co-occurrence bound, the weights' provenance) ride in `cfg.json`'s metadata under "saev".
 Only tensors are read, and only with safetensors.
+
+This module deals in data only, and never imports [`SAEV`]: [`read_saelens`] returns a config and a state dict that
+`SAEV.from_pretrained` builds itself from, and [`write_saelens`] takes a config and the tensors `SAEV.save_saelens`
+hands it.
 """
 
 from __future__ import annotations
@@ -22,16 +26,13 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import SAEVConfig
-
-if TYPE_CHECKING:
-    from .model import SAEV
 
 logger = logging.getLogger(__name__)
 
@@ -298,15 +299,23 @@ def config_to_saelens(config: SAEVConfig, dtype: torch.dtype) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_saelens(path: str | os.PathLike, **kwargs: Any) -> SAEV:
+def read_saelens_config(path: str | os.PathLike, **kwargs: Any) -> SAEVConfig:
+    """The [`SAEVConfig`] of a SAELens-layout checkpoint, from its `cfg.json` alone (no weights are read)."""
+    cfg_file = _resolve(path, CFG_FILENAME, **kwargs)
+    if cfg_file is None:
+        raise OSError(f"{_where(path, **kwargs)} has no {CFG_FILENAME}: it is not a SAELens checkpoint.")
+    return config_from_saelens(json.loads(Path(cfg_file).read_text()))
+
+
+def read_saelens(path: str | os.PathLike, **kwargs: Any) -> tuple[SAEVConfig, dict[str, torch.Tensor]]:
     """
-    Load a SAELens-layout checkpoint (local folder or Hub repo, `subfolder=` supported) as an [`SAEV`].
+    Read a SAELens-layout checkpoint (local folder or Hub repo, `subfolder=` supported) as `(config, state_dict)`: the
+    [`SAEVConfig`] and every tensor an [`SAEV`] holds (the four weights, `feature_log_sparsity` and
+    `feature_weights`, NaN where the checkpoint has none), checked against the config's sizes.
 
     Keyword arguments are those of `SAEV.from_pretrained` that locate files (`revision`, `subfolder`, `cache_dir`,
     `token`, ...) plus `dtype`. A `scaling_factor` tensor (old SAELens fine-tuning scale) is folded into `W_dec`.
     """
-    from .model import SAEV
-
     cfg_file = _resolve(path, CFG_FILENAME, **kwargs)
     weights_file = _resolve(path, WEIGHTS_FILENAME, **kwargs)
     if cfg_file is None or weights_file is None:
@@ -349,12 +358,7 @@ def load_saelens(path: str | os.PathLike, **kwargs: Any) -> SAEV:
         if tensor is not None:
             _check_shape(name, tuple(tensor.shape), (config.d_sae,), path, kwargs)
         state[name] = tensor.float() if tensor is not None else torch.full((config.d_sae,), math.nan)
-
-    with torch.device("meta"):
-        model = SAEV(config)
-    model.load_state_dict(state, assign=True)
-    model.config.name_or_path = str(path)
-    return model.eval()
+    return config, state
 
 
 def _saelens_dtype(name: str | None) -> torch.dtype:
@@ -365,27 +369,29 @@ def _saelens_dtype(name: str | None) -> torch.dtype:
     return dtype
 
 
-def save_saelens(model: SAEV, save_directory: str | os.PathLike) -> Path:
+def write_saelens(config: SAEVConfig, state: dict[str, torch.Tensor], save_directory: str | os.PathLike) -> Path:
     """
-    Write `model` in the SAELens layout (`cfg.json`, `sae_weights.safetensors`, and `sparsity.safetensors` /
-    `feature_weights.safetensors` when known), with `input_scale` folded into the weights so that SAELens reads raw
-    hidden states. The model itself is not modified. Returns the folder.
+    Write an SAE-V, given as its `config` and `state` (an [`SAEV`]'s state dict: the four weights,
+    `feature_log_sparsity`, `feature_weights`), in the SAELens layout: `cfg.json`, `sae_weights.safetensors`, and
+    `sparsity.safetensors` / `feature_weights.safetensors` when known. `input_scale` is folded into the weights so
+    that SAELens reads raw hidden states; the tensors given are not modified. Returns the folder.
     """
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
-    s = model.config.input_scale
+    s = config.input_scale
     with torch.no_grad():
         weights = {
-            "W_enc": model.W_enc * s,
-            "b_enc": model.b_enc,
-            "W_dec": model.W_dec / s,
-            "b_dec": model.b_dec / s,
+            "W_enc": state["W_enc"] * s,
+            "b_enc": state["b_enc"],
+            "W_dec": state["W_dec"] / s,
+            "b_dec": state["b_dec"] / s,
         }
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, save_directory / WEIGHTS_FILENAME)
-    if not torch.isnan(model.feature_log_sparsity).all():
-        save_file({"sparsity": model.feature_log_sparsity.detach().cpu()}, save_directory / SPARSITY_FILENAME)
-    if model.config.feature_weights_info is not None:
-        save_file({"feature_weights": model.feature_weights.detach().cpu()}, save_directory / FEATURE_WEIGHTS_FILENAME)
-    cfg = config_to_saelens(model.config, model.W_enc.dtype)
+    if not torch.isnan(state["feature_log_sparsity"]).all():
+        save_file({"sparsity": state["feature_log_sparsity"].detach().cpu()}, save_directory / SPARSITY_FILENAME)
+    if config.feature_weights_info is not None:
+        save_file({"feature_weights": state["feature_weights"].detach().cpu()},
+                  save_directory / FEATURE_WEIGHTS_FILENAME)
+    cfg = config_to_saelens(config, state["W_enc"].dtype)
     (save_directory / CFG_FILENAME).write_text(json.dumps(cfg, indent=2))
     return save_directory

@@ -33,7 +33,8 @@ from typing import Any, Mapping, Sequence
 import pyarrow as pa
 import torch
 
-from .activations import LayerReader, text_and_image
+from .activations import LayerReader
+from .activity import ExampleActivity, example_activity  # noqa: F401  (their home before saev_hf.activity)
 from .prompts import PromptFormat, RowError
 
 SCORES = ("cosine", "l0", "cooccur_l0")
@@ -128,32 +129,24 @@ def processor_digest(processor: Any) -> str:
     )
 
 
-class SAEVScorer:
+class SAEVMapFunction:
     """
-    A `datasets.map(batched=True)` function adding SAE-V data-quality scores to an image-text dataset.
+    The machinery every SAE-V `datasets.map(batched=True)` function shares: [`SAEVScorer`] (scores) and
+    [`saev_hf.patches.PatchFilter`] (masked images) each say only what they compute from a batch (`score_rows`) and
+    which columns it makes; this base class loads, checks and identifies the SAE-V and the MLLM, pickles to that
+    identity (so `datasets` caches the map), moves to the worker's device, and runs batches with per-row error
+    isolation (`on_error="null"`).
 
-    Args:
-        sae ([`SAEV`] or `str`): the SAE-V (with feature weights for the cosine score), or its folder / Hub repo.
-        model (`PreTrainedModel` or `str`): the MLLM the SAE-V reads, or its folder / Hub repo.
-        processor (*optional*): its processor; loaded from `model`'s path when omitted.
-        prompt_format ([`PromptFormat`], *optional*): image / prompt / response columns (TRL layout by default; the
-            paper scores the prompt and image only).
-        args ([`ScorerArguments`], *optional*): scores, column names, error handling.
-        layers (*optional*): where the decoder layers are, for models whose structure hides them.
-
-    Scores do not depend on batch size, batch composition or padding. Call with `with_rank=True` and `num_proc` equal
-    to the number of GPUs to score on one GPU per process; `with_indices=True` makes errors name dataset rows.
-
-    `datasets` decodes an `Image` column before the scorer sees it, and a corrupt image then fails inside `datasets`.
-    To have such rows reported by row (or given null scores with `on_error="null"`), keep the column undecoded:
-    `ds.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))` (or
-    `saev_hf.prompts.undecoded_images(ds, "images")`); the scorer reads the bytes itself. `saev score` and `saev patches`
-    do this, and cast the column back before saving.
+    Args: as for [`SAEVScorer`]; `args` is the subclass's arguments dataclass (it has `scores`, `on_error`,
+    `error_column` and `special_as_text`).
     """
+
+    arguments_class: type = ScorerArguments
+    """The arguments dataclass (built with its defaults when `args` is not given)."""
 
     def __init__(self, sae: Any, model: Any, processor: Any = None, prompt_format: PromptFormat | None = None,
-                 args: ScorerArguments | None = None, layers: Any = None) -> None:
-        self.args = args or ScorerArguments()
+                 args: Any = None, layers: Any = None) -> None:
+        self.args = args or self.arguments_class()
         self.prompt_format = prompt_format
         self.layers = layers
         # absolute paths: a scorer restored in another working directory (a worker, a later process) finds them again
@@ -243,7 +236,7 @@ class SAEVScorer:
     def _load(self):
         from transformers import AutoProcessor
 
-        from .loading import load_model_and_processor
+        from .loading import check_multimodal_processor, load_model_and_processor
         from .model import SAEV
 
         if self._sae is None:
@@ -253,10 +246,8 @@ class SAEVScorer:
             if self._processor is None and self._processor_source == self._model_source:
                 self._processor = loaded_processor
         if self._processor is None:
-            from .tiny_models import register_tiny_processors
-
-            register_tiny_processors()
             self._processor = AutoProcessor.from_pretrained(self._require(self._processor_source, "processor"))
+            check_multimodal_processor(self._processor, self._processor_source)
         return self._sae, self._model, self._processor
 
     @staticmethod
@@ -303,10 +294,10 @@ class SAEVScorer:
             )
 
     def _to_device(self, rank: int | None) -> None:
-        want = None
-        if rank is not None and torch.cuda.is_available():
-            want = torch.device("cuda", rank % torch.cuda.device_count())
-        if want is not None and self._device != want:
+        from .loading import choose_device
+
+        want = choose_device(rank=rank) if rank is not None else None
+        if want is not None and want.type != "cpu" and self._device != want:
             self._model.to(want)
             self._sae.to(want)
             self._device = want
@@ -366,7 +357,17 @@ class SAEVScorer:
         return scores
 
     def _score_columns(self) -> list[str]:
-        return [getattr(self.args, f"{score}_column") for score in SCORES if score in self.args.scores]
+        """The columns `score_rows` returns (a subclass says)."""
+        raise NotImplementedError
+
+    def _column_types(self) -> dict[str, "pa.DataType"]:
+        """Arrow type of each added column (a subclass says; with on_error='null', `__call__` returns typed arrays)."""
+        raise NotImplementedError
+
+    def score_rows(self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]], first_row: int = 0):
+        """What the map adds for a batch of rows, `{column: [value per row]}`; raises `RowError` for a row that
+        cannot be processed (a subclass says)."""
+        raise NotImplementedError
 
     def _check_is_batch(self, batch: Mapping[str, Any]) -> None:
         """Refuse one row passed as a batch (`ds.map(scorer)` without `batched=True`): its lists would be read as
@@ -381,6 +382,35 @@ class SAEVScorer:
                 f"or scorer.score_rows([row]) for one row."
             )
 
+
+class SAEVScorer(SAEVMapFunction):
+    """
+    A `datasets.map(batched=True)` function adding SAE-V data-quality scores to an image-text dataset.
+
+    Args:
+        sae ([`SAEV`] or `str`): the SAE-V (with feature weights for the cosine score), or its folder / Hub repo.
+        model (`PreTrainedModel` or `str`): the MLLM the SAE-V reads, or its folder / Hub repo.
+        processor (*optional*): its processor; loaded from `model`'s path when omitted.
+        prompt_format ([`PromptFormat`], *optional*): image / prompt / response columns (TRL layout by default; the
+            paper scores the prompt and image only).
+        args ([`ScorerArguments`], *optional*): scores, column names, error handling.
+        layers (*optional*): where the decoder layers are, for models whose structure hides them.
+
+    Scores do not depend on batch size, batch composition or padding. Call with `with_rank=True` and `num_proc` equal
+    to the number of GPUs to score on one GPU per process; `with_indices=True` makes errors name dataset rows.
+
+    `datasets` decodes an `Image` column before the scorer sees it, and a corrupt image then fails inside `datasets`.
+    To have such rows reported by row (or given null scores with `on_error="null"`), keep the column undecoded:
+    `ds.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))` (or
+    `saev_hf.prompts.undecoded_images(ds, "images")`); the scorer reads the bytes itself. `saev score` and `saev patches`
+    do this, and cast the column back before saving.
+    """
+
+    arguments_class = ScorerArguments
+
+    def _score_columns(self) -> list[str]:
+        return [getattr(self.args, f"{score}_column") for score in SCORES if score in self.args.scores]
+
     def _column_types(self) -> dict[str, "pa.DataType"]:
         """Arrow type of each added column (with on_error='null', `__call__` returns typed arrays)."""
         kinds = {"cosine": pa.float64(), "l0": pa.float64(), "cooccur_l0": pa.int64()}
@@ -393,90 +423,18 @@ class SAEVScorer:
         self._validate()
         sae, reader = self._sae, self._reader
         acts = reader.read(rows, first_row=first_row)
-        weights = sae.feature_weights.nan_to_num(0.0)
         out = {name: [] for name in self._score_columns()}
-        for i in range(len(acts)):
+        for i in range(len(acts)):  # one example at a time: a score never depends on the rest of its batch
             hidden, modality = acts.example(i)
             activity = example_activity(sae, hidden, modality, first_row + i, self.args.special_as_text,
                                         self.args.token_chunk)
-            cooccur = activity.cooccurring
             if "cosine" in self.args.scores:
-                out[self.args.cosine_column].append(float(weights[cooccur].double().sum()))
+                out[self.args.cosine_column].append(activity.cosine(sae.feature_weights))
             if "l0" in self.args.scores:
                 out[self.args.l0_column].append(activity.l0)
             if "cooccur_l0" in self.args.scores:
-                out[self.args.cooccur_l0_column].append(int(cooccur.sum()))
+                out[self.args.cooccur_l0_column].append(int(activity.cooccurring.sum()))
         return out
-
-
-@dataclass
-class ExampleActivity:
-    """
-    What one example's SAE-V activations say about its scores (see [`example_activity`]).
-
-    Args:
-        fires_text, fires_image (`torch.BoolTensor` of shape `(d_sae,)`): features above delta at some text / image
-            position; C(x) is their intersection.
-        max_text, max_image (`torch.Tensor` of shape `(d_sae,)`, *optional*): each feature's largest activation on
-            text / image positions (with `maxima=True`).
-        active (`int`): (position, feature) pairs with z > 0 over the scored positions.
-        num_text, num_image (`int`): the scored text and image positions.
-    """
-
-    fires_text: torch.Tensor
-    fires_image: torch.Tensor
-    active: int
-    num_text: int
-    num_image: int
-    max_text: torch.Tensor | None = None
-    max_image: torch.Tensor | None = None
-
-    @property
-    def cooccurring(self) -> torch.Tensor:
-        """C(x): features above delta at some text position and at some image position."""
-        return self.fires_text & self.fires_image
-
-    @property
-    def l0(self) -> float:
-        """Mean number of active features per scored position (Algorithm 2)."""
-        return self.active / (self.num_text + self.num_image)
-
-
-@torch.no_grad()
-def example_activity(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, row: int, special_as_text: bool = True,
-                     token_chunk: int = 4096, maxima: bool = False) -> ExampleActivity:
-    """
-    Encode one example's text and image positions (`token_chunk` at a time) and gather what its scores need: the one
-    computation behind [`SAEVScorer`] and the explanations of [`saev_hf.inspection`].
-
-    Raises:
-        RowError: naming `row`, when the example has no image or no text position.
-    """
-    text, image = text_and_image(modality, special_as_text)
-    if not image.any():
-        raise RowError(f"Row {row}: no image token reached the model (the processor inserted none, or they were cut), "
-                       f"so it has no image-text co-occurrence to score.")
-    if not text.any():
-        raise RowError(f"Row {row}: no text token to score against the image.")
-    device, delta = sae.W_enc.device, sae.config.cooccurrence_threshold
-    counted = image | text
-    hidden, image, text = hidden[counted].to(device), image[counted].to(device), text[counted].to(device)
-    fires_text = torch.zeros(sae.config.d_sae, dtype=torch.bool, device=device)
-    fires_image = torch.zeros_like(fires_text)
-    max_text = torch.zeros(sae.config.d_sae, device=device) if maxima else None
-    max_image = torch.zeros(sae.config.d_sae, device=device) if maxima else None
-    active = 0
-    for start in range(0, hidden.shape[0], token_chunk):
-        part = slice(start, start + token_chunk)
-        z = sae.encode(hidden[part])
-        above = z > delta
-        fires_text |= above[text[part]].any(0)
-        fires_image |= above[image[part]].any(0)
-        active += int((z > 0).sum())
-        if maxima:  # activations are >= 0 (ReLU, or TopK of ReLU), so masking with 0 keeps the maxima
-            max_text = torch.maximum(max_text, (z.float() * text[part, None]).amax(0))
-            max_image = torch.maximum(max_image, (z.float() * image[part, None]).amax(0))
-    return ExampleActivity(fires_text, fires_image, active, int(text.sum()), int(image.sum()), max_text, max_image)
 
 
 def _absolute(source: str | None) -> str | None:
@@ -508,3 +466,23 @@ def _restore(cls: type, fingerprint: str, identity: dict, sources: tuple, prompt
     scorer = cls(*sources, prompt_format=prompt_format, args=args)
     scorer._expected_identity = identity
     return scorer
+
+
+def run_scoring(source: Any, prompt_format: PromptFormat, args: ScorerArguments, map_args: Any):
+    """
+    `saev score`: load what `source` ([`SourceArguments`]) names, add the scores to every row with `datasets.map`
+    (as `map_args` say) and save the scored dataset to `source.output_dir`. Returns `(scored dataset, added columns)`.
+    """
+    from .prompts import undecoded_images
+    from .sources import load_sources
+
+    sae, model, processor, dataset = load_sources(source, "saev score")
+    scorer = SAEVScorer(sae, model, processor, prompt_format=prompt_format, args=args)
+    # the scorer reads the image bytes itself, so that a corrupt image names its row (or costs one null row)
+    dataset, image_feature = undecoded_images(dataset, prompt_format.image_column)
+    scored = dataset.map(scorer, batched=True, batch_size=map_args.batch_size, num_proc=map_args.num_proc,
+                         with_indices=True, with_rank=map_args.num_proc is not None, desc="SAE-V scores")
+    if image_feature is not None:
+        scored = scored.cast_column(prompt_format.image_column, image_feature)
+    scored.save_to_disk(source.output_dir)
+    return scored, scorer.columns

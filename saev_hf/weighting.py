@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .activations import LayerActivations, LayerReader, Modality
+from .activations import LayerActivations, LayerReader
+from .batching import is_indexable, row_batches
 from .prompts import RowError, rows_to_columns
 
 # Positions are identified across the stream as example_index * POSITION_STRIDE + token_index.
@@ -251,36 +252,6 @@ def _stream_positions(stream_rows: list[int], counted: torch.Tensor) -> torch.Te
     return (example * POSITION_STRIDE + token)[counted.cpu()]
 
 
-def _counted(acts: LayerActivations, special_as_text: bool) -> torch.Tensor:
-    counted = (acts.modality == Modality.TEXT) | (acts.modality == Modality.IMAGE)
-    if special_as_text:
-        counted |= acts.modality == Modality.SPECIAL
-    return counted
-
-
-def _batches(dataset: Any, batch_size: int, indices: Iterable[int] | None = None):
-    if not _indexable(dataset):  # a stream (IterableDataset, generator): read in order, keep the wanted rows
-        wanted = None if indices is None else set(indices)
-        last = None if wanted is None else max(wanted, default=-1)
-        chunk, rows = [], []
-        for i, row in enumerate(dataset):
-            if last is not None and i > last:
-                break
-            if wanted is None or i in wanted:
-                chunk.append(i)
-                rows.append(row)
-            if len(chunk) == batch_size:
-                yield chunk, rows
-                chunk, rows = [], []
-        if chunk:
-            yield chunk, rows
-        return
-    indices = list(range(len(dataset))) if indices is None else list(indices)
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
-        yield chunk, dataset[chunk] if hasattr(dataset, "select") else [dataset[i] for i in chunk]
-
-
 def _read(reader: LayerReader, rows: Any, chunk: list[int]) -> LayerActivations:
     """`reader.read` of the rows at dataset indices `chunk`; an error names the dataset's row even when the chunk's
     rows are not consecutive (a sample)."""
@@ -294,9 +265,6 @@ def _read(reader: LayerReader, rows: Any, chunk: list[int]) -> LayerActivations:
             reader.read({name: [values[j]] for name, values in columns.items()}, first_row=index)
         raise
 
-
-def _indexable(dataset: Any) -> bool:
-    return hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
 
 
 @torch.no_grad()
@@ -319,81 +287,130 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
     """
     args = args or WeightingArguments()
     reader.check_sae(sae)
-    if not _indexable(dataset):
+    sample = _weighting_sample(dataset, args)
+    first = _top_k_pass(sae, reader, dataset, args, sample)
+    text_count, image_count, weighted, chosen = first.top.selection(args.per_modality)
+    center = (first.hidden_sum / first.num_tokens).float() if args.mean_center else None
+    cosines = CosineAccumulator(weighted, chosen, args.per_modality, sae.config.d_in, center)
+    _cosine_pass(cosines, reader, dataset, args, first)
+    weights = cosines.weights(sae.config.d_sae)
+    info = _weights_info(args, reader, dataset, first, text_count, image_count, weighted)
+    if store:
+        sae.set_feature_weights(weights.cpu(), info=info)
+        if first.positives is not None:
+            delta = first.positives.quantile(args.threshold_quantile)
+            sae.set_cooccurrence_threshold(delta, info={
+                "method": "quantile of the SAE-V's positive activations on the weighting data",
+                "quantile": args.threshold_quantile,
+                "num_positive_activations": first.positives.seen,
+                "num_sampled": first.positives.size,
+                "num_examples": len(first.sample),
+                "dataset": info["dataset"],
+                "dataset_fingerprint": info["dataset_fingerprint"],
+            })
+        check_cooccurrence(sae, where="computing the feature weights", error=False)  # the weights are still valid
+    return weights
+
+
+def _weighting_sample(dataset: Any, args: WeightingArguments) -> list[int] | None:
+    """The dataset rows the weighting reads (a seeded sample of `num_examples`), or None for a stream (its first
+    `num_examples` rows, counted while they are read)."""
+    if not is_indexable(dataset):
         if iter(dataset) is dataset:
             raise TypeError(
                 f"The weighting reads its data twice (top-K pass, then cosine pass), but a {type(dataset).__name__} "
                 f"can be read only once. Pass a datasets.Dataset, a datasets.IterableDataset or a list of rows."
             )
-        sample = None  # the stream's first num_examples rows, counted while they are read
-    elif args.num_examples is not None and args.num_examples < len(dataset):
+        return None
+    if args.num_examples is not None and args.num_examples < len(dataset):
         generator = torch.Generator().manual_seed(args.seed)
-        sample = sorted(torch.randperm(len(dataset), generator=generator)[: args.num_examples].tolist())
-    else:
-        sample = list(range(len(dataset)))
+        return sorted(torch.randperm(len(dataset), generator=generator)[: args.num_examples].tolist())
+    return list(range(len(dataset)))
+
+
+@dataclass
+class _TopKPass:
+    """What the first pass leaves for the second and for the record."""
+
+    top: Any  # FeatureTopK or ModalityTopK
+    sample: list[int]  # the rows read
+    stream_index: dict[int, int]  # row -> its index in the weighting stream
+    hidden_sum: torch.Tensor
+    num_tokens: int
+    max_text: torch.Tensor  # each feature's largest activation on text positions
+    max_image: torch.Tensor
+    positives: PositiveSample | None
+
+
+@torch.no_grad()
+def _top_k_pass(sae, reader: LayerReader, dataset: Any, args: WeightingArguments,
+                sample: list[int] | None) -> _TopKPass:
+    """Pass 1 (stage 1 of Algorithm 1): every feature's top positions, the mean hidden state, the per-modality
+    maxima (delta must lie below both for a feature to co-occur) and, to calibrate delta, a sample of activations."""
     device = sae.W_enc.device
     top = (FeatureTopK(sae.config.d_sae, args.top_k, device) if args.top_k_pool == "pooled"
            else ModalityTopK(sae.config.d_sae, args.per_modality, device))
-    hidden_sum = torch.zeros(sae.config.d_in, dtype=torch.float64, device=device)
-    num_tokens = 0
-    # each feature's largest activation on text and on image positions: delta must lie below both for it to co-occur
-    max_text = torch.zeros(sae.config.d_sae, device=device)
-    max_image = torch.zeros(sae.config.d_sae, device=device)
-    positives = PositiveSample(seed=args.seed) if args.threshold_quantile is not None else None
-
+    result = _TopKPass(top, [], _Identity(), torch.zeros(sae.config.d_in, dtype=torch.float64, device=device), 0,
+                       torch.zeros(sae.config.d_sae, device=device), torch.zeros(sae.config.d_sae, device=device),
+                       PositiveSample(seed=args.seed) if args.threshold_quantile is not None else None)
     if sample is None:
         first_rows = range(args.num_examples) if args.num_examples is not None else None
-        pass_one = _batches(dataset, args.batch_size, first_rows)
+        batches = row_batches(dataset, args.batch_size, first_rows)
         total = math.ceil(args.num_examples / args.batch_size) if args.num_examples is not None else None
-        sample, stream_index = [], _Identity()
     else:
-        pass_one = _batches(dataset, args.batch_size, sample)
+        batches = row_batches(dataset, args.batch_size, sample)
         total = math.ceil(len(sample) / args.batch_size)
-        stream_index = {example: i for i, example in enumerate(sample)}
-    streamed = isinstance(stream_index, _Identity)
-    for chunk, rows in tqdm(pass_one, desc="Feature weights: top-K pass", total=total, unit="batch",
+        result.sample, result.stream_index = sample, {example: i for i, example in enumerate(sample)}
+    for chunk, rows in tqdm(batches, desc="Feature weights: top-K pass", total=total, unit="batch",
                             disable=args.disable_tqdm):
-        if streamed:
-            sample.extend(chunk)
+        if sample is None:
+            result.sample.extend(chunk)
         acts = _read(reader, rows, chunk)
-        counted = _counted(acts, args.special_as_text)
+        counted = acts.scored_mask(args.special_as_text)
         hidden = acts.hidden_states[counted].to(device)
-        positions = _stream_positions([stream_index[i] for i in chunk], counted).to(device)
-        is_image = acts.modality[counted].to(device) == Modality.IMAGE
-        hidden_sum += hidden.double().sum(0)
-        num_tokens += hidden.shape[0]
+        positions = _stream_positions([result.stream_index[i] for i in chunk], counted).to(device)
+        is_image = acts.image_mask[counted].to(device)
+        result.hidden_sum += hidden.double().sum(0)
+        result.num_tokens += hidden.shape[0]
         for start in range(0, hidden.shape[0], args.token_chunk):
             part = slice(start, start + args.token_chunk)
             z = sae.encode(hidden[part])
             top.update(z, positions[part], is_image[part])
             image_part = is_image[part]
             if image_part.any():
-                max_image = torch.maximum(max_image, z[image_part].float().amax(0))
+                result.max_image = torch.maximum(result.max_image, z[image_part].float().amax(0))
             if (~image_part).any():
-                max_text = torch.maximum(max_text, z[~image_part].float().amax(0))
-            if positives is not None:
-                positives.update(z)
-    if num_tokens == 0:
+                result.max_text = torch.maximum(result.max_text, z[~image_part].float().amax(0))
+            if result.positives is not None:
+                result.positives.update(z)
+    if result.num_tokens == 0:
         raise ValueError("The dataset yielded no tokens to weight features on; check the prompt and image columns.")
+    return result
 
-    text_count, image_count, weighted, chosen = top.selection(args.per_modality)
-    center = (hidden_sum / num_tokens).float() if args.mean_center else None
-    cosines = CosineAccumulator(weighted, chosen, args.per_modality, sae.config.d_in, center)
-    needed = [sample[i] for i in cosines.needed_examples()]
-    for chunk, rows in tqdm(_batches(dataset, args.batch_size, needed), desc="Feature weights: cosine pass",
+
+@torch.no_grad()
+def _cosine_pass(cosines: CosineAccumulator, reader: LayerReader, dataset: Any, args: WeightingArguments,
+                 first: _TopKPass) -> None:
+    """Pass 2 (stage 2): re-read only the rows that hold a chosen position, and add their unit hidden states."""
+    needed = [first.sample[i] for i in cosines.needed_examples()]
+    device = cosines.text_sum.device
+    for chunk, rows in tqdm(row_batches(dataset, args.batch_size, needed), desc="Feature weights: cosine pass",
                             total=math.ceil(len(needed) / args.batch_size), unit="batch", disable=args.disable_tqdm):
         acts = _read(reader, rows, chunk)
-        counted = _counted(acts, args.special_as_text)
-        positions = _stream_positions([stream_index[i] for i in chunk], counted).to(device)
+        counted = acts.scored_mask(args.special_as_text)
+        positions = _stream_positions([first.stream_index[i] for i in chunk], counted).to(device)
         cosines.update(acts.hidden_states[counted].to(device), positions)
-    weights = cosines.weights(sae.config.d_sae)
 
-    firing = (top.values > 0).any(0)
+
+def _weights_info(args: WeightingArguments, reader: LayerReader, dataset: Any, first: _TopKPass,
+                  text_count: torch.Tensor, image_count: torch.Tensor, weighted: torch.Tensor) -> dict[str, Any]:
+    """The weights' provenance and summary, stored in `config.feature_weights_info` (and shown on the model card)."""
+    firing = (first.top.values > 0).any(0)
     single_modal = firing & ((text_count == 0) | (image_count == 0))
     info = {
         **{name: value for name, value in asdict(args).items() if name != "disable_tqdm"},  # provenance only
-        "num_examples": len(sample),
-        "num_tokens": num_tokens,
+        "num_examples": len(first.sample),
+        "num_tokens": first.num_tokens,
         "num_weighted_features": int(weighted.sum()),
         "num_single_modal_features": int(single_modal.sum()),
         "num_silent_features": int((~firing).sum()),
@@ -401,7 +418,7 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
         "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
         "prompt_format": asdict(reader.prompt_format),
     }
-    bounds = torch.minimum(max_text, max_image)  # feature f can co-occur only under a delta below bounds[f]
+    bounds = torch.minimum(first.max_text, first.max_image)  # feature f can co-occur only under a delta below bounds[f]
     bimodal = bounds[bounds > 0]
     info["cooccurrence_bound_max"] = float(bounds.max())
     levels = torch.linspace(0, 1, 101, dtype=torch.float64)
@@ -409,21 +426,7 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
         [round(v, 6) for v in torch.quantile(bimodal.double().cpu(), levels).tolist()] if len(bimodal) else []
     )
     info["num_bimodal_features"] = int(len(bimodal))
-    if store:
-        sae.set_feature_weights(weights.cpu(), info=info)
-        if positives is not None:
-            delta = positives.quantile(args.threshold_quantile)
-            sae.set_cooccurrence_threshold(delta, info={
-                "method": "quantile of the SAE-V's positive activations on the weighting data",
-                "quantile": args.threshold_quantile,
-                "num_positive_activations": positives.seen,
-                "num_sampled": positives.size,
-                "num_examples": len(sample),
-                "dataset": info["dataset"],
-                "dataset_fingerprint": info["dataset_fingerprint"],
-            })
-        check_cooccurrence(sae, where="computing the feature weights", error=False)  # the weights are still valid
-    return weights
+    return info
 
 
 class _Identity(dict):
@@ -505,3 +508,26 @@ def check_cooccurrence(sae, where: str, error: bool = True) -> None:
                 f"will be 0. {fix}",
                 stacklevel=4,
             )
+
+
+def run_weights(source: Any, prompt_format: Any, args: WeightingArguments) -> Any:
+    """
+    `saev weights`: load the SAE-V, the MLLM and the dataset that `source` ([`SourceArguments`]) names, compute the
+    feature weights (and, with `args.threshold_quantile`, calibrate delta) and save the SAE-V with them to
+    `source.output_dir`. Returns the SAE-V.
+    """
+    from .activations import LayerReader
+    from .prompts import undecoded_images
+    from .sources import load_sources
+
+    if source.cooccurrence_threshold is not None and args.threshold_quantile is not None:
+        raise ValueError(
+            f"Give either --cooccurrence_threshold {source.cooccurrence_threshold} (set delta) or --threshold_quantile "
+            f"{args.threshold_quantile} (calibrate it on the data), not both."
+        )
+    sae, model, processor, dataset = load_sources(source, "saev weights")
+    dataset, _ = undecoded_images(dataset, prompt_format.image_column)  # a corrupt image names its row
+    reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
+    compute_feature_weights(sae, reader, dataset, args)
+    sae.save_pretrained(source.output_dir)
+    return sae

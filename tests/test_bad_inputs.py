@@ -42,7 +42,7 @@ from saev_hf import (
 from saev_hf.cli import main
 from saev_hf.filtering import FilterArguments
 from saev_hf.prompts import RowError
-from saev_hf.tiny_models import digit_images
+from saev_hf.demo.digit_data import digit_images
 
 N = 6
 

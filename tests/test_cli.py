@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saev_hf import SAEV, SAEVConfig
-from saev_hf.cli import main
+from saev_hf.cli import COMMANDS, main
 
 
 def test_convert_to_saelens_and_back_keeps_encodings(tmp_path, capsys):
@@ -37,7 +37,7 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
 def test_weights_score_and_filter_commands_end_to_end(tiny_model_factory, tmp_path):
     import datasets
 
-    from saev_hf.tiny_models import DIGIT_NAMES, digit_images
+    from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
 
     llava = tiny_model_factory("llava")
     data = digit_images(8, seed=2)
@@ -67,3 +67,14 @@ def test_weights_score_and_filter_commands_end_to_end(tiny_model_factory, tmp_pa
     kept = datasets.load_from_disk(str(tmp_path / "kept"))
     assert len(kept) == 4
     assert min(kept["saev_l0"]) >= sorted(scored["saev_l0"])[3]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_help_opens_with_what_the_command_does(command, capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        main([command, "--help"])
+    assert exit_code.value.code == 0
+    usage, opening, *_ = capsys.readouterr().out.split("\n\n")
+    assert usage.startswith(f"usage: saev {command}")
+    # argparse re-wraps the text (breaking after hyphens too): compare it without its white space
+    assert "".join(opening.split()) == "".join(COMMANDS[command].description.split())  # not a dataclass's docstring

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from saev_hf import SAEV, SAEVConfig
 from saev_hf.cli import main
 from saev_hf.filtering import filter_by_score
-from saev_hf.tiny_models import digit_images
+from saev_hf.demo.digit_data import digit_images
 
 TRAIN_FAST = ["--layer", "1", "--expansion_factor", "2", "--max_steps", "4", "--train_batch_size_tokens", "64",
               "--buffer_size_tokens", "256", "--input_scale_estimation_tokens", "256", "--disable_tqdm"]

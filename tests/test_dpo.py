@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from saev_hf.tiny_models import DIGIT_NAMES, build_tiny_model, digit_images
+from saev_hf.demo.tiny_models import build_tiny_model
+from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
 
 
 def turn(role, content):
@@ -129,7 +130,7 @@ def test_dpo_rejects_rows_without_preferences(tmp_path):
 
 def test_saev_dpo_command_trains_and_saves(tmp_path):
     from saev_hf.cli import main
-    from saev_hf.tiny_models import save_tiny_model
+    from saev_hf.demo.tiny_models import save_tiny_model
 
     model_dir = save_tiny_model("llava", tmp_path / "tiny-llava")
     preference_rows(8).save_to_disk(str(tmp_path / "kept"))

@@ -14,7 +14,7 @@ from saev_hf import SAEV, SAEVConfig, SAEVScorer, ScorerArguments
 from saev_hf.activations import LayerReader
 from saev_hf.filtering import FilterArguments, filter_by_score
 from saev_hf.prompts import RowError
-from saev_hf.tiny_models import digit_images
+from saev_hf.demo.digit_data import digit_images
 from saev_hf.weighting import WeightingArguments, compute_feature_weights
 
 
@@ -105,7 +105,7 @@ def test_weighting_error_names_the_dataset_row_of_a_sample(llava):
 
 def test_training_error_names_the_dataset_row_not_the_reading_position(tmp_path):
     from saev_hf import SAEVTrainingArguments, train_saev
-    from saev_hf.tiny_models import build_tiny_model
+    from saev_hf.demo.tiny_models import build_tiny_model
 
     model, processor = build_tiny_model("llava")
     data = rows(6)

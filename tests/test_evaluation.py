@@ -13,7 +13,7 @@ from saev_hf import SAEV, SAEVConfig
 from saev_hf.activations import LayerReader, Modality
 from saev_hf.cli import main as cli_main
 from saev_hf.evaluation import _replace_output, evaluate_saev, format_metrics_table
-from saev_hf.tiny_models import DIGIT_NAMES, digit_images
+from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
 
 D_IN = 64
 

@@ -101,7 +101,8 @@ def test_log_likelihood_baseline_matches_an_independent_computation(experiment):
 
 
 def test_pretrained_answer_column_agrees_with_digit_accuracy(experiment):
-    from saev_hf.tiny_models import DIGIT_NAMES, digit_accuracy
+    from saev_hf.demo.digit_data import DIGIT_NAMES
+    from saev_hf.demo.tiny_pretraining import digit_accuracy
 
     _, record, seed_runs = experiment
     run = seed_runs[0]

@@ -41,7 +41,7 @@ from saev_hf.hub import (
     text_histogram,
 )
 from saev_hf.scoring import ScorerArguments
-from saev_hf.tiny_models import DIGIT_NAMES, digit_images
+from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
 from saev_hf.weighting import WeightingArguments
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,11 +76,11 @@ def pipeline(tiny_model_factory):
     return {"sae": sae, "metrics": metrics, "scored": scored, "kept": kept, "filter_args": filter_args}
 
 
-def test_templates_are_package_data_of_saev_hf_hub_cards_read_from_the_top_level_folder():
+def test_templates_are_package_data_of_saev_hf_hub_read_from_inside_the_package():
     for name in (MODEL_CARD_TEMPLATE, DATASET_CARD_TEMPLATE):
-        canonical = (ROOT / "hub_cards" / name).read_text(encoding="utf-8")
+        canonical = (ROOT / "saev_hf" / "hub" / "card_templates" / name).read_text(encoding="utf-8")
         assert template_text(name) == canonical
-        packaged = importlib.resources.files("saev_hf.hub_cards").joinpath(name)
+        packaged = importlib.resources.files("saev_hf.hub").joinpath("card_templates", name)
         assert packaged.read_text(encoding="utf-8") == canonical
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from saev_hf.activations import LayerReader
 from saev_hf.loading import load_dataset_split
 from saev_hf.prompts import RowError, build_messages, load_image, to_rgb
-from saev_hf.tiny_models import digit_images
+from saev_hf.demo.digit_data import digit_images
 
 
 def png(image):

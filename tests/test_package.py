@@ -13,6 +13,10 @@ def test_import_is_light_and_registers_the_auto_classes():
         "assert CONFIG_MAPPING['saev'] is saev_hf.SAEVConfig\n"
         "print('ok')\n"
     )
+    _runs_in_a_fresh_process(code)
+
+
+def _runs_in_a_fresh_process(code: str) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
@@ -21,3 +25,34 @@ def test_import_is_light_and_registers_the_auto_classes():
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "saev_hf.cli"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "usage: saev COMMAND" in result.stdout
+
+
+def test_library_modules_never_import_the_demo():
+    """Every library module loads without `saev_hf.demo` (the tiny models, the scene task): a real model never pays
+    for them, and nothing registers the tiny processors behind a user's back."""
+    code = (
+        "import importlib, pkgutil, sys, saev_hf\n"
+        "for module in pkgutil.iter_modules(saev_hf.__path__):\n"
+        "    if module.name != 'demo':  # every module and subpackage (hub, patches) but the demo\n"
+        "        package = importlib.import_module(f'saev_hf.{module.name}')\n"
+        "        for sub in pkgutil.iter_modules(getattr(package, '__path__', [])):\n"
+        "            importlib.import_module(f'saev_hf.{module.name}.{sub.name}')\n"
+        "demo = sorted(m for m in sys.modules if m.startswith('saev_hf.demo'))\n"
+        "assert not demo, demo\n"
+        "print('ok')\n"
+    )
+    _runs_in_a_fresh_process(code)
+
+
+def test_version_has_one_source_the_package_metadata():
+    """`__version__` is pyproject.toml's version, as the installed metadata carries it; it is written nowhere else."""
+    import importlib.metadata
+    import re
+    from pathlib import Path
+
+    import saev_hf
+
+    root = Path(__file__).resolve().parent.parent
+    declared = re.search(r'^version = "([^"]+)"$', (root / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    assert saev_hf.__version__ == declared == importlib.metadata.version("saev-hf")
+    assert declared not in (root / "saev_hf" / "__init__.py").read_text()

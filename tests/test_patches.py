@@ -20,7 +20,7 @@ from saev_hf.patches import (
     token_patch_scores,
 )
 from saev_hf.prompts import RowError
-from saev_hf.tiny_models import digit_images
+from saev_hf.demo.digit_data import digit_images
 from saev_hf.weighting import WeightingArguments, compute_feature_weights
 from test_scoring import DELTA, data_driven_sae
 
@@ -87,7 +87,7 @@ class _LocalVQEncoder(torch.nn.Module):
 
 
 def test_chameleon_layout_through_its_quantizer():
-    from saev_hf.tiny_models import build_tiny_model
+    from saev_hf.demo.tiny_models import build_tiny_model
 
     model, processor = build_tiny_model("chameleon")
     vq = model.model.vqmodel

@@ -14,7 +14,7 @@ from saev_hf import SAEV, SAEVConfig
 from saev_hf.activations import LayerReader, Modality
 from saev_hf.prompts import PromptFormat, RowError
 from saev_hf.scoring import SAEVScorer, ScorerArguments
-from saev_hf.tiny_models import DIGIT_NAMES, digit_images
+from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
 from saev_hf.weighting import WeightingArguments, compute_feature_weights
 
 DELTA = 0.05  # the tiny model's hidden states have norms near 0.1; delta = 1 would leave nothing co-occurring

@@ -1,4 +1,4 @@
-"""Tests of `saev_hf.tiny_models`: the offline tiny MLLMs every other test (and ``saev demo``) relies on."""
+"""Tests of `saev_hf.demo.tiny_models`: the offline tiny MLLMs every other test (and ``saev demo``) relies on."""
 
 from __future__ import annotations
 
@@ -8,17 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from saev_hf.tiny_models import (
-    DIGIT_NAMES,
-    TINY_ARCHITECTURES,
-    TINY_IMAGE_POSITIONS,
-    TINY_IMAGE_SIZE,
-    build_tiny_model,
-    build_tiny_tokenizer,
-    digit_images,
-    register_tiny_processors,
-    save_tiny_model,
-)
+from saev_hf.demo.tiny_processing import build_tiny_tokenizer, register_tiny_processors
+from saev_hf.demo.tiny_models import (TINY_ARCHITECTURES, TINY_IMAGE_POSITIONS, TINY_IMAGE_SIZE, build_tiny_model,
+                                      save_tiny_model)
+from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
 
 # where each architecture keeps its decoder layers (the residual stream an SAE-V reads)
 DECODER_LAYERS = {
@@ -353,7 +346,8 @@ def test_unknown_arch_names_the_valid_ones(function, tmp_path):
 
 FRESH_PROCESS = """
 import sys, torch
-from saev_hf.tiny_models import build_tiny_model, register_tiny_processors
+from saev_hf.demo.tiny_processing import register_tiny_processors
+from saev_hf.demo.tiny_models import build_tiny_model
 register_tiny_processors()
 from transformers import AutoModelForImageTextToText, AutoProcessor
 processor = AutoProcessor.from_pretrained(sys.argv[1])
@@ -378,6 +372,37 @@ def test_save_tiny_model_reloads_in_fresh_process(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-3:] == ["TinyQwen2VLProcessor", "Qwen2VLForConditionalGeneration", "True"]
     register_tiny_processors()  # idempotent
+
+
+UNREGISTERED_PROCESS = """
+import sys
+from saev_hf.loading import load_model_and_processor
+try:
+    load_model_and_processor(sys.argv[1])
+except ValueError as error:
+    print("refused:", error)
+from saev_hf.demo.tiny_processing import register_tiny_processors
+register_tiny_processors()
+model, processor = load_model_and_processor(sys.argv[1])
+print(type(processor).__name__)
+"""
+
+
+def test_loading_registers_no_tiny_processor(tmp_path):
+    """The library's loader registers nothing: in a fresh process a saved tiny Qwen2-VL folder, whose processor class
+    transformers does not know, is refused with a clear error (not silently read with a bare tokenizer) until the demo
+    code registers its processors."""
+    import subprocess
+    import sys
+
+    path = save_tiny_model("qwen2_vl", tmp_path / "qwen")
+    result = subprocess.run(
+        [sys.executable, "-c", UNREGISTERED_PROCESS, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    refused, loaded = result.stdout.strip().splitlines()[-2:]
+    assert refused.startswith("refused:") and "register_tiny_processors()" in refused
+    assert loaded == "TinyQwen2VLProcessor"
 
 
 def test_digit_images():

@@ -1,4 +1,4 @@
-"""Tests of the digit pretraining in `saev_hf.tiny_models`: a tiny MLLM that has really learned image-text data.
+"""Tests of the digit pretraining in `saev_hf.demo.tiny_pretraining`: a tiny MLLM that has really learned image-text data.
 
 The SAE vs SAE-V benchmark and `saev demo` rely on `pretrain_tiny_model` turning a random tiny LLaVA into a model that
 names handwritten digits it has never seen; these tests hold it to that, offline and in about half a minute.
@@ -11,19 +11,12 @@ import doctest
 import pytest
 import torch
 
-from saev_hf import tiny_models
-from saev_hf.tiny_models import (
-    DIGIT_CAPTIONS,
-    DIGIT_NAMES,
-    build_tiny_model,
-    build_tiny_tokenizer,
-    digit_accuracy,
-    digit_caption_examples,
-    digit_images,
-    digit_text_examples,
-    load_text_model_weights,
-    pretrain_tiny_model,
-)
+from saev_hf.demo import tiny_pretraining
+from saev_hf.demo.tiny_processing import build_tiny_tokenizer
+from saev_hf.demo.tiny_models import build_tiny_model
+from saev_hf.demo.digit_data import (DIGIT_CAPTIONS, DIGIT_NAMES, digit_caption_examples, digit_images,
+                                     digit_text_examples)
+from saev_hf.demo.tiny_pretraining import digit_accuracy, load_text_model_weights, pretrain_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +72,7 @@ def test_loss_is_on_the_assistant_tokens_only(digits):
     train, _ = digits
     model, processor = build_tiny_model("llava", seed=0)
     rows = digit_caption_examples(train[:3], seed=0)
-    inputs, labels = tiny_models._response_inputs(model, processor, rows)
+    inputs, labels = tiny_pretraining.response_inputs(model, processor, rows)
     for row, row_labels in zip(rows, labels):
         learned = processor.tokenizer.convert_ids_to_tokens(row_labels[row_labels != -100])
         assert learned == row["response"].split() + ["<|end|>"]

@@ -20,7 +20,8 @@ from saev_hf import SAEV
 from saev_hf.activation_buffer import ActivationBuffer
 from saev_hf.activations import LayerReader
 from saev_hf.cli import main as cli_main
-from saev_hf.tiny_models import DIGIT_NAMES, build_tiny_model, digit_images
+from saev_hf.demo.tiny_models import build_tiny_model
+from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
 from saev_hf.training import SAEVTrainer, SAEVTrainingArguments, train_saev
 
 TESTS = Path(__file__).parent

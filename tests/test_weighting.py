@@ -16,7 +16,7 @@ from saev_hf.weighting import (
     WeightingArguments,
     compute_feature_weights,
 )
-from saev_hf.tiny_models import DIGIT_NAMES, digit_images
+from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
 
 
 def reference_weights(hidden, is_image, counted_z, top_k=30, per_modality=5, center=None, pool="pooled"):

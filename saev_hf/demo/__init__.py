@@ -7,7 +7,13 @@
 - `gate`: the measurements to pass before any DPO sweep;
 - `preference`: DPO on scene preference rows, and what it does to accuracy and hallucinations;
 - `pipeline`: `saev demo` itself ([`run_demo`]);
-- `digits`: the first miniature (a tiny LLaVA captioning single digits), still used by two benchmarks.
+- `digits`: the first miniature (a tiny LLaVA captioning single digits), still used by two benchmarks;
+- the tiny offline MLLMs the tests, benchmarks and miniatures build on: `tiny_processing` (tokenizer, processor
+  subclasses), `tiny_models` (seven architectures, one builder), `digit_data` (scikit-learn's digits as images and
+  conversations), `tiny_pretraining` (answer loss and log-likelihoods, digit accuracy, the training loop).
+
+Nothing in the library imports this package: a test or script that loads a saved tiny Qwen2-VL or Chameleon folder
+in a process that built no tiny model calls `tiny_processing.register_tiny_processors()` first.
 """
 
 from .pipeline import EMBEDDED_MODEL, SCORE_COLUMNS, DemoArguments, load_grounded_llava, load_recipe, run_demo  # noqa: F401

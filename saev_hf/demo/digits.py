@@ -82,7 +82,7 @@ def preference_rows(digits, low_quality_fraction: float, seed: int,
     import numpy as np
     from PIL import Image
 
-    from ..tiny_models import DIGIT_NAMES
+    from .digit_data import DIGIT_NAMES
 
     rng = np.random.default_rng(seed)
     n = len(digits)
@@ -127,7 +127,7 @@ def split_digits(args: DemoArguments) -> DemoDigits:
     `args.seed`: for pretraining the MLLM, training the SAE-V, the preference rows and the held-out accuracy."""
     import numpy as np
 
-    from ..tiny_models import digit_images
+    from .digit_data import digit_images
 
     digits = digit_images(1797, seed=args.seed)
     cut = np.cumsum([args.pretrain_digits, args.saev_digits, args.num_pairs, args.eval_digits])
@@ -137,7 +137,9 @@ def split_digits(args: DemoArguments) -> DemoDigits:
 def pretrain_mllm(args: DemoArguments, digits: DemoDigits, progress: bool = True) -> tuple[Any, Any, dict]:
     """Stage 1: a tiny LLaVA (seed `args.seed`) pretrained on captions of `digits.pretrain`; returns `(model,
     processor, summary)`, the summary of [`pretrain_tiny_model`] (held-out accuracy on `digits.eval`)."""
-    from ..tiny_models import build_tiny_model, digit_caption_examples, pretrain_tiny_model
+    from .tiny_models import build_tiny_model
+    from .digit_data import digit_caption_examples
+    from .tiny_pretraining import pretrain_tiny_model
 
     model, processor = build_tiny_model("llava", seed=args.seed)
     summary = pretrain_tiny_model(model, processor, digit_caption_examples(digits.pretrain, seed=args.seed),
@@ -156,7 +158,7 @@ def train_scoring_saev(args: DemoArguments, model, processor, digits: DemoDigits
 
     from ..activations import LayerReader
     from ..prompts import PromptFormat
-    from ..tiny_models import digit_caption_examples
+    from .digit_data import digit_caption_examples
     from ..training import SAEVTrainingArguments, train_saev
     from ..weighting import WeightingArguments, compute_feature_weights
 
@@ -188,7 +190,7 @@ def dpo_digit_accuracy(args: DemoArguments, model, processor, subset, eval_digit
     its held-out accuracy on `eval_digits`. Returns `{"digit_accuracy", "final_loss"}`; `config_overrides` go to
     [`paper_dpo_config`] on top of the demo's settings."""
     from ..dpo import paper_dpo_config, train_dpo
-    from ..tiny_models import digit_accuracy
+    from .tiny_pretraining import digit_accuracy
 
     policy = copy.deepcopy(model)
     settings = dict(

@@ -34,7 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..tiny_models import _response_inputs, _response_log_likelihoods, build_tiny_tokenizer
+from .tiny_pretraining import response_inputs as _response_inputs  # the shared experiment functions, public there
+from .tiny_pretraining import response_log_likelihoods as _response_log_likelihoods
+from .tiny_processing import build_tiny_tokenizer
 from .scenes import ANSWERS, CELL, COLOURS, DIGITS, EMPTY, GRID, SCENE_SIZE, VOCABULARY, DigitScans, question_rows
 
 FAITHFUL_ABSENT_ANSWERS = ("none", "no")

@@ -1,0 +1,57 @@
+"""What every benchmark shares, in one place: import it first, before torch.
+
+- One intra-op thread (`OMP_NUM_THREADS`, `MKL_NUM_THREADS` before torch is imported, `torch.set_num_threads(1)`): on
+  the shared 2-core machines two threads make timings swing 10-40x (see docs/environment.md);
+- offline (`HF_HUB_OFFLINE`, `HF_DATASETS_OFFLINE`, unless set): every benchmark builds its models and data locally;
+- the checkout on `sys.path`, so that a benchmark runs from a clone without installing;
+- the timing helpers: [`timed`] (one call's wall time) and [`quartiles`] (the spread of repeated timings).
+
+A benchmark starts with
+
+```python
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
+import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
+```
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported
+os.environ["MKL_NUM_THREADS"] = "1"
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The checkout's root folder."""
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Wall time of one call of `fn`, in seconds."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """First and third quartiles of `values` (with fewer than 4 values, their minimum and maximum)."""
+    if len(values) < 4:
+        return min(values), max(values)
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]

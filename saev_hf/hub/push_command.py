@@ -1,0 +1,120 @@
+"""`saev push`: its arguments, and [`run_push`], the one function the command calls."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .push import load_saev_config, push_filtered_dataset, push_saev
+
+
+@dataclass
+class PushArguments:
+    """
+    Push an SAE-V folder with its model card (`--sae DIR --repo_id org/name [--metrics_json FILE]`), or a filtered
+    dataset folder with its dataset card (`--dataset DIR --repo_id org/name --source_dataset org/data
+    [--scored_dataset DIR] [--sae_repo org/saev]`).
+    """
+
+    repo_id: str = field(metadata={"help": "Hub repo to push to, 'org/name' (created if needed)."})
+    sae: str | None = field(
+        default=None, metadata={"help": "Folder (or Hub repo) of the SAE-V to push (either layout)."}
+    )
+    metrics_json: str | None = field(
+        default=None, metadata={"help": "With --sae: evaluation metrics JSON, as written by `saev eval --output_file`."}
+    )
+    eval_dataset: str | None = field(
+        default=None, metadata={"help": "With --sae: Hub dataset the metrics were computed on (adds a model-index)."}
+    )
+    revision: str | None = field(default=None, metadata={"help": "With --sae: branch to push to (default main)."})
+    dataset: str | None = field(
+        default=None, metadata={"help": "Folder of the filtered dataset to push (written by `saev filter`)."}
+    )
+    scored_dataset: str | None = field(
+        default=None,
+        metadata={"help": "With --dataset: folder of the scored dataset before filtering (written by `saev score`), "
+                  "for the rows before and the score distribution."},
+    )
+    split: str = field(default="train", metadata={"help": "With --dataset: split to read from the folders and push."})
+    source_dataset: str | None = field(
+        default=None, metadata={"help": "With --dataset: the Hub dataset that was scored and filtered (required)."}
+    )
+    source_revision: str | None = field(default=None, metadata={"help": "With --dataset: revision of the source."})
+    source_config: str | None = field(default=None, metadata={"help": "With --dataset: configuration of the source."})
+    source_split: str | None = field(default=None, metadata={"help": "With --dataset: split of the source."})
+    sae_repo: str | None = field(
+        default=None,
+        metadata={"help": "With --dataset: the SAE-V that scored it (Hub repo or folder); its config is read for the "
+                  "card."},
+    )
+    score_column: str = field(
+        default="saev_cosine_score",
+        metadata={"help": "With --dataset: the score column it was filtered by (read from the folder instead when "
+                  "`saev filter` wrote it, with the rule)."},
+    )
+    license: str | None = field(default=None, metadata={"help": "Hub license id for the card, e.g. apache-2.0."})
+    tags: list[str] = field(default_factory=list, metadata={"help": "Extra tags for the card."})
+    private: bool = field(default=False, metadata={"help": "Create the repo private."})
+    commit_message: str | None = field(default=None, metadata={"help": "Commit message (a default describes it)."})
+
+    def __post_init__(self) -> None:
+        if (self.sae is None) == (self.dataset is None):
+            raise ValueError("Give exactly one of --sae (an SAE-V folder) and --dataset (a filtered dataset folder).")
+        sae_only = ("metrics_json", "eval_dataset", "revision")
+        dataset_only = ("scored_dataset", "source_dataset", "source_revision", "source_config", "source_split",
+                        "sae_repo")
+        wrong = [name for name in (dataset_only if self.sae else sae_only) if getattr(self, name) is not None]
+        if wrong:
+            kind = "an SAE-V (--sae)" if self.sae else "a dataset (--dataset)"
+            options = ", ".join("--" + name for name in wrong)
+            verb, pronoun = ("does", "it") if len(wrong) == 1 else ("do", "them")
+            raise ValueError(f"{options} {verb} not apply when pushing {kind}; remove {pronoun}.")
+        if self.dataset is not None and not self.source_dataset:
+            raise ValueError("--dataset needs --source_dataset: the Hub dataset that was scored and filtered.")
+
+
+def read_metrics_json(path: str) -> dict[str, Any]:
+    """The evaluation metrics in `path` (written by `saev eval --output_file`), checked for what the card needs."""
+    from ..evaluation import check_metrics
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--metrics_json {path}: no such file. Write it with `saev eval ... --output_file "
+                                f"{path}`.")
+    try:
+        metrics = json.loads(Path(path).read_text())
+        check_metrics(metrics)
+    except ValueError as error:  # json.JSONDecodeError is a ValueError too
+        raise ValueError(f"--metrics_json {path}: {error}") from error
+    return metrics
+
+
+def run_push(args: PushArguments):
+    """Load what `args` name and push it with its card; returns what was pushed where, ending with the commit URL."""
+    if args.sae is not None:
+        from ..model import SAEV
+
+        sae = SAEV.from_pretrained(args.sae)
+        metrics = read_metrics_json(args.metrics_json) if args.metrics_json else None
+        commit = push_saev(sae, args.repo_id, metrics=metrics, license=args.license, eval_dataset=args.eval_dataset,
+                           tags=args.tags, private=args.private, revision=args.revision,
+                           commit_message=args.commit_message)
+        return f"Pushed the SAE-V in {args.sae} with its model card to {args.repo_id}: {commit.commit_url}"
+    from ..loading import load_dataset_split
+
+    from ..filtering import FILTER_RECORD, FilterArguments
+
+    kept = load_dataset_split(args.dataset, split=args.split)
+    scored = load_dataset_split(args.scored_dataset, split=args.split) if args.scored_dataset else None
+    record = Path(args.dataset) / FILTER_RECORD  # the rule, when `saev filter` wrote the folder
+    filter_args = FilterArguments(**json.loads(record.read_text())) if record.is_file() else None
+    sae_config = load_saev_config(args.sae_repo) if args.sae_repo else None
+    commit = push_filtered_dataset(
+        kept, args.repo_id, source_dataset=args.source_dataset, scored=scored, filter_args=filter_args,
+        column=None if filter_args is not None else args.score_column,
+        source_revision=args.source_revision, source_config=args.source_config, source_split=args.source_split,
+        sae_repo=args.sae_repo, sae_config=sae_config, license=args.license, tags=args.tags, split=args.split,
+        private=args.private, commit_message=args.commit_message,
+    )
+    return f"Pushed {len(kept)} rows of {args.dataset} with their dataset card to {args.repo_id}: {commit.commit_url}"

@@ -1,0 +1,60 @@
+"""What the data commands (`saev weights`, `score`, `inspect`, `patches`) read, named once: the SAE-V, the MLLM it
+reads and the dataset, with where the result goes ([`SourceArguments`]) and how `datasets.map` runs
+([`MapArguments`]); [`load_sources`] loads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .loading import choose_device, load_dataset_split, load_model_and_processor
+from .model import SAEV
+from .outputs import prepare_output_dir
+
+
+@dataclass
+class SourceArguments:
+    """Where the SAE-V, the MLLM and the dataset come from, and where results go (names as in `saev train`)."""
+
+    sae_name_or_path: str = field(metadata={"help": "Folder or Hub repo of the SAE-V (either layout)."})
+    model_name_or_path: str = field(metadata={"help": "Folder or Hub repo of the MLLM the SAE-V reads."})
+    dataset_name: str = field(metadata={"help": "Hub dataset name, or a folder written by Dataset.save_to_disk."})
+    output_dir: str = field(metadata={"help": "Folder to write the result to."})
+    dataset_split: str = field(default="train", metadata={"help": "Dataset split."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    sae_subfolder: str | None = field(default=None, metadata={"help": "Subfolder of the SAE-V repo."})
+    model_revision: str | None = field(default=None, metadata={"help": "Revision of the MLLM on the Hub."})
+    device: str = field(default="auto", metadata={"help": "'auto' (GPU if any), 'cpu', 'cuda:0'..."})
+    cooccurrence_threshold: float | None = field(
+        default=None,
+        metadata={"help": "Set the SAE-V's co-occurrence bound delta (recorded in its config; `saev weights` saves "
+                  "it with the SAE-V). Default: the SAE-V's own (the paper's 1.0 unless set or calibrated)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Write into output_dir even if it holds files that this command did not write (they may be "
+                  "replaced)."},
+    )
+
+
+@dataclass
+class MapArguments:
+    """How `datasets.map` runs the scorer."""
+
+    batch_size: int = field(default=8, metadata={"help": "Examples per batch."})
+    num_proc: int | None = field(default=None, metadata={"help": "Worker processes (one per GPU with GPUs)."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars (datasets' map and save)."})
+
+
+def load_sources(source: SourceArguments, command: str | None = None):
+    """The SAE-V, the MLLM (with its processor, on the chosen device) and the dataset named by `source`; with
+    `command`, first checks that it may write into `source.output_dir` (before anything heavy is loaded)."""
+    if command is not None:
+        prepare_output_dir(source.output_dir, command, source.overwrite_output_dir)
+    device = choose_device(source.device)
+    sae = SAEV.from_pretrained(source.sae_name_or_path, subfolder=source.sae_subfolder).to(device)
+    if source.cooccurrence_threshold is not None:
+        sae.set_cooccurrence_threshold(source.cooccurrence_threshold,
+                                       info={"method": "set with --cooccurrence_threshold"})
+    model, processor = load_model_and_processor(source.model_name_or_path, revision=source.model_revision, device=device)
+    return sae, model, processor, load_dataset_split(source.dataset_name, source.dataset_config, source.dataset_split)

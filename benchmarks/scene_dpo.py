@@ -22,13 +22,10 @@ import _common  # noqa: E402,F401  (one thread, offline, the checkout importable
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from saev_hf.demo import load_grounded_llava  # noqa: E402
 from saev_hf.demo.grounded_llava import answer_accuracy, predict_answers  # noqa: E402

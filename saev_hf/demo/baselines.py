@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..tiny_models import _response_log_likelihoods
+from .tiny_pretraining import response_log_likelihoods
 from .grounded_llava import _image_features
 
 
@@ -28,7 +28,7 @@ def chosen_log_likelihood(model, processor, column: str = "chosen_log_likelihood
     def score(batch: dict[str, list[Any]]) -> dict[str, list[float]]:
         rows = [{"images": images, "prompt": prompt, "response": chosen}
                 for images, prompt, chosen in zip(batch["images"], batch["prompt"], batch["chosen"])]
-        return {column: _response_log_likelihoods(model.eval(), processor, rows)[0].double().tolist()}
+        return {column: response_log_likelihoods(model.eval(), processor, rows)[0].double().tolist()}
 
     return score
 

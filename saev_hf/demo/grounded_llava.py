@@ -34,8 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .tiny_pretraining import response_inputs as _response_inputs  # the shared experiment functions, public there
-from .tiny_pretraining import response_log_likelihoods as _response_log_likelihoods
+from .tiny_pretraining import response_inputs, response_log_likelihoods
 from .tiny_processing import build_tiny_tokenizer
 from .scenes import ANSWERS, CELL, COLOURS, DIGITS, EMPTY, GRID, SCENE_SIZE, VOCABULARY, DigitScans, question_rows
 
@@ -236,7 +235,7 @@ def _train_stage(model, processor, scans: DigitScans, rng: np.random.Generator, 
                 if stage == "alignment":  # the question alone: no answer is learned while the model is frozen
                     inputs = _prompt_inputs(processor, rows)
                 else:
-                    inputs, labels = _response_inputs(model, processor, rows)
+                    inputs, labels = response_inputs(model, processor, rows)
                 if stage == "language":  # every real token, so that the model learns to copy from the description
                     labels = torch.where(inputs["attention_mask"] == 1, inputs["input_ids"], -100)
                 outputs = model(**inputs, use_cache=False, output_hidden_states=at_layer)
@@ -346,7 +345,7 @@ def predict_answers(model, processor, rows, batch_size: int = 16, exclude: list[
         chunk = list(enumerate(rows[start:start + batch_size], start))
         flat = [{"images": row["images"], "prompt": row["prompt"], "response": candidate}
                 for i, row in chunk for candidate in candidates_of(i, row)]
-        log_likelihoods = _response_log_likelihoods(model, processor, flat)[0]
+        log_likelihoods = response_log_likelihoods(model, processor, flat)[0]
         offset = 0
         for i, row in chunk:
             candidates = candidates_of(i, row)

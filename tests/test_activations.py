@@ -238,7 +238,9 @@ def test_truncation_that_would_cut_image_tokens(tiny_llava_reader):
     kept = LayerReader(tiny_llava_reader.model, tiny_llava_reader.processor, layer=1,
                        prompt_format=PromptFormat(max_length=20)).read(rows(1))
     assert kept.hidden_states.shape[1] == 20 and kept.image_mask.sum() == 16
-    torch.testing.assert_close(kept.hidden_states, full.hidden_states[:, :20], rtol=0, atol=0)
+    # a causal model: the first 20 positions are the same computation; only the matmul shapes differ, which lets
+    # the BLAS kernels round differently (measured 1.5e-8), so equal to float32 precision, not bit for bit
+    torch.testing.assert_close(kept.hidden_states, full.hidden_states[:, :20], rtol=1e-5, atol=1e-6)
 
 
 def test_model_hidden_size_that_does_not_match_the_sae(tiny_llava_reader):

@@ -106,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                         help="Methods DPO is run for (every score's AUROC is reported regardless).")
     parser.add_argument("--batch-size", type=int, default=32, help="Rows per scorer forward.")
+    parser.add_argument("--no-dpo", action="store_true",
+                        help="Score and filter only: AUROCs and the low-quality share each score keeps, no DPO run "
+                             "(for a model on which DPO has not been shown to matter: issue 12's item 5).")
     args = parser.parse_args(argv)
     if 1.0 not in args.fractions:
         parser.error("--fractions must include 1.0 (the full-data run every method is compared with).")
@@ -157,19 +160,22 @@ def run_seed(seed: int, args: argparse.Namespace, model, processor, scans: Digit
 
     def train(subset: datasets.Dataset) -> dict:
         indices = list(subset["row"])
+        kept = {"rows": len(indices), "low_quality_fraction": float(np.mean(~clean[indices]))}
+        if args.no_dpo:
+            return kept
         with contextlib.redirect_stdout(io.StringIO()):  # the DPO trainer's per-step log dicts
             trained = dpo_and_evaluate(model, processor, [rows[i] for i in indices], eval_rows, dpo_args,
                                        workdir / "dpo")
         return {"accuracy": trained["accuracy"], "hallucination_rate": trained["hallucination_rate"],
-                "by_kind": trained["by_kind"], "rows": len(indices),
-                "low_quality_fraction": float(np.mean(~clean[indices]))}
+                "by_kind": trained["by_kind"], **kept}
 
     partial = [f for f in args.fractions if f < 1]
     # a score on which every row ties cannot choose a top fraction (filter_by_score refuses): no run, recorded
     uninformative = [m for m in args.methods if np.ptp(values[m]) == 0]
     runs: dict = {method: {str(f): None for f in partial} for method in args.methods}
     informative = [m for m in args.methods if m not in uninformative]
-    with tqdm(total=1 + len(informative) * len(partial), desc=f"seed {seed}: DPO runs", unit="run") as bar:
+    with tqdm(total=1 + len(informative) * len(partial), desc=f"seed {seed}: DPO runs", unit="run",
+              disable=args.no_dpo) as bar:
         full = train(scored)
         bar.update()
         for fraction in partial:
@@ -179,8 +185,9 @@ def run_seed(seed: int, args: argparse.Namespace, model, processor, scans: Digit
                 bar.update()
     for method in args.methods:  # the one full-data run is every method's 100% point
         runs[method][str(1.0)] = dict(full)
-    log(f"seed {seed}: full data accuracy {full['accuracy']:.1%}, hallucination {full['hallucination_rate']:.1%}; "
-        f"{time.perf_counter() - started:.0f} s")
+    if not args.no_dpo:
+        log(f"seed {seed}: full data accuracy {full['accuracy']:.1%}, hallucination "
+            f"{full['hallucination_rate']:.1%}; {time.perf_counter() - started:.0f} s")
     return {"seed": seed, "base": base, "num_rows": len(rows), "num_low_quality": int((~clean).sum()),
             "d_sae": sae.config.d_sae, "weighted_features": {"pooled": int(sae.has_feature_weight.sum()),
                                                              "per_modality": int(sae_per_modality.has_feature_weight.sum())},
@@ -200,18 +207,27 @@ def mean_std(values: list[float | None]) -> dict | None:
 
 
 def summarise(records: list[dict], args: argparse.Namespace) -> dict:
+    """Mean ± std over seeds of each score's AUROC and, per method and kept fraction, of its run's `field` (None
+    where no seed has it: a tied score, or no DPO with `--no-dpo`)."""
     keys = [str(f) for f in args.fractions]
 
-    def over_seeds(get) -> dict:
-        return {m: {k: mean_std([None if r["runs"][m][k] is None else get(r["runs"][m][k], r) for r in records])
-                    for k in keys} for m in args.methods}
+    def value(run: dict | None, field: str, full: dict) -> float | None:
+        if run is None or field != "low_quality_fraction" and "accuracy" not in run:
+            return None
+        if field == "relative_to_full":
+            return run["accuracy"] / full["accuracy"]
+        return run[field]
+
+    def over_seeds(field: str) -> dict:
+        return {m: {k: mean_std([value(r["runs"][m][k], field, r["runs"][m]["1.0"]) for r in records]) for k in keys}
+                for m in args.methods}
 
     return {
         "auroc": {name: mean_std([r["auroc"][name] for r in records]) for name in DETECTORS},
-        "accuracy": over_seeds(lambda run, r: run["accuracy"]),
-        "hallucination_rate": over_seeds(lambda run, r: run["hallucination_rate"]),
-        "relative_to_full": over_seeds(lambda run, r: run["accuracy"] / r["runs"][args.methods[0]]["1.0"]["accuracy"]),
-        "low_quality_kept": over_seeds(lambda run, r: run["low_quality_fraction"]),
+        "accuracy": over_seeds("accuracy"),
+        "hallucination_rate": over_seeds("hallucination_rate"),
+        "relative_to_full": over_seeds("relative_to_full"),
+        "low_quality_kept": over_seeds("low_quality_fraction"),
         "base_accuracy": mean_std([r["base"]["accuracy"] for r in records]),
         "base_hallucination_rate": mean_std([r["base"]["hallucination_rate"] for r in records]),
     }
@@ -222,7 +238,7 @@ def paper_check(summary: dict, args: argparse.Namespace) -> dict:
     it reaches the paper's 110%, and whether it beats random at that fraction by more than the two stds summed."""
     small = [str(f) for f in args.fractions if f <= PAPER_MAX_FRACTION]
     out = {}
-    for method in args.methods if small else ():
+    for method in args.methods if small and not args.no_dpo else ():
         rel = summary["relative_to_full"][method]
         if all(rel[k] is None for k in small):
             continue
@@ -237,7 +253,10 @@ def paper_check(summary: dict, args: argparse.Namespace) -> dict:
     return out
 
 
-def headline(summary: dict, check: dict) -> str:
+def headline(summary: dict, check: dict, args: argparse.Namespace) -> str:
+    if args.no_dpo:
+        return ("**No DPO run** (`--no-dpo`): the scores as detectors of the low-quality rows and what each keeps; the "
+                "paper's claim (>= 110% of full-data performance at <= 50% of the data) is not tested.")
     saev = [m for m in SAEV_METHODS if m in check]
     if not saev:
         return "No SAE-V method at a kept fraction <= 50% was run: the paper's claim is not tested."
@@ -283,12 +302,17 @@ def plot(summary: dict, args: argparse.Namespace, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4), gridspec_kw={"width_ratios": [1.3, 1.3, 1]})
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.4), gridspec_kw={"width_ratios": [1.2, 1.2, 1.2, 1]})
     x = np.array(args.fractions) * 100
     keys = [str(f) for f in args.fractions]
-    for panel, key, base, label in ((axes[0], "accuracy", "base_accuracy", "held-out accuracy after DPO"),
-                                    (axes[1], "hallucination_rate", "base_hallucination_rate",
+    for panel, key, base, label in ((axes[0], "low_quality_kept", None, "low-quality share of the kept rows"),
+                                    (axes[1], "accuracy", "base_accuracy", "held-out accuracy after DPO"),
+                                    (axes[2], "hallucination_rate", "base_hallucination_rate",
                                      "held-out hallucination rate after DPO")):
+        if args.no_dpo and base is not None:
+            panel.text(0.5, 0.5, "DPO not run (--no-dpo)", ha="center", va="center", transform=panel.transAxes)
+            panel.set_axis_off()
+            continue
         for method in args.methods:
             stats = [summary[key][method][k] or {"mean": np.nan, "std": np.nan} for k in keys]
             mean = np.array([s["mean"] for s in stats])
@@ -296,18 +320,19 @@ def plot(summary: dict, args: argparse.Namespace, path: Path) -> None:
             style = "--" if method in ("random", "oracle") else "-"
             panel.plot(x, mean, style, marker="o", markersize=3, color=COLORS[method], label=LABELS[method])
             panel.fill_between(x, mean - std, mean + std, color=COLORS[method], alpha=0.1)
-        panel.axhline(summary[base]["mean"], color="black", linewidth=1, linestyle=":", label="before DPO")
+        if base is not None:
+            panel.axhline(summary[base]["mean"], color="black", linewidth=1, linestyle=":", label="before DPO")
         panel.set(xlabel="kept fraction of the preference rows (%)", ylabel=label,
                   title=f"{label} (mean ± std, {len(args.seeds)} seeds)")
     axes[0].legend(frameon=False, fontsize=7)
     names = list(DETECTORS)
-    axes[2].barh(range(len(names)), [summary["auroc"][n]["mean"] for n in names],
+    axes[3].barh(range(len(names)), [summary["auroc"][n]["mean"] for n in names],
                  xerr=[summary["auroc"][n]["std"] for n in names], capsize=3,
                  color=[COLORS.get(n, COLORS.get(n.replace("_with_chosen", ""), "#999999")) for n in names])
-    axes[2].axvline(0.5, color="black", linewidth=1, linestyle=":")
-    axes[2].set_yticks(range(len(names)), [LABELS[n] for n in names], fontsize=8)
-    axes[2].invert_yaxis()
-    axes[2].set(xlim=(0, 1), xlabel="AUROC, clean vs low quality (0.5 = chance)", title="Scores as detectors")
+    axes[3].axvline(0.5, color="black", linewidth=1, linestyle=":")
+    axes[3].set_yticks(range(len(names)), [LABELS[n] for n in names], fontsize=8)
+    axes[3].invert_yaxis()
+    axes[3].set(xlim=(0, 1), xlabel="AUROC, clean vs low quality (0.5 = chance)", title="Scores as detectors")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -322,7 +347,7 @@ def write_markdown(path: Path, record: dict, args: argparse.Namespace) -> None:
         f"`{record['command']}` ({record['minutes']:.0f} min, one thread); every number per seed in "
         "`scene_filtering.json`. Mean ± sample std over seeds " + ", ".join(map(str, args.seeds)) + ".",
         "",
-        headline(summary, check),
+        headline(summary, check, args),
         "",
         "## Set-up",
         "",
@@ -334,6 +359,7 @@ def write_markdown(path: Path, record: dict, args: argparse.Namespace) -> None:
         f"{statistics.fmean(r['weighted_features']['per_modality'] for r in records):.0f} (mean over seeds).",
         f"- **Preference rows**: {args.num_pairs} per seed, {args.low_quality_fraction:.0%} low quality (half "
         "hallucinated answers about absent objects, half swapped images).",
+        "- **DPO**: not run (`--no-dpo`)." if args.no_dpo else
         f"- **DPO**: {dpo.steps} steps for every subset, batch {dpo.batch_size}, lr {dpo.learning_rate}, beta "
         f"{dpo.beta}{', LoRA' if dpo.lora else ', full fine-tuning'}; kept fraction 100% is one shared run.",
         "",
@@ -345,18 +371,20 @@ def write_markdown(path: Path, record: dict, args: argparse.Namespace) -> None:
            f"\"—\" where no seed has one): " + "; ".join(f"seed {r['seed']}: {', '.join(r['uninformative'])}"
                                                        for r in records if r["uninformative"]) + ".", ""]
           if any(r["uninformative"] for r in records) else []),
-        "## Held-out accuracy after DPO on the kept rows",
-        "",
-        table(summary, args, "accuracy", pct),
-        "",
-        "Relative to the same seed's full-data run (the paper's \"% of full-data performance\"):",
-        "",
-        table(summary, args, "relative_to_full", lambda s: "—" if s is None else f"{s['mean']:.0%} ± {s['std']:.0%}"),
-        "",
-        "## Hallucination rate after DPO (questions about absent objects answered with a confident answer)",
-        "",
-        table(summary, args, "hallucination_rate", pct),
-        "",
+        *([] if args.no_dpo else [
+            "## Held-out accuracy after DPO on the kept rows",
+            "",
+            table(summary, args, "accuracy", pct),
+            "",
+            "Relative to the same seed's full-data run (the paper's \"% of full-data performance\"):",
+            "",
+            table(summary, args, "relative_to_full",
+                  lambda s: "—" if s is None else f"{s['mean']:.0%} ± {s['std']:.0%}"),
+            "",
+            "## Hallucination rate after DPO (questions about absent objects answered with a confident answer)",
+            "",
+            table(summary, args, "hallucination_rate", pct),
+            ""]),
         "## Low-quality share of the kept rows",
         "",
         table(summary, args, "low_quality_kept", lambda s: "—" if s is None else f"{s['mean']:.0%}"),
@@ -380,7 +408,7 @@ def run(args: argparse.Namespace) -> dict:
               "model": args.model_dir or "the embedded grounded LLaVA", "arguments": vars(args), "seeds": records,
               "summary": summary, "paper_check": paper_check(summary, args),
               "minutes": (time.perf_counter() - started) / 60}
-    record["headline"] = headline(summary, record["paper_check"])
+    record["headline"] = headline(summary, record["paper_check"], args)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "scene_filtering.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -67,3 +67,18 @@ def test_fractions_must_include_the_full_data_run():
     spec.loader.exec_module(module)
     with pytest.raises(SystemExit):
         module.parse_args(["--fractions", "0.5"])
+
+
+def test_without_dpo_the_sweep_still_reports_detectors_and_what_each_score_keeps(tmp_path):
+    spec = importlib.util.spec_from_file_location("scene_filtering_no_dpo", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    record = module.run(module.parse_args(["--output-dir", str(tmp_path), "--seeds", "0", "--fractions", "0.5", "1.0",
+                                           "--num-pairs", "20", "--eval-rows", "8", "--saev-steps", "20",
+                                           "--methods", "random", "oracle", "--no-dpo"]))
+    runs = record["seeds"][0]["runs"]
+    assert runs["oracle"]["0.5"] == {"rows": 10, "low_quality_fraction": 0.0}  # filtered, not trained
+    assert record["summary"]["accuracy"]["oracle"]["0.5"] is None and record["paper_check"] == {}
+    assert record["summary"]["low_quality_kept"]["oracle"]["0.5"]["mean"] == 0.0
+    text = (tmp_path / "scene_filtering.md").read_text()
+    assert "No DPO run" in text and "Held-out accuracy after DPO" not in text

@@ -1,0 +1,37 @@
+"""benchmarks/instruction_variants.py on a recipe shrunk to seconds: one shared stages 1-2, one stage 3 per variant,
+each saved as a loadable grounded LLaVA with the arguments that made it."""
+
+import importlib.util
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from saev_hf.demo import load_grounded_llava, load_recipe
+from saev_hf.demo import grounded_llava as gl
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "instruction_variants.py"
+SMALL = dict(hidden_size=32, num_heads=2, vision_hidden_size=16, batch_size=4, language_steps=2, alignment_steps=2)
+
+
+def test_each_variant_differs_only_in_stage_three_and_is_saved_with_its_arguments(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("instruction_variants_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    calls = []
+    original = module.aligned_model
+    monkeypatch.setattr(module, "aligned_model", lambda *a: calls.append(1) or original(*a))
+    results = module.run(module.parse_args(["--variants", "[[0.0, 2], [0.5, 3]]", "--output-dir", str(tmp_path),
+                                            "--eval-rows", "8", "--recipe", json.dumps(SMALL)]))
+    assert len(calls) == 1  # stages 1-2 once, shared
+    assert [(r["instruction_absent_fraction"], r["instruction_steps"]) for r in results] == [(0.0, 2), (0.5, 3)]
+    for result in results:
+        recipe = load_recipe(result["folder"])
+        assert recipe == replace(gl.GroundedLlavaArguments(**SMALL),
+                                 instruction_absent_fraction=result["instruction_absent_fraction"],
+                                 instruction_steps=result["instruction_steps"])
+        model, processor = load_grounded_llava(result["folder"])
+        assert model.config.text_config.hidden_size == 32 and result["rows"] == 8
+    written = json.loads((tmp_path / "instruction_variants.json").read_text())
+    assert written["variants"] == json.loads(json.dumps(results))

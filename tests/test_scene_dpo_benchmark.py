@@ -15,11 +15,24 @@ def test_scene_dpo_benchmark_records_clean_and_all_runs_per_setup(tmp_path):
     spec.loader.exec_module(module)
     configs = [{"steps": 1, "batch_size": 2}, {"steps": 1, "batch_size": 2, "beta": 0.5}]
     record = module.run(module.parse_args(["--output-dir", str(tmp_path), "--configs", json.dumps(configs),
-                                           "--num-pairs", "10", "--eval-rows", "8", "--on-policy"]))
+                                           "--num-pairs", "10", "--eval-rows", "8", "--on-policy",
+                                           "--refusal-rejected", "1.0", "--seeds", "0", "1"]))
     assert json.loads((tmp_path / "scene_dpo.json").read_text()) == json.loads(json.dumps(record))
-    assert record["num_pairs"] == 10 and record["num_clean"] == 6 and record["base"]["rows"] == 8
-    assert [entry["config"] for entry in record["results"]] == configs
-    for entry in record["results"]:
-        assert entry["clean"]["train_rows"] == 6 and entry["all"]["train_rows"] == 10
+    assert [seed["seed"] for seed in record["seeds"]] == [0, 1]
+    for seed in record["seeds"]:
+        assert seed["num_pairs"] == 10 and seed["num_clean"] == 6 and seed["base"]["rows"] == 8
+        assert [entry["config"] for entry in seed["results"]] == configs
+        for entry in seed["results"]:
+            assert entry["clean"]["train_rows"] == 6 and entry["all"]["train_rows"] == 10
     table = (tmp_path / "scene_dpo.md").read_text()
-    assert table.count("| `{") == 2 and "likeliest wrong answer" in table
+    assert table.count("| `{") == 2 + 2 * 2  # the main table, then clean and all per set-up by question kind
+    assert "likeliest wrong answer" in table and "rejecting 'none'" in table and "Seeds 0, 1" in table
+
+
+def test_an_effect_counts_only_beyond_the_seed_spread():
+    spec = importlib.util.spec_from_file_location("scene_dpo_spread", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module._beyond([0.80, 0.82, 0.84], [0.70, 0.71, 0.72])
+    assert not module._beyond([0.80, 0.70, 0.90], [0.75, 0.74, 0.76])  # a higher mean within the spread
+    assert module._beyond([0.80], [0.79])  # one seed has no spread

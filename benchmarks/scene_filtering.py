@@ -302,17 +302,15 @@ def plot(summary: dict, args: argparse.Namespace, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(22, 4.4), gridspec_kw={"width_ratios": [1.2, 1.2, 1.2, 1]})
+    curves = [("low_quality_kept", None, "low-quality share of the kept rows")]
+    if not args.no_dpo:
+        curves += [("accuracy", "base_accuracy", "held-out accuracy after DPO"),
+                   ("hallucination_rate", "base_hallucination_rate", "held-out hallucination rate after DPO")]
+    fig, axes = plt.subplots(1, len(curves) + 1, figsize=(5.5 * len(curves) + 5, 4.4),
+                             gridspec_kw={"width_ratios": [1.2] * len(curves) + [1]})
     x = np.array(args.fractions) * 100
     keys = [str(f) for f in args.fractions]
-    for panel, key, base, label in ((axes[0], "low_quality_kept", None, "low-quality share of the kept rows"),
-                                    (axes[1], "accuracy", "base_accuracy", "held-out accuracy after DPO"),
-                                    (axes[2], "hallucination_rate", "base_hallucination_rate",
-                                     "held-out hallucination rate after DPO")):
-        if args.no_dpo and base is not None:
-            panel.text(0.5, 0.5, "DPO not run (--no-dpo)", ha="center", va="center", transform=panel.transAxes)
-            panel.set_axis_off()
-            continue
+    for panel, (key, base, label) in zip(axes, curves):
         for method in args.methods:
             stats = [summary[key][method][k] or {"mean": np.nan, "std": np.nan} for k in keys]
             mean = np.array([s["mean"] for s in stats])
@@ -326,13 +324,13 @@ def plot(summary: dict, args: argparse.Namespace, path: Path) -> None:
                   title=f"{label} (mean ± std, {len(args.seeds)} seeds)")
     axes[0].legend(frameon=False, fontsize=7)
     names = list(DETECTORS)
-    axes[3].barh(range(len(names)), [summary["auroc"][n]["mean"] for n in names],
+    axes[-1].barh(range(len(names)), [summary["auroc"][n]["mean"] for n in names],
                  xerr=[summary["auroc"][n]["std"] for n in names], capsize=3,
                  color=[COLORS.get(n, COLORS.get(n.replace("_with_chosen", ""), "#999999")) for n in names])
-    axes[3].axvline(0.5, color="black", linewidth=1, linestyle=":")
-    axes[3].set_yticks(range(len(names)), [LABELS[n] for n in names], fontsize=8)
-    axes[3].invert_yaxis()
-    axes[3].set(xlim=(0, 1), xlabel="AUROC, clean vs low quality (0.5 = chance)", title="Scores as detectors")
+    axes[-1].axvline(0.5, color="black", linewidth=1, linestyle=":")
+    axes[-1].set_yticks(range(len(names)), [LABELS[n] for n in names], fontsize=8)
+    axes[-1].invert_yaxis()
+    axes[-1].set(xlim=(0, 1), xlabel="AUROC, clean vs low quality (0.5 = chance)", title="Scores as detectors")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

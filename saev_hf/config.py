@@ -94,6 +94,7 @@ class SAEVConfig(PretrainedConfig):
         feature_weights_info: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        # one line per documented field, as transformers configs do: long by design, not by mixing concerns
         _check_positive_int("d_in", d_in)
         if d_sae is None and expansion_factor is None:
             expansion_factor = 16

@@ -193,6 +193,8 @@ def config_from_saelens(cfg: dict[str, Any]) -> SAEVConfig:
     Raises `ValueError` for what SAE-V cannot represent: architectures other than standard/topk, per-token input
     normalisation, attention-head reshaping, or hooks that are not the residual stream.
     """
+    # one step per SAELens field family (sizes, hook, normalisation, architecture) over every version's names,
+    # kept in one function so that each version's layout reads in one place
     meta = dict(cfg.get("metadata") or {})
     flat = {**meta, **cfg}  # pre-6 keeps model/hook fields at top level; 6.x under "metadata"
     activation_fn = flat.get("activation_fn") or flat.get("activation_fn_str") or "relu"

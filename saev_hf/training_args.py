@@ -191,6 +191,7 @@ class SAEVTrainingArguments(PromptFormat):
     use_cpu: bool = field(default=False, metadata=_help("Train on the CPU even when an accelerator is available."))
 
     def __post_init__(self) -> None:
+        # a flat list of independent checks, each naming its field and the fix: long by design
         super().__post_init__()
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
             raise ValueError(f"layer={self.layer!r} must be a non-negative integer: the 0-based decoder layer index.")

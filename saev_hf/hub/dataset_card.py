@@ -60,6 +60,7 @@ def filtered_dataset_card(
     Returns:
         `huggingface_hub.DatasetCard`.
     """
+    # keyword plumbing from the filter, the SAE-V and the scorer into the card's many template fields
     from .. import __version__
     from ..scoring import ScorerArguments
 

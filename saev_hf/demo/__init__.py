@@ -6,6 +6,8 @@
 - `scene_saev`: the demo's SAE-V with its feature weights and calibrated delta;
 - `gate`: the measurements to pass before any DPO sweep;
 - `preference`: DPO on scene preference rows, and what it does to accuracy and hallucinations;
+- `baselines`: the scores SAE-V's filter is compared with (the model's answer log-likelihood, its own image-text
+  similarity);
 - `pipeline`: `saev demo` itself ([`run_demo`]);
 - `digits`: the first miniature (a tiny LLaVA captioning single digits), still used by two benchmarks;
 - the tiny offline MLLMs the tests, benchmarks and miniatures build on: `tiny_processing` (tokenizer, processor

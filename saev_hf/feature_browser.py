@@ -24,6 +24,7 @@ import torch
 
 from .activations import Modality
 from .inspection import MODALITY_NAMES, ExampleExplanation, FeatureSummary, Inspection, RowView
+from .prompts import to_rgb
 
 MODALITY_COLOURS = {"image": "#4c72b0", "text": "#ff9d00", "special": "#9a9a9a"}
 HEATMAP_CMAP = "YlOrRd"  # light yellow (weak) to red (strong): readable over dark and light pixels
@@ -204,7 +205,7 @@ def contributions_png(explanation: ExampleExplanation, path: Path) -> None:
 
 
 def _save_image(image: Any, path: Path) -> None:
-    image.convert("RGB").save(path, format="PNG")
+    to_rgb(image).save(path, format="PNG")  # the pixels the model saw (transparency on white)
 
 
 # -----------------------------------------------------------------------------------------------------------------

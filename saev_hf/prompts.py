@@ -105,13 +105,21 @@ HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """
-    `image` as 8-bit RGB, scaling high-bit-depth pixels the way image libraries do instead of clipping them.
+    `image` as 8-bit RGB, as the model's image processor sees it: transparency composited onto white, high-bit-depth
+    pixels scaled instead of clipped.
 
-    PIL's own `convert("RGB")` clips 16-bit and 32-bit pixels to 0-255, so a 16-bit PNG (`I;16`) would keep almost
-    nothing of its range. 16-bit values (`I;16*`, and `I` within 0-65535) become round(v * 255 / 65535); float images
-    (`F`) within [0, 1] become round(v * 255). Other ranges are refused: no scale would be the right one.
+    - Transparency (an alpha band: `RGBA`, `LA`, `PA`, ...; or a transparent colour in `image.info`, as palette and
+      PNG `tRNS` images carry) is composited onto a white background, as transformers' `convert_to_rgb` does in the
+      image processors (`do_convert_rgb`). PIL's `convert("RGB")` would drop the alpha band instead, so a logo on a
+      transparent background would be scored on black while the model is trained on it on white.
+    - PIL's `convert("RGB")` clips 16-bit and 32-bit pixels to 0-255, so a 16-bit PNG (`I;16`) would keep almost
+      nothing of its range. 16-bit values (`I;16*`, and `I` within 0-65535) become round(v * 255 / 65535); float
+      images (`F`) within [0, 1] become round(v * 255). Other ranges are refused: no scale would be the right one.
     """
     if image.mode not in HIGH_DEPTH_MODES:
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
         return image.convert("RGB")
     import numpy as np
 

@@ -99,3 +99,44 @@ def test_score_command_refuses_a_split_of_a_single_dataset_folder(tiny_model_fac
         main(["score", "--sae_name_or_path", str(tmp_path / "sae"), "--model_name_or_path", str(llava.path),
               "--dataset_name", str(tmp_path / "d"), "--dataset_split", "test", "--output_dir", str(tmp_path / "o"),
               "--scores", "l0"])
+
+
+def _transparent_images():
+    """A red logo on a transparent background in every mode that carries transparency."""
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    rgba.paste((220, 30, 30, 255), (4, 4, 12, 12))
+    rgba.paste((30, 30, 220, 128), (0, 0, 4, 4))  # half transparent
+    la = rgba.convert("LA")
+    palette = Image.new("P", (16, 16), 0)
+    palette.putpalette([0, 0, 0, 220, 30, 30] + [0] * 762)
+    palette.paste(1, (4, 4, 12, 12))
+    palette.info["transparency"] = 0  # palette index 0 is transparent
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(buffer, format="PNG", transparency=(10, 200, 10))
+    trns = Image.open(io.BytesIO(buffer.getvalue()))  # an RGB PNG whose tRNS chunk makes one colour transparent
+    return {"RGBA": rgba, "LA": la, "PA": rgba.convert("PA"), "P+transparency": palette, "RGB+tRNS": trns}
+
+
+@pytest.mark.parametrize("name", ["RGBA", "LA", "PA", "P+transparency", "RGB+tRNS"])
+def test_transparent_images_are_composited_onto_white_as_transformers_does(name):
+    from transformers.image_transforms import convert_to_rgb
+
+    image = _transparent_images()[name]
+    ours = np.asarray(to_rgb(image))
+    assert ours.shape == (16, 16, 3) and ours.dtype == np.uint8
+    np.testing.assert_array_equal(ours, np.asarray(convert_to_rgb(image, return_numpy=True)))
+    if name != "P+transparency":
+        assert (ours[15, 15] == 255).all()  # a fully transparent corner is white, not black
+    assert (np.asarray(load_image(image, 0)) == ours).all()  # the one path every reader takes
+
+
+def test_the_processor_sees_the_same_pixels_from_a_transparent_image_as_from_the_library():
+    from saev_hf.demo.tiny_models import build_tiny_model
+
+    _, processor = build_tiny_model("llava")
+    image = _transparent_images()["RGBA"]
+    direct = processor.image_processor(image, return_tensors="pt")["pixel_values"]
+    through_library = processor.image_processor(load_image(image, 0), return_tensors="pt")["pixel_values"]
+    assert processor.image_processor.do_convert_rgb
+    assert torch.equal(direct, through_library)
+    assert direct.mean() > 0.5  # white background after normalisation, where dropping alpha gives black (< 0)

@@ -23,7 +23,7 @@ def save_patch_preview(original: Any, masked: Any, path: str | Any, image_column
         raise ValueError("No rows to preview.")
 
     def first(value: Any, row: int) -> Image.Image:
-        return row_images(value, row, image_column)[0].convert("RGB")
+        return row_images(value, row, image_column)[0]  # already RGB, converted as the processor does
 
     fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4), squeeze=False)
     for i in range(n):

@@ -7,6 +7,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from saev_hf.demo import load_grounded_llava, load_recipe
 from saev_hf.demo import grounded_llava as gl
 
@@ -35,3 +37,18 @@ def test_each_variant_differs_only_in_stage_three_and_is_saved_with_its_argument
         assert model.config.text_config.hidden_size == 32 and result["rows"] == 8
     written = json.loads((tmp_path / "instruction_variants.json").read_text())
     assert written["variants"] == json.loads(json.dumps(results))
+
+
+def test_the_default_variant_is_the_recipes_own_model(tmp_path):
+    spec = importlib.util.spec_from_file_location("instruction_variants_default", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    recipe = {**SMALL, "instruction_steps": 3}
+    args = gl.GroundedLlavaArguments(**recipe)
+    [result] = module.run(module.parse_args([
+        "--variants", f"[[{args.instruction_absent_fraction}, 3]]", "--output-dir", str(tmp_path),
+        "--eval-rows", "8", "--recipe", json.dumps(recipe)]))
+    variant, _ = load_grounded_llava(result["folder"])
+    trained, _, _ = gl.train_grounded_llava(args, eval_rows=0, progress=False)
+    for (name, a), b in zip(trained.state_dict().items(), variant.state_dict().values()):
+        assert torch.equal(a, b), name  # the stages are shared code and consume no torch randomness

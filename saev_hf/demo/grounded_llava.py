@@ -269,6 +269,27 @@ def _train_stage(model, processor, scans: DigitScans, rng: np.random.Generator, 
     return {"answer_loss": float(tail[:, 0].mean()), "dense_loss": float(tail[:, 1].mean())}
 
 
+RECIPE_STAGES = ("language", "alignment", "instruction")
+"""The recipe's stages, in order (see the module docstring)."""
+
+
+def train_stage(model, processor, scans: DigitScans, args: GroundedLlavaArguments, offset: int,
+                progress: bool = True) -> dict[str, float]:
+    """Stage `RECIPE_STAGES[offset]` of the recipe on `model`, with the parts it trains, its steps, learning rate
+    and absent-object share from `args`, and its numpy rows seeded by `[args.seed, offset]`. Returns its final
+    losses ([`_train_stage`])."""
+    stage = RECIPE_STAGES[offset]
+    parts, steps, learning_rate, absent = {
+        "language": (["language"], args.language_steps, args.language_learning_rate, args.language_absent_fraction),
+        "alignment": (["vision", "projector"], args.alignment_steps, args.alignment_learning_rate, 0.0),
+        "instruction": (["language", "projector"], args.instruction_steps, args.instruction_learning_rate,
+                        args.instruction_absent_fraction),
+    }[stage]
+    parameters = [p for part in parts for p in _part(model, part)]
+    return _train_stage(model, processor, scans, np.random.default_rng([args.seed, offset]), stage, parameters,
+                        steps, learning_rate, args, absent, progress)
+
+
 def train_grounded_llava(args: GroundedLlavaArguments | None = None, scans: DigitScans | None = None,
                          eval_rows: int = 600, progress: bool = True):
     """Build and train the grounded tiny LLaVA with the three-stage recipe (see the module docstring).
@@ -284,17 +305,8 @@ def train_grounded_llava(args: GroundedLlavaArguments | None = None, scans: Digi
     summary: dict[str, Any] = {"arguments": asdict(args), "stages": {}}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
-        for offset, (stage, parts, steps, lr, absent) in enumerate([
-            ("language", ["language"], args.language_steps, args.language_learning_rate,
-             args.language_absent_fraction),
-            ("alignment", ["vision", "projector"], args.alignment_steps, args.alignment_learning_rate, 0.0),
-            ("instruction", ["language", "projector"], args.instruction_steps, args.instruction_learning_rate,
-             args.instruction_absent_fraction),
-        ]):
-            rng = np.random.default_rng([args.seed, offset])
-            parameters = [p for part in parts for p in _part(model, part)]
-            summary["stages"][stage] = _train_stage(model, processor, scans, rng, stage, parameters, steps, lr, args,
-                                                    absent, progress)
+        for offset, stage in enumerate(RECIPE_STAGES):
+            summary["stages"][stage] = train_stage(model, processor, scans, args, offset, progress)
     if eval_rows:  # 0: no evaluation (the caller measures the model itself)
         held_out = question_rows(scans, eval_rows, "held_out", np.random.default_rng([args.seed, 99]),
                                  absent_fraction=0.25)

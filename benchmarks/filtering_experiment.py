@@ -79,6 +79,7 @@ from saev_hf.demo.digits import (  # noqa: E402
 from saev_hf.filtering import FilterArguments, filter_by_score  # noqa: E402
 from saev_hf.prompts import PromptFormat  # noqa: E402
 from saev_hf.scoring import ScorerArguments, SAEVScorer  # noqa: E402
+from saev_hf.demo.baselines import chosen_log_likelihood  # noqa: E402
 from saev_hf.demo.digit_data import DIGIT_CAPTIONS, DIGIT_NAMES  # noqa: E402
 from saev_hf.demo.tiny_pretraining import response_log_likelihoods  # noqa: E402
 
@@ -166,19 +167,6 @@ class SeedRun:
     record: dict
 
 
-def chosen_log_likelihoods(model, processor):
-    """A `datasets.map(batched=True)` function: the model's summed log-probability of each row's chosen answer."""
-
-    def score(batch: dict) -> dict:
-        rows = [{"images": images, "prompt": prompt, "response": chosen}
-                for images, prompt, chosen in zip(batch["images"], batch["prompt"], batch["chosen"])]
-        with torch.no_grad():
-            log_likelihood, _ = response_log_likelihoods(model, processor, rows)
-        return {"chosen_log_likelihood": log_likelihood.double().tolist()}
-
-    return score
-
-
 def pretrained_answers(model, processor):
     """A `datasets.map(batched=True)` function: whether the pretrained model's own answer to each row's image (the best
     of the ten captions by likelihood, as `digit_accuracy` ranks them) is the row's chosen answer. A clean row where it
@@ -206,7 +194,7 @@ def score_rows(dataset: datasets.Dataset, low: list[bool], model, processor, sae
     prompt_only = ScorerArguments(**{f"{score}_column": PROMPT_ONLY[f"prompt_only_{score}"]
                                      for score in ("cosine", "l0", "cooccur_l0")})
     scored = scored.map(SAEVScorer(sae, model, processor, args=prompt_only), batched=True, batch_size=batch_size)
-    scored = scored.map(chosen_log_likelihoods(model, processor), batched=True, batch_size=16)
+    scored = scored.map(chosen_log_likelihood(model, processor), batched=True, batch_size=16)
     scored = scored.map(pretrained_answers(model, processor), batched=True, batch_size=8)
     rng = np.random.default_rng(seed + 3)
     scored = scored.add_column("random_score", rng.random(len(scored)).tolist())

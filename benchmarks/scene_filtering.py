@@ -417,5 +417,6 @@ def run(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    run(parse_args())
-    print((Path(parse_args().output_dir) / "scene_filtering.md").read_text())
+    arguments = parse_args()
+    run(arguments)
+    print((Path(arguments.output_dir) / "scene_filtering.md").read_text())

@@ -8,6 +8,7 @@ from PIL import Image
 
 from ..prompts import row_images
 
+
 def save_patch_preview(original: Any, masked: Any, path: str | Any, image_column: str = "images", num_rows: int = 8,
                        title: str | None = None) -> Any:
     """A PNG with the first `num_rows` rows' first images: originals on top, their masked copies below."""

@@ -42,7 +42,7 @@ from .model import SAEV, SAEVOutput
 from .patches import PatchFilter, PatchFilterArguments, PatchLocator
 from .prompts import PromptFormat, RowError
 from .scoring import SAEVScorer, ScorerArguments
-from .training import SAEVTrainer, SAEVTrainingArguments, train_saev
+from .training import SAEVTrainer, SAEVTrainingArguments, end_distributed, train_saev
 from .weighting import WeightingArguments, compute_feature_weights
 
 __version__ = _version()
@@ -75,6 +75,7 @@ __all__ = [
     "WeightingArguments",
     "__version__",
     "compute_feature_weights",
+    "end_distributed",
     "evaluate_saev",
     "explain_rows",
     "filter_by_score",

@@ -166,9 +166,10 @@ def _train_arguments():
 
 
 def train(args) -> None:
-    from .training import train_saev
+    from .training import end_distributed, train_saev
 
     sae = train_saev(args)
+    end_distributed()
     print(f"Trained an SAE-V with {sae.config.d_sae} features on {sae.config.training_tokens} tokens of layer "
           f"{sae.config.hook_layer}; saved to {args.output_dir}")
 

@@ -546,9 +546,27 @@ def train_saev(
     `args.model_name_or_path` and `args.dataset_name`. Run the same script with `torchrun --nproc_per_node N` or
     `accelerate launch` to train data-parallel on N processes.
 
-    Returns the trained [`SAEV`], reading raw hidden states (input scale folded into the weights).
+    Returns the trained [`SAEV`], reading raw hidden states (input scale folded into the weights). Like transformers'
+    Trainer it leaves the process group to the script: end a distributed script with [`end_distributed`].
     """
     return SAEVTrainer(args, model=model, processor=processor, train_dataset=dataset).train(batches)
+
+
+def end_distributed() -> None:
+    """Destroy the process group that a launcher (`torchrun`, `accelerate launch`) had this process join, as PyTorch
+    asks every trainer process to do at the end of its script; a no-op outside a distributed run.
+
+    Left to interpreter exit, gloo's worker threads can abort the process (`terminate called without an active
+    exception`) after the work is done. Call it once nothing uses the DDP-wrapped SAE-V any more: the trainer is
+    collected first, so that no DDP reducer is torn down after the group it reduces over.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------------------------

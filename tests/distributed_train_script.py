@@ -1,9 +1,9 @@
 """Run by `tests/test_training.py` under `torchrun --nproc_per_node 2`: the user's code, unchanged for distributed.
 
-It parses `SAEVTrainingArguments` from the command line exactly as `saev train` does, calls `train_saev`, and then
+It parses `SAEVTrainingArguments` from the command line exactly as `saev train` does, calls `train_saev`, then
 writes `rank_<process_index>.json` into the output folder: what this process saw (its index, the number of processes)
 and a digest of the SAE-V it ended with, so that the test can check that two processes really ran and that their
-replicas agree.
+replicas agree, and ends with `end_distributed`, as a distributed script should.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from accelerate import PartialState
 from transformers import HfArgumentParser
 
-from saev_hf.training import SAEVTrainingArguments, train_saev
+from saev_hf.training import SAEVTrainingArguments, end_distributed, train_saev
 
 
 def main() -> None:
@@ -36,6 +36,7 @@ def main() -> None:
         "sae_digest": digest.hexdigest(),
     }
     Path(args.output_dir, f"rank_{state.process_index}.json").write_text(json.dumps(record))
+    end_distributed()
 
 
 if __name__ == "__main__":

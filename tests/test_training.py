@@ -557,3 +557,19 @@ def test_two_processes_train_like_one_process_on_both_shards(tiny_model_factory,
                                   **{k: v for k, v in options.items() if k != "train_batch_size_tokens"}),
                         llava.model, llava.processor, dataset).train(iter(single))
     assert (alone.W_enc - distributed.W_enc).abs().max() > 100 * (reference.W_enc - distributed.W_enc).abs().max()
+
+
+def test_end_distributed_destroys_the_process_group_and_is_a_no_op_without_one():
+    import torch.distributed as dist
+
+    from saev_hf import end_distributed
+
+    end_distributed()  # no group: nothing to do, no error
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        end_distributed()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

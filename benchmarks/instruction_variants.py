@@ -3,8 +3,9 @@ which DPO matters).
 
 Stages 1-2 of the grounded LLaVA's recipe (`saev_hf.demo.grounded_llava`: language model, then feature alignment) run
 once with the default arguments; stage 3 (instruction tuning) then runs from that same state once per
-`--variants` entry `[absent_fraction, steps]`: fewer questions about absent objects leave more hallucinations,
-fewer steps leave the model less trained. Each variant is saved (model, processor, `recipe.json` with its arguments)
+`--variants` entry `[absent_fraction, steps]` or `[absent_fraction, steps, hallucination_fraction]`: fewer questions
+about absent objects leave more hallucinations, fewer steps leave the model less trained, and a share of absent-object
+questions answered with a borrowed hallucination teaches the model to hallucinate as imperfect instruction data does. Each variant is saved (model, processor, `recipe.json` with its arguments)
 under `--output-dir/abs{fraction}_s{steps}` and its held-out answers measured (600 questions, 25% about absent
 objects): accuracy, hallucination rate, accuracy per question kind. `benchmarks/scene_dpo.py --model-dir` then asks
 whether DPO on the scene preference rows helps that model.
@@ -40,7 +41,8 @@ from saev_hf.demo.scenes import DigitScans, question_rows  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default="[[0.03, 2000], [0.1, 400]]",
-                        help="JSON list of [instruction_absent_fraction, instruction_steps].")
+                        help="JSON list of [instruction_absent_fraction, instruction_steps] or [instruction_absent_"
+                             "fraction, instruction_steps, instruction_hallucination_fraction].")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--eval-rows", type=int, default=600)
     parser.add_argument("--recipe", default="{}", help="JSON of GroundedLlavaArguments overrides for every stage.")
@@ -65,17 +67,21 @@ def run(options: argparse.Namespace) -> list[dict]:
     held_out = question_rows(scans, options.eval_rows, "held_out", np.random.default_rng([recipe.seed, 99]),
                              absent_fraction=0.25)
     results = []
-    for fraction, steps in json.loads(options.variants):
-        args = replace(recipe, instruction_absent_fraction=fraction, instruction_steps=steps)
+    for fraction, steps, *hallucination in json.loads(options.variants):
+        args = replace(recipe, instruction_absent_fraction=fraction, instruction_steps=steps,
+                       instruction_hallucination_fraction=hallucination[0] if hallucination else 0.0)
         model = copy.deepcopy(aligned)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(recipe.seed + 1)
             gl.train_stage(model, processor, scans, args, gl.RECIPE_STAGES.index("instruction"))
         measured = gl.answer_accuracy(model, processor, held_out)
-        folder = Path(options.output_dir) / f"abs{fraction}_s{steps}"
+        folder = Path(options.output_dir) / (f"abs{fraction}_s{steps}" + (f"_hal{hallucination[0]}" if hallucination
+                                                                          else ""))
         gl.save_grounded_llava(model, processor, {"arguments": asdict(args), "held_out": measured,
                                                   "made_by": "benchmarks/instruction_variants.py"}, folder)
-        results.append({"instruction_absent_fraction": fraction, "instruction_steps": steps, "folder": str(folder),
+        results.append({"instruction_absent_fraction": fraction, "instruction_steps": steps,
+                        "instruction_hallucination_fraction": args.instruction_hallucination_fraction,
+                        "folder": str(folder),
                         **measured})
         print(json.dumps(results[-1]), flush=True)
     (Path(options.output_dir) / "instruction_variants.json").write_text(json.dumps(

@@ -96,6 +96,8 @@ def test_arguments_are_checked():
         gl.GroundedLlavaArguments(hidden_size=30, num_heads=4)
     with pytest.raises(ValueError, match="instruction_absent_fraction"):
         gl.GroundedLlavaArguments(instruction_absent_fraction=1.5)
+    with pytest.raises(ValueError, match="instruction_hallucination_fraction"):
+        gl.GroundedLlavaArguments(instruction_hallucination_fraction=-0.5)
 
 
 def test_the_scene_saev_is_trained_weighted_with_a_calibrated_delta_and_saved(scans, tmp_path):
@@ -166,3 +168,25 @@ def test_predictions_can_leave_out_an_answer_per_row(scans):
     best = gl.predict_answers(model, processor, rows)
     second = gl.predict_answers(model, processor, rows, batch_size=4, exclude=best)
     assert all(b != s and s in ANSWERS[r["kind"]] for b, s, r in zip(best, second, rows))
+
+
+def test_only_instruction_tuning_sees_hallucinated_answers(scans, monkeypatch):
+    drawn = []
+
+    def recording(*args, **kwargs):
+        rows = question_rows(*args, **kwargs)
+        drawn.append((kwargs.get("as_text", False), kwargs.get("hallucination_fraction", 0.0), rows))
+        return rows
+
+    monkeypatch.setattr(gl, "question_rows", recording)
+    args = gl.GroundedLlavaArguments(**{**SMALL, "instruction_steps": 6, "instruction_absent_fraction": 1.0,
+                                        "instruction_hallucination_fraction": 1.0})
+    model, processor = gl.build_grounded_llava(args)
+    for offset in range(3):
+        gl.train_stage(model, processor, scans, args, offset, progress=False)
+    language = [f for text, f, _ in drawn if text]
+    instruction = [rows for text, f, rows in drawn[-6:]]
+    assert language and set(language) == {0.0}  # the language model learns faithful answers
+    assert all(f == 1.0 for _, f, _ in drawn[-6:])
+    answered = [r for rows in instruction for r in rows if not r["present"]]
+    assert answered and all(r["hallucinated"] and r["response"] not in ("none", "no") for r in answered)

@@ -131,8 +131,6 @@ def test_preference_rows_mix_a_known_share_of_hallucinated_and_swapped_rows(scan
             assert row["present"] and (row["concept"] is None or row["concept"] not in row["scene_concepts"])
         else:
             assert row["concept"] is None or (row["concept"] in row["scene_concepts"]) == row["present"]
-        if row["quality"] != "clean":
-            pass
         if row["quality"] == "clean" and not row["present"]:
             assert row["chosen"] in ("none", "no") and row["rejected"] not in ("none", "no")
     assert 10 < sum(r["quality"] == "clean" and not r["present"] for r in rows) < 50
@@ -168,3 +166,34 @@ def test_refusal_rejected_rows_reject_none_for_present_objects_and_leave_the_res
     assert 0.3 < share < 0.7
     with pytest.raises(ValueError, match="refusal_rejected_fraction"):
         preference_rows(scans, 10, "train", np.random.default_rng(0), refusal_rejected_fraction=-0.1)
+
+
+def test_hallucinated_instruction_rows_borrow_an_answer_from_an_object_in_the_scene(scans):
+    faithful = question_rows(scans, 300, "train", np.random.default_rng(3), absent_fraction=0.5)
+    assert not any(r["hallucinated"] for r in faithful)
+    rows = question_rows(scans, 300, "train", np.random.default_rng(3), absent_fraction=0.5, hallucination_fraction=0.6)
+    hallucinated = [r for r in rows if r["hallucinated"]]
+    absent = [r for r in rows if not r["present"]]
+    assert all(not r["present"] for r in hallucinated)  # only questions about absent objects
+    assert 0.45 < len(hallucinated) / len(absent) < 0.75
+    for row in hallucinated:
+        scene = row["scene"]
+        borrowed = {"which": {str(o.digit) for o in scene.objects}, "colour": {o.colour for o in scene.objects},
+                    "where": {POSITIONS[o.cell] for o in scene.objects}, "exists": {"yes"}}[row["kind"]]
+        assert row["response"] in borrowed  # a confident answer about something the image does show
+    for row in absent:
+        if not row["hallucinated"]:
+            assert row["response"] in ("none", "no")
+    # the default draws no extra random numbers: rows without hallucinations are unchanged
+    assert [r["prompt"] for r in faithful] == [r["prompt"] for r in question_rows(
+        scans, 300, "train", np.random.default_rng(3), absent_fraction=0.5, hallucination_fraction=0.0)]
+    with pytest.raises(ValueError, match="hallucination_fraction"):
+        question_rows(scans, 5, "train", np.random.default_rng(0), hallucination_fraction=2.0)
+
+
+def test_a_question_about_a_present_object_cannot_be_given_a_hallucination(scans):
+    from saev_hf.demo.scenes import borrowed_hallucination
+
+    scene = random_scene(np.random.default_rng(0), scans, "train")
+    with pytest.raises(ValueError, match="absent"):
+        borrowed_hallucination(scene, ask(scene, "colour", np.random.default_rng(0)), np.random.default_rng(0))

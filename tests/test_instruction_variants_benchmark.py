@@ -24,15 +24,18 @@ def test_each_variant_differs_only_in_stage_three_and_is_saved_with_its_argument
     calls = []
     original = module.aligned_model
     monkeypatch.setattr(module, "aligned_model", lambda *a: calls.append(1) or original(*a))
-    results = module.run(module.parse_args(["--variants", "[[0.0, 2], [0.5, 3]]", "--output-dir", str(tmp_path),
-                                            "--eval-rows", "8", "--recipe", json.dumps(SMALL)]))
+    results = module.run(module.parse_args(["--variants", "[[0.0, 2], [0.5, 3, 0.7]]", "--output-dir",
+                                            str(tmp_path), "--eval-rows", "8", "--recipe", json.dumps(SMALL)]))
     assert len(calls) == 1  # stages 1-2 once, shared
-    assert [(r["instruction_absent_fraction"], r["instruction_steps"]) for r in results] == [(0.0, 2), (0.5, 3)]
+    assert [(r["instruction_absent_fraction"], r["instruction_steps"], r["instruction_hallucination_fraction"])
+            for r in results] == [(0.0, 2, 0.0), (0.5, 3, 0.7)]
+    assert [Path(r["folder"]).name for r in results] == ["abs0.0_s2", "abs0.5_s3_hal0.7"]
     for result in results:
         recipe = load_recipe(result["folder"])
         assert recipe == replace(gl.GroundedLlavaArguments(**SMALL),
                                  instruction_absent_fraction=result["instruction_absent_fraction"],
-                                 instruction_steps=result["instruction_steps"])
+                                 instruction_steps=result["instruction_steps"],
+                                 instruction_hallucination_fraction=result["instruction_hallucination_fraction"])
         model, processor = load_grounded_llava(result["folder"])
         assert model.config.text_config.hidden_size == 32 and result["rows"] == 8
     written = json.loads((tmp_path / "instruction_variants.json").read_text())

@@ -66,6 +66,10 @@ class GroundedLlavaArguments:
     instruction_absent_fraction: float = field(
         default=0.1, metadata={"help": "Stage 3: share of questions about absent objects (few: the model keeps "
                                 "some hallucinations for DPO to fix)."})
+    instruction_hallucination_fraction: float = field(
+        default=0.0, metadata={"help": "Stage 3: share of the questions about absent objects answered with a "
+                               "confident hallucination borrowed from an object in the image (scenes."
+                               "borrowed_hallucination), as imperfect instruction data does."})
     dense_weight: float = field(default=1.0, metadata={"help": "Weight of the dense image-token loss in stage 3."})
     target: str = field(
         default="sum", metadata={"help": "Dense target of an image token: the 'sum' of its cell's word embeddings "
@@ -92,7 +96,7 @@ class GroundedLlavaArguments:
         for name in ("language_steps", "alignment_steps", "instruction_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
-        for name in ("language_absent_fraction", "instruction_absent_fraction"):
+        for name in ("language_absent_fraction", "instruction_absent_fraction", "instruction_hallucination_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1].")
 
@@ -219,6 +223,7 @@ def _train_stage(model, processor, scans: DigitScans, rng: np.random.Generator, 
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, betas=(0.9, 0.98), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps))
+    hallucination = args.instruction_hallucination_fraction if stage == "instruction" else 0.0
     captured: dict[str, torch.Tensor] = {}
     hook = model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.__setitem__("p", o))
     history: list[tuple[float, float]] = []
@@ -226,7 +231,7 @@ def _train_stage(model, processor, scans: DigitScans, rng: np.random.Generator, 
     try:
         for _ in tqdm(range(steps), desc=f"Grounded LLaVA: {stage}", unit="step", disable=not progress):
             rows = question_rows(scans, args.batch_size, "train", rng, absent_fraction=absent_fraction,
-                                 as_text=stage == "language")
+                                 as_text=stage == "language", hallucination_fraction=hallucination)
             answer, dense = torch.zeros(()), torch.zeros(())
             at_layer = args.align_layer is not None and stage != "language"
             if stage == "alignment" and not at_layer:  # the frozen language model plays no part

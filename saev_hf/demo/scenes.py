@@ -203,19 +203,41 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator, absent: bool = False)
     return SceneQuestion(kind, text, answer, digit, not absent)
 
 
+def borrowed_hallucination(scene: Scene, question: SceneQuestion, rng: np.random.Generator) -> str:
+    """The confident answer an imperfect annotator gives to `question` about an object absent from `scene`: the
+    answer for an object the scene does hold ("what colour is the 7 ?" -> the colour of a digit shown, "which digit
+    is red ?" -> a digit shown, "is there a 7 ?" -> ``yes``). Attribute borrowing from what is in the image is the
+    commonest hallucination in real instruction data, and the one preference data is collected to correct."""
+    if question.present or question.kind == "count":
+        raise ValueError(f"{question.text!r} names an object the scene holds: only a question about an absent object "
+                         "can be answered with a hallucination.")
+    obj = scene.objects[rng.integers(len(scene.objects))]
+    return {"which": str(obj.digit), "colour": obj.colour, "where": POSITIONS[obj.cell],
+            "exists": "yes"}[question.kind]
+
+
 def question_rows(scans: DigitScans, n: int, split: str, rng: np.random.Generator, absent_fraction: float = 0.25,
-                  as_text: bool = False, kinds: tuple[str, ...] = QUESTION_KINDS) -> list[dict[str, Any]]:
+                  as_text: bool = False, kinds: tuple[str, ...] = QUESTION_KINDS,
+                  hallucination_fraction: float = 0.0) -> list[dict[str, Any]]:
     """`n` question-answer rows about random scenes of `split`: ``{"images": [image], "prompt", "response", "kind",
-    "concept", "present", "scene"}``; a question names an absent object with probability `absent_fraction` (never a
-    count). With `as_text` the scene is described in words before the question instead of shown (no ``"images"``):
-    the language model's first stage."""
+    "concept", "present", "scene", "hallucinated"}``; a question names an absent object with probability
+    `absent_fraction` (never a count). With `as_text` the scene is described in words before the question instead of
+    shown (no ``"images"``): the language model's first stage. With `hallucination_fraction`, that share of the
+    questions about absent objects is answered with a [`borrowed_hallucination`] instead of the faithful ``none`` /
+    ``no`` (``"hallucinated"`` marks them): instruction data as imperfect as real data is."""
+    if not 0 <= hallucination_fraction <= 1:
+        raise ValueError(f"hallucination_fraction={hallucination_fraction} must be in [0, 1].")
     rows = []
     for _ in range(n):
         scene = random_scene(rng, scans, split)
         kind = kinds[rng.integers(len(kinds))]
         question = ask(scene, kind, rng, absent=kind != "count" and rng.random() < absent_fraction)
-        row = {"prompt": question.text, "response": question.answer, "kind": kind, "concept": question.concept,
-               "present": question.present, "scene": scene}
+        answer, hallucinated = question.answer, False
+        if hallucination_fraction and not question.present \
+                and rng.random() < hallucination_fraction:  # drawn only when asked: default rows unchanged
+            answer, hallucinated = borrowed_hallucination(scene, question, rng), True
+        row = {"prompt": question.text, "response": answer, "kind": kind, "concept": question.concept,
+               "present": question.present, "scene": scene, "hallucinated": hallucinated}
         if as_text:
             row["prompt"] = f"{SCENE_PREFIX} {scene.describe()} {question.text}"
         else:

@@ -100,6 +100,55 @@ def find_decoder_layers(model: nn.Module, layers: str | nn.ModuleList | None = N
     )
 
 
+def layer_device(model: nn.Module, layer: int | None = None, layers: str | nn.ModuleList | None = None) -> torch.device:
+    """
+    The device on which decoder layer `layer` of `model` hands out its hidden states: where the SAE-V that reads them
+    belongs. For a model on one device, that device; for one spread by `device_map` (accelerate's hooks), the device
+    that layer runs on (its `execution_device`). Without `layer`, the device of the model's first parameter.
+    """
+    module = model
+    if layer is not None:
+        decoder_layers = find_decoder_layers(model, layers)
+        if 0 <= layer < len(decoder_layers):
+            module = decoder_layers[layer]
+    return _runs_on(module, model)
+
+
+def _runs_on(module: nn.Module, model: nn.Module) -> torch.device:
+    """The device `module` computes on: its accelerate hook's execution device, else that of its first parameter
+    (of `model`'s when it has none)."""
+    execution_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if execution_device is not None:
+        return torch.device(execution_device)
+    parameter = next(module.parameters(), None)
+    return (parameter if parameter is not None else next(model.parameters())).device
+
+
+def check_same_device(sae: Any, device: torch.device, what: str) -> None:
+    """
+    Refuse an SAE-V that is not on `device`, where `what` (the hidden states it would encode) lives, instead of
+    moving every batch to it: an SAE-V left on the CPU beside a model on a GPU would otherwise encode on the CPU.
+
+    Raises:
+        ValueError: naming both devices and the fix.
+    """
+    sae_device = sae.W_enc.device
+    if _canonical(sae_device) != _canonical(torch.device(device)):
+        raise ValueError(
+            f"The SAE-V is on {sae_device}, but {what} is on {device}: saev-hf encodes where the hidden states are "
+            f"and does not move them. Put the SAE-V on the model's device first: sae.to({str(device)!r})."
+        )
+
+
+def _canonical(device: torch.device) -> torch.device:
+    """`cuda` and `cuda:<current>` are the same device."""
+    if device.type != "cpu" and device.type != "meta" and device.index is None:
+        module = getattr(torch, device.type, None)
+        index = module.current_device() if module is not None and hasattr(module, "current_device") else 0
+        return torch.device(device.type, index)
+    return device
+
+
 def image_token_id_of(model: nn.Module, processor: Any) -> int | None:
     """The id of the token that marks image-feature positions in `input_ids`, or None for a text-only model."""
     for owner, name in ((processor, "image_token_id"), (model.config, "image_token_id"), (model.config, "image_token_index")):
@@ -237,8 +286,14 @@ class LayerReader:
         """Width of the residual stream read (the language model's hidden size)."""
         return text_config(self.model).hidden_size
 
+    @property
+    def device(self) -> torch.device:
+        """Where layer L's hidden states come out (see [`layer_device`]): where the SAE-V that reads them must be."""
+        return _runs_on(self.layers[self.layer], self.model)
+
     def check_sae(self, sae: Any) -> None:
-        """Raise a clear `ValueError` when `sae` was not made for this model's hidden size (and warn-free otherwise)."""
+        """Raise a clear `ValueError` when `sae` was not made for this model's hidden size and layer, or is not on the
+        device where that layer's hidden states come out."""
         if sae.config.d_in != self.hidden_size:
             raise ValueError(
                 f"The SAE-V reads d_in={sae.config.d_in} but {type(self.model).__name__} has hidden size "
@@ -250,6 +305,7 @@ class LayerReader:
                 f"The SAE-V was trained on layer {sae.config.hook_layer} but this reader reads layer {self.layer}. "
                 f"Create the reader with layer={sae.config.hook_layer}."
             )
+        check_same_device(sae, self.device, f"layer {self.layer} of {type(self.model).__name__} (what it reads)")
 
     def prepare(self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]], first_row: int = 0):
         """Right-padded model inputs for `rows` (see [`prepare_inputs`])."""

@@ -18,7 +18,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .activations import text_and_image
+from .activations import check_same_device, text_and_image
+from .loading import sae_matmul_precision
 from .prompts import RowError
 
 
@@ -129,13 +130,15 @@ def cosine_scores(cooccurring: torch.Tensor, weights: torch.Tensor) -> torch.Ten
 @torch.no_grad()
 def batch_activity(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, example: torch.Tensor, rows: Sequence[int],
                    special_as_text: bool = True, token_chunk: int | None = 4096, maxima: bool = False,
-                   on_chunk: Callable[[torch.Tensor, slice], None] | None = None) -> BatchActivity:
+                   on_chunk: Callable[[torch.Tensor, slice], None] | None = None,
+                   allow_tf32: bool = True) -> BatchActivity:
     """
     Encode the positions of a batch of examples (`token_chunk` at a time) and gather what their scores need.
 
     Args:
         sae ([`SAEV`]): the SAE-V (its `cooccurrence_threshold` is delta).
-        hidden (`torch.Tensor` of shape `(positions, d_in)`): hidden states of the batch's real positions.
+        hidden (`torch.Tensor` of shape `(positions, d_in)`): hidden states of the batch's real positions, on the
+            SAE-V's device.
         modality (`torch.Tensor` of shape `(positions,)`): their [`Modality`].
         example (`torch.LongTensor` of shape `(positions,)`): which example (0 to `len(rows) - 1`) each belongs to.
         rows (`Sequence[int]`): the dataset rows of the examples, for errors.
@@ -145,14 +148,17 @@ def batch_activity(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, examp
         maxima (`bool`): also gather each feature's largest activation per modality.
         on_chunk (*optional*): called with each chunk's activations `z` and its slice of the positions, for
             statistics of the caller's own (the inspection's modality profile).
+        allow_tf32 (`bool`): a float32 SAE-V on a GPU may encode with TF32 (see [`sae_matmul_precision`]).
 
     Raises:
         RowError: naming the row, when an example has no image or no text position.
+        ValueError: when `hidden` is not on the SAE-V's device (put the SAE-V on the model's device).
     """
     num_examples = len(rows)
     text, image = text_and_image(modality, special_as_text)
     device, delta, d_sae = sae.W_enc.device, sae.config.cooccurrence_threshold, sae.config.d_sae
-    hidden, text, image, example = hidden.to(device), text.to(device), image.to(device), example.to(device)
+    check_same_device(sae, hidden.device, "the hidden states to encode")
+    text, image, example = text.to(device), image.to(device), example.to(device)  # masks and indices: small
     counts = {name: torch.zeros(num_examples, dtype=torch.float64, device=device).index_add_(
         0, example[mask], torch.ones(int(mask.sum()), dtype=torch.float64, device=device))
         for name, mask in (("text", text), ("image", image))}
@@ -166,7 +172,8 @@ def batch_activity(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, examp
     step = token_chunk or max(1, hidden.shape[0])
     for start in range(0, hidden.shape[0], step):
         part = slice(start, start + step)
-        z = sae.encode(hidden[part])
+        with sae_matmul_precision(device, allow_tf32):
+            z = sae.encode(hidden[part])
         ex, t, v = example[part], text[part], image[part]
         above = (z > delta).float()
         text_hits.index_add_(0, ex[t], above[t])
@@ -184,7 +191,7 @@ def batch_activity(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, examp
 
 @torch.no_grad()
 def example_activity(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, row: int, special_as_text: bool = True,
-                     token_chunk: int | None = 4096, maxima: bool = False) -> ExampleActivity:
+                     token_chunk: int | None = 4096, maxima: bool = False, allow_tf32: bool = True) -> ExampleActivity:
     """
     [`batch_activity`] of one example: `hidden` `(positions, d_in)` and `modality` `(positions,)` its real positions.
     Only its scored positions (text and image) are encoded.
@@ -196,4 +203,4 @@ def example_activity(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, row
     counted = text | image
     example = torch.zeros(int(counted.sum()), dtype=torch.long, device=counted.device)
     return batch_activity(sae, hidden[counted], modality[counted], example, [row], special_as_text, token_chunk,
-                          maxima).example(0)
+                          maxima, allow_tf32=allow_tf32).example(0)

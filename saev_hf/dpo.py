@@ -303,7 +303,8 @@ def run_dpo(script: DPOScriptArguments, args: DPOConfig) -> Any:
     from .loading import choose_device, load_dataset_split, load_model_and_processor
 
     device = choose_device(use_cpu=args.use_cpu)
-    model, processor = load_model_and_processor(script.model_name_or_path, device=device)
+    # float32 weights to train (mixed precision is the DPO config's bf16), whatever dtype the checkpoint was saved in
+    model, processor = load_model_and_processor(script.model_name_or_path, dtype="float32", device=device)
     dataset = load_dataset_split(script.dataset_name, split=script.dataset_split)
     peft_config = lora_config(model, r=script.lora_r, lora_alpha=script.lora_alpha) if script.lora else None
     if script.method == "sft":

@@ -40,7 +40,7 @@ from .activations import LayerReader, image_token_id_of, text_and_image
 from .batching import row_batches
 from .model import SAEV
 from .prompts import PromptFormat
-from .loading import MODEL_DTYPES
+from .loading import check_model_dtype, model_dtype_field
 
 SPLITS = ("all", "text", "image")
 CE_KINDS = ("clean", "sae", "zero")
@@ -63,9 +63,7 @@ class SAEVEvaluationArguments(PromptFormat):
     sae_subfolder: str | None = field(default=None, metadata=_help("Subfolder of the SAE-V repo."))
     sae_revision: str | None = field(default=None, metadata=_help("Revision of the SAE-V repo."))
     model_revision: str | None = field(default=None, metadata=_help("Revision of the model."))
-    model_dtype: str = field(
-        default="float32", metadata=_help(f"dtype the model is loaded in, one of {MODEL_DTYPES}.", choices=MODEL_DTYPES)
-    )
+    model_dtype: str = model_dtype_field()
     dataset_config: str | None = field(default=None, metadata=_help("Configuration name of the dataset."))
     dataset_split: str = field(default="train", metadata=_help("Split to evaluate on."))
     layer: int | None = field(default=None, metadata=_help("Decoder layer to read; default: the SAE-V's hook_layer."))
@@ -90,8 +88,7 @@ class SAEVEvaluationArguments(PromptFormat):
             raise ValueError(f"layer={self.layer!r} must be a non-negative integer or None (the SAE-V's hook_layer).")
         if self.num_examples is not None and self.num_examples <= 0:
             raise ValueError(f"num_examples={self.num_examples} must be positive, or None for every row.")
-        if self.model_dtype not in MODEL_DTYPES:
-            raise ValueError(f"model_dtype={self.model_dtype!r} is not supported; use one of {MODEL_DTYPES}.")
+        check_model_dtype(self.model_dtype)
         if self.batch_size <= 0:
             raise ValueError(f"batch_size={self.batch_size} must be positive.")
         if not 0 <= self.dense_threshold <= 1:

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from .activations import LayerReader, Modality
 from .activity import batch_activity, example_activity
 from .batching import row_batches
+from .loading import allow_tf32_field, sae_matmul_precision
 from .prompts import row_images, rows_to_columns
 
 MODALITY_NAMES = ("image", "text", "special")
@@ -82,6 +83,7 @@ class InspectionArguments:
     )
     batch_size: int = field(default=8, metadata={"help": "Examples per MLLM forward."})
     token_chunk: int = field(default=4096, metadata={"help": "Tokens encoded at once by the SAE (bounds memory)."})
+    allow_tf32: bool = allow_tf32_field()
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars of the passes over the rows."})
 
     def __post_init__(self) -> None:
@@ -397,7 +399,7 @@ def _scan(sae: Any, reader: LayerReader, dataset: Any, rows: list[int], args: In
                 counts[m] += (z > 0)[modality[part] == _MODALITY_CODES[name]].sum(0)
 
         activity = batch_activity(sae, acts.hidden_states[real], modality, example, chunk, args.special_as_text,
-                                  args.token_chunk, on_chunk=profile)
+                                  args.token_chunk, on_chunk=profile, allow_tf32=args.allow_tf32)
         top.update(example_max, torch.tensor(chunk, dtype=torch.long, device=device))
         fired += (example_max > 0).sum(0)
         cooccurring += activity.cooccurring.sum(0)
@@ -413,9 +415,10 @@ def _scan(sae: Any, reader: LayerReader, dataset: Any, rows: list[int], args: In
 
 @torch.no_grad()
 def _explain(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, row: int, special_as_text: bool,
-             token_chunk: int) -> ExampleExplanation:
+             token_chunk: int, allow_tf32: bool = True) -> ExampleExplanation:
     """C(x) and its contributions for one example, computed as `SAEVScorer.score_rows` computes the score."""
-    activity = example_activity(sae, hidden, modality, row, special_as_text, token_chunk, maxima=True)
+    activity = example_activity(sae, hidden, modality, row, special_as_text, token_chunk, maxima=True,
+                                allow_tf32=allow_tf32)
     fires_text, fires_image, cooccur = activity.fires_text, activity.fires_image, activity.cooccurring
     weights = sae.feature_weights
     contributions = []
@@ -485,7 +488,8 @@ class _RowRevisitor:
 
 
 def explain_rows(sae: Any, reader: LayerReader, dataset: Any, rows: Sequence[int], special_as_text: bool = True,
-                 batch_size: int = 8, token_chunk: int = 4096) -> dict[int, ExampleExplanation]:
+                 batch_size: int = 8, token_chunk: int = 4096,
+                 allow_tf32: bool = True) -> dict[int, ExampleExplanation]:
     """
     Explain the cosine scores of `rows` of `dataset`: the co-occurring features C(x) of each, with their weights.
 
@@ -498,12 +502,13 @@ def explain_rows(sae: Any, reader: LayerReader, dataset: Any, rows: Sequence[int
         dataset: a `datasets.Dataset` or a sequence of row dicts.
         rows: the rows to explain.
         special_as_text (`bool`): count special/template tokens as text, as the scorer does by default.
+        allow_tf32 (`bool`): a float32 SAE-V on a GPU may encode with TF32, as the scorer does by default.
 
     Returns:
         `dict[int, ExampleExplanation]`: by row, in the order given.
     """
     args = InspectionArguments(examples=list(rows), special_as_text=special_as_text, batch_size=batch_size,
-                               token_chunk=token_chunk)
+                               token_chunk=token_chunk, allow_tf32=allow_tf32)
     _check_inputs(sae, reader, dataset, args)
     found = {row: e for row, e, _ in _explain_rows(sae, _RowRevisitor(reader, dataset, batch_size), list(rows), args)}
     return {row: found[row] for row in rows}
@@ -511,7 +516,7 @@ def explain_rows(sae: Any, reader: LayerReader, dataset: Any, rows: Sequence[int
 
 def _explain_rows(sae: Any, row_revisitor: _RowRevisitor, rows: list[int], args: InspectionArguments):
     for row, hidden, modality, view in row_revisitor.revisit(sorted(set(rows)), "Inspection: explaining rows"):
-        yield row, _explain(sae, hidden, modality, row, args.special_as_text, args.token_chunk), view
+        yield row, _explain(sae, hidden, modality, row, args.special_as_text, args.token_chunk, args.allow_tf32), view
 
 
 def _select_features(sae: Any, args: InspectionArguments, explanations: dict[int, ExampleExplanation],
@@ -594,8 +599,9 @@ def inspect_saev(sae: Any, reader: LayerReader, dataset: Any, args: InspectionAr
             wanted.setdefault(row, []).append((f, value))
     for row, hidden, modality, view in row_revisitor.revisit(sorted(wanted), "Inspection: reading top examples"):
         feats = [f for f, _ in wanted[row]]
-        z = torch.cat([sae.encode(hidden[s : s + args.token_chunk].to(sae.W_enc.device))[:, feats].float().cpu()
-                       for s in range(0, hidden.shape[0], args.token_chunk)])
+        with sae_matmul_precision(sae.W_enc.device, args.allow_tf32):  # hidden: on the SAE-V's device (check_sae)
+            z = torch.cat([sae.encode(hidden[s : s + args.token_chunk])[:, feats].float().cpu()
+                           for s in range(0, hidden.shape[0], args.token_chunk)])
         image_positions = view.modality == Modality.IMAGE
         for column, (f, value) in enumerate(wanted[row]):
             token_acts = z[:, column]

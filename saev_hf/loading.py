@@ -7,11 +7,60 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
+MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
+"""The dtypes a base model can be loaded in: 'auto' is transformers' `dtype="auto"`, the checkpoint's own dtype."""
+
+
+def check_model_dtype(dtype: str, option: str = "model_dtype") -> None:
+    """Refuse a dtype outside [`MODEL_DTYPES`], naming the option it was given to."""
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"{option}={dtype!r} is not supported; use one of {MODEL_DTYPES}.")
+
+
+def model_dtype_field(default: str = "auto", note: str = "") -> Any:
+    """The `model_dtype` option of every arguments dataclass that loads a base model: one name, one help, one list
+    of choices."""
+    return field(default=default, metadata={
+        "help": f"dtype the base model is loaded in, one of {MODEL_DTYPES}. 'auto' (the default, as transformers' "
+                f"from_pretrained(dtype='auto')) keeps the checkpoint's own dtype: bfloat16 for most released MLLMs "
+                f"(half the memory of float32, several times faster on a GPU), float32 for a model saved in float32."
+                + (f" {note}" if note else ""),
+        "choices": MODEL_DTYPES,
+    })
+
+
+def allow_tf32_field() -> Any:
+    """The `allow_tf32` option of every step that encodes with an SAE-V (see [`sae_matmul_precision`])."""
+    return field(default=True, metadata={
+        "help": "Let a float32 SAE-V's matmuls use TF32 on a GPU that has it (Ampere and newer), only while it "
+                "encodes (torch.set_float32_matmul_precision('high'), the previous setting restored afterwards): "
+                "tensor-core speed, with products rounded to TF32's 10-bit mantissa (sums stay float32). No effect on "
+                "the CPU or on a bf16 SAE-V. False keeps full float32 precision."
+    })
+
+
+@contextlib.contextmanager
+def sae_matmul_precision(device: torch.device | str, allow_tf32: bool = True):
+    """
+    Within the block, float32 matmuls may use TF32 when `device` is a CUDA device and `allow_tf32` (what an SAE-V
+    encode runs under); PyTorch's global setting (`torch.get_float32_matmul_precision()`) comes back afterwards.
+    A no-op on other devices, where TF32 does not exist.
+    """
+    if not allow_tf32 or torch.device(device).type != "cuda":
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def check_local_path(name_or_path: str | os.PathLike, what: str) -> None:
@@ -64,29 +113,41 @@ def accelerator_available() -> bool:
 
 
 def load_model_and_processor(
-    name_or_path: str, revision: str | None = None, dtype: str = "float32", device: torch.device | str | None = None
+    name_or_path: str, revision: str | None = None, dtype: str = "auto", device: torch.device | str | None = None,
+    device_map: str | dict | None = None,
 ):
     """
     Load a base model for reading: an image-text-to-text model with its processor, or a causal LM with its tokenizer.
 
     The model is chosen by its config: architectures that `AutoModelForImageTextToText` knows load with it and
     `AutoProcessor`; every other model loads with `AutoModelForCausalLM` and `AutoTokenizer`. The model is put in
-    eval mode and on `device`.
+    eval mode.
+
+    Args:
+        dtype (`str`): one of [`MODEL_DTYPES`]; 'auto' (the default, as transformers') is the checkpoint's own dtype.
+        device (*optional*): the device the whole model is moved to after loading (None: where it loaded, the CPU).
+        device_map (*optional*): passed to `from_pretrained(device_map=...)` ('auto' spreads a large model over the
+            GPUs, 'cuda:0', 'cpu', or a dict); the model is then placed while it loads. Give `device` or
+            `device_map`, not both.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     check_local_path(name_or_path, "model")
-    if dtype not in MODEL_DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; use one of {MODEL_DTYPES}.")
+    check_model_dtype(dtype, "dtype")
+    if device is not None and device_map is not None:
+        raise ValueError(f"Give either device={str(device)!r} (the whole model, moved after loading) or "
+                         f"device_map={device_map!r} (placed while loading), not both.")
+    placement = {} if device_map is None else {"device_map": device_map}
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     config = AutoConfig.from_pretrained(name_or_path, revision=revision)
     if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype)
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype,
+                                                            **placement)
         processor = AutoProcessor.from_pretrained(name_or_path, revision=revision)
         check_multimodal_processor(processor, name_or_path)
     else:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype, **placement)
         processor = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
     if device is not None:
         model.to(device)

@@ -35,6 +35,7 @@ import torch
 
 from .activations import LayerReader
 from .activity import ExampleActivity, example_activity  # noqa: F401  (their home before saev_hf.activity)
+from .loading import allow_tf32_field
 from .prompts import PromptFormat, RowError
 
 SCORES = ("cosine", "l0", "cooccur_l0")
@@ -65,6 +66,7 @@ class ScorerArguments:
         default=True, metadata={"help": "Count special/template tokens as text positions (the authors' code does)."}
     )
     token_chunk: int = field(default=4096, metadata={"help": "Tokens encoded at once by the SAE (bounds memory)."})
+    allow_tf32: bool = allow_tf32_field()
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.scores) - set(SCORES))
@@ -145,10 +147,22 @@ class SAEVMapFunction:
     """The arguments dataclass (built with its defaults when `args` is not given)."""
 
     def __init__(self, sae: Any, model: Any, processor: Any = None, prompt_format: PromptFormat | None = None,
-                 args: Any = None, layers: Any = None) -> None:
+                 args: Any = None, layers: Any = None, model_dtype: str = "auto",
+                 device_map: str | dict | None = None) -> None:
+        from .loading import check_model_dtype
+
+        check_model_dtype(model_dtype)
+        if not isinstance(model, str) and (model_dtype != "auto" or device_map is not None):
+            raise ValueError(
+                f"model_dtype={model_dtype!r} and device_map={device_map!r} say how to load the MLLM from its path, "
+                f"but a loaded {type(model).__name__} was given: load it in that dtype and place it yourself "
+                f"(from_pretrained(..., dtype=..., device_map=...)), or pass its path."
+            )
         self.args = args or self.arguments_class()
         self.prompt_format = prompt_format
         self.layers = layers
+        self.model_dtype = model_dtype
+        self.device_map = device_map
         # absolute paths: a scorer restored in another working directory (a worker, a later process) finds them again
         self._sae_source = _absolute(sae if isinstance(sae, str) else getattr(sae, "name_or_path", None))
         self._model_source = _absolute(
@@ -195,6 +209,9 @@ class SAEVMapFunction:
                 "layer": sae.config.hook_layer,
                 "prompt_format": None,
                 "args": None,
+                # how a model given by path is loaded: a bfloat16 and a float32 scorer never share cached scores
+                "model_dtype": self.model_dtype,
+                "device_map": self.device_map,
             }
             self._identity_key = key
         # cheap parts, read every time: the processor's settings, the columns and the scorer's own arguments
@@ -213,7 +230,8 @@ class SAEVMapFunction:
         fingerprint = _digest(identity)[:32]
         if self._sae is not None:
             _LIVE[fingerprint] = self  # a worker forked after this finds exactly these objects
-        return (_restore, (type(self), fingerprint, identity, sources, self.prompt_format, self.args))
+        loading = {"model_dtype": self.model_dtype, "device_map": self.device_map}
+        return (_restore, (type(self), fingerprint, identity, sources, self.prompt_format, self.args, loading))
 
     def _check_restored(self) -> None:
         """In a worker that reloaded the SAE-V / MLLM from their paths: refuse to score anything but what the parent
@@ -236,15 +254,20 @@ class SAEVMapFunction:
     def _load(self):
         from transformers import AutoProcessor
 
+        from .activations import layer_device
         from .loading import check_multimodal_processor, load_model_and_processor
         from .model import SAEV
 
-        if self._sae is None:
+        place_sae = self._sae is None  # an SAE-V built here is placed here: on the device of the layer it reads
+        if place_sae:
             self._sae = SAEV.from_pretrained(self._require(self._sae_source, "SAE-V"))
         if self._model is None:
-            self._model, loaded_processor = load_model_and_processor(self._require(self._model_source, "model"))
+            self._model, loaded_processor = load_model_and_processor(
+                self._require(self._model_source, "model"), dtype=self.model_dtype, device_map=self.device_map)
             if self._processor is None and self._processor_source == self._model_source:
                 self._processor = loaded_processor
+        if place_sae:
+            self._sae.to(layer_device(self._model, self._sae.config.hook_layer, self.layers))
         if self._processor is None:
             self._processor = AutoProcessor.from_pretrained(self._require(self._processor_source, "processor"))
             check_multimodal_processor(self._processor, self._processor_source)
@@ -296,6 +319,8 @@ class SAEVMapFunction:
     def _to_device(self, rank: int | None) -> None:
         from .loading import choose_device
 
+        if self.device_map is not None or getattr(self._model, "hf_device_map", None) is not None:
+            return  # placed by device_map while loading: it stays there (and the SAE-V with its layer)
         want = choose_device(rank=rank) if rank is not None else None
         if want is not None and want.type != "cpu" and self._device != want:
             self._model.to(want)
@@ -395,6 +420,15 @@ class SAEVScorer(SAEVMapFunction):
             paper scores the prompt and image only).
         args ([`ScorerArguments`], *optional*): scores, column names, error handling.
         layers (*optional*): where the decoder layers are, for models whose structure hides them.
+        model_dtype (`str`): with `model` a path, the dtype it is loaded in (one of `MODEL_DTYPES`; 'auto', the
+            default, is the checkpoint's own, as transformers' `dtype="auto"`).
+        device_map (*optional*): with `model` a path, where it is placed while loading (transformers'
+            `device_map`: 'auto', 'cuda:0', ...); None leaves it on the CPU until `with_rank` moves it to a GPU.
+            An SAE-V given by path goes on the device of the layer it reads. Both settings are part of the scorer's
+            identity, so scores cached for a bfloat16 model are never reused for a float32 one.
+
+    An SAE-V and a model handed in as objects must be on the same device (the layer's): a `ValueError` names both
+    devices otherwise; nothing is moved between them batch by batch.
 
     Scores do not depend on batch size, batch composition or padding. Call with `with_rank=True` and `num_proc` equal
     to the number of GPUs to score on one GPU per process; `with_indices=True` makes errors name dataset rows.
@@ -427,7 +461,7 @@ class SAEVScorer(SAEVMapFunction):
         for i in range(len(acts)):  # one example at a time: a score never depends on the rest of its batch
             hidden, modality = acts.example(i)
             activity = example_activity(sae, hidden, modality, first_row + i, self.args.special_as_text,
-                                        self.args.token_chunk)
+                                        self.args.token_chunk, allow_tf32=self.args.allow_tf32)
             if "cosine" in self.args.scores:
                 out[self.args.cosine_column].append(activity.cosine(sae.feature_weights))
             if "l0" in self.args.scores:
@@ -459,11 +493,11 @@ def _state_key(module: torch.nn.Module) -> Any:
 
 
 def _restore(cls: type, fingerprint: str, identity: dict, sources: tuple, prompt_format: PromptFormat | None,
-             args: Any) -> SAEVScorer:
+             args: Any, loading: dict | None = None) -> SAEVScorer:
     live = _LIVE.get(fingerprint)
     if live is not None and live.fingerprint == fingerprint:
         return live
-    scorer = cls(*sources, prompt_format=prompt_format, args=args)
+    scorer = cls(*sources, prompt_format=prompt_format, args=args, **(loading or {}))
     scorer._expected_identity = identity
     return scorer
 

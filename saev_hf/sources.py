@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .loading import choose_device, load_dataset_split, load_model_and_processor
+from .activations import layer_device
+from .loading import check_model_dtype, choose_device, load_dataset_split, load_model_and_processor, model_dtype_field
 from .model import SAEV
 from .outputs import prepare_output_dir
 
@@ -24,7 +25,18 @@ class SourceArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     sae_subfolder: str | None = field(default=None, metadata={"help": "Subfolder of the SAE-V repo."})
     model_revision: str | None = field(default=None, metadata={"help": "Revision of the MLLM on the Hub."})
-    device: str = field(default="auto", metadata={"help": "'auto' (GPU if any), 'cpu', 'cuda:0'..."})
+    model_dtype: str = model_dtype_field()
+    device: str = field(
+        default="auto",
+        metadata={"help": "Where the whole MLLM runs: 'auto' (the accelerator if any), 'cpu', 'cuda:0'... The SAE-V "
+                  "goes where the layer it reads runs. Leave it at 'auto' when giving device_map."},
+    )
+    device_map: str | None = field(
+        default=None,
+        metadata={"help": "Place the MLLM while it loads, as transformers' from_pretrained(device_map=...): 'auto' "
+                  "spreads a model too large for one GPU over the GPUs (and the CPU), or 'cuda:0', 'cpu'... The "
+                  "SAE-V goes on the device of the layer it reads. Default: none, the whole model on `device`."},
+    )
     cooccurrence_threshold: float | None = field(
         default=None,
         metadata={"help": "Set the SAE-V's co-occurrence bound delta (recorded in its config; `saev weights` saves "
@@ -35,6 +47,12 @@ class SourceArguments:
         metadata={"help": "Write into output_dir even if it holds files that this command did not write (they may be "
                   "replaced)."},
     )
+
+    def __post_init__(self) -> None:
+        check_model_dtype(self.model_dtype)
+        if self.device_map is not None and self.device not in ("auto", None):
+            raise ValueError(f"Give either device={self.device!r} (the whole model on one device) or "
+                             f"device_map={self.device_map!r} (placed while it loads), not both.")
 
 
 @dataclass
@@ -47,14 +65,17 @@ class MapArguments:
 
 
 def load_sources(source: SourceArguments, command: str | None = None):
-    """The SAE-V, the MLLM (with its processor, on the chosen device) and the dataset named by `source`; with
+    """The SAE-V, the MLLM (with its processor, in `source.model_dtype`, on `source.device` or placed by
+    `source.device_map`) and the dataset named by `source`; the SAE-V is on the device of the layer it reads. With
     `command`, first checks that it may write into `source.output_dir` (before anything heavy is loaded)."""
     if command is not None:
         prepare_output_dir(source.output_dir, command, source.overwrite_output_dir)
-    device = choose_device(source.device)
-    sae = SAEV.from_pretrained(source.sae_name_or_path, subfolder=source.sae_subfolder).to(device)
+    sae = SAEV.from_pretrained(source.sae_name_or_path, subfolder=source.sae_subfolder)
     if source.cooccurrence_threshold is not None:
         sae.set_cooccurrence_threshold(source.cooccurrence_threshold,
                                        info={"method": "set with --cooccurrence_threshold"})
-    model, processor = load_model_and_processor(source.model_name_or_path, revision=source.model_revision, device=device)
+    device = None if source.device_map is not None else choose_device(source.device)
+    model, processor = load_model_and_processor(source.model_name_or_path, revision=source.model_revision,
+                                                dtype=source.model_dtype, device=device, device_map=source.device_map)
+    sae.to(layer_device(model, sae.config.hook_layer))
     return sae, model, processor, load_dataset_split(source.dataset_name, source.dataset_config, source.dataset_split)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .config import ACTIVATIONS
-from .loading import MODEL_DTYPES
+from .loading import check_model_dtype, model_dtype_field
 from .prompts import PromptFormat
 from .schedule import TrainingSchedule
 
@@ -73,11 +73,7 @@ class SAEVTrainingArguments(PromptFormat):
                        "text-only causal LM (plain SAE). Not needed when a model is passed to the Python API."),
     )
     model_revision: str | None = field(default=None, metadata=_help("Revision of the base model on the Hub."))
-    model_dtype: str = field(
-        default="float32",
-        metadata=_help(f"dtype the base model is loaded in, one of {MODEL_DTYPES}. The SAE itself trains in fp32.",
-                       choices=MODEL_DTYPES),
-    )
+    model_dtype: str = model_dtype_field(note="The SAE itself trains in float32.")
     dataset_name: str | None = field(
         default=None,
         metadata=_help("Hub dataset name, a folder written by `Dataset.save_to_disk`, or anything `load_dataset` "
@@ -197,8 +193,7 @@ class SAEVTrainingArguments(PromptFormat):
             raise ValueError(f"layer={self.layer!r} must be a non-negative integer: the 0-based decoder layer index.")
         if not self.output_dir:
             raise ValueError("output_dir must name a folder for the trained SAE-V and its checkpoints.")
-        if self.model_dtype not in MODEL_DTYPES:
-            raise ValueError(f"model_dtype={self.model_dtype!r} is not supported; use one of {MODEL_DTYPES}.")
+        check_model_dtype(self.model_dtype)
         if self.expansion_factor is not None and self.d_sae is not None:
             raise ValueError(
                 f"Give either d_sae ({self.d_sae}) or expansion_factor ({self.expansion_factor}), not both."

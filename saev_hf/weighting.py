@@ -17,7 +17,9 @@ The authors' code keeps every hidden state in memory (about 160 GB for 1k exampl
    pass 2 re-reads only the examples that hold such a position and accumulates, per weighted feature, two sums of
    unit vectors: at most 2 * d_sae * d_in floats (2 GB at 65,536 x 4,096, fp32), whatever the number of examples.
 
-Ties between equal activations are broken by `torch.topk`; exact float ties are vanishingly rare in practice.
+Ties between equal activations are broken by stream position, the earlier position first, never by how `torch.topk`
+happens to order them: a bfloat16 SAE-V or model makes many exact ties, and its weights must not depend on the batch
+size or the chunking.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .activations import LayerActivations, LayerReader
 from .batching import is_indexable, row_batches
+from .loading import allow_tf32_field, sae_matmul_precision
 from .prompts import RowError, rows_to_columns
 
 # Positions are identified across the stream as example_index * POSITION_STRIDE + token_index.
@@ -78,6 +81,7 @@ class WeightingArguments:
                   "modality has many more positions or larger activations, so that the pooled top K holds only "
                   "that modality although the feature fires on both.", "choices": ["pooled", "per_modality"]},
     )
+    allow_tf32: bool = allow_tf32_field()
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars of the two passes."})
 
     def __post_init__(self) -> None:
@@ -100,10 +104,12 @@ class WeightingArguments:
 
 class FeatureTopK:
     """
-    Running top-K positions of every feature over a stream of token activations.
+    Running top-K positions of every feature over a stream of token activations, ordered by activation (highest
+    first), equal activations by stream position (earliest first): the kept positions are the same whatever the
+    chunking of the stream and the order of its chunks.
 
-    `values` (K, d_sae) hold activations (0 = empty slot), `positions` (K, d_sae) stream positions, `is_image`
-    (K, d_sae) the modality. Memory is O(K * d_sae), independent of the stream's length.
+    `values` (K, d_sae) hold activations (0 = empty slot, with position -1), `positions` (K, d_sae) stream positions,
+    `is_image` (K, d_sae) the modality. Memory is O(K * d_sae), independent of the stream's length.
     """
 
     def __init__(self, d_sae: int, top_k: int, device: torch.device | str = "cpu") -> None:
@@ -114,22 +120,21 @@ class FeatureTopK:
 
     @torch.no_grad()
     def update(self, feature_acts: torch.Tensor, positions: torch.Tensor, is_image: torch.Tensor) -> None:
-        """Merge a chunk: `feature_acts` (n, d_sae), `positions` (n,) and `is_image` (n,) of the same tokens."""
+        """Merge a chunk: `feature_acts` (n, d_sae), `positions` (n,) and `is_image` (n,) of the same tokens (their
+        stream positions distinct)."""
         feature_acts = feature_acts.to(self.values)
         positions, is_image = positions.to(self.positions.device), is_image.to(self.is_image.device)
-        if feature_acts.shape[0] > self.top_k:
-            # the chunk's own top K first: the merge then handles 2K rows, not K + n (1 GiB less at n=4096, 65k)
-            feature_acts, rows = feature_acts.topk(self.top_k, dim=0)
-            chunk_positions, chunk_image = positions[rows], is_image[rows]
-        else:
-            rows = torch.arange(feature_acts.shape[0], device=feature_acts.device)[:, None]
-            rows = rows.expand_as(feature_acts)
-            chunk_positions, chunk_image = positions[rows], is_image[rows]
-        values = torch.cat([self.values, feature_acts], dim=0)
-        top_values, index = values.topk(self.top_k, dim=0)
-        self.positions = torch.cat([self.positions, chunk_positions], dim=0).gather(0, index)
-        self.is_image = torch.cat([self.is_image, chunk_image], dim=0).gather(0, index)
-        self.values = top_values
+        # the chunk's own top K first: the merge then handles 2K rows, not K + n (1 GiB less at n=4096, 65k)
+        rows = _top_rows(feature_acts, positions, self.top_k)
+        values = torch.cat([self.values, feature_acts.gather(0, rows)], dim=0)
+        merged_positions = torch.cat([self.positions, positions[rows]], dim=0)
+        merged_image = torch.cat([self.is_image, is_image[rows]], dim=0)
+        index = _order(values, merged_positions)[: self.top_k]
+        values = values.gather(0, index)
+        empty = values <= 0  # an empty slot is the same whichever silent position filled it
+        self.values = values.masked_fill(empty, 0.0)
+        self.positions = merged_positions.gather(0, index).masked_fill(empty, -1)
+        self.is_image = merged_image.gather(0, index) & ~empty
 
     def selection(self, per_modality: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """
@@ -152,6 +157,41 @@ class FeatureTopK:
                 found = hit.any(0)
                 chosen[offset + slot] = torch.where(found, self.positions.gather(0, row[None])[0], -1)
         return text_count, image_count, weighted, chosen
+
+
+def _order(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Row order `(m, d)` of each column: by value, highest first, equal values by position, lowest first (two
+    stable sorts, the secondary key first)."""
+    by_position = positions.argsort(dim=0, stable=True)
+    by_value = values.gather(0, by_position).argsort(dim=0, descending=True, stable=True)
+    return by_position.gather(0, by_value)
+
+
+# Most (position, feature) pairs a tie is resolved over at once: bounds the int64 keys to 128 MiB.
+_TIE_BLOCK = 1 << 24
+
+
+def _top_rows(values: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
+    """
+    Rows `(min(n, k), d)` of each column's top `k` entries of `values` `(n, d)` by value, equal values by `positions`
+    `(n,)` (lowest first), in no particular order. Exact also when equal values straddle the k-th place, where
+    `torch.topk` picks any of them: there the tied entries with the lowest positions are taken. Silent entries (<= 0)
+    are never told apart, so ties among them are left as topk gives them.
+    """
+    n = values.shape[0]
+    if n <= k:
+        return torch.arange(n, device=values.device)[:, None].expand_as(values)
+    top_values, rows = values.topk(k, dim=0)
+    kth = top_values[-1]
+    straddled = ((kth > 0) & ((values >= kth).sum(0) > k)).nonzero().flatten()
+    block = max(1, _TIE_BLOCK // n)
+    for start in range(0, len(straddled), block):
+        columns = straddled[start : start + block]
+        part, bound = values[:, columns], kth[columns]
+        # entries above the k-th value are all kept (fewer than k): key -1; tied ones by position; the rest never
+        key = torch.where(part > bound, -1, torch.where(part == bound, positions[:, None], torch.iinfo(torch.long).max))
+        rows[:, columns] = key.topk(k, dim=0, largest=False).indices
+    return rows
 
 
 class ModalityTopK:
@@ -367,14 +407,15 @@ def _top_k_pass(sae, reader: LayerReader, dataset: Any, args: WeightingArguments
             result.sample.extend(chunk)
         acts = _read(reader, rows, chunk)
         counted = acts.scored_mask(args.special_as_text)
-        hidden = acts.hidden_states[counted].to(device)
+        hidden = acts.hidden_states[counted]  # on the SAE-V's device: reader.check_sae saw to it
         positions = _stream_positions([result.stream_index[i] for i in chunk], counted).to(device)
         is_image = acts.image_mask[counted].to(device)
         result.hidden_sum += hidden.double().sum(0)
         result.num_tokens += hidden.shape[0]
         for start in range(0, hidden.shape[0], args.token_chunk):
             part = slice(start, start + args.token_chunk)
-            z = sae.encode(hidden[part])
+            with sae_matmul_precision(device, args.allow_tf32):
+                z = sae.encode(hidden[part])
             top.update(z, positions[part], is_image[part])
             image_part = is_image[part]
             if image_part.any():

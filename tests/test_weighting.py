@@ -166,3 +166,47 @@ def test_weighting_checks_the_sae_fits_the_model(setup):
     _, reader, ds = setup
     with pytest.raises(ValueError, match=r"reads d_in=32 but LlavaForConditionalGeneration has hidden size 64"):
         compute_feature_weights(SAEV(SAEVConfig(d_in=32, d_sae=64, hook_layer=1)), reader, ds)
+
+
+def reference_top_k(values, positions, top_k):
+    """Each feature's top_k firing (value, position) pairs, by value then earlier position: sorted the obvious way."""
+    return [sorted((-float(values[i, f]), int(positions[i])) for i in range(len(values)) if values[i, f] > 0)[:top_k]
+            for f in range(values.shape[1])]
+
+
+def kept(top):
+    return [[(-v, p) for v, p in zip(top.values[:, f].tolist(), top.positions[:, f].tolist()) if v > 0]
+            for f in range(top.values.shape[1])]
+
+
+def test_ties_are_broken_by_earlier_position_whatever_the_chunking():
+    # four distinct values over 400 tokens: a bfloat16-like stream where nearly every top-K is decided by ties
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 4, (400, 24), generator=generator).float() / 2
+    positions = torch.randperm(100_000, generator=generator)[:400]
+    is_image = torch.rand(400, generator=generator) > 0.5
+    expected = reference_top_k(values, positions, top_k=7)
+    states = []
+    for chunk, order in ((400, None), (1, None), (7, None), (64, None), (33, torch.randperm(400, generator=generator)),
+                         (128, torch.arange(399, -1, -1))):
+        top = FeatureTopK(d_sae=24, top_k=7)
+        index = torch.arange(400) if order is None else order
+        for start in range(0, 400, chunk):
+            part = index[start : start + chunk]
+            top.update(values[part], positions[part], is_image[part])
+        assert kept(top) == expected, f"chunks of {chunk}"
+        states.append((top.values, top.positions, top.is_image))
+    for state in states[1:]:  # the whole state, modality and empty slots included, not only the firing positions
+        assert all(torch.equal(a, b) for a, b in zip(state, states[0]))
+
+
+def test_ties_straddling_the_kth_place_keep_the_earliest_positions():
+    # one chunk, every value equal, positions given latest first: topk alone may keep any 5 of the 50
+    top = FeatureTopK(d_sae=3, top_k=5)
+    values = torch.ones(50, 3)
+    values[10, 1] = 2.0  # above the tie: always kept, first
+    values[:, 2] = 0.0  # silent: nothing kept
+    top.update(values, torch.arange(500, 0, -10), torch.zeros(50, dtype=torch.bool))
+    assert top.positions[:, 0].tolist() == [10, 20, 30, 40, 50]
+    assert top.positions[:, 1].tolist() == [400, 10, 20, 30, 40]
+    assert top.positions[:, 2].tolist() == [-1] * 5 and top.values[:, 2].tolist() == [0.0] * 5

@@ -12,6 +12,7 @@ import torch
 
 from ..activations import Modality, scored_positions
 from ..activity import batch_activity
+from ..loading import allow_tf32_field
 from ..prompts import PromptFormat, _column, row_images, rows_to_columns
 from ..scoring import SAEVMapFunction
 from .geometry import PatchLocator
@@ -46,6 +47,7 @@ class PatchFilterArguments:
                   "become null and the reason goes in `error_column`."},
     )
     error_column: str = field(default="saev_error", metadata={"help": "Reason column used with on_error='null'."})
+    allow_tf32: bool = allow_tf32_field()
 
     def __post_init__(self) -> None:
         if self.score not in (*PATCH_SCORES, "random"):
@@ -91,9 +93,11 @@ class PatchFilter(SAEVMapFunction):
     arguments_class = PatchFilterArguments
 
     def __init__(self, sae: Any, model: Any, processor: Any = None, prompt_format: PromptFormat | None = None,
-                 args: PatchFilterArguments | None = None, layers: Any = None) -> None:
+                 args: PatchFilterArguments | None = None, layers: Any = None, model_dtype: str = "auto",
+                 device_map: str | dict | None = None) -> None:
         super().__init__(sae, model, processor, prompt_format=prompt_format,
-                         args=args or PatchFilterArguments(), layers=layers)
+                         args=args or PatchFilterArguments(), layers=layers, model_dtype=model_dtype,
+                         device_map=device_map)
         self._locator: PatchLocator | None = None
 
     @property
@@ -137,7 +141,8 @@ class PatchFilter(SAEVMapFunction):
 
             # C(x) as the scorer computes it, with every position in one chunk (as the patch scores always were)
             activity = batch_activity(sae, hidden, modality, torch.zeros_like(modality, dtype=torch.long),
-                                      [first_row + i], self.args.special_as_text, None, on_chunk=keep_image_activations)
+                                      [first_row + i], self.args.special_as_text, None, on_chunk=keep_image_activations,
+                                      allow_tf32=self.args.allow_tf32)
             z_image = torch.cat(z_image)
             per_token = token_patch_scores(z_image, activity.cooccurring[0], weights.to(z_image.device))
             out.append([ImagePatchScores(grid, {name: grid.values(v) for name, v in per_token.items()})

@@ -70,9 +70,12 @@ def run_seed(seed: int, args: argparse.Namespace, model, processor, scans: Digit
                               absent_fraction=0.25)
     rows = preference_rows(scans, args.num_pairs, "train", np.random.default_rng([seed, 5]),
                            low_quality_fraction=0.4, refusal_rejected_fraction=args.refusal_rejected)
-    clean = [row for row in rows if not row["low_quality"]]
     if args.on_policy:
-        clean = on_policy(model, processor, clean)
+        # the clean rows of both subsets reject the model's own answer, so that the subsets differ only by the
+        # low-quality rows
+        clean = iter(on_policy(model, processor, [row for row in rows if not row["low_quality"]]))
+        rows = [row if row["low_quality"] else next(clean) for row in rows]
+    clean = [row for row in rows if not row["low_quality"]]
     results = []
     for overrides in json.loads(args.configs):
         config = SceneDPOArguments(**{"seed": seed, **overrides})

@@ -36,3 +36,19 @@ def test_an_effect_counts_only_beyond_the_seed_spread():
     assert module._beyond([0.80, 0.82, 0.84], [0.70, 0.71, 0.72])
     assert not module._beyond([0.80, 0.70, 0.90], [0.75, 0.74, 0.76])  # a higher mean within the spread
     assert module._beyond([0.80], [0.79])  # one seed has no spread
+
+
+def test_on_policy_subsets_differ_only_by_the_low_quality_rows(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("scene_dpo_subsets", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    subsets = []
+    monkeypatch.setattr(module, "dpo_and_evaluate", lambda model, processor, rows, *rest: subsets.append(rows) or
+                        {"accuracy": 0.0, "hallucination_rate": 0.0, "by_kind": {}, "train_rows": len(rows)})
+    monkeypatch.setattr(module, "on_policy", lambda model, processor, rows: [{**r, "rejected": "on-policy"} for r in rows])
+    module.run(module.parse_args(["--output-dir", str(tmp_path), "--configs", '[{"steps": 1}]', "--num-pairs", "10",
+                                  "--eval-rows", "4", "--on-policy"]))
+    clean, every = subsets
+    assert all(row["rejected"] == "on-policy" for row in clean)
+    assert [row for row in every if not row["low_quality"]] == clean  # the same clean rows in both subsets
+    assert all(row["rejected"] != "on-policy" for row in every if row["low_quality"])

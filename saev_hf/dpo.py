@@ -26,6 +26,7 @@ TRL is imported by this module only, so ``import saev_hf`` stays light.
 """
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ from trl import DPOConfig, SFTConfig
 
 from .activations import find_decoder_layers
 from .loading import library_progress_bars
-from .prompts import conversational_example, load_image
+from .prompts import conversational_example, format_text, load_image
 
 # The paper's DPO/SFT hyper-parameters (section 3 of docs/saev-method.md)
 PAPER_HYPERPARAMETERS: dict[str, Any] = {
@@ -222,6 +223,30 @@ def _sft_rows(dataset, processor):
     return trl_dataset(dataset, processor, ("completion",))
 
 
+def check_bos_for_trl(processor) -> bool:
+    """
+    Warn when TRL would train on other tokens than the model reads: TRL tokenizes the chat template's text without
+    adding special tokens, so a tokenizer that puts a BOS token first on its own (LLaVA-1.5's Llama tokenizer) under
+    a template that does not write it loses that BOS in DPO and SFT, while the scorer, the processor and generation
+    keep it. Returns whether TRL's tokens match (True also when the tokenizer has no BOS to add).
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos or tokenizer("a")["input_ids"][:1] != [tokenizer.bos_token_id]:
+        return True
+    rendered = format_text(processor, [{"role": "user", "content": [{"type": "text", "text": "a"}]}],
+                           getattr(processor, "image_token", None), has_response=False)
+    if rendered.startswith(bos):
+        return True
+    warnings.warn(
+        f"TRL will train without the BOS token {bos!r}: its trainers tokenize the chat template's text without adding "
+        f"special tokens, and this template does not write {bos!r} while the tokenizer (and so the scorer and the "
+        f"model's processor) puts it first. The model would learn on sequences it never reads. Make the template write "
+        f"it: processor.chat_template = '{{{{ bos_token }}}}' + processor.chat_template (and the same for "
+        f"processor.tokenizer.chat_template if it has one).", stacklevel=3)
+    return False
+
+
 def _peft(model, peft_config, lora: bool):
     if peft_config is None and lora:
         peft_config = lora_config(model)
@@ -249,6 +274,7 @@ def train_dpo(model, processor, dataset, args: DPOConfig | None = None, *, lora:
     """
     from trl import DPOTrainer
 
+    check_bos_for_trl(processor)
     peft_config = _peft(model, peft_config, lora)
     if ref_model is None and peft_config is None:
         # TRL would reload the reference from the model's path, losing in-memory weights: use a frozen copy instead
@@ -267,6 +293,7 @@ def train_sft(model, processor, dataset, args: SFTConfig | None = None, *, lora:
     """SFT-train `model` on `dataset` (prompt + completion, or a preference dataset's chosen answers) with TRL."""
     from trl import SFTTrainer
 
+    check_bos_for_trl(processor)
     args = args or paper_sft_config(output_dir)
     with library_progress_bars(disable=args.disable_tqdm):
         trainer = SFTTrainer(model=model, args=args, train_dataset=_sft_rows(dataset, processor),

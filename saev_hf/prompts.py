@@ -354,6 +354,8 @@ def prepare_inputs(
         images.append(row_imgs)
 
     kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True, "padding_side": "right"}
+    if template_writes_bos(processor, texts, first_row):
+        kwargs["add_special_tokens"] = False  # as transformers' processors do: the text already opens with <s>
     if image_values is not None:
         kwargs["images"] = images
     try:
@@ -365,6 +367,27 @@ def prepare_inputs(
     if prompt_format.max_length is not None:
         inputs = truncate(inputs, prompt_format.max_length, image_token_id, first_row)
     return inputs
+
+
+def template_writes_bos(processor: Any, texts: Sequence[str], first_row: int = 0) -> bool:
+    """Whether the prompt texts already open with the tokenizer's BOS token (chat templates such as Llama 3's and
+    Gemma's write it), so that tokenizing them must not add another: transformers' `ProcessorMixin.
+    apply_chat_template` makes the same check. A batch where only some rows open with it is refused (its tokens would
+    depend on the rows beside it)."""
+    bos = getattr(getattr(processor, "tokenizer", processor), "bos_token", None)
+    if not bos:
+        return False
+    opens = [text.startswith(bos) for text in texts]
+    if all(opens):
+        return True
+    if any(opens):
+        row = first_row + opens.index(not opens[0])
+        raise RowError(
+            f"Row {row}'s prompt {'opens' if opens[row - first_row] else 'does not open'} with the BOS token {bos!r} "
+            f"and row {first_row}'s {'does' if opens[0] else 'does not'}: give every row the same layout (plain "
+            f"prompts rendered by the chat template, or formatted prompts written alike)."
+        )
+    return False
 
 
 def truncate(inputs, max_length: int, image_token_id: int | None, first_row: int = 0):

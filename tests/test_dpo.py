@@ -284,3 +284,45 @@ def test_sft_trains_on_the_readme_plain_prompts(tmp_path):
     trainer = train_sft(model, processor, readme_rows(8), config)
     assert trainer.state.global_step == 2
     assert not torch.equal(model.model.language_model.layers[0].self_attn.q_proj.weight, before)
+
+
+def test_trl_trains_on_exactly_the_tokens_the_reader_gives_the_model():
+    """TRL tokenizes the rendered template without special tokens; the reader follows transformers' processors. Both
+    must give the model the same sequence, BOS included (a BOS lost in DPO trains the model on text it never reads)."""
+    import copy
+
+    import datasets
+    from trl import DPOTrainer
+
+    from saev_hf.demo.tiny_pretraining import response_inputs
+    from saev_hf.dpo import _preference_rows, check_bos_for_trl, paper_dpo_config
+
+    model, processor = build_tiny_model("llava", seed=0)
+    assert check_bos_for_trl(processor)
+    rows = [{"images": [image], "prompt": "what digit is this ?", "chosen": DIGIT_NAMES[label], "rejected": "cat"}
+            for image, label in digit_images(3)]
+    config = paper_dpo_config("unused", max_steps=1, per_device_train_batch_size=3, max_length=64, report_to="none",
+                              save_strategy="no")
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=config,
+                         train_dataset=_preference_rows(datasets.Dataset.from_list(rows), processor),
+                         processing_class=processor)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trained = sorted(tuple(i for i, m in zip(ids.tolist(), mask.tolist()) if m)
+                     for ids, mask in zip(batch["input_ids"], batch["attention_mask"]))
+    read = sorted(tuple(response_inputs(model, processor, [{"images": r["images"], "prompt": r["prompt"],
+                                                             "response": r[key]}])[0]["input_ids"][0].tolist())
+                  for r in rows for key in ("chosen", "rejected"))
+    assert trained == read
+    assert all(sequence.count(processor.tokenizer.bos_token_id) == 1 and sequence[0] == processor.tokenizer.bos_token_id
+               for sequence in trained)
+
+
+def test_a_template_that_leaves_the_bos_to_the_tokenizer_is_flagged_before_trl_drops_it():
+    from saev_hf.dpo import check_bos_for_trl
+
+    _, processor = build_tiny_model("llava", seed=0)
+    without = processor.chat_template.replace("{{- bos_token -}}", "")
+    assert without != processor.chat_template
+    processor.chat_template = processor.tokenizer.chat_template = without
+    with pytest.warns(UserWarning, match="without the BOS token '<s>'.*bos_token"):
+        assert not check_bos_for_trl(processor)

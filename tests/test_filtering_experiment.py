@@ -91,8 +91,10 @@ def test_log_likelihood_baseline_matches_an_independent_computation(experiment):
         conversation = [*question, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
         full_text = processor.apply_chat_template(conversation, tokenize=False)
         prompt_text = processor.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
-        inputs = processor(images=[row["images"][0]], text=[full_text], return_tensors="pt")
-        start = processor(images=[row["images"][0]], text=[prompt_text], return_tensors="pt")["input_ids"].shape[1]
+        assert full_text.startswith(processor.tokenizer.bos_token)  # the template writes it: add no other
+        inputs = processor(images=[row["images"][0]], text=[full_text], return_tensors="pt", add_special_tokens=False)
+        start = processor(images=[row["images"][0]], text=[prompt_text], return_tensors="pt",
+                          add_special_tokens=False)["input_ids"].shape[1]
         with torch.no_grad():
             log_probs = torch.log_softmax(model(**inputs).logits[0, :-1].double(), dim=-1)
         targets = inputs["input_ids"][0, 1:]

@@ -140,3 +140,27 @@ def test_the_processor_sees_the_same_pixels_from_a_transparent_image_as_from_the
     assert processor.image_processor.do_convert_rgb
     assert torch.equal(direct, through_library)
     assert direct.mean() > 0.5  # white background after normalisation, where dropping alpha gives black (< 0)
+
+
+def test_a_template_that_writes_the_bos_gets_one_bos_and_one_that_does_not_gets_the_tokenizers():
+    """As transformers' processors: a text that already opens with <s> is tokenized without adding special tokens."""
+    from saev_hf.demo.tiny_models import build_tiny_model
+    from saev_hf.prompts import PromptFormat, prepare_inputs
+
+    _, processor = build_tiny_model("llava", seed=0)
+    bos = processor.tokenizer.bos_token_id
+    image, _ = digit_images(1)[0]
+    rows = [{"images": [image], "prompt": "what digit is this ?"}]
+    fmt = PromptFormat(image_column="images")
+    assert processor.chat_template.startswith("{{- bos_token -}}")
+    with_template_bos = prepare_inputs(processor, rows, fmt)["input_ids"][0].tolist()
+    processor.chat_template = processor.chat_template.replace("{{- bos_token -}}", "")
+    with_tokenizer_bos = prepare_inputs(processor, rows, fmt)["input_ids"][0].tolist()
+    assert with_template_bos == with_tokenizer_bos  # the same tokens either way
+    assert with_template_bos[0] == bos and with_template_bos.count(bos) == 1  # never two
+
+    token = processor.image_token
+    mixed = [{"images": [image], "prompt": f"<s><|user|>{token}a<|end|><|assistant|>"},
+             {"images": [image], "prompt": f"<|user|>{token}a<|end|><|assistant|>"}]
+    with pytest.raises(RowError, match="Row 8's prompt does not open with the BOS token '<s>' and row 7's does"):
+        prepare_inputs(processor, mixed, fmt, first_row=7)

@@ -201,9 +201,12 @@ def test_chat_template(tiny_mllm):
     rendered = processor.apply_chat_template(chat)
     placeholder = IMAGE_PLACEHOLDER[tiny_mllm.arch]
     assert rendered.count(placeholder) == 1
-    body = rendered.replace(placeholder, "") if tiny_mllm.arch == "paligemma" else rendered
     if tiny_mllm.arch == "paligemma":
         assert rendered.startswith(placeholder)  # PaliGemma's layout: images, then <s>, then the text
+        body = rendered.replace(placeholder, "")
+    else:  # the template writes the BOS itself, as Llama's and Gemma's do (TRL adds no special tokens)
+        assert rendered.startswith(tokenizer.bos_token) and rendered.count(tokenizer.bos_token) == 1
+        body = rendered[len(tokenizer.bos_token):]
     assert body.startswith("<|system|>be brief<|end|><|user|>")
     assert "What digit is this?<|end|><|assistant|>seven<|end|>" in body
     assert rendered.endswith("<|end|>")
@@ -273,7 +276,7 @@ def test_text_model_runs_and_reloads(tiny_text_model):
 
     tokenizer = tiny_text_model.processor
     prompt = tokenizer.apply_chat_template(conversation("seven"), tokenize=False)
-    assert prompt == "<|user|>What digit is this?<|end|><|assistant|>seven<|end|>"  # images are dropped
+    assert prompt == "<s><|user|>What digit is this?<|end|><|assistant|>seven<|end|>"  # images are dropped
     inputs = tokenizer([prompt, "a handwritten digit"], return_tensors="pt", padding=True)
     out = forward(tiny_text_model.model, inputs)
     config = tiny_text_model.model.config

@@ -78,6 +78,7 @@ def _corpus_words() -> list[str]:
 # Chat template
 # ---------------------------------------------------------------------------------------------------------------------
 _CHAT_TEMPLATE = (
+    "__BOS__"
     "{%- for message in messages -%}"
     "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
     "{{- raise_exception('Unsupported role: ' ~ message['role'] ~ ' (expected system, user or assistant)') -}}"
@@ -117,13 +118,16 @@ _IMAGES_FIRST = (
 def _chat_template(image_placeholder: str, images_first: bool = False) -> str:
     """The shared chat template.
 
-    ``<|role|>content<|end|>`` per message, then ``<|assistant|>`` when ``add_generation_prompt``. An
+    ``<s>``, then ``<|role|>content<|end|>`` per message, then ``<|assistant|>`` when ``add_generation_prompt``. The
+    template writes the BOS token itself, as Llama's and Gemma's do, so that TRL (which tokenizes the rendered text
+    without adding special tokens) trains on the same tokens the reader and the processor give the model. An
     ``{"type": "image"}`` item is written as ``image_placeholder`` where it occurs or, with ``images_first``, all
     images go before the conversation (PaliGemma's layout: image tokens, then ``<s>``, then the text).
     """
-    if images_first:
-        return _IMAGES_FIRST.replace("__IMAGE__", image_placeholder) + _CHAT_TEMPLATE.replace("__IMAGE__", "")
-    return _CHAT_TEMPLATE.replace("__IMAGE__", image_placeholder)
+    if images_first:  # PaliGemma's processor puts <s> after the images itself
+        return (_IMAGES_FIRST.replace("__IMAGE__", image_placeholder)
+                + _CHAT_TEMPLATE.replace("__IMAGE__", "").replace("__BOS__", ""))
+    return _CHAT_TEMPLATE.replace("__IMAGE__", image_placeholder).replace("__BOS__", "{{- bos_token -}}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

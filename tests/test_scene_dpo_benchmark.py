@@ -25,7 +25,7 @@ def test_scene_dpo_benchmark_records_clean_and_all_runs_per_setup(tmp_path):
         for entry in seed["results"]:
             assert entry["clean"]["train_rows"] == 6 and entry["all"]["train_rows"] == 10
     table = (tmp_path / "scene_dpo.md").read_text()
-    assert table.count("| `{") == 2 + 2 * 2  # the main table, then clean and all per set-up by question kind
+    assert table.count("| `{") == 2 + 2 + 2 * 2  # the main table, the paired effects, then clean and all by question kind
     assert "likeliest wrong answer" in table and "rejecting 'none'" in table and "Seeds 0, 1" in table
 
 
@@ -52,3 +52,11 @@ def test_on_policy_subsets_differ_only_by_the_low_quality_rows(tmp_path, monkeyp
     assert all(row["rejected"] == "on-policy" for row in clean)
     assert [row for row in every if not row["low_quality"]] == clean  # the same clean rows in both subsets
     assert all(row["rejected"] != "on-policy" for row in every if row["low_quality"])
+
+
+def test_paired_effects_count_the_seeds_that_go_the_right_way():
+    spec = importlib.util.spec_from_file_location("scene_dpo_paired", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module._paired([0.72, 0.70, 0.75], [0.70, 0.69, 0.76], 1) == "+0.7 ± 1.5 (2/3 seeds)"
+    assert module._paired([0.50, 0.40], [0.80, 0.70], -1) == "-30.0 ± 0.0 (2/2 seeds)"

@@ -307,8 +307,10 @@ class LayerReader:
             )
         check_same_device(sae, self.device, f"layer {self.layer} of {type(self.model).__name__} (what it reads)")
 
-    def prepare(self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]], first_row: int = 0):
-        """Right-padded model inputs for `rows` (see [`prepare_inputs`])."""
+    def prepare(self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]],
+                first_row: int | Sequence[int] = 0):
+        """Right-padded model inputs for `rows` (see [`prepare_inputs`]); `first_row` is the dataset index of the first
+        row, or of every row, for errors."""
         return prepare_inputs(self.processor, rows, self.prompt_format, self.image_token_id, first_row)
 
     def modality(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -361,7 +363,7 @@ class LayerReader:
         )
 
     def read(
-        self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]], first_row: int = 0
+        self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]], first_row: int | Sequence[int] = 0
     ) -> LayerActivations:
         """Hidden states of layer L and modalities for a batch of dataset rows."""
         return self.read_inputs(self.prepare(rows, first_row))

@@ -1,5 +1,5 @@
-"""Reading a dataset's rows in batches: the one row batcher of the weighting, the inspection, the evaluation and the
-activation buffer.
+"""Reading a dataset's rows in batches: the one row batcher of the evaluation, the activation buffer and the input
+pipeline ([`saev_hf.pipeline.prepared_batches`]) that the scorer, the weighting and the inspection read through.
 
 A dataset here is a `datasets.Dataset` (or any sequence of row dicts), read by index, or a stream
 (`datasets.IterableDataset`, any re-iterable of row dicts), read in order.

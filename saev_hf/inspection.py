@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .activations import LayerReader, Modality
 from .activity import batch_activity, example_activity
-from .batching import row_batches
+from .pipeline import check_workers, prepared_batches, preprocessing_workers_field
 from .loading import allow_tf32_field, sae_matmul_precision
 from .prompts import row_images, rows_to_columns
 
@@ -84,12 +84,14 @@ class InspectionArguments:
     batch_size: int = field(default=8, metadata={"help": "Examples per MLLM forward."})
     token_chunk: int = field(default=4096, metadata={"help": "Tokens encoded at once by the SAE (bounds memory)."})
     allow_tf32: bool = allow_tf32_field()
+    preprocessing_workers: int = preprocessing_workers_field()
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars of the passes over the rows."})
 
     def __post_init__(self) -> None:
         for name in ("top_n", "batch_size", "token_chunk"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
+        check_workers(self.preprocessing_workers)
         for name in ("num_explained", "num_contributors", "num_top_weighted", "max_features"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be 0 or more.")
@@ -383,9 +385,11 @@ def _scan(sae: Any, reader: LayerReader, dataset: Any, rows: list[int], args: In
     fired = torch.zeros(d_sae, dtype=torch.long, device=device)
     cooccurring = torch.zeros(d_sae, dtype=torch.long, device=device)
     scores: dict[str, list[float]] = {"cosine": [], "l0": [], "cooccur_l0": []}
-    for chunk, batch in tqdm(row_batches(dataset, args.batch_size, rows), desc="Inspection: scanning rows",
-                             total=math.ceil(len(rows) / args.batch_size), unit="batch", disable=args.disable_tqdm):
-        acts = reader.read(batch, first_row=chunk[0])
+    batches = prepared_batches(reader, dataset, args.batch_size, rows, workers=args.preprocessing_workers)
+    for prepared in tqdm(batches, desc="Inspection: scanning rows", total=math.ceil(len(rows) / args.batch_size),
+                         unit="batch", disable=args.disable_tqdm):
+        chunk = prepared.rows
+        acts = reader.read_inputs(prepared.check())
         real = acts.token_mask
         example = torch.arange(len(acts), device=real.device)[:, None].expand_as(real)[real].to(device)
         modality = acts.modality[real].to(device)
@@ -444,9 +448,10 @@ def _explain(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, row: int, s
 class _RowRevisitor:
     """Re-reads chosen rows (passes 2 and 3), building each row's [`RowView`] once."""
 
-    def __init__(self, reader: LayerReader, dataset: Any, batch_size: int, disable_tqdm: bool = False) -> None:
+    def __init__(self, reader: LayerReader, dataset: Any, batch_size: int, disable_tqdm: bool = False,
+                 workers: int = 0) -> None:
         self.reader, self.dataset, self.batch_size = reader, dataset, batch_size
-        self.disable_tqdm = disable_tqdm
+        self.disable_tqdm, self.workers = disable_tqdm, workers
         self.views: dict[int, RowView] = {}
         self._locator: Any = None
         self._locator_note: str | None = None
@@ -462,12 +467,13 @@ class _RowRevisitor:
         [`LayerReader.read`]: this reads chosen dataset rows again and builds their views.)"""
         tokenizer = getattr(self.reader.processor, "tokenizer", self.reader.processor)
         column = self.reader.prompt_format.image_column
-        for chunk, batch in tqdm(row_batches(self.dataset, self.batch_size, rows), desc=desc,
-                                 total=math.ceil(len(rows) / self.batch_size), unit="batch",
-                                 disable=self.disable_tqdm):
-            inputs = self.reader.prepare(batch, first_row=chunk[0])
+        batches = prepared_batches(self.reader, self.dataset, self.batch_size, rows, workers=self.workers,
+                                   keep_rows=True)
+        for prepared in tqdm(batches, desc=desc, total=math.ceil(len(rows) / self.batch_size), unit="batch",
+                             disable=self.disable_tqdm):
+            chunk, inputs = prepared.rows, prepared.check()
             acts = self.reader.read_inputs(inputs)
-            images = rows_to_columns(batch)[column]
+            images = rows_to_columns(prepared.batch)[column]
             for i, row in enumerate(chunk):
                 hidden, modality = acts.example(i)
                 if row not in self.views:
@@ -576,7 +582,7 @@ def inspect_saev(sae: Any, reader: LayerReader, dataset: Any, args: InspectionAr
     if not has_weights:
         scores["cosine"] = torch.full_like(scores["cosine"], math.nan)
 
-    row_revisitor = _RowRevisitor(reader, dataset, args.batch_size, args.disable_tqdm)
+    row_revisitor = _RowRevisitor(reader, dataset, args.batch_size, args.disable_tqdm, args.preprocessing_workers)
     explained_rows = list(args.examples) if args.examples is not None else []
     if args.examples is None and args.num_explained:
         order = sorted(range(n), key=lambda i: (float(scores["cosine"][i]), i))

@@ -311,7 +311,7 @@ def prepare_inputs(
     rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]],
     prompt_format: PromptFormat,
     image_token_id: int | None = None,
-    first_row: int = 0,
+    first_row: int | Sequence[int] = 0,
 ):
     """
     Model inputs for a batch of rows, right-padded, as a `BatchFeature` of tensors.
@@ -324,12 +324,14 @@ def prepare_inputs(
         rows: a `datasets` batch or a list of row dicts.
         prompt_format: which columns to read and the length limit.
         image_token_id: id of the image token, used to refuse truncations that would cut image tokens.
-        first_row: index of the first row in the dataset, so that errors name the right row.
+        first_row: index of the first row in the dataset, or the dataset index of every row (rows read out of order,
+            e.g. grouped by length, or a sample), so that errors name the right row.
     """
     columns = rows_to_columns(rows)
     if not columns or not any(len(values) for values in columns.values()):
         raise ValueError("The batch holds no rows: there is nothing to read. Pass at least one row.")
     prompts = _column(columns, prompt_format.prompt_column, "prompt_column")
+    row_ids = row_indices(first_row, len(prompts))
     responses = (
         _column(columns, prompt_format.response_column, "response_column")
         if prompt_format.response_column
@@ -341,7 +343,7 @@ def prepare_inputs(
     image_token = getattr(processor, "image_token", None)
     texts, images = [], []
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
-        row = first_row + i
+        row = row_ids[i]
         row_imgs = row_images(image_values[i], row, prompt_format.image_column) if image_values is not None else []
         if prompt_format.response_column and response is None:
             raise RowError(f"Row {row} has no response in column {prompt_format.response_column!r}.")
@@ -354,7 +356,7 @@ def prepare_inputs(
         images.append(row_imgs)
 
     kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True, "padding_side": "right"}
-    if template_writes_bos(processor, texts, first_row):
+    if template_writes_bos(processor, texts, row_ids):
         kwargs["add_special_tokens"] = False  # as transformers' processors do: the text already opens with <s>
     if image_values is not None:
         kwargs["images"] = images
@@ -362,14 +364,14 @@ def prepare_inputs(
         inputs = processor(**kwargs)
     except (ValueError, TypeError, KeyError, IndexError) as error:
         raise RowError(
-            f"Rows {first_row}..{first_row + len(texts) - 1}: the processor could not prepare them ({error})."
+            f"{_describe_rows(row_ids)}: the processor could not prepare them ({error})."
         ) from error
     if prompt_format.max_length is not None:
-        inputs = truncate(inputs, prompt_format.max_length, image_token_id, first_row)
+        inputs = truncate(inputs, prompt_format.max_length, image_token_id, row_ids)
     return inputs
 
 
-def template_writes_bos(processor: Any, texts: Sequence[str], first_row: int = 0) -> bool:
+def template_writes_bos(processor: Any, texts: Sequence[str], first_row: int | Sequence[int] = 0) -> bool:
     """Whether the prompt texts already open with the tokenizer's BOS token (chat templates such as Llama 3's and
     Gemma's write it), so that tokenizing them must not add another: transformers' `ProcessorMixin.
     apply_chat_template` makes the same check. A batch where only some rows open with it is refused (its tokens would
@@ -381,26 +383,44 @@ def template_writes_bos(processor: Any, texts: Sequence[str], first_row: int = 0
     if all(opens):
         return True
     if any(opens):
-        row = first_row + opens.index(not opens[0])
+        rows, other = row_indices(first_row, len(texts)), opens.index(not opens[0])
         raise RowError(
-            f"Row {row}'s prompt {'opens' if opens[row - first_row] else 'does not open'} with the BOS token {bos!r} "
-            f"and row {first_row}'s {'does' if opens[0] else 'does not'}: give every row the same layout (plain "
+            f"Row {rows[other]}'s prompt {'opens' if opens[other] else 'does not open'} with the BOS token {bos!r} "
+            f"and row {rows[0]}'s {'does' if opens[0] else 'does not'}: give every row the same layout (plain "
             f"prompts rendered by the chat template, or formatted prompts written alike)."
         )
     return False
 
 
-def truncate(inputs, max_length: int, image_token_id: int | None, first_row: int = 0):
+def row_indices(first_row: int | Sequence[int], count: int) -> list[int]:
+    """The dataset index of each of `count` rows: `first_row` onwards, or `first_row` itself when it lists them."""
+    if not isinstance(first_row, Sequence):
+        first_row = int(first_row)
+        return list(range(first_row, first_row + count))
+    row_ids = [int(row) for row in first_row]
+    if len(row_ids) != count:
+        raise ValueError(f"{len(row_ids)} row indices were given for {count} rows; give one index per row.")
+    return row_ids
+
+
+def _describe_rows(row_ids: list[int]) -> str:
+    if row_ids == list(range(row_ids[0], row_ids[0] + len(row_ids))):
+        return f"Rows {row_ids[0]}..{row_ids[-1]}"
+    return f"Rows {row_ids}"
+
+
+def truncate(inputs, max_length: int, image_token_id: int | None, first_row: int | Sequence[int] = 0):
     """Cut right-padded inputs to `max_length` tokens, refusing to cut any image token (names the row)."""
     input_ids = inputs["input_ids"]
     if input_ids.shape[1] <= max_length:
         return inputs
+    row_ids = row_indices(first_row, input_ids.shape[0])
     if image_token_id is not None:
         cut = input_ids[:, max_length:] == image_token_id
         for i in cut.any(dim=1).nonzero().flatten().tolist():
             last = int((input_ids[i] == image_token_id).nonzero().max())
             raise RowError(
-                f"Row {first_row + i}: max_length={max_length} would cut its image tokens (they run to position "
+                f"Row {row_ids[i]}: max_length={max_length} would cut its image tokens (they run to position "
                 f"{last}; the input has {int(inputs['attention_mask'][i].sum())} tokens). Raise max_length to at "
                 f"least {last + 1} or shorten the text before the image."
             )

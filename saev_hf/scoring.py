@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
@@ -36,7 +36,8 @@ import torch
 from .activations import LayerReader
 from .activity import ExampleActivity, example_activity  # noqa: F401  (their home before saev_hf.activity)
 from .loading import allow_tf32_field
-from .prompts import PromptFormat, RowError
+from .pipeline import check_workers, prepared_batches, preprocessing_workers_field
+from .prompts import PromptFormat, RowError, row_indices
 
 SCORES = ("cosine", "l0", "cooccur_l0")
 
@@ -67,6 +68,19 @@ class ScorerArguments:
     )
     token_chunk: int = field(default=4096, metadata={"help": "Tokens encoded at once by the SAE (bounds memory)."})
     allow_tf32: bool = allow_tf32_field()
+    forward_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows per forward of the MLLM. None runs each map batch in one forward (the map's "
+                  "batch_size). Set it (e.g. 8) with a map batch_size several times larger (e.g. 128) to prepare "
+                  "forward batches ahead (preprocessing_workers) and group them by length (group_by_length)."},
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "Within each map batch, put rows of similar length (number of images, then characters of "
+                  "text) into the same forward batch, to cut padding; scores come back in the dataset's order and "
+                  "do not change. Needs forward_batch_size; the map batch is the window."},
+    )
+    preprocessing_workers: int = preprocessing_workers_field()
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.scores) - set(SCORES))
@@ -76,6 +90,22 @@ class ScorerArguments:
             raise ValueError(f"on_error={self.on_error!r} must be 'raise' or 'null'.")
         if self.token_chunk <= 0:
             raise ValueError(f"token_chunk={self.token_chunk} must be positive.")
+        check_workers(self.preprocessing_workers)
+        if self.forward_batch_size is not None and (isinstance(self.forward_batch_size, bool)
+                                                    or self.forward_batch_size <= 0):
+            raise ValueError(f"forward_batch_size={self.forward_batch_size!r} must be a positive number of rows "
+                             f"(or None: one forward per map batch).")
+        if self.forward_batch_size is None and (self.group_by_length or self.preprocessing_workers):
+            raise ValueError(
+                f"group_by_length={self.group_by_length} and preprocessing_workers={self.preprocessing_workers} "
+                f"work on the forward batches of a map batch, but forward_batch_size is None (one forward per map "
+                f"batch). Set forward_batch_size (e.g. 8) and give the map a larger batch_size (e.g. 128)."
+            )
+
+
+PIPELINE_FIELDS = ("forward_batch_size", "group_by_length", "preprocessing_workers")
+"""Arguments that say how rows reach the model, not what is computed: scores do not depend on them, so they are left
+out of a scorer's identity (a map cached with one setting is hit with another)."""
 
 
 class TypedColumn(list):
@@ -216,7 +246,8 @@ class SAEVMapFunction:
             self._identity_key = key
         # cheap parts, read every time: the processor's settings, the columns and the scorer's own arguments
         self._identity.update(processor=processor_digest(processor), layer=sae.config.hook_layer,
-                              prompt_format=asdict(self._reader_prompt_format()), args=asdict(self.args))
+                              prompt_format=asdict(self._reader_prompt_format()),
+                              args={k: v for k, v in asdict(self.args).items() if k not in PIPELINE_FIELDS})
         return dict(self._identity)
 
     @property
@@ -231,7 +262,11 @@ class SAEVMapFunction:
         if self._sae is not None:
             _LIVE[fingerprint] = self  # a worker forked after this finds exactly these objects
         loading = {"model_dtype": self.model_dtype, "device_map": self.device_map}
-        return (_restore, (type(self), fingerprint, identity, sources, self.prompt_format, self.args, loading))
+        # the input pipeline's settings stay out of the pickle, so that they leave datasets' fingerprint alone: a
+        # forked worker finds this scorer (settings included) in _LIVE; one that reloads from the paths (spawn)
+        # prepares its rows without workers or grouping, which gives the same scores
+        return (_restore, (type(self), fingerprint, identity, sources, self.prompt_format,
+                           _without_pipeline(self.args), loading))
 
     def _check_restored(self) -> None:
         """In a worker that reloaded the SAE-V / MLLM from their paths: refuse to score anything but what the parent
@@ -355,23 +390,7 @@ class SAEVMapFunction:
         if n == 0:  # an empty batch (e.g. a shard without rows) adds empty columns
             types = self._column_types()
             return {name: TypedColumn([], types[name]) if name in types else [] for name in self.columns}
-        first = indices[0] if indices is not None else 0
-        try:
-            scores = self.score_rows(batch, first)
-            errors: list[str | None] = [None] * n
-        except RowError:
-            if self.args.on_error == "raise":
-                raise
-            scores, errors = {name: [] for name in self._score_columns()}, []
-            for i in range(n):  # isolate the rows that fail; the others get the scores a batch would give them
-                try:
-                    row_scores = self.score_rows({k: [v[i]] for k, v in batch.items()}, first + i)
-                    error = None
-                except RowError as exc:
-                    row_scores, error = {name: [None] for name in scores}, str(exc)
-                for name in scores:
-                    scores[name].append(row_scores[name][0])
-                errors.append(error)
+        scores, errors = self._score_batch(batch, list(indices) if indices is not None else list(range(n)))
         if self.args.on_error == "null":
             scores[self.args.error_column] = errors
             # Typed arrays: a batch whose rows all succeed (or all fail) would otherwise give an all-None column that
@@ -380,6 +399,32 @@ class SAEVMapFunction:
             scores = {name: TypedColumn(values, types[name]) if name in types else values
                       for name, values in scores.items()}
         return scores
+
+    def _score_batch(self, batch: Mapping[str, Sequence[Any]], rows: list[int]):
+        """`(columns, errors)` of a map batch whose dataset indices are `rows`: each column's values and each row's
+        error (None when it was scored), in the batch's order. With on_error='raise' a `RowError` propagates."""
+        try:
+            return self.score_rows(batch, rows[0]), [None] * len(rows)
+        except RowError:
+            if self.args.on_error == "raise":
+                raise
+            return self._isolate(batch, rows)
+
+    def _isolate(self, batch: Mapping[str, Sequence[Any]], rows: list[int]):
+        """Score the rows of a batch that failed one at a time: the others get the values a batch would give them,
+        the failing ones None and their reason."""
+        scores: dict[str, list[Any]] = {name: [] for name in self._score_columns()}
+        errors: list[str | None] = []
+        for i, row in enumerate(rows):
+            try:
+                row_scores = self.score_rows({k: [v[i]] for k, v in batch.items()}, row)
+                error = None
+            except RowError as exc:
+                row_scores, error = {name: [None] for name in scores}, str(exc)
+            for name in scores:
+                scores[name].append(row_scores[name][0])
+            errors.append(error)
+        return scores, errors
 
     def _score_columns(self) -> list[str]:
         """The columns `score_rows` returns (a subclass says)."""
@@ -431,7 +476,18 @@ class SAEVScorer(SAEVMapFunction):
     devices otherwise; nothing is moved between them batch by batch.
 
     Scores do not depend on batch size, batch composition or padding. Call with `with_rank=True` and `num_proc` equal
-    to the number of GPUs to score on one GPU per process; `with_indices=True` makes errors name dataset rows.
+    to the number of GPUs to score on one GPU per process (with the model on the CPU until then: a worker forked
+    after CUDA was initialised cannot use it); `with_indices=True` makes errors name dataset rows.
+
+    To keep an accelerator busy, give the map large batches and let the scorer split them ([`ScorerArguments`]):
+    `forward_batch_size` rows per forward, `preprocessing_workers` DataLoader workers preparing the next forward
+    batches while the model runs, `group_by_length` to group rows of similar length (the map batch is the window).
+    Scores come back in the map batch's order and unchanged; these settings are not part of the fingerprint.
+
+    ```python
+    args = ScorerArguments(forward_batch_size=8, group_by_length=True, preprocessing_workers=4)
+    ds = ds.map(SAEVScorer(sae, model, processor, args=args), batched=True, batch_size=128, with_indices=True)
+    ```
 
     `datasets` decodes an `Image` column before the scorer sees it, and a corrupt image then fails inside `datasets`.
     To have such rows reported by row (or given null scores with `on_error="null"`), keep the column undecoded:
@@ -452,15 +508,46 @@ class SAEVScorer(SAEVMapFunction):
         return {**types, self.args.error_column: pa.string()}
 
     @torch.no_grad()
-    def score_rows(self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]], first_row: int = 0):
-        """Scores of a batch of rows as `{column: [value per row]}`; raises `RowError` for a row that cannot be scored."""
+    def score_rows(self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]],
+                   first_row: int | Sequence[int] = 0):
+        """Scores of a batch of rows as `{column: [value per row]}`, in one forward; raises `RowError` for a row that
+        cannot be scored. `first_row` is the dataset index of the first row, or of every row (for errors)."""
         self._validate()
+        inputs = self._reader.prepare(rows, first_row)
+        return self._score_inputs(inputs, row_indices(first_row, inputs["input_ids"].shape[0]))
+
+    def _score_batch(self, batch: Mapping[str, Sequence[Any]], rows: list[int]):
+        """A map batch in forward batches of `forward_batch_size` rows, prepared ahead by `preprocessing_workers`
+        and grouped by length with `group_by_length` ([`prepared_batches`]); each forward batch's scores are put
+        back at its rows' places, so the map gets them in the dataset's order."""
+        scores: dict[str, list[Any]] = {name: [None] * len(rows) for name in self._score_columns()}
+        errors: list[str | None] = [None] * len(rows)
+        for prepared in prepared_batches(self._reader, batch, self.args.forward_batch_size or len(rows),
+                                         row_ids=rows, workers=self.args.preprocessing_workers,
+                                         group_by_length=self.args.group_by_length):
+            try:
+                out = self._score_inputs(prepared.check(), prepared.rows)
+            except RowError:
+                if self.args.on_error == "raise":
+                    raise
+                part = {name: [values[p] for p in prepared.positions] for name, values in batch.items()}
+                out, part_errors = self._isolate(part, prepared.rows)
+                for position, error in zip(prepared.positions, part_errors):
+                    errors[position] = error
+            for name, values in out.items():
+                for position, value in zip(prepared.positions, values):
+                    scores[name][position] = value
+        return scores, errors
+
+    @torch.no_grad()
+    def _score_inputs(self, inputs: Any, rows: list[int]) -> dict[str, list[Any]]:
+        """Scores of prepared inputs whose examples are dataset rows `rows`."""
         sae, reader = self._sae, self._reader
-        acts = reader.read(rows, first_row=first_row)
+        acts = reader.read_inputs(inputs)
         out = {name: [] for name in self._score_columns()}
         for i in range(len(acts)):  # one example at a time: a score never depends on the rest of its batch
             hidden, modality = acts.example(i)
-            activity = example_activity(sae, hidden, modality, first_row + i, self.args.special_as_text,
+            activity = example_activity(sae, hidden, modality, rows[i], self.args.special_as_text,
                                         self.args.token_chunk, allow_tf32=self.args.allow_tf32)
             if "cosine" in self.args.scores:
                 out[self.args.cosine_column].append(activity.cosine(sae.feature_weights))
@@ -469,6 +556,12 @@ class SAEVScorer(SAEVMapFunction):
             if "cooccur_l0" in self.args.scores:
                 out[self.args.cooccur_l0_column].append(int(activity.cooccurring.sum()))
         return out
+
+
+def _without_pipeline(args: Any) -> Any:
+    """`args` with the input pipeline's settings ([`PIPELINE_FIELDS`]) at their defaults."""
+    defaults = {f.name: f.default for f in fields(args) if f.name in PIPELINE_FIELDS}
+    return replace(args, **defaults) if defaults else args
 
 
 def _absolute(source: str | None) -> str | None:
@@ -506,16 +599,21 @@ def run_scoring(source: Any, prompt_format: PromptFormat, args: ScorerArguments,
     """
     `saev score`: load what `source` ([`SourceArguments`]) names, add the scores to every row with `datasets.map`
     (as `map_args` say) and save the scored dataset to `source.output_dir`. Returns `(scored dataset, added columns)`.
+
+    With `map_args.num_proc`, one worker per GPU ([`map_placement`]): the model is loaded on the CPU here and each
+    worker moves it to its GPU. `args.forward_batch_size`, `group_by_length` and `preprocessing_workers` set the
+    input pipeline inside each map batch (`map_args.batch_size` rows: the length-grouping window).
     """
     from .prompts import undecoded_images
-    from .sources import load_sources
+    from .sources import load_sources, map_placement
 
-    sae, model, processor, dataset = load_sources(source, "saev score")
+    placed, with_rank = map_placement(source, map_args)  # with num_proc: no CUDA in the parent before the fork
+    sae, model, processor, dataset = load_sources(placed, "saev score")
     scorer = SAEVScorer(sae, model, processor, prompt_format=prompt_format, args=args)
     # the scorer reads the image bytes itself, so that a corrupt image names its row (or costs one null row)
     dataset, image_feature = undecoded_images(dataset, prompt_format.image_column)
     scored = dataset.map(scorer, batched=True, batch_size=map_args.batch_size, num_proc=map_args.num_proc,
-                         with_indices=True, with_rank=map_args.num_proc is not None, desc="SAE-V scores")
+                         with_indices=True, with_rank=with_rank, desc="SAE-V scores")
     if image_feature is not None:
         scored = scored.cast_column(prompt_format.image_column, image_feature)
     scored.save_to_disk(source.output_dir)

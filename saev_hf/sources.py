@@ -5,7 +5,7 @@ reads and the dataset, with where the result goes ([`SourceArguments`]) and how 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .activations import layer_device
 from .loading import check_model_dtype, choose_device, load_dataset_split, load_model_and_processor, model_dtype_field
@@ -60,7 +60,11 @@ class MapArguments:
     """How `datasets.map` runs the scorer."""
 
     batch_size: int = field(default=8, metadata={"help": "Examples per batch."})
-    num_proc: int | None = field(default=None, metadata={"help": "Worker processes (one per GPU with GPUs)."})
+    num_proc: int | None = field(
+        default=None,
+        metadata={"help": "Worker processes of datasets.map, one per GPU with GPUs: the MLLM is loaded on the CPU "
+                  "and each worker moves it to its own GPU (never CUDA before the fork)."},
+    )
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars (datasets' map and save)."})
 
 
@@ -79,3 +83,34 @@ def load_sources(source: SourceArguments, command: str | None = None):
                                                 dtype=source.model_dtype, device=device, device_map=source.device_map)
     sae.to(layer_device(model, sae.config.hook_layer))
     return sae, model, processor, load_dataset_split(source.dataset_name, source.dataset_config, source.dataset_split)
+
+
+def map_placement(source: SourceArguments, map_args: MapArguments) -> tuple[SourceArguments, bool]:
+    """
+    Where `saev score` and `saev patches` load the MLLM before `datasets.map`, and whether the map passes ranks:
+    `(source to load, with_rank)`.
+
+    One process (`num_proc` None): as `source` says. With `num_proc` workers: PyTorch refuses CUDA in a process
+    forked after its parent initialised CUDA, so the parent loads the model on the CPU and each worker, given its
+    rank, moves the model and the SAE-V to its own accelerator (`SAEVMapFunction._to_device`); the workers share
+    the parent's weights until then (fork). `device="cpu"` keeps every worker on the CPU.
+
+    Raises:
+        ValueError: `device_map` or one named accelerator with `num_proc` (they place one model in one process).
+    """
+    if map_args.num_proc is None:
+        return source, False
+    if source.device_map is not None:
+        raise ValueError(
+            f"num_proc={map_args.num_proc} runs one worker per GPU, each with its own copy of the model, but "
+            f"device_map={source.device_map!r} places one model over the devices of one process. Use num_proc "
+            f"(a model that fits one GPU) or device_map (one that does not), not both."
+        )
+    if source.device == "cpu":
+        return source, False
+    if source.device != "auto":
+        raise ValueError(
+            f"num_proc={map_args.num_proc} puts each worker on its own GPU (by rank), so device={source.device!r} "
+            f"cannot hold for all of them. Leave device at 'auto' (or 'cpu'), or drop num_proc to use that device."
+        )
+    return replace(source, device="cpu"), True

@@ -31,10 +31,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .activations import LayerActivations, LayerReader
-from .batching import is_indexable, row_batches
+from .activations import LayerReader
+from .batching import is_indexable
 from .loading import allow_tf32_field, sae_matmul_precision
-from .prompts import RowError, rows_to_columns
+from .pipeline import check_workers, prepared_batches, preprocessing_workers_field
+
 
 # Positions are identified across the stream as example_index * POSITION_STRIDE + token_index.
 POSITION_STRIDE = 1 << 24
@@ -82,12 +83,14 @@ class WeightingArguments:
                   "that modality although the feature fires on both.", "choices": ["pooled", "per_modality"]},
     )
     allow_tf32: bool = allow_tf32_field()
+    preprocessing_workers: int = preprocessing_workers_field()
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bars of the two passes."})
 
     def __post_init__(self) -> None:
         for name in ("top_k", "per_modality", "batch_size", "token_chunk"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
+        check_workers(self.preprocessing_workers)
         if 2 * self.per_modality > self.top_k:
             raise ValueError(
                 f"per_modality={self.per_modality} needs at least {2 * self.per_modality} positions among the top "
@@ -292,19 +295,10 @@ def _stream_positions(stream_rows: list[int], counted: torch.Tensor) -> torch.Te
     return (example * POSITION_STRIDE + token)[counted.cpu()]
 
 
-def _read(reader: LayerReader, rows: Any, chunk: list[int]) -> LayerActivations:
-    """`reader.read` of the rows at dataset indices `chunk`; an error names the dataset's row even when the chunk's
-    rows are not consecutive (a sample)."""
-    try:
-        return reader.read(rows, first_row=chunk[0])
-    except RowError:
-        if chunk == list(range(chunk[0], chunk[0] + len(chunk))):
-            raise
-        columns = rows_to_columns(rows)
-        for j, index in enumerate(chunk):  # read alone, each row names itself; the bad one raises
-            reader.read({name: [values[j]] for name, values in columns.items()}, first_row=index)
-        raise
-
+def _batches(reader: LayerReader, dataset: Any, args: WeightingArguments, rows: Any):
+    """The rows at dataset indices `rows` (all, with None), prepared in forward batches of `args.batch_size` by
+    `args.preprocessing_workers` ahead of the forward ([`prepared_batches`]), in the dataset's order."""
+    return prepared_batches(reader, dataset, args.batch_size, rows, workers=args.preprocessing_workers)
 
 
 @torch.no_grad()
@@ -395,17 +389,18 @@ def _top_k_pass(sae, reader: LayerReader, dataset: Any, args: WeightingArguments
                        PositiveSample(seed=args.seed) if args.threshold_quantile is not None else None)
     if sample is None:
         first_rows = range(args.num_examples) if args.num_examples is not None else None
-        batches = row_batches(dataset, args.batch_size, first_rows)
+        batches = _batches(reader, dataset, args, first_rows)
         total = math.ceil(args.num_examples / args.batch_size) if args.num_examples is not None else None
     else:
-        batches = row_batches(dataset, args.batch_size, sample)
+        batches = _batches(reader, dataset, args, sample)
         total = math.ceil(len(sample) / args.batch_size)
         result.sample, result.stream_index = sample, {example: i for i, example in enumerate(sample)}
-    for chunk, rows in tqdm(batches, desc="Feature weights: top-K pass", total=total, unit="batch",
-                            disable=args.disable_tqdm):
+    for prepared in tqdm(batches, desc="Feature weights: top-K pass", total=total, unit="batch",
+                         disable=args.disable_tqdm):
+        chunk = prepared.rows
         if sample is None:
             result.sample.extend(chunk)
-        acts = _read(reader, rows, chunk)
+        acts = reader.read_inputs(prepared.check())
         counted = acts.scored_mask(args.special_as_text)
         hidden = acts.hidden_states[counted]  # on the SAE-V's device: reader.check_sae saw to it
         positions = _stream_positions([result.stream_index[i] for i in chunk], counted).to(device)
@@ -435,9 +430,10 @@ def _cosine_pass(cosines: CosineAccumulator, reader: LayerReader, dataset: Any, 
     """Pass 2 (stage 2): re-read only the rows that hold a chosen position, and add their unit hidden states."""
     needed = [first.sample[i] for i in cosines.needed_examples()]
     device = cosines.text_sum.device
-    for chunk, rows in tqdm(row_batches(dataset, args.batch_size, needed), desc="Feature weights: cosine pass",
-                            total=math.ceil(len(needed) / args.batch_size), unit="batch", disable=args.disable_tqdm):
-        acts = _read(reader, rows, chunk)
+    for prepared in tqdm(_batches(reader, dataset, args, needed), desc="Feature weights: cosine pass",
+                         total=math.ceil(len(needed) / args.batch_size), unit="batch", disable=args.disable_tqdm):
+        chunk = prepared.rows
+        acts = reader.read_inputs(prepared.check())
         counted = acts.scored_mask(args.special_as_text)
         positions = _stream_positions([first.stream_index[i] for i in chunk], counted).to(device)
         cosines.update(acts.hidden_states[counted].to(device), positions)

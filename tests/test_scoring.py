@@ -128,8 +128,8 @@ def test_second_identical_map_hits_the_cache(scored_setup, monkeypatch):
     llava, sae, ds, _ = scored_setup
     first = ds.map(SAEVScorer(sae, llava.model, llava.processor), batched=True, batch_size=4)
     calls = []
-    original = SAEVScorer.score_rows
-    monkeypatch.setattr(SAEVScorer, "score_rows", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    original = SAEVScorer._score_batch  # every map batch goes through it
+    monkeypatch.setattr(SAEVScorer, "_score_batch", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     second = ds.map(SAEVScorer(sae, llava.model, llava.processor), batched=True, batch_size=4)
     assert calls == [], "a second identical map must be read from the datasets cache"
     assert second.cache_files == first.cache_files
@@ -146,8 +146,8 @@ CACHE_SCRIPT = textwrap.dedent(
     ds = datasets.load_from_disk(root + "/data")
     scorer = SAEVScorer(SAEV.from_pretrained(root + "/sae"), *load_model_and_processor(model_dir))
     calls = []
-    original = SAEVScorer.score_rows
-    SAEVScorer.score_rows = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    original = SAEVScorer._score_batch
+    SAEVScorer._score_batch = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
     out = ds.map(scorer, batched=True, batch_size=4)
     print(json.dumps({"calls": len(calls), "cache": [f["filename"] for f in out.cache_files],
                       "scores": list(out["saev_cosine_score"])}))

@@ -196,16 +196,16 @@ def run_patch_filter(source: Any, prompt_format: PromptFormat, args: PatchFilter
     from pathlib import Path
 
     from ..prompts import undecoded_images
-    from ..sources import load_sources
+    from ..sources import load_sources, map_placement
     from .preview import save_patch_preview
 
-    sae, model, processor, dataset = load_sources(source, "saev patches")
+    placed, with_rank = map_placement(source, map_args)  # with num_proc: no CUDA in the parent before the fork
+    sae, model, processor, dataset = load_sources(placed, "saev patches")
     patch_filter = PatchFilter(sae, model, processor, prompt_format=prompt_format, args=args)
     # the filter reads the image bytes itself, so that a corrupt image names its row (or costs one null row)
     dataset, image_feature = undecoded_images(dataset, prompt_format.image_column)
     masked = dataset.map(patch_filter, batched=True, batch_size=map_args.batch_size, num_proc=map_args.num_proc,
-                         with_indices=True, with_rank=map_args.num_proc is not None,
-                         desc=f"Patch filter ({args.score})")
+                         with_indices=True, with_rank=with_rank, desc=f"Patch filter ({args.score})")
     if image_feature is not None:
         masked = masked.cast_column(prompt_format.image_column, image_feature)
     masked.save_to_disk(source.output_dir)

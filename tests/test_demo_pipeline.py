@@ -40,11 +40,18 @@ def small_model(tmp_path_factory):
     return path
 
 
-def test_demo_runs_the_scene_task_end_to_end_and_reports_honestly(small_model, tmp_path, capsys):
+def test_demo_runs_the_scene_task_end_to_end_and_reports_honestly(small_model, tmp_path, capsys, monkeypatch):
+    from saev_hf.demo import preference
+
+    trained_with = []
+    real = preference.dpo_and_evaluate
+    monkeypatch.setattr(preference, "dpo_and_evaluate",
+                        lambda *a, **k: trained_with.append(a[4]) or real(*a, **k))
     out = tmp_path / "demo"
     argv = ["demo", "--output_dir", str(out), "--model_name_or_path", str(small_model), "--layer", "1",
             "--saev_steps", "10", "--num_pairs", "40", "--dpo_steps", "2", "--eval_rows", "16", "--disable_tqdm"]
     assert main(argv) == 0
+    assert trained_with and all(a.sft_weight == 1.0 and a.steps == 2 for a in trained_with)  # DPO + SFT loss
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_rows"] == 40 and summary["num_low_quality"] == 16
     assert summary["low_quality_kinds"] == {"hallucination": 8, "swap": 8}
@@ -56,6 +63,7 @@ def test_demo_runs_the_scene_task_end_to_end_and_reports_honestly(small_model, t
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
     assert "## What DPO did" in report and "hallucination rate" in report and "## What this run found" in report
+    assert "plus TRL's SFT loss on the chosen answer at weight 1 as in RPO" in report
     for name, value in summary["auroc"].items():  # an AUROC below 0.4 is called inverted, never best
         line = next(line for line in report.splitlines() if line.startswith(f"| {SCORE_COLUMNS[name]} |"))
         assert ("inverted" in line) == (value <= 0.4)
@@ -73,6 +81,8 @@ def test_demo_arguments_are_checked():
         DemoArguments(low_quality_fraction=1.5)
     with pytest.raises(ValueError, match="keep_fraction"):
         DemoArguments(keep_fraction=0)
+    with pytest.raises(ValueError, match="dpo_sft_weight"):
+        DemoArguments(dpo_sft_weight=-1.0)
     with pytest.raises(FileNotFoundError, match="No grounded LLaVA"):
         load_grounded_llava("/nonexistent/folder")
 

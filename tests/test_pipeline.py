@@ -8,14 +8,13 @@ import datasets
 import pytest
 import torch
 
-from saev_hf.activations import LayerReader
 from saev_hf.inspection import InspectionArguments, inspect_saev
 from saev_hf.pipeline import length_estimate, length_grouped_batches, prepared_batches
 from saev_hf.prompts import PromptFormat, RowError, prepare_inputs
 from saev_hf.scoring import SAEVScorer, ScorerArguments
 from saev_hf.sources import MapArguments, SourceArguments, map_placement
 from saev_hf.weighting import WeightingArguments, compute_feature_weights
-from test_scoring import data_driven_sae, make_rows, rows_with_bad_images
+from test_scoring import make_rows, rows_with_bad_images, weighted_setup
 
 COLUMNS = ["saev_cosine_score", "saev_l0", "saev_cooccur_l0"]
 
@@ -32,12 +31,7 @@ def pipeline_setup(tiny_model_factory, tmp_path_factory):
     """A tiny LLaVA, an SAE-V with feature weights, and a file-backed dataset of 12 rows of mixed lengths."""
     llava = tiny_model_factory("llava")
     root = tmp_path_factory.mktemp("pipeline")
-    datasets.Dataset.from_dict(mixed_length_rows(12)).save_to_disk(root / "data")
-    ds = datasets.load_from_disk(str(root / "data"))
-    reader = LayerReader(llava.model, llava.processor, layer=1)
-    sae = data_driven_sae(reader, ds)
-    compute_feature_weights(sae, reader, ds, WeightingArguments(num_examples=None))
-    sae.save_pretrained(root / "sae")
+    sae, ds, reader = weighted_setup(llava, root, mixed_length_rows(12))
     return llava, sae, ds, reader, root
 
 

@@ -30,17 +30,24 @@ def make_rows(n, seed=5):
     }
 
 
-@pytest.fixture(scope="module")
-def scored_setup(tiny_model_factory, tmp_path_factory):
-    """A tiny LLaVA (from its saved folder), an SAE-V with feature weights, and a file-backed dataset."""
-    llava = tiny_model_factory("llava")
-    root = tmp_path_factory.mktemp("scoring")
-    datasets.Dataset.from_dict(make_rows(10)).save_to_disk(root / "data")
+def weighted_setup(llava, root, rows):
+    """`rows` saved as a file-backed dataset under `root`, a reader of layer 1 of the tiny `llava`, and an SAE-V fitted
+    to it with feature weights, saved to `root / "sae"`: `(sae, ds, reader)`."""
+    datasets.Dataset.from_dict(rows).save_to_disk(root / "data")
     ds = datasets.load_from_disk(str(root / "data"))
     reader = LayerReader(llava.model, llava.processor, layer=1)
     sae = data_driven_sae(reader, ds)
     compute_feature_weights(sae, reader, ds, WeightingArguments(num_examples=None))
     sae.save_pretrained(root / "sae")
+    return sae, ds, reader
+
+
+@pytest.fixture(scope="module")
+def scored_setup(tiny_model_factory, tmp_path_factory):
+    """A tiny LLaVA (from its saved folder), an SAE-V with feature weights, and a file-backed dataset."""
+    llava = tiny_model_factory("llava")
+    root = tmp_path_factory.mktemp("scoring")
+    sae, ds, _ = weighted_setup(llava, root, make_rows(10))
     return llava, sae, ds, root
 
 

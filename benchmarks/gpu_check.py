@@ -320,9 +320,9 @@ def kernel_busy_fraction(run, device: torch.device) -> dict:
             "device_events": len(intervals), "device_busy_s": busy / 1e9, "wall_s": wall_ns / 1e9}
 
 
-def measure_scorer(model, processor, args, device: torch.device) -> dict:
+def measure_scorer(model, processor, args, device: torch.device) -> tuple:
     """Scorer rows/s (plain map and pipelined map), the bare forward, the padding fractions and the GPU busy
-    fraction; returns them and the SAE-V the scorer used."""
+    fraction. Returns `(results, sae, reader, dataset)`: the SAE-V, the reader and the rows the weighting reuses."""
     layer = args.layer
     reader = LayerReader(model, processor, layer=layer)
     rows = photo_rows(args.rows, args.shapes.tile, IMAGE_TILES, args.seed)

@@ -90,6 +90,7 @@ def counted_hidden(acts) -> torch.Tensor:
 def make_sae(expansion: int, layer: int, hidden: list[torch.Tensor], quantile: float, seed: int) -> SAEV:
     torch.manual_seed(seed)
     sae = SAEV(SAEVConfig(d_in=hidden[0].shape[-1], expansion_factor=expansion, hook_layer=layer)).eval()
+    sae.to(hidden[0].device)  # on the device of the hidden states it calibrates on (the model's)
     weights = torch.rand(sae.config.d_sae, generator=torch.Generator().manual_seed(seed))
     sae.set_feature_weights(weights, info={"synthetic": True})
     z = torch.cat([sae.encode(h) for h in hidden])

@@ -153,7 +153,9 @@ def base_model_with_hidden_size(d_in: int):
     return model.eval(), tokenizer
 
 
-def saev_trainer(shape: Shape, input_scale: float, max_steps: int, output_dir: str, warmups: bool = True):
+def saev_trainer(shape: Shape, input_scale: float, max_steps: int, output_dir: str, warmups: bool = True,
+                 device: str = "cpu"):
+    """saev_hf's `SAEVTrainer` for `shape`, on the CPU (`device="cpu"`) or the accelerator accelerate picks."""
     import datasets
 
     model, tokenizer = base_model_with_hidden_size(shape.d_in)
@@ -169,7 +171,7 @@ def saev_trainer(shape: Shape, input_scale: float, max_steps: int, output_dir: s
         buffer_size_tokens=2 * shape.batch,
         save_steps=0,
         disable_tqdm=True,
-        use_cpu=True,
+        use_cpu=device == "cpu",
         report_to="none",
         **({} if warmups else {"lr_warmup_steps": 0, "lr_decay_steps": 0, "l1_warmup_steps": 0}),
     )
@@ -182,7 +184,7 @@ class SAELensStep:
     """A real `SAETrainer` on a `StandardTrainingSAE` configured as the paper's recipe; `__call__` runs the body of
     `SAETrainer.fit`'s loop for one batch (wandb logging off, as in a run with `log_to_wandb=False`)."""
 
-    def __init__(self, shape: Shape, trainer: SAEVTrainer, input_scale: float) -> None:
+    def __init__(self, shape: Shape, trainer: SAEVTrainer, input_scale: float, device: str = "cpu") -> None:
         from sae_lens import LoggingConfig, StandardTrainingSAE, StandardTrainingSAEConfig
         from sae_lens.config import SAETrainerConfig
         from sae_lens.training.sae_trainer import SAETrainer
@@ -199,7 +201,7 @@ class SAELensStep:
                 normalize_activations="none",
                 decoder_init_norm=0.1,
                 dtype="float32",
-                device="cpu",
+                device=device,
             )
         )
         with torch.no_grad():  # the same initial weights as saev_hf's SAE
@@ -215,7 +217,7 @@ class SAELensStep:
             lr_decay_steps=schedule.lr_decay_steps,
             adam_beta1=args.adam_beta1,
             adam_beta2=args.adam_beta2,
-            device="cpu",
+            device=device,
             dead_feature_window=args.dead_feature_window,
             n_checkpoints=0,
             logger=LoggingConfig(log_to_wandb=False),

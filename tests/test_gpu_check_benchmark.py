@@ -1,0 +1,60 @@
+"""benchmarks/gpu_check.py (the prepared GPU check) in its CPU mode at reduced sizes: it runs end to end, and its JSON
+holds every figure the GPU run is for, so that the GPU mode cannot rot before a GPU runs it."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_gpu_check_cpu_mode_records_every_measurement(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_check_benchmark", SCRIPT)
+    benchmark = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = benchmark  # its dataclasses look their module up there
+    spec.loader.exec_module(benchmark)
+    benchmark.main(["--device", "cpu", "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert set(result) >= {"scorer", "training", "weighting", "activation_cache", "label", "model", "wall_time_s"}
+    assert result["mode"] == "cpu" and "not GPU figures" in result["label"]
+
+    scorer = result["scorer"]
+    assert set(scorer["settings"]) == {"plain", "pipeline"}
+    pipeline = scorer["settings"]["pipeline"]
+    assert pipeline["group_by_length"] and pipeline["forward_batch_size"] and pipeline["preprocessing_workers"] >= 1
+    assert all(positive(s["rows_per_s"]) for s in scorer["settings"].values())
+    assert positive(scorer["bare_forward_rows_per_s"])
+    assert positive(scorer["scorer_over_bare"]) and positive(scorer["plain_scorer_over_bare"])
+    assert scorer["max_relative_score_difference"] < 1e-4  # the pipeline does not change the scores
+    # anyres images of four sizes give four image-token counts
+    assert len(set(scorer["image_tokens"].values())) == 4
+    for padding in scorer["padding_fraction"].values():
+        assert 0 <= padding["with_grouping"] <= 1 and 0 <= padding["without_grouping"] <= 1
+    # grouping by length cuts padding where the length estimate sees what varies (the text, one image size)
+    one_size = scorer["padding_fraction"]["one image size"]
+    assert one_size["with_grouping"] < one_size["without_grouping"]
+    busy = scorer["gpu_busy_fraction"]
+    assert busy["value"] is None and busy["nvml_mean_utilization"] is None  # no GPU: null, not a made-up number
+
+    training = result["training"]
+    assert positive(training["saev_hf_tokens_per_s"]) and positive(training["saelens_tokens_per_s"])
+    assert positive(training["saev_hf_over_saelens"])
+    assert training["d_sae"] == 1024 and training["d_in"] == 64
+
+    weighting = result["weighting"]
+    assert weighting["peak_memory_bytes"] is None or positive(weighting["peak_memory_bytes"])
+    assert positive(weighting["seconds"])
+
+    cache = result["activation_cache"]
+    assert cache["available"] is False and "issue 15" in cache["reason"]
+    assert cache["write_mb_per_s"] is None and cache["read_mb_per_s"] is None
+
+    table = (tmp_path / "r.md").read_text()
+    assert "CPU smoke run" in table and "| **scorer / bare forward** (pipeline) |" in table
+    assert "not available: the activation cache (issue 15) does not exist yet" in table

@@ -359,7 +359,9 @@ def write_markdown(path: Path, record: dict, args: argparse.Namespace) -> None:
         "hallucinated answers about absent objects, half swapped images).",
         "- **DPO**: not run (`--no-dpo`)." if args.no_dpo else
         f"- **DPO**: {dpo.steps} steps for every subset, batch {dpo.batch_size}, lr {dpo.learning_rate}, beta "
-        f"{dpo.beta}{', LoRA' if dpo.lora else ', full fine-tuning'}; kept fraction 100% is one shared run.",
+        f"{dpo.beta}{', LoRA' if dpo.lora else ', full fine-tuning'}"
+        f"{f', plus TRL SFT loss on the chosen answer at weight {dpo.sft_weight:g} (as in RPO)' if dpo.sft_weight else ''}"
+        "; kept fraction 100% is one shared run.",
         "",
         "## Can each score tell clean rows from low-quality ones?",
         "",
@@ -373,6 +375,10 @@ def write_markdown(path: Path, record: dict, args: argparse.Namespace) -> None:
             "## Held-out accuracy after DPO on the kept rows",
             "",
             table(summary, args, "accuracy", pct),
+            "",
+            f"Before DPO the model answers {pct(summary['base_accuracy'])}; DPO on all rows (keep 100%) takes it "
+            f"to {pct(mean_std([r['runs'][args.methods[0]]['1.0']['accuracy'] for r in records]))}: compare each "
+            "filtered run with both.",
             "",
             "Relative to the same seed's full-data run (the paper's \"% of full-data performance\"):",
             "",

@@ -55,3 +55,13 @@ def quartiles(values: list[float]) -> tuple[float, float]:
         return min(values), max(values)
     q = statistics.quantiles(values, n=4)
     return q[0], q[2]
+
+
+def mean_std(values: list[float | None]) -> dict | None:
+    """Mean and sample std over the seeds that have a value (None: a run that could not be made), with the values
+    themselves; None when no seed has one."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    return {"mean": statistics.fmean(present), "std": statistics.stdev(present) if len(present) > 1 else 0.0,
+            "values": values}

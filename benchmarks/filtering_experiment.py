@@ -47,6 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
 import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
+from _common import mean_std  # noqa: E402
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -271,11 +272,6 @@ def run_seed(seed: int, args: argparse.Namespace, workdir: str) -> SeedRun:
 # ---------------------------------------------------------------------------------------------------------------------
 # Aggregation and reports
 # ---------------------------------------------------------------------------------------------------------------------
-def mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
-
-
 def summarise(records: list[dict], args: argparse.Namespace) -> dict:
     """Over seeds, mean +- std of: AUROC per score; per method and kept fraction, the accuracy, the accuracy relative
     to the same seed's full-data run, the low-quality share of the kept rows and the share whose chosen answer the

@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
 import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
+from _common import mean_std  # noqa: E402
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -195,15 +196,6 @@ def run_seed(seed: int, args: argparse.Namespace, model, processor, scans: Digit
             "score_means": {name: {"clean": float(v[clean].mean()), "low_quality": float(v[~clean].mean())}
                             for name, v in values.items()},
             "runs": runs}
-
-
-def mean_std(values: list[float | None]) -> dict | None:
-    """Mean and sample std over the seeds that have a value (None: a run that could not be made), or None."""
-    present = [v for v in values if v is not None]
-    if not present:
-        return None
-    return {"mean": statistics.fmean(present), "std": statistics.stdev(present) if len(present) > 1 else 0.0,
-            "values": values}
 
 
 def summarise(records: list[dict], args: argparse.Namespace) -> dict:

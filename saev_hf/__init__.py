@@ -5,8 +5,8 @@
 It stays light: heavy optional stacks (TRL, PEFT) are imported only by the parts that use them.
 
 The data flow, one stage per module: rows (`batching`) -> `prompts` -> `activations` (layer L of the MLLM, with
-the position masks) -> `model` (SAE-V; trained by `training` with `training_args`, `schedule` and
-`activation_buffer`; measured by `evaluation`) -> `weighting` (cross-modal feature weights) -> `activity` (C(x), L0,
+the position masks; kept on disk by `cache`) -> `model` (SAE-V; trained by `training` with `training_args`, `schedule`
+and `activation_buffer`; measured by `evaluation`) -> `weighting` (cross-modal feature weights) -> `activity` (C(x), L0,
 maxima) -> `scoring` (a `datasets.map` scorer) -> `filtering` -> trainers (`dpo`); `inspection` and
 `feature_browser` show what the features and scores mean; `patches` lays image tokens out on their patches and
 filters patches by SAE-V scores; `hub` publishes with cards; `cli` runs each step as a command. `saev_hf.demo` (the
@@ -32,6 +32,7 @@ def _version() -> str:
 
 
 from .activations import LayerActivations, LayerReader, Modality
+from .cache import ActivationCache, CacheArguments, cache_activations
 from .config import SAEVConfig
 from .evaluation import SAEVEvaluationArguments, evaluate_saev, format_metrics_table
 from .feature_browser import write_feature_browser
@@ -52,6 +53,8 @@ AutoModel.register(SAEVConfig, SAEV, exist_ok=True)
 
 __all__ = [
     "SAEV",
+    "ActivationCache",
+    "CacheArguments",
     "ExampleExplanation",
     "FeatureSummary",
     "FilterArguments",
@@ -74,6 +77,7 @@ __all__ = [
     "ScorerArguments",
     "WeightingArguments",
     "__version__",
+    "cache_activations",
     "compute_feature_weights",
     "end_distributed",
     "evaluate_saev",

@@ -13,6 +13,7 @@ it did. `saev COMMAND --help` opens with what the command does, then lists its o
 | `filter` | `saev_hf.filtering.run_filter` |
 | `inspect` | `saev_hf.inspection.run_inspection` |
 | `patches` | `saev_hf.patches.run_patch_filter` |
+| `cache` | `saev_hf.cache.cache_activations` |
 | `train` | `saev_hf.training.train_saev` |
 | `eval` | `saev_hf.evaluation.run_evaluation` |
 | `push` | `saev_hf.hub.run_push` |
@@ -159,6 +160,21 @@ def patches(source, prompt_format, patch_args, map_args) -> None:
           f"{patch_args.score}); saved to {source.output_dir}, preview in {preview}")
 
 
+def _cache_arguments():
+    from .cache import CacheArguments
+    from .prompts import PromptFormat
+
+    return CacheArguments, PromptFormat
+
+
+def cache(args, prompt_format) -> None:
+    from .cache import ActivationCache, cache_activations
+
+    cached = ActivationCache(cache_activations(args, prompt_format))
+    print(f"Cached {cached.num_tokens} tokens of layer {cached.layer} ({cached.num_rows} rows) in "
+          f"{len(cached.shards)} shards; saved to {args.output_dir}")
+
+
 def _train_arguments():
     from .training import SAEVTrainingArguments
 
@@ -236,12 +252,15 @@ COMMANDS: dict[str, Command] = {
                        "black out the rest; saves the dataset with masked images and patch scores to --output_dir, "
                        "with preview.png (originals above, masked below).",
                        _patches_arguments, patches),
+    "cache": Command("Run the MLLM to decoder layer L once over a dataset and save the activations (with each token's "
+                     "modality, row and position) in safetensors shards, for `saev train --activation_cache`; "
+                     "resumes an interrupted run.", _cache_arguments, cache),
     "train": Command("Train an SAE-V on decoder layer L of an MLLM (or a plain SAE on a text-only LM); saves it to "
                      "--output_dir.", _train_arguments, train),
     "eval": Command("Evaluate an SAE-V: L0, MSE, explained variance, dead/dense features, CE-loss-recovered (all/"
                     "text/image).", _eval_arguments, evaluate),
-    "push": Command("Push an SAE-V folder with its model card, or a filtered dataset folder with its dataset card, to "
-                    "the Hub.", _push_arguments, push),
+    "push": Command("Push an SAE-V folder with its model card, a filtered dataset folder or an activation cache "
+                    "(`saev cache`) with its dataset card, to the Hub.", _push_arguments, push),
     "dpo": Command("DPO (or --method sft) of an MLLM on a filtered preference dataset with TRL; the paper's "
                    "hyper-parameters are the defaults (CPU settings without a GPU); --lora adapts only the language "
                    "model's projections.", _dpo_arguments, dpo),

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from .activation_buffer import ActivationBuffer, activation_norm_statistics, input_scale_from_norms
 from .activations import LayerReader, image_token_id_of
+from .cache import ActivationCache, CachedRows, CacheReader
 from .config import SAEVConfig
 from .loading import accelerator_available, load_dataset_split, load_model_and_processor
 from .model import SAEV
@@ -75,6 +76,10 @@ class SAEVTrainer:
         train_dataset (`datasets.Dataset` or `IterableDataset`, *optional*): the rows to read; loaded from
             `args.dataset_name` when not given. In a distributed run each process reads its own shard of it.
 
+    With `args.activation_cache`, neither a model nor a dataset is loaded: the buffer reads the cache's rows through a
+    [`saev_hf.cache.CacheReader`] (the `reader`), the same procedure, so a float32 cache made with the run's
+    `read_batch_size` gives the run that reading the model gives.
+
     Attributes:
         sae ([`SAEV`]): the SAE being trained (unwrapped; `config.input_scale` is the training scale).
         prepared_sae: the same SAE-V as `accelerator.prepare` returns it (DDP-wrapped in a distributed run): what the
@@ -106,8 +111,11 @@ class SAEVTrainer:
         self.schedule = args.schedule(self.accelerator.num_processes)
         self.resume_dir = self._resolve_checkpoint()
         self._check_output_dir()
-        model, processor, self.train_dataset = self._model_and_data(model, processor, train_dataset)
-        self.reader = self._layer_reader(model, processor)
+        if args.activation_cache is not None:
+            self.reader, self.train_dataset = self._cache_reader(model, train_dataset)
+        else:
+            model, processor, self.train_dataset = self._model_and_data(model, processor, train_dataset)
+            self.reader = self._layer_reader(model, processor)
         self._build_sae_and_optimizer(model, train_dataset=self.train_dataset)
         self.global_step = 0
         self.log_history: list[dict[str, Any]] = []
@@ -136,6 +144,23 @@ class SAEVTrainer:
             train_dataset, _ = undecoded_images(train_dataset, args.image_column)
         return model, processor, train_dataset
 
+    def _cache_reader(self, model, train_dataset):
+        """With `activation_cache`: a [`CacheReader`] of the cache in place of the base model, and the rows it
+        holds ([`CachedRows`]), after checking that the cache holds what this run trains on."""
+        args = self.args
+        if model is not None or train_dataset is not None:
+            raise ValueError(f"activation_cache={args.activation_cache!r} replaces the base model and the dataset: "
+                             f"pass neither model= nor dataset=, or drop activation_cache.")
+        cache = ActivationCache(args.activation_cache)
+        if cache.layer != args.layer:
+            raise ValueError(f"The activation cache {args.activation_cache!r} holds layer {cache.layer}, but "
+                             f"layer={args.layer}. Train with --layer {cache.layer}, or cache layer {args.layer}.")
+        if args.include_special_tokens and not cache.manifest["include_special_tokens"]:
+            raise ValueError(f"The activation cache {args.activation_cache!r} was made without special tokens, but "
+                             f"include_special_tokens=True. Pass include_special_tokens=False, or make the cache "
+                             f"with them.")
+        return CacheReader(cache), CachedRows(range(cache.num_rows))
+
     def _layer_reader(self, model, processor) -> LayerReader:
         """The reader of layer `args.layer`; a text-only causal LM reads text only (the image column is not used)."""
         prompt_format = self.args.prompt_format
@@ -157,10 +182,12 @@ class SAEVTrainer:
             activation=args.activation,
             k=args.k,
             hook_layer=args.layer,
-            base_model_name_or_path=args.model_name_or_path or getattr(model.config, "_name_or_path", None) or None,
+            base_model_name_or_path=(args.model_name_or_path
+                                     or getattr(getattr(model, "config", None), "_name_or_path", None)
+                                     or self._cache_record("model_name_or_path")),
             base_model_revision=args.model_revision,
             l1_coefficient=args.l1_coefficient,
-            dataset_name=_dataset_description(args, train_dataset),
+            dataset_name=_dataset_description(args, train_dataset) or self._cache_record("dataset_name"),
             training_tokens=0,
         )
         torch.manual_seed(args.seed)  # the same initialisation on every process and for every data order
@@ -177,6 +204,10 @@ class SAEVTrainer:
             config.d_sae, args.dead_feature_window, self.schedule.max_steps, self.accelerator.device
         )
 
+    def _cache_record(self, name: str) -> Any:
+        """Entry `name` of the activation cache's manifest (None without a cache)."""
+        return self.reader.cache.manifest.get(name) if self.args.activation_cache is not None else None
+
     # --- data ----------------------------------------------------------------------------------------------------
 
     def activation_buffer(self, process_index: int | None = None, num_processes: int | None = None) -> ActivationBuffer:
@@ -189,7 +220,9 @@ class SAEVTrainer:
         index = self.accelerator.process_index if process_index is None else process_index
         world = self.accelerator.num_processes if num_processes is None else num_processes
         data = self.train_dataset
-        if world > 1:
+        if world > 1 and isinstance(data, CachedRows):  # the rows of an activation cache
+            data = data.shard(index, world)
+        elif world > 1:
             data = split_dataset_by_node(data, rank=index, world_size=world)
         return ActivationBuffer(
             self.reader,

@@ -48,7 +48,8 @@ class SAEVTrainingArguments(PromptFormat):
 
     - base model and data: `model_name_or_path`, `model_revision`, `model_dtype`, `dataset_name`, `dataset_config`,
       `dataset_split`, `streaming`, the prompt columns of [`PromptFormat`] (`image_column`, `prompt_column`,
-      `response_column`, `max_length`), `layer`, `include_special_tokens`;
+      `response_column`, `max_length`), `layer`, `include_special_tokens`, `activation_cache` (train from
+      activations cached by `saev cache` instead of the base model);
     - the SAE: `expansion_factor` / `d_sae`, `activation`, `k`, `l1_coefficient`, `input_scale`,
       `input_scale_estimation_tokens`;
     - optimisation: `learning_rate`, `adam_beta1`, `adam_beta2`, `adam_epsilon`, `lr_warmup_steps`, `lr_decay_steps`,
@@ -82,6 +83,12 @@ class SAEVTrainingArguments(PromptFormat):
     dataset_config: str | None = field(default=None, metadata=_help("Configuration name of the dataset."))
     dataset_split: str = field(default="train", metadata=_help("Split of the dataset to train on."))
     streaming: bool = field(default=False, metadata=_help("Stream the dataset instead of downloading it whole."))
+    activation_cache: str | None = field(
+        default=None,
+        metadata=_help("Folder of an activation cache (`saev cache`) to train from instead of running the base model "
+                       "over the dataset: the model and dataset options are then not used. With a float32 cache made "
+                       "with the same read_batch_size, training gives the weights it gives reading the model."),
+    )
     include_special_tokens: bool = field(
         default=True,
         metadata=_help("Train on special/template tokens (BOS, role markers, image start/end) too: they are residual "

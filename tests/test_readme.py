@@ -30,6 +30,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
 FAST = {
     "train": ["--layer", "1", "--expansion_factor", "2", "--max_steps", "4", "--train_batch_size_tokens", "64",
               "--buffer_size_tokens", "256", "--input_scale_estimation_tokens", "256"],
+    "cache": ["--layer", "1", "--shard_size_tokens", "128"],
     "dpo": ["--max_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
             "--max_length", "128", "--report_to", "none"],
 }
@@ -103,13 +104,19 @@ def test_readme_command_lines_run_in_order_each_output_feeding_the_next(loopback
         assert main(argv[1:] + FAST.get(command, [])) == 0, line
         ran.append(command)
     out = capsys.readouterr().out
-    assert ran == ["convert", "info", "train", "eval", "push", "weights", "score", "filter", "inspect", "patches",
+    assert ran == ["convert", "info", "train", "cache", "train", "push", "eval", "push", "weights", "score", "filter", "inspect", "patches",
                    "dpo", "push", "push"]
 
     converted = SAEV.from_pretrained("saev-llava")  # convert -> info, weights
     assert torch.equal(converted.W_enc, authors.W_enc) and '"hook_layer": 1' in out
     trained = SAEV.from_pretrained("saev-new")  # train -> eval -> push
     assert trained.config.training_tokens == 4 * 64
+    from saev_hf.cache import ActivationCache  # cache -> train, push
+
+    cache = ActivationCache("cache-l16")
+    assert cache.manifest["storage_dtype"] == "bfloat16" and cache.num_rows == 16 and len(cache.shards) > 1
+    assert SAEV.from_pretrained("saev-from-cache").config.training_tokens == 4 * 64
+    assert ActivationCache("me/cache-l16").manifest == cache.manifest
     metrics = json.loads(Path("metrics.json").read_text())
     assert metrics["num_examples"] == 16 and metrics["all"]["tokens"] > 0
     assert format_metrics_table(metrics) in ModelCard.load("me/saev-new").text

@@ -8,6 +8,8 @@
   statistics and a text histogram; with matplotlib, a PNG histogram uploaded next to the data).
 - [`push_saev`]: the SAE-V's weights, config and card in one commit.
 - [`push_filtered_dataset`]: `Dataset.push_to_hub`, then the card (and histogram) in a second commit.
+- [`push_activation_cache`]: an activation cache (`saev cache`) as a dataset repo, with its card
+  ([`activation_cache_card`]), in one commit; `saev_hf.cache.ActivationCache(repo_id)` reads it back.
 
 The cards are Jinja templates, package data in `saev_hf/hub/card_templates/`, rendered with huggingface_hub's
 `ModelCard.from_template` / `DatasetCard.from_template`, so that their YAML metadata is what the Hub expects.
@@ -27,7 +29,7 @@ they are Hub repo ids. No `pipeline_tag`: an SAE-V is not a pipeline the Hub can
 from .dataset_card import filtered_dataset_card
 from .histograms import score_histogram_png, text_histogram
 from .model_card import saev_model_card
-from .push import load_saev_config, push_filtered_dataset, push_saev
+from .push import activation_cache_card, load_saev_config, push_activation_cache, push_filtered_dataset, push_saev
 from .push_command import PushArguments, read_metrics_json, run_push
 from .templates import CITATION, DATASET_CARD_TEMPLATE, HISTOGRAM_FILE, MODEL_CARD_TEMPLATE, template_text
 
@@ -37,8 +39,10 @@ __all__ = [
     "HISTOGRAM_FILE",
     "MODEL_CARD_TEMPLATE",
     "PushArguments",
+    "activation_cache_card",
     "filtered_dataset_card",
     "load_saev_config",
+    "push_activation_cache",
     "push_filtered_dataset",
     "push_saev",
     "read_metrics_json",

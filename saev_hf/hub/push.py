@@ -12,7 +12,7 @@ from huggingface_hub import DatasetCard, HfApi, ModelCard
 from .dataset_card import filtered_dataset_card
 from .histograms import score_histogram_png
 from .model_card import saev_model_card
-from .templates import HISTOGRAM_FILE
+from .templates import HISTOGRAM_FILE, PROJECT_URL
 
 if TYPE_CHECKING:
     from ..config import SAEVConfig
@@ -105,6 +105,80 @@ def push_filtered_dataset(
         operations.append(CommitOperationAdd(HISTOGRAM_FILE, png))
     return HfApi(token=token).create_commit(repo_id, operations=operations, repo_type="dataset",
                                             commit_message="Add the SAE-V dataset card and score histogram")
+
+
+def activation_cache_card(cache: Any, repo_id: str, license: str | None = None,
+                          tags: Sequence[str] = ()) -> DatasetCard:
+    """The dataset card of an activation cache: what it was read from, its shapes and files, and how to read it."""
+    from huggingface_hub import DatasetCardData
+
+    manifest = cache.manifest
+    data = DatasetCardData(license=license, tags=["saev", "activation-cache", *tags])
+    modalities = ", ".join(f"{value} = {name}" for name, value in manifest["modalities"].items())
+    text = f"""---
+{data.to_yaml()}
+---
+
+# Activation cache: layer {cache.layer} of {manifest['model_name_or_path']}
+
+Residual-stream activations of decoder layer {cache.layer} of `{manifest['model_name_or_path']}`, read by
+[saev-hf]({PROJECT_URL})'s `saev cache` over `{manifest['dataset_name']}` (split
+`{manifest['arguments']['dataset_split']}`): {cache.num_tokens} tokens of {cache.num_rows} rows, d_in = {cache.d_in},
+stored in {manifest['storage_dtype']}, in {len(cache.shards)} safetensors shards of at most
+{manifest['arguments']['shard_size_tokens']} tokens; special tokens {'included' if manifest['include_special_tokens']
+else 'excluded'}.
+
+Each shard holds `activations` (tokens, d_in), `modality` (int8: {modalities}), `row` (the dataset row) and `position`
+(the token's position in the row). `cache_manifest.json` records the arguments that made the cache and its shards.
+
+```python
+from saev_hf.cache import ActivationCache
+
+cache = ActivationCache("{repo_id}")  # downloads the shards
+for batch in cache.batches(4096, shuffle=True, seed=0):
+    ...
+```
+
+Train an SAE-V on it: `saev train --activation_cache <local copy> --layer {cache.layer} ...`.
+"""
+    return DatasetCard(text)
+
+
+def push_activation_cache(
+    path: str | os.PathLike,
+    repo_id: str,
+    *,
+    license: str | None = None,
+    tags: Sequence[str] = (),
+    private: bool | None = None,
+    commit_message: str | None = None,
+    token: str | bool | None = None,
+):
+    """
+    Push a finished activation cache (written by `saev cache`) to the dataset repo `repo_id` with its dataset card
+    ([`activation_cache_card`]), in one `upload_folder` commit of the manifest and the shards. The repo is created if
+    needed. Read it back with `ActivationCache(repo_id)`.
+
+    Returns:
+        `huggingface_hub.CommitInfo` of the commit.
+
+    Raises:
+        ValueError: `path` holds no activation cache, or an unfinished one.
+    """
+    from ..cache import MANIFEST_NAME, ActivationCache
+
+    cache = ActivationCache(path)
+    card = activation_cache_card(cache, repo_id, license=license, tags=tags)
+    card.validate(repo_type="dataset")  # before the upload: a bad card fails early
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        # the folder to upload: the card, and links to the manifest and the shards (never copies of them)
+        card.save(os.path.join(folder, "README.md"))
+        for name in [MANIFEST_NAME] + [shard["file"] for shard in cache.shards]:
+            os.symlink(os.path.abspath(os.path.join(path, name)), os.path.join(folder, name))
+        return api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=folder,
+                                 commit_message=commit_message or "Upload SAE-V activation cache")
 
 
 def load_saev_config(name_or_path: str, subfolder: str | None = None, revision: str | None = None) -> SAEVConfig:

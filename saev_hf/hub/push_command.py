@@ -15,7 +15,8 @@ class PushArguments:
     """
     Push an SAE-V folder with its model card (`--sae DIR --repo_id org/name [--metrics_json FILE]`), or a filtered
     dataset folder with its dataset card (`--dataset DIR --repo_id org/name --source_dataset org/data
-    [--scored_dataset DIR] [--sae_repo org/saev]`).
+    [--scored_dataset DIR] [--sae_repo org/saev]`), or an activation cache with its dataset card (`--cache DIR
+    --repo_id org/name`).
     """
 
     repo_id: str = field(metadata={"help": "Hub repo to push to, 'org/name' (created if needed)."})
@@ -31,6 +32,9 @@ class PushArguments:
     revision: str | None = field(default=None, metadata={"help": "With --sae: branch to push to (default main)."})
     dataset: str | None = field(
         default=None, metadata={"help": "Folder of the filtered dataset to push (written by `saev filter`)."}
+    )
+    cache: str | None = field(
+        default=None, metadata={"help": "Folder of an activation cache to push as a dataset (written by `saev cache`)."}
     )
     scored_dataset: str | None = field(
         default=None,
@@ -60,14 +64,17 @@ class PushArguments:
     commit_message: str | None = field(default=None, metadata={"help": "Commit message (a default describes it)."})
 
     def __post_init__(self) -> None:
-        if (self.sae is None) == (self.dataset is None):
-            raise ValueError("Give exactly one of --sae (an SAE-V folder) and --dataset (a filtered dataset folder).")
+        if sum(value is not None for value in (self.sae, self.dataset, self.cache)) != 1:
+            raise ValueError("Give exactly one of --sae (an SAE-V folder), --dataset (a filtered dataset folder) and "
+                             "--cache (an activation cache folder).")
         sae_only = ("metrics_json", "eval_dataset", "revision")
         dataset_only = ("scored_dataset", "source_dataset", "source_revision", "source_config", "source_split",
                         "sae_repo")
-        wrong = [name for name in (dataset_only if self.sae else sae_only) if getattr(self, name) is not None]
+        not_for = dataset_only if self.sae else sae_only if self.dataset else sae_only + dataset_only
+        wrong = [name for name in not_for if getattr(self, name) is not None]
         if wrong:
-            kind = "an SAE-V (--sae)" if self.sae else "a dataset (--dataset)"
+            kind = ("an SAE-V (--sae)" if self.sae else "a dataset (--dataset)" if self.dataset
+                    else "an activation cache (--cache)")
             options = ", ".join("--" + name for name in wrong)
             verb, pronoun = ("does", "it") if len(wrong) == 1 else ("do", "them")
             raise ValueError(f"{options} {verb} not apply when pushing {kind}; remove {pronoun}.")
@@ -91,7 +98,8 @@ def read_metrics_json(path: str) -> dict[str, Any]:
 
 
 def run_push(args: PushArguments):
-    """Load what `args` name and push it with its card; returns what was pushed where, ending with the commit URL."""
+    """Load what `args` name (an SAE-V, a filtered dataset or an activation cache) and push it with its card; returns
+    what was pushed where, ending with the commit URL."""
     if args.sae is not None:
         from ..model import SAEV
 
@@ -101,6 +109,13 @@ def run_push(args: PushArguments):
                            tags=args.tags, private=args.private, revision=args.revision,
                            commit_message=args.commit_message)
         return f"Pushed the SAE-V in {args.sae} with its model card to {args.repo_id}: {commit.commit_url}"
+    if args.cache is not None:
+        from .push import push_activation_cache
+
+        commit = push_activation_cache(args.cache, args.repo_id, license=args.license, tags=args.tags,
+                                       private=args.private, commit_message=args.commit_message)
+        return (f"Pushed the activation cache in {args.cache} with its dataset card to {args.repo_id}: "
+                f"{commit.commit_url}")
     from ..loading import load_dataset_split
 
     from ..filtering import FILTER_RECORD, FilterArguments

@@ -1,0 +1,525 @@
+"""An activation cache: decoder layer L of an MLLM, read once over a dataset and kept on disk in shards.
+
+The MLLM's forward is the dominant cost of training an SAE-V. [`cache_activations`] runs it once, up to layer L (with
+[`LayerReader`], the same forward batches the [`ActivationBuffer`] reads), and writes the activations of the
+positions training uses (every real position, or text and image ones without special tokens, as
+`include_special_tokens` says) with each token's [`Modality`], dataset row and position, in shards of at most
+`shard_size_tokens` tokens:
+
+```
+cache_dir/
+  cache_manifest.json           model, layer, d_in, storage dtype, the arguments, finished shards, the next row
+  shard-00000.safetensors       activations (n, d_in) in the storage dtype; modality (n,) int8; row (n,) int64;
+  shard-00001.safetensors       position (n,) int32
+  saev_output.json              (which command wrote the folder, see saev_hf.outputs)
+```
+
+A shard is written under a temporary name and renamed once complete, then recorded in the manifest with the next
+row to read: a run that is interrupted and started again with the same arguments continues after the last finished
+shard and gives the cache an uninterrupted run gives. A row never spans two shards.
+
+[`ActivationCache`] reads it back: in stream order (dataset order), or shuffled (seeded: shards in a random order,
+tokens shuffled within windows of `window_shards` shards, so memory is bounded by the window, not the cache), and,
+for training, as a [`CacheReader`] that hands the [`ActivationBuffer`] the rows it asks for: `saev train
+--activation_cache DIR` then trains on exactly the batches it would have read from the MLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from bisect import bisect_right
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .activations import LayerActivations, LayerReader, Modality, image_token_id_of
+from .loading import check_model_dtype, choose_device, load_dataset_split, load_model_and_processor, model_dtype_field
+from .outputs import OUTPUT_RECORD, prepare_output_dir
+from .pipeline import check_workers, prepared_batches, preprocessing_workers_field
+from .prompts import PromptFormat
+
+MANIFEST_NAME = "cache_manifest.json"
+FORMAT = "saev-hf activation cache"
+FORMAT_VERSION = 1
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Options that change where or how a run goes, not what it writes: a resumed run may change them.
+RUN_ONLY_FIELDS = frozenset({"output_dir", "overwrite_output_dir", "device", "disable_tqdm", "preprocessing_workers"})
+
+
+@dataclass
+class CacheArguments:
+    """What `saev cache` reads (the MLLM, the dataset, the layer), which positions it keeps, and how it stores them."""
+
+    output_dir: str = field(metadata={"help": "Folder of the cache (shards and cache_manifest.json)."})
+    layer: int = field(metadata={"help": "0-based index of the decoder layer whose output (residual stream) is read."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub repo id or local folder of the MLLM (or text-only causal LM). Not needed when a model "
+                  "is passed to the Python API."},
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset name, or a folder written by Dataset.save_to_disk. Not needed when a dataset "
+                  "is passed to the Python API."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Dataset split."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    model_revision: str | None = field(default=None, metadata={"help": "Revision of the MLLM on the Hub."})
+    model_dtype: str = model_dtype_field()
+    include_special_tokens: bool = field(
+        default=True,
+        metadata={"help": "Keep special/template tokens (BOS, role markers, image start/end), as training does by "
+                  "default. Without them the cache cannot serve a training run that includes them."},
+    )
+    storage_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype of the stored activations: float32 (exact), bfloat16 or float16 (half the disk).",
+                  "choices": tuple(STORAGE_DTYPES)},
+    )
+    shard_size_tokens: int = field(
+        default=65536,
+        metadata={"help": "Most tokens in one shard (one safetensors file). A shard holds whole rows: a row with more "
+                  "tokens than this is an error."},
+    )
+    read_batch_size: int = field(
+        default=8,
+        metadata={"help": "Dataset rows per forward pass of the MLLM. Use the read_batch_size of the training run "
+                  "the cache stands in for to get bit-identical activations."},
+    )
+    max_rows: int | None = field(default=None, metadata={"help": "Cache only the first this many rows."})
+    device: str = field(default="auto", metadata={"help": "Where the MLLM runs: 'auto', 'cpu', 'cuda:0'..."})
+    preprocessing_workers: int = preprocessing_workers_field()
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Write into output_dir even if it holds files that `saev cache` did not write, or a cache "
+                  "made with other arguments (it is deleted and started again)."},
+    )
+    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
+
+    def __post_init__(self) -> None:
+        check_model_dtype(self.model_dtype)
+        check_workers(self.preprocessing_workers)
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage_dtype={self.storage_dtype!r} is not supported; use one of "
+                             f"{tuple(STORAGE_DTYPES)}.")
+        for name in ("shard_size_tokens", "read_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer.")
+        if self.max_rows is not None and (not isinstance(self.max_rows, int) or self.max_rows < 0):
+            raise ValueError(f"max_rows={self.max_rows!r} must be a non-negative integer (or None for every row).")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"layer={self.layer!r} must be a non-negative integer: the 0-based decoder layer index.")
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def _identity(args: CacheArguments, prompt_format: PromptFormat, model: Any, dataset: Any) -> dict[str, Any]:
+    """What makes a cache what it is: every argument but the run-only ones, the prompt columns, and the model and
+    dataset names (of the objects passed, when no names are given)."""
+    record = {name: value for name, value in asdict(args).items() if name not in RUN_ONLY_FIELDS}
+    record["prompt_format"] = {f.name: getattr(prompt_format, f.name) for f in fields(PromptFormat)}
+    if record["model_name_or_path"] is None:
+        record["model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if record["dataset_name"] is None:
+        record["dataset_name"] = getattr(getattr(dataset, "info", None), "dataset_name", None) or None
+    record["num_dataset_rows"] = len(dataset)
+    return record
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return [f"{name}: {saved.get(name)!r} (cache) vs {current.get(name)!r} (now)"
+            for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)]
+
+
+def cache_activations(args: CacheArguments, prompt_format: PromptFormat | None = None, model=None, processor=None,
+                      dataset=None) -> Path:
+    """
+    Read decoder layer `args.layer` of the MLLM over the dataset once and write the activations to `args.output_dir`
+    (see the module's docstring for the layout). Resumes an interrupted cache made with the same arguments.
+
+    Example:
+
+    ```python
+    cache_dir = cache_activations(CacheArguments(output_dir="cache", layer=16), model=model, processor=processor,
+                                  dataset=dataset)
+    for batch in ActivationCache(cache_dir).batches(4096, shuffle=True, seed=0):
+        ...  # (4096, d_in) float32
+    ```
+
+    Args:
+        args ([`CacheArguments`]): the options.
+        prompt_format ([`PromptFormat`], *optional*): the dataset's columns (default: TRL's `images`/`prompt`).
+        model, processor (*optional*): the MLLM and its processor; loaded from `args.model_name_or_path` otherwise.
+        dataset (`datasets.Dataset` or a list of rows, *optional*): loaded from `args.dataset_name` otherwise.
+
+    Returns:
+        `Path`: the cache folder.
+
+    Raises:
+        FileExistsError: `output_dir` holds something `saev cache` did not write (and `overwrite_output_dir` is off).
+        ValueError: `output_dir` holds a cache made with other arguments (naming the differences), or a row has more
+            tokens than `shard_size_tokens`.
+    """
+    from tqdm.auto import tqdm
+
+    prompt_format = prompt_format if prompt_format is not None else PromptFormat()
+    output = prepare_output_dir(args.output_dir, "cache", args.overwrite_output_dir)
+    manifest_path = output / MANIFEST_NAME
+    if model is None:
+        if args.model_name_or_path is None:
+            raise ValueError("No MLLM: pass model= and processor=, or set model_name_or_path.")
+        model, processor = load_model_and_processor(args.model_name_or_path, args.model_revision, args.model_dtype,
+                                                    choose_device(args.device))
+    elif processor is None:
+        raise ValueError("A model was passed without its processor (or tokenizer): pass processor= too.")
+    model.eval()
+    if dataset is None:
+        if args.dataset_name is None:
+            raise ValueError("No dataset: pass dataset=, or set dataset_name.")
+        dataset = load_dataset_split(args.dataset_name, args.dataset_config, args.dataset_split)
+    if image_token_id_of(model, processor) is None and prompt_format.image_column is not None:
+        prompt_format = replace(prompt_format, image_column=None)  # a text-only LM reads text only, as in training
+    reader = LayerReader(model, processor, args.layer, prompt_format=prompt_format)
+    identity = _identity(args, reader.prompt_format, model, dataset)
+    manifest = _start_manifest(output, manifest_path, identity, reader, args)
+
+    num_rows = len(dataset) if args.max_rows is None else min(args.max_rows, len(dataset))
+    next_row = manifest["next_row"]
+    # Resume at the start of the forward batch holding `next_row`, so that every row is read in the same forward
+    # batch (the same padding) as in an uninterrupted run; rows before `next_row` are in finished shards already.
+    batch_start = next_row - next_row % args.read_batch_size
+    storage = STORAGE_DTYPES[args.storage_dtype]
+    pending: list[dict[str, torch.Tensor]] = []
+    pending_tokens, pending_first_row = 0, next_row
+    with tqdm(total=num_rows, initial=next_row, desc="Caching activations", unit="row",
+              disable=args.disable_tqdm) as bar:
+        rows_left = range(batch_start, num_rows) if next_row < num_rows else range(0)  # a finished cache: nothing
+        for prepared in prepared_batches(reader, dataset, args.read_batch_size, rows_left,
+                                         workers=args.preprocessing_workers):
+            acts = reader.read_inputs(prepared.check())
+            mask = acts.scored_mask(args.include_special_tokens).cpu()
+            for j, row in enumerate(prepared.rows):
+                if row < next_row:
+                    continue
+                keep = mask[j]
+                count = int(keep.sum())
+                if count > args.shard_size_tokens:
+                    raise ValueError(
+                        f"Row {row} has {count} tokens to cache, more than shard_size_tokens={args.shard_size_tokens} "
+                        f"(a row never spans two shards). Raise shard_size_tokens to at least {count}."
+                    )
+                if pending_tokens + count > args.shard_size_tokens and pending:
+                    _write_shard(output, manifest, manifest_path, pending, pending_first_row, row)
+                    pending, pending_tokens, pending_first_row = [], 0, row
+                hidden = acts.hidden_states[j][keep.to(acts.hidden_states.device)].float().cpu()
+                if not torch.isfinite(hidden).all():
+                    raise ValueError(
+                        f"Layer {args.layer} of {type(model).__name__} produced NaN or inf activations in row {row}. "
+                        f"Load the model in float32 (or bfloat16 rather than float16), or check this row."
+                    )
+                pending.append({
+                    "activations": hidden.to(storage),
+                    "modality": acts.modality[j][keep.to(acts.modality.device)].cpu().to(torch.int8),
+                    "row": torch.full((count,), row, dtype=torch.int64),
+                    "position": keep.nonzero().flatten().to(torch.int32),
+                })
+                pending_tokens += count
+            bar.update(sum(1 for row in prepared.rows if row >= next_row))
+    if pending:
+        _write_shard(output, manifest, manifest_path, pending, pending_first_row, num_rows)
+    elif manifest["shards"]:  # trailing rows without a token to keep belong to the last shard
+        last = manifest["shards"][-1]
+        last["num_rows"] = max(last["num_rows"], num_rows - last["first_row"])
+    manifest["next_row"], manifest["complete"] = num_rows, True
+    _write_json(manifest_path, manifest)
+    return output
+
+
+def _start_manifest(output: Path, manifest_path: Path, identity: dict[str, Any], reader: LayerReader,
+                    args: CacheArguments) -> dict[str, Any]:
+    """The manifest to continue: the folder's own, when it was made with the same arguments, else a fresh one (an
+    existing one with other arguments is refused, or deleted with `overwrite_output_dir`)."""
+    if manifest_path.exists():
+        saved = json.loads(manifest_path.read_text())
+        differences = _differences(saved.get("arguments", {}), identity)
+        if not differences:
+            return saved
+        if not args.overwrite_output_dir:
+            raise ValueError(
+                f"output_dir {str(output)!r} holds an activation cache made with other arguments "
+                f"({'; '.join(differences)}). Choose another output_dir, run with the cache's arguments to resume "
+                f"it, or pass overwrite_output_dir=True (--overwrite_output_dir) to delete it and start again."
+            )
+    if args.overwrite_output_dir:  # start clean: no shard of another cache may remain
+        for entry in output.iterdir():
+            if entry.name != OUTPUT_RECORD:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_name_or_path": identity["model_name_or_path"],
+        "dataset_name": identity["dataset_name"],
+        "layer": reader.layer,
+        "d_in": reader.hidden_size,
+        "storage_dtype": args.storage_dtype,
+        "include_special_tokens": args.include_special_tokens,
+        "modalities": {m.name.lower(): int(m) for m in Modality},
+        "arguments": identity,
+        "shards": [],
+        "num_tokens": 0,
+        "next_row": 0,
+        "complete": False,
+    }
+    _write_json(manifest_path, manifest)
+    return manifest
+
+
+def _write_shard(output: Path, manifest: dict[str, Any], manifest_path: Path, parts: list[dict[str, torch.Tensor]],
+                 first_row: int, end_row: int) -> None:
+    """Write rows `first_row..end_row-1` (`parts`, one per row with tokens) as the next shard: under a temporary
+    name, renamed once complete, then recorded in the manifest with `end_row` as the next row to read."""
+    name = _shard_name(len(manifest["shards"]))
+    tensors = {key: torch.cat([part[key] for part in parts]) for key in ("activations", "modality", "row", "position")}
+    temporary = output / (name + ".tmp")
+    save_file({key: value.contiguous() for key, value in tensors.items()}, str(temporary),
+              metadata={"format": FORMAT, "first_row": str(first_row), "end_row": str(end_row)})
+    os.replace(temporary, output / name)
+    num_tokens = len(tensors["row"])
+    manifest["shards"].append({"file": name, "num_tokens": num_tokens, "first_row": first_row,
+                               "num_rows": end_row - first_row})
+    manifest["num_tokens"] += num_tokens
+    manifest["next_row"] = end_row
+    _write_json(manifest_path, manifest)
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    os.replace(temporary, path)
+
+
+class ActivationCache:
+    """
+    A cache written by [`cache_activations`], read back.
+
+    Example:
+
+    ```python
+    cache = ActivationCache("cache")
+    cache.d_in, cache.layer, cache.num_tokens
+    for batch in cache.batches(4096, shuffle=True, seed=0, window_shards=4):
+        ...  # (<= 4096, d_in) float32
+    ```
+
+    Args:
+        path (`str` or `os.PathLike`): the cache folder, or a Hub dataset repo it was pushed to
+            ([`saev_hf.hub.push_activation_cache`]; downloaded with `snapshot_download`).
+        revision (`str`, *optional*): the revision of a Hub repo.
+        allow_incomplete (`bool`, *optional*, defaults to `False`): read the finished shards of a cache whose run
+            has not finished.
+
+    Raises:
+        ValueError: the folder holds no cache, or an unfinished one (without `allow_incomplete`).
+    """
+
+    def __init__(self, path: str | os.PathLike, revision: str | None = None, allow_incomplete: bool = False) -> None:
+        self.path = Path(path)
+        if not self.path.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/")):
+            from huggingface_hub import snapshot_download
+
+            try:
+                self.path = Path(snapshot_download(str(path), repo_type="dataset", revision=revision))
+            except Exception as error:  # not on the Hub either: say both places were looked at
+                raise ValueError(f"{str(path)!r} is neither a folder nor a Hub dataset repo that could be downloaded "
+                                 f"({type(error).__name__}: {error}). Give the folder of an activation cache, or the "
+                                 f"Hub repo it was pushed to.") from error
+        manifest_path = self.path / MANIFEST_NAME
+        if not manifest_path.exists():
+            raise ValueError(f"{str(self.path)!r} is not an activation cache (no {MANIFEST_NAME}). Make one with "
+                             f"`saev cache` or saev_hf.cache.cache_activations.")
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{manifest_path} is not a saev-hf activation cache manifest.")
+        if not self.manifest["complete"] and not allow_incomplete:
+            raise ValueError(
+                f"The activation cache in {str(self.path)!r} is unfinished (rows read: {self.manifest['next_row']}). "
+                f"Run `saev cache` again with the same arguments to finish it, or pass allow_incomplete=True."
+            )
+        self.shards: list[dict[str, Any]] = self.manifest["shards"]
+        self._first_rows = [shard["first_row"] for shard in self.shards]
+        self._row_offsets: dict[int, torch.Tensor] = {}
+
+    @property
+    def d_in(self) -> int:
+        """Width of the activations."""
+        return int(self.manifest["d_in"])
+
+    @property
+    def layer(self) -> int:
+        """The decoder layer read."""
+        return int(self.manifest["layer"])
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the (finished shards of the) cache."""
+        return int(self.manifest["num_tokens"])
+
+    @property
+    def num_rows(self) -> int:
+        """Dataset rows read into the (finished shards of the) cache."""
+        return int(self.manifest["next_row"])
+
+    def load_shard(self, index: int, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+        """Shard `index`: `activations` (`(n, d_in)`, in `dtype`, or the storage dtype with None), `modality`,
+        `row` and `position` (`(n,)` each)."""
+        tensors = load_file(str(self.path / self.shards[index]["file"]))
+        if dtype is not None:
+            tensors["activations"] = tensors["activations"].to(dtype)
+        return tensors
+
+    def iter_shards(self, dtype: torch.dtype | None = torch.float32) -> Iterator[dict[str, torch.Tensor]]:
+        """Every shard, in stream (dataset) order, one at a time (see [`load_shard`])."""
+        for index in range(len(self.shards)):
+            yield self.load_shard(index, dtype)
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, window_shards: int = 4,
+                drop_last: bool = False, with_metadata: bool = False) -> Iterator[Any]:
+        """
+        One pass over the cache in batches of `batch_size` tokens (the last one smaller unless `drop_last`).
+
+        In stream order, tokens come in dataset order (rows, then positions). With `shuffle`, shards are taken in a
+        random order (seeded by `seed`), `window_shards` at a time, and the tokens of each window (with the few left
+        over from the previous window) are shuffled: memory holds at most `window_shards` shards and one batch.
+
+        Yields `(tokens, d_in)` float32 tensors, or with `with_metadata` dicts with `activations`, `modality`, `row`
+        and `position`.
+        """
+        if batch_size <= 0 or window_shards <= 0:
+            raise ValueError(f"batch_size={batch_size} and window_shards={window_shards} must be positive.")
+        order = list(range(len(self.shards)))
+        generator = torch.Generator().manual_seed(seed)
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(len(order)).tolist()
+        window = 1 if not shuffle else window_shards
+        left: dict[str, torch.Tensor] | None = None
+        for start in range(0, len(order), window):
+            parts = [self.load_shard(index) for index in order[start : start + window]]
+            if left is not None:
+                parts.insert(0, left)
+            pool = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+            del parts
+            if shuffle:
+                permutation = torch.randperm(len(pool["row"]), generator=generator)
+                pool = {key: value[permutation] for key, value in pool.items()}
+            whole = len(pool["row"]) - len(pool["row"]) % batch_size
+            for begin in range(0, whole, batch_size):
+                batch = {key: value[begin : begin + batch_size] for key, value in pool.items()}
+                yield batch if with_metadata else batch["activations"]
+            left = {key: value[whole:].clone() for key, value in pool.items()}  # not a view holding the pool
+            del pool
+        if left is not None and len(left["row"]) and not drop_last:
+            yield left if with_metadata else left["activations"]
+
+    def rows(self, indices: Sequence[int], dtype: torch.dtype = torch.float32) -> list[dict[str, torch.Tensor]]:
+        """The cached tokens of dataset rows `indices` (each a dict like a shard's, empty for a row without tokens
+        kept), read from their shards without loading them whole."""
+        found = []
+        for row in indices:
+            shard = bisect_right(self._first_rows, row) - 1
+            if shard < 0 or row >= self.num_rows:
+                raise IndexError(f"Row {row} is not in the activation cache {str(self.path)!r} (rows 0.."
+                                 f"{self.num_rows - 1}).")
+            offsets = self._offsets(shard)
+            local = row - self.shards[shard]["first_row"]
+            begin, end = int(offsets[local]), int(offsets[local + 1])
+            with safe_open(str(self.path / self.shards[shard]["file"]), framework="pt") as handle:
+                part = {key: handle.get_slice(key)[begin:end] for key in ("activations", "modality", "row",
+                                                                            "position")}
+            part["activations"] = part["activations"].to(dtype)
+            found.append(part)
+        return found
+
+    def _offsets(self, shard: int) -> torch.Tensor:
+        """Where each row of `shard` starts among its tokens (one more entry than rows)."""
+        if shard not in self._row_offsets:
+            with safe_open(str(self.path / self.shards[shard]["file"]), framework="pt") as handle:
+                rows = handle.get_tensor("row")
+            first, count = self.shards[shard]["first_row"], self.shards[shard]["num_rows"]
+            boundaries = torch.arange(first, first + count + 1, dtype=torch.int64)
+            self._row_offsets[shard] = torch.searchsorted(rows, boundaries)
+        return self._row_offsets[shard]
+
+
+class CacheReader:
+    """
+    Stands in for a [`LayerReader`] in an [`ActivationBuffer`] whose "dataset" is the cache's [`CachedRows`]: reading
+    a batch of row indices gives the cached activations of those rows as a right-padded [`LayerActivations`]. The
+    buffer then hands out exactly the batches it hands out reading the MLLM (bit-identical with a float32 cache made
+    with the training run's `read_batch_size`, and rows read in order).
+
+    Args:
+        cache ([`ActivationCache`]): the cache.
+    """
+
+    def __init__(self, cache: ActivationCache) -> None:
+        self.cache = cache
+        self.layer = cache.layer
+        self.model = None
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the cached activations."""
+        return self.cache.d_in
+
+    def read(self, rows: dict[str, Sequence[int]], first_row: int | Sequence[int] = 0) -> LayerActivations:
+        """The cached tokens of rows `rows["row"]` (dataset indices, a batch of [`CachedRows`]), right-padded;
+        positions not cached are PAD."""
+        parts = self.cache.rows([int(row) for row in rows["row"]])
+        length = max([int(part["position"].max()) + 1 for part in parts if len(part["position"])], default=1)
+        hidden = torch.zeros(len(parts), length, self.cache.d_in)
+        modality = torch.full((len(parts), length), int(Modality.PAD), dtype=torch.int8)
+        for j, part in enumerate(parts):
+            positions = part["position"].long()
+            hidden[j, positions] = part["activations"]
+            modality[j, positions] = part["modality"]
+        return LayerActivations(hidden_states=hidden, modality=modality,
+                                input_ids=torch.zeros(len(parts), length, dtype=torch.long), layer=self.layer)
+
+
+class CachedRows:
+    """
+    The rows of an activation cache as the [`ActivationBuffer`] reads a dataset: indexable, and a batch of indices
+    gives the columns `{"row": [dataset indices]}` that a [`CacheReader`] reads.
+
+    Args:
+        rows (`range`): the dataset indices (all the cache's rows, or a process's contiguous share of them).
+    """
+
+    def __init__(self, rows: range) -> None:
+        self.indices = rows
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, positions: Sequence[int]) -> dict[str, list[int]]:
+        return {"row": [self.indices[p] for p in positions]}
+
+    def select(self, positions: Sequence[int]) -> CachedRows:
+        """Marks the rows as read by index in batches (as `datasets.Dataset`): `self[positions]` is one batch."""
+        raise NotImplementedError("CachedRows is read by batches of indices only.")
+
+    def shard(self, rank: int, world: int) -> CachedRows:
+        """The rows of process `rank` of `world`: contiguous, as `split_dataset_by_node` shards a `Dataset`."""
+        div, mod = divmod(len(self.indices), world)
+        start = div * rank + min(rank, mod)
+        return CachedRows(self.indices[start : start + div + (1 if rank < mod else 0)])

@@ -1,0 +1,284 @@
+"""The activation cache: what it holds equals what training reads from the MLLM, bounded shards, exact resume, refused
+foreign folders, shuffled reading in bounded memory, and training from it giving the weights training from the MLLM
+gives."""
+
+from __future__ import annotations
+
+import json
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import saev_hf.cache as cache_module
+from saev_hf import SAEV
+from saev_hf.activation_buffer import ActivationBuffer
+from saev_hf.activations import LayerReader, Modality
+from saev_hf.cache import MANIFEST_NAME, ActivationCache, CacheArguments, cache_activations
+from saev_hf.cli import main as cli_main
+from saev_hf.training import SAEVTrainer, train_saev
+
+from test_training import digit_dataset, text_dataset, tiny_args
+
+
+def cache_args(output_dir, **overrides) -> CacheArguments:
+    values = dict(output_dir=str(output_dir), layer=1, shard_size_tokens=200, read_batch_size=4, disable_tqdm=True)
+    values.update(overrides)
+    return CacheArguments(**values)
+
+
+def stream(cache: ActivationCache) -> dict[str, torch.Tensor]:
+    """The whole cache in stream order, every column."""
+    shards = list(cache.iter_shards())
+    return {key: torch.cat([shard[key] for shard in shards]) for key in shards[0]}
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_factory, tmp_path_factory):
+    llava = tiny_model_factory("llava")
+    dataset = digit_dataset(18)
+    root = tmp_path_factory.mktemp("cache")
+    path = cache_activations(cache_args(root / "full"), model=llava.model, processor=llava.processor,
+                             dataset=dataset)
+    return {"llava": llava, "dataset": dataset, "root": root, "cache": ActivationCache(path)}
+
+
+def test_shards_hold_at_most_shard_size_tokens_and_whole_rows(setup):
+    cache = setup["cache"]
+    assert len(cache.shards) >= 3  # the test data spans several shards
+    assert sum(shard["num_tokens"] for shard in cache.shards) == cache.num_tokens
+    rows_seen = []
+    for index, shard in enumerate(cache.shards):
+        tensors = cache.load_shard(index)
+        assert 0 < len(tensors["row"]) == shard["num_tokens"] <= 200
+        rows = tensors["row"].unique().tolist()
+        assert rows == list(range(shard["first_row"], shard["first_row"] + shard["num_rows"]))
+        rows_seen += rows
+    assert rows_seen == list(range(18))  # each row in exactly one shard, in order
+    manifest = json.loads((cache.path / MANIFEST_NAME).read_text())
+    assert manifest["complete"] and manifest["d_in"] == setup["llava"].model.config.text_config.hidden_size
+    assert manifest["layer"] == 1 and manifest["storage_dtype"] == "float32"
+    assert manifest["arguments"]["shard_size_tokens"] == 200 and manifest["arguments"]["read_batch_size"] == 4
+
+
+def test_a_row_longer_than_a_shard_is_refused_with_the_size_to_use(setup):
+    with pytest.raises(ValueError, match=r"Row 0 has \d+ tokens to cache, more than shard_size_tokens=5.*at least"):
+        cache_activations(cache_args(setup["root"] / "tiny-shards", shard_size_tokens=5),
+                          model=setup["llava"].model, processor=setup["llava"].processor, dataset=setup["dataset"])
+
+
+@pytest.mark.parametrize("include_special", [True, False])
+def test_cached_tokens_are_the_tokens_the_buffer_reads_with_their_modality_row_and_position(setup, include_special):
+    llava, dataset = setup["llava"], setup["dataset"]
+    if include_special:
+        cache = setup["cache"]
+    else:
+        args = cache_args(setup["root"] / "no-special", include_special_tokens=False)
+        cache = ActivationCache(cache_activations(args, model=llava.model, processor=llava.processor, dataset=dataset))
+    cached = stream(cache)
+    reader = LayerReader(llava.model, llava.processor, layer=1)
+    buffer = ActivationBuffer(reader, dataset, batch_size_tokens=8, buffer_size_tokens=16, read_batch_size=4,
+                              include_special_tokens=include_special, shuffle_dataset=False)
+    read = []
+    while buffer.data_pass == 0:
+        read.append(buffer.read_tokens())
+    read = torch.cat(read[:-1])  # the last read starts the second pass
+    assert torch.equal(cached["activations"], read)  # same tokens, same order, bit for bit
+    # metadata: recompute every position's modality, row and position directly
+    modality, rows, positions = [], [], []
+    for start in range(0, len(dataset), 4):
+        acts = reader.read(dataset[start : start + 4], first_row=start)
+        mask = acts.scored_mask(include_special)
+        for j in range(len(acts)):
+            modality.append(acts.modality[j][mask[j]])
+            rows.append(torch.full((int(mask[j].sum()),), start + j))
+            positions.append(mask[j].nonzero().flatten())
+    assert torch.equal(cached["modality"], torch.cat(modality).to(torch.int8))
+    assert torch.equal(cached["row"], torch.cat(rows)) and torch.equal(cached["position"].long(), torch.cat(positions))
+    kinds = set(cached["modality"].tolist())
+    assert {int(Modality.IMAGE), int(Modality.TEXT)} <= kinds and int(Modality.PAD) not in kinds
+    assert (int(Modality.SPECIAL) in kinds) == include_special
+
+
+def test_an_interrupted_cache_resumes_to_the_cache_of_an_uninterrupted_run(setup, monkeypatch):
+    llava, dataset = setup["llava"], setup["dataset"]
+    real_write, written = cache_module._write_shard, []
+
+    def write_then_fail(*args, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt("interrupted")
+        real_write(*args, **kwargs)
+        written.append(1)
+
+    monkeypatch.setattr(cache_module, "_write_shard", write_then_fail)
+    out = setup["root"] / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(cache_args(out), model=llava.model, processor=llava.processor, dataset=dataset)
+    monkeypatch.setattr(cache_module, "_write_shard", real_write)
+    partial = json.loads((out / MANIFEST_NAME).read_text())
+    assert len(partial["shards"]) == 2 and not partial["complete"]
+    assert 0 < partial["next_row"] < 18 and partial["next_row"] % 4 != 0  # resumes inside a forward batch
+    with pytest.raises(ValueError, match="unfinished"):
+        ActivationCache(out)
+    assert ActivationCache(out, allow_incomplete=True).num_rows == partial["next_row"]
+    cache_activations(cache_args(out), model=llava.model, processor=llava.processor, dataset=dataset)
+    resumed, full = ActivationCache(out), setup["cache"]
+    assert [s for s in resumed.shards] == [s for s in full.shards]
+    for index in range(len(full.shards)):
+        a, b = resumed.load_shard(index), full.load_shard(index)
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_a_folder_with_another_cache_or_foreign_files_is_refused(setup):
+    llava, dataset = setup["llava"], setup["dataset"]
+    kwargs = dict(model=llava.model, processor=llava.processor, dataset=dataset)
+    with pytest.raises(ValueError, match=r"other arguments \(layer: 1 \(cache\) vs 2 \(now\); storage_dtype: "
+                                         r"'float32' \(cache\) vs 'bfloat16' \(now\)\).*--overwrite_output_dir"):
+        cache_activations(cache_args(setup["cache"].path, layer=2, storage_dtype="bfloat16"), **kwargs)
+    foreign = setup["root"] / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="config.json"):
+        cache_activations(cache_args(foreign), **kwargs)
+    # asked to: the other cache is deleted and a new one written
+    other = setup["root"] / "other"
+    cache_activations(cache_args(other, shard_size_tokens=100), **kwargs)
+    cache_activations(cache_args(other, layer=2, overwrite_output_dir=True), **kwargs)
+    assert ActivationCache(other).layer == 2
+    assert sorted(p.name for p in other.glob("shard-*")) == [s["file"] for s in ActivationCache(other).shards]
+
+
+def test_shuffled_reading_is_a_seeded_permutation_of_the_stream_holding_at_most_window_shards(setup, monkeypatch):
+    cache = setup["cache"]
+    ordered = torch.cat(list(cache.batches(10)))
+    assert torch.equal(ordered, stream(cache)["activations"])
+    live, most = [0], [0]
+
+    def counted_load(*args, **kwargs):
+        tensors = load_file(*args, **kwargs)
+        live[0] += 1
+        most[0] = max(most[0], live[0])
+        weakref.finalize(tensors["activations"], lambda: live.__setitem__(0, live[0] - 1))
+        return tensors
+
+    monkeypatch.setattr(cache_module, "load_file", counted_load)
+    first = [b.clone() for b in cache.batches(10, shuffle=True, seed=1, window_shards=2)]
+    assert most[0] <= 2  # never more than a window of shards in memory
+    again = list(cache.batches(10, shuffle=True, seed=1, window_shards=2))
+    other = list(cache.batches(10, shuffle=True, seed=2, window_shards=2))
+    shuffled = torch.cat(first)
+    assert all(len(b) == 10 for b in first[:-1])
+    assert len(shuffled) == len(ordered) and not torch.equal(shuffled, ordered)
+    assert torch.equal(torch.sort(shuffled, dim=0).values, torch.sort(ordered, dim=0).values)
+    assert torch.equal(shuffled[torch.argsort(shuffled[:, 0])], ordered[torch.argsort(ordered[:, 0])])
+    assert torch.equal(torch.cat(again), shuffled) and not torch.equal(torch.cat(other), shuffled)
+    with_metadata = next(cache.batches(10, shuffle=True, seed=1, window_shards=2, with_metadata=True))
+    assert torch.equal(with_metadata["activations"], first[0]) and len(with_metadata["row"]) == 10
+
+
+@pytest.mark.parametrize("storage_dtype", ["bfloat16", "float16"])
+def test_half_precision_storage_round_trips_within_its_precision(setup, storage_dtype):
+    llava = setup["llava"]
+    half = ActivationCache(cache_activations(cache_args(setup["root"] / storage_dtype, storage_dtype=storage_dtype),
+                                             model=llava.model, processor=llava.processor, dataset=setup["dataset"]))
+    exact, stored = stream(setup["cache"]), stream(half)
+    assert load_file(str(half.path / half.shards[0]["file"]))["activations"].dtype == getattr(torch, storage_dtype)
+    assert stored["activations"].dtype == torch.float32
+    assert torch.equal(stored["activations"], exact["activations"].to(getattr(torch, storage_dtype)).float())
+    eps = torch.finfo(getattr(torch, storage_dtype)).eps
+    assert torch.allclose(stored["activations"], exact["activations"], rtol=eps, atol=1e-6)
+    assert all(torch.equal(stored[key], exact[key]) for key in ("modality", "row", "position"))
+
+
+def test_training_from_the_cache_gives_the_weights_training_from_the_mllm_gives(setup, tmp_path):
+    llava, dataset, cache = setup["llava"], setup["dataset"], setup["cache"]
+    direct = train_saev(tiny_args(tmp_path / "direct", max_steps=30, shuffle_dataset=False), llava.model,
+                        llava.processor, dataset)
+    cached = train_saev(tiny_args(tmp_path / "cached", max_steps=30, shuffle_dataset=False,
+                                  activation_cache=str(cache.path)))
+    for name, value in direct.state_dict().items():  # bit for bit (feature_weights: NaN, unset, in both)
+        torch.testing.assert_close(cached.state_dict()[name], value, rtol=0, atol=0, equal_nan=True, msg=name)
+    assert torch.isfinite(direct.W_enc).all() and direct.config.training_tokens == cached.config.training_tokens
+    assert cached.config.input_scale == direct.config.input_scale
+    assert cached.config.base_model_name_or_path == cache.manifest["model_name_or_path"]
+    # shuffled rows (the default): the same procedure over the cache's rows. The MLLM then reads the rows in other
+    # forward batches (other padding) than the cache did, so equality holds up to float rounding in general.
+    direct = train_saev(tiny_args(tmp_path / "direct-shuffled", max_steps=30), llava.model, llava.processor, dataset)
+    cached = train_saev(tiny_args(tmp_path / "cached-shuffled", max_steps=30, activation_cache=str(cache.path)))
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(cached.state_dict()[name], direct.state_dict()[name], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(cached.W_enc, train_saev(tiny_args(tmp_path / "other-seed", max_steps=30, seed=1,
+                                                              activation_cache=str(cache.path))).W_enc)
+    # every cached token is read once per pass, in another order than the stream's
+    trainer = SAEVTrainer(tiny_args(tmp_path / "shuffled", activation_cache=str(cache.path)))
+    buffer = trainer.activation_buffer()
+    read = []
+    while buffer.data_pass == 0:
+        read.append(buffer.read_tokens())
+    read = torch.cat(read[:-1])
+    expected = stream(cache)["activations"]
+    assert len(read) == len(expected) and not torch.equal(read, expected)
+    assert torch.equal(torch.sort(read, dim=0).values, torch.sort(expected, dim=0).values)
+
+
+def test_training_from_a_cache_refuses_what_it_cannot_serve(setup, tmp_path):
+    with pytest.raises(ValueError, match="holds layer 1, but layer=2"):
+        SAEVTrainer(tiny_args(tmp_path / "a", layer=2, activation_cache=str(setup["cache"].path)))
+    with pytest.raises(ValueError, match="replaces the base model and the dataset"):
+        SAEVTrainer(tiny_args(tmp_path / "b", activation_cache=str(setup["cache"].path)), setup["llava"].model,
+                    setup["llava"].processor)
+    with pytest.raises(ValueError, match="not an activation cache"):
+        SAEVTrainer(tiny_args(tmp_path / "c", activation_cache=str(tmp_path)))
+
+
+def test_saev_cache_then_saev_train_from_the_cache(tiny_model_factory, tmp_path, capsys):
+    llava = tiny_model_factory("llava")
+    digit_dataset(8).save_to_disk(str(tmp_path / "data"))
+    argv = ["cache", "--model_name_or_path", str(llava.path), "--dataset_name", str(tmp_path / "data"), "--layer",
+            "1", "--output_dir", str(tmp_path / "cache"), "--shard_size_tokens", "150", "--read_batch_size", "4",
+            "--storage_dtype", "bfloat16", "--disable_tqdm"]
+    assert cli_main(argv) == 0
+    cache = ActivationCache(tmp_path / "cache")
+    assert f"Cached {cache.num_tokens} tokens of layer 1 (8 rows)" in capsys.readouterr().out
+    assert cli_main(argv) == 0  # again on its own complete output: nothing to redo
+    assert ActivationCache(tmp_path / "cache").shards == cache.shards
+    assert cli_main(["train", "--activation_cache", str(tmp_path / "cache"), "--layer", "1", "--output_dir",
+                     str(tmp_path / "out"), "--expansion_factor", "4", "--max_steps", "8", "--train_batch_size_tokens",
+                     "32", "--buffer_size_tokens", "128", "--read_batch_size", "4", "--input_scale_estimation_tokens",
+                     "64", "--disable_tqdm"]) == 0
+    sae = SAEV.from_pretrained(tmp_path / "out")
+    assert sae.config.base_model_name_or_path == str(llava.path) and sae.config.training_tokens == 8 * 32
+    assert sae.config.dataset_name == str(tmp_path / "data") and sae.config.hook_layer == 1
+
+
+def test_a_pushed_cache_reads_back_from_the_hub_with_its_card(setup, loopback_hub, capsys):
+    from huggingface_hub import DatasetCard
+
+    cache = setup["cache"]
+    assert cli_main(["push", "--cache", str(cache.path), "--repo_id", "org/cache", "--license", "mit"]) == 0
+    assert "Pushed the activation cache" in capsys.readouterr().out
+    files = loopback_hub.files("org/cache", repo_type="dataset")
+    assert set(files) >= {"README.md", MANIFEST_NAME, *(shard["file"] for shard in cache.shards)}
+    assert not any(name.endswith(".tmp") or name == "saev_output.json" for name in files)
+    card = DatasetCard.load("org/cache", repo_type="dataset")
+    assert "activation-cache" in card.data.tags and card.data.license == "mit"
+    assert f"{cache.num_tokens} tokens of 18 rows, d_in = {cache.d_in}" in card.text
+    pulled = ActivationCache("org/cache")
+    assert pulled.manifest == cache.manifest
+    assert torch.equal(stream(pulled)["activations"], stream(cache)["activations"])
+    with pytest.raises(SystemExit):  # --cache with an option of another kind
+        cli_main(["push", "--cache", str(cache.path), "--repo_id", "org/x", "--source_dataset", "o/d"])
+    assert "--source_dataset does not apply when pushing an activation cache" in capsys.readouterr().err
+
+
+def test_a_text_only_model_caches_text_and_trains_a_plain_sae_from_it(tiny_text_model, tmp_path):
+    model, tokenizer, dataset = tiny_text_model.model, tiny_text_model.processor, text_dataset(12)
+    cache = ActivationCache(cache_activations(cache_args(tmp_path / "cache", shard_size_tokens=40), model=model,
+                                              processor=tokenizer, dataset=dataset))
+    assert len(cache.shards) > 1 and int(Modality.IMAGE) not in stream(cache)["modality"].tolist()
+    direct = train_saev(tiny_args(tmp_path / "direct", max_steps=10, shuffle_dataset=False), model, tokenizer, dataset)
+    cached = train_saev(tiny_args(tmp_path / "cached", max_steps=10, shuffle_dataset=False,
+                                  activation_cache=str(cache.path)))
+    assert torch.equal(direct.W_enc, cached.W_enc) and torch.equal(direct.b_dec, cached.b_dec)

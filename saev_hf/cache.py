@@ -382,7 +382,13 @@ class ActivationCache:
     def load_shard(self, index: int, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
         """Shard `index`: `activations` (`(n, d_in)`, in `dtype`, or the storage dtype with None), `modality`,
         `row` and `position` (`(n,)` each)."""
-        tensors = load_file(str(self.path / self.shards[index]["file"]))
+        entry = self.shards[index]
+        path = self.path / entry["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"Shard {entry['file']} of the activation cache {self.path} is missing: the cache "
+                                    "is incomplete. Write it again with `saev cache` (it resumes) or download it again.")
+        tensors = load_file(str(path))
+        _check_shard(tensors, entry, self.d_in)
         if dtype is not None:
             tensors["activations"] = tensors["activations"].to(dtype)
         return tensors
@@ -523,3 +529,21 @@ class CachedRows:
         div, mod = divmod(len(self.indices), world)
         start = div * rank + min(rank, mod)
         return CachedRows(self.indices[start : start + div + (1 if rank < mod else 0)])
+
+
+def _check_shard(tensors: dict[str, torch.Tensor], entry: dict[str, Any], d_in: int) -> None:
+    """Refuse a shard that lacks a tensor, disagrees with the manifest, or holds non-finite activations (a cache may
+    come from the Hub: nothing in it is trusted)."""
+    name = entry["file"]
+    missing = sorted({"activations", "modality", "row", "position"} - set(tensors))
+    if missing:
+        raise ValueError(f"Shard {name} lacks the tensors {missing}: it was not written by `saev cache`, or it is "
+                         "damaged. Write the cache again.")
+    shape = tuple(tensors["activations"].shape)
+    if shape != (entry["num_tokens"], d_in) or any(len(tensors[k]) != entry["num_tokens"]
+                                                    for k in ("modality", "row", "position")):
+        raise ValueError(f"Shard {name} holds activations of shape {shape} where the manifest says "
+                         f"({entry['num_tokens']}, {d_in}): the shard and cache_manifest.json disagree. Write the "
+                         "cache again.")
+    if not torch.isfinite(tensors["activations"]).all():
+        raise ValueError(f"Shard {name} holds non-finite activations: it is damaged. Write the cache again.")

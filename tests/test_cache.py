@@ -282,3 +282,28 @@ def test_a_text_only_model_caches_text_and_trains_a_plain_sae_from_it(tiny_text_
     cached = train_saev(tiny_args(tmp_path / "cached", max_steps=10, shuffle_dataset=False,
                                   activation_cache=str(cache.path)))
     assert torch.equal(direct.W_enc, cached.W_enc) and torch.equal(direct.b_dec, cached.b_dec)
+
+
+def test_a_damaged_or_missing_shard_is_refused_not_read(setup, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(setup["cache"].path, copy)
+    cache = ActivationCache(copy)
+    first = copy / cache.shards[0]["file"]
+    tensors = load_file(str(first))
+    tensors["activations"][3, 2] = float("nan")
+    save_file(tensors, str(first))
+    with pytest.raises(ValueError, match="non-finite activations"):
+        cache.load_shard(0)
+    save_file({k: v for k, v in tensors.items() if k != "position"}, str(first))
+    with pytest.raises(ValueError, match=r"lacks the tensors \['position'\]"):
+        cache.load_shard(0)
+    save_file({k: v[:-1] for k, v in tensors.items()}, str(first))
+    with pytest.raises(ValueError, match="the shard and cache_manifest.json disagree"):
+        cache.load_shard(0)
+    (copy / cache.shards[1]["file"]).unlink()
+    with pytest.raises(FileNotFoundError, match="is missing"):
+        cache.load_shard(1)

@@ -492,11 +492,38 @@ def measure_weighting(sae, reader: LayerReader, dataset, args, device: torch.dev
             "above_before_bytes": None if peak is None else peak - before, "kind": kind, "seconds": seconds}
 
 
-def activation_cache(args, device: torch.device) -> dict:
-    """Write and read MB/s of the activation cache. The slot to fill in once the cache (issue 15) exists: write
-    `--rows` rows' hidden states through it, read them back, each synchronised and timed, in MB of activations."""
-    return {"available": False, "reason": "the activation cache (issue 15) does not exist yet",
-            "write_mb_per_s": None, "read_mb_per_s": None}
+def activation_cache(model, processor, dataset, args, device: torch.device) -> dict:
+    """Write and read MB/s of the activation cache (`saev_hf.cache`), in MB of stored activations: `saev cache`'s
+    writing over the scorer's rows (the MLLM forward to layer L included, as a user pays it), then one shuffled pass of
+    reading it back as training does, each synchronised and timed."""
+    import tempfile
+
+    from saev_hf.cache import ActivationCache, CacheArguments, cache_activations
+
+    storage = "bfloat16" if args.dtype == "bfloat16" else "float32"
+    progress(f"activation cache: writing {len(dataset)} rows of layer {args.layer} ({storage}), then reading back")
+    with tempfile.TemporaryDirectory() as folder:
+        cache_args = CacheArguments(output_dir=str(Path(folder) / "cache"), layer=args.layer, storage_dtype=storage,
+                                    shard_size_tokens=16384, read_batch_size=args.forward_batch_size,
+                                    disable_tqdm=True)
+        started = _synchronised(device)
+        path = cache_activations(cache_args, model=model, processor=processor, dataset=dataset)
+        write_s = _synchronised(device) - started
+        cache = ActivationCache(path)
+        megabytes = sum((Path(path) / shard["file"]).stat().st_size for shard in cache.shards) / 1e6
+        started = time.perf_counter()
+        tokens = sum(len(batch) for batch in cache.batches(4096, shuffle=True, seed=args.seed))
+        read_s = time.perf_counter() - started
+    return {"available": True, "reason": None, "storage_dtype": storage, "tokens": tokens, "megabytes": megabytes,
+            "write_mb_per_s": megabytes / write_s, "read_mb_per_s": megabytes / read_s,
+            "write_includes": "the MLLM forward to layer L and the input pipeline"}
+
+
+def _synchronised(device: torch.device) -> float:
+    """`time.perf_counter()` once the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -548,7 +575,7 @@ def markdown(result: dict) -> str:
         f"({fmt(None if w['above_before_bytes'] is None else w['above_before_bytes'] / gib, '.2f', ' GiB')} above "
         f"before) | {w['kind']} around `compute_feature_weights`, {w['rows']} rows, d_sae {w['d_sae']} |",
         f"| activation cache write / read MB/s | {fmt(c['write_mb_per_s'])} / {fmt(c['read_mb_per_s'])} | "
-        f"{'measured' if c['available'] else 'not available: ' + c['reason']} |",
+        f"{'measured (' + c['storage_dtype'] + ' storage; writing includes ' + c['write_includes'] + ')' if c['available'] else 'not available: ' + c['reason']} |",
         "",
         f"Image tokens per image: {', '.join(f'{k}: {v}' for k, v in s['image_tokens'].items())}. Largest relative "
         f"score difference between the plain and the pipelined scorer: {s['max_relative_score_difference']:.2g}.",
@@ -625,6 +652,7 @@ def main(argv=None) -> dict:
     parameters = sum(p.numel() for p in model.parameters())
     scorer, sae, reader, dataset = measure_scorer(model, processor, args, device)
     weighting = measure_weighting(sae, reader, dataset, args, device)
+    cache = activation_cache(model, processor, dataset, args, device)
     del model, reader, sae, dataset  # the MLLM and the SAE-V are not needed for training: free their memory
     import gc
 
@@ -632,7 +660,6 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     training = measure_training(args, device)
-    cache = activation_cache(args, device)
     label = "GPU run" if device.type == "cuda" else "CPU smoke run at reduced sizes: not GPU figures"
     result = {
         "label": label, "mode": device.type,

@@ -52,9 +52,9 @@ def test_gpu_check_cpu_mode_records_every_measurement(tmp_path):
     assert positive(weighting["seconds"])
 
     cache = result["activation_cache"]
-    assert cache["available"] is False and "issue 15" in cache["reason"]
-    assert cache["write_mb_per_s"] is None and cache["read_mb_per_s"] is None
+    assert cache["available"] is True and cache["tokens"] > 0 and cache["megabytes"] > 0
+    assert all(math.isfinite(cache[k]) and cache[k] > 0 for k in ("write_mb_per_s", "read_mb_per_s"))
 
     table = (tmp_path / "r.md").read_text()
     assert "CPU smoke run" in table and "| **scorer / bare forward** (pipeline) |" in table
-    assert "not available: the activation cache (issue 15) does not exist yet" in table
+    assert "| activation cache write / read MB/s |" in table and "measured (float32 storage" in table

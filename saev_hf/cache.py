@@ -119,6 +119,10 @@ class CacheArguments:
             raise ValueError(f"layer={self.layer!r} must be a non-negative integer: the 0-based decoder layer index.")
 
 
+SHARD_TENSORS = ("activations", "modality", "row", "position")
+"""The tensors of every shard, each with one entry per cached token."""
+
+
 def _shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
@@ -289,7 +293,7 @@ def _write_shard(output: Path, manifest: dict[str, Any], manifest_path: Path, pa
     """Write rows `first_row..end_row-1` (`parts`, one per row with tokens) as the next shard: under a temporary
     name, renamed once complete, then recorded in the manifest with `end_row` as the next row to read."""
     name = _shard_name(len(manifest["shards"]))
-    tensors = {key: torch.cat([part[key] for part in parts]) for key in ("activations", "modality", "row", "position")}
+    tensors = {key: torch.cat([part[key] for part in parts]) for key in SHARD_TENSORS}
     temporary = output / (name + ".tmp")
     save_file({key: value.contiguous() for key, value in tensors.items()}, str(temporary),
               metadata={"format": FORMAT, "first_row": str(first_row), "end_row": str(end_row)})
@@ -383,15 +387,20 @@ class ActivationCache:
         """Shard `index`: `activations` (`(n, d_in)`, in `dtype`, or the storage dtype with None), `modality`,
         `row` and `position` (`(n,)` each)."""
         entry = self.shards[index]
+        tensors = load_file(str(self._shard_path(entry)))
+        _check_layout(entry, {key: tuple(value.shape) for key, value in tensors.items()}, self.d_in)
+        _check_finite(tensors["activations"], entry["file"])
+        if dtype is not None:
+            tensors["activations"] = tensors["activations"].to(dtype)
+        return tensors
+
+    def _shard_path(self, entry: dict[str, Any]) -> Path:
+        """The file of shard `entry`; refused when it is missing."""
         path = self.path / entry["file"]
         if not path.is_file():
             raise FileNotFoundError(f"Shard {entry['file']} of the activation cache {self.path} is missing: the cache "
                                     "is incomplete. Write it again with `saev cache` (it resumes) or download it again.")
-        tensors = load_file(str(path))
-        _check_shard(tensors, entry, self.d_in)
-        if dtype is not None:
-            tensors["activations"] = tensors["activations"].to(dtype)
-        return tensors
+        return path
 
     def iter_shards(self, dtype: torch.dtype | None = torch.float32) -> Iterator[dict[str, torch.Tensor]]:
         """Every shard, in stream (dataset) order, one at a time (see [`load_shard`])."""
@@ -449,8 +458,8 @@ class ActivationCache:
             local = row - self.shards[shard]["first_row"]
             begin, end = int(offsets[local]), int(offsets[local + 1])
             with safe_open(str(self.path / self.shards[shard]["file"]), framework="pt") as handle:
-                part = {key: handle.get_slice(key)[begin:end] for key in ("activations", "modality", "row",
-                                                                            "position")}
+                part = {key: handle.get_slice(key)[begin:end] for key in SHARD_TENSORS}
+            _check_finite(part["activations"], self.shards[shard]["file"])
             part["activations"] = part["activations"].to(dtype)
             found.append(part)
         return found
@@ -458,7 +467,10 @@ class ActivationCache:
     def _offsets(self, shard: int) -> torch.Tensor:
         """Where each row of `shard` starts among its tokens (one more entry than rows)."""
         if shard not in self._row_offsets:
-            with safe_open(str(self.path / self.shards[shard]["file"]), framework="pt") as handle:
+            entry = self.shards[shard]
+            with safe_open(str(self._shard_path(entry)), framework="pt") as handle:
+                _check_layout(entry, {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()},
+                              self.d_in)
                 rows = handle.get_tensor("row")
             first, count = self.shards[shard]["first_row"], self.shards[shard]["num_rows"]
             boundaries = torch.arange(first, first + count + 1, dtype=torch.int64)
@@ -468,7 +480,7 @@ class ActivationCache:
 
 class CacheReader:
     """
-    Stands in for a [`LayerReader`] in an [`ActivationBuffer`] whose "dataset" is the cache's [`CachedRows`]: reading
+    Stands in for a [`LayerReader`] in an [`ActivationBuffer`] whose dataset is the cache's [`cached_rows`]: reading
     a batch of row indices gives the cached activations of those rows as a right-padded [`LayerActivations`]. The
     buffer then hands out exactly the batches it hands out reading the MLLM (bit-identical with a float32 cache made
     with the training run's `read_batch_size`, and rows read in order).
@@ -488,7 +500,7 @@ class CacheReader:
         return self.cache.d_in
 
     def read(self, rows: dict[str, Sequence[int]], first_row: int | Sequence[int] = 0) -> LayerActivations:
-        """The cached tokens of rows `rows["row"]` (dataset indices, a batch of [`CachedRows`]), right-padded;
+        """The cached tokens of rows `rows["row"]` (dataset indices, a batch of [`cached_rows`]), right-padded;
         positions not cached are PAD."""
         parts = self.cache.rows([int(row) for row in rows["row"]])
         length = max([int(part["position"].max()) + 1 for part in parts if len(part["position"])], default=1)
@@ -502,48 +514,29 @@ class CacheReader:
                                 input_ids=torch.zeros(len(parts), length, dtype=torch.long), layer=self.layer)
 
 
-class CachedRows:
-    """
-    The rows of an activation cache as the [`ActivationBuffer`] reads a dataset: indexable, and a batch of indices
-    gives the columns `{"row": [dataset indices]}` that a [`CacheReader`] reads.
+def cached_rows(cache: ActivationCache):
+    """The cache's rows as the dataset an [`ActivationBuffer`] reads with a [`CacheReader`]: a `datasets.Dataset`
+    with one column, ``row`` (the dataset indices), so that batching and `split_dataset_by_node` work as on any
+    dataset."""
+    import datasets
 
-    Args:
-        rows (`range`): the dataset indices (all the cache's rows, or a process's contiguous share of them).
-    """
-
-    def __init__(self, rows: range) -> None:
-        self.indices = rows
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, positions: Sequence[int]) -> dict[str, list[int]]:
-        return {"row": [self.indices[p] for p in positions]}
-
-    def select(self, positions: Sequence[int]) -> CachedRows:
-        """Marks the rows as read by index in batches (as `datasets.Dataset`): `self[positions]` is one batch."""
-        raise NotImplementedError("CachedRows is read by batches of indices only.")
-
-    def shard(self, rank: int, world: int) -> CachedRows:
-        """The rows of process `rank` of `world`: contiguous, as `split_dataset_by_node` shards a `Dataset`."""
-        div, mod = divmod(len(self.indices), world)
-        start = div * rank + min(rank, mod)
-        return CachedRows(self.indices[start : start + div + (1 if rank < mod else 0)])
+    return datasets.Dataset.from_dict({"row": list(range(cache.num_rows))})
 
 
-def _check_shard(tensors: dict[str, torch.Tensor], entry: dict[str, Any], d_in: int) -> None:
-    """Refuse a shard that lacks a tensor, disagrees with the manifest, or holds non-finite activations (a cache may
-    come from the Hub: nothing in it is trusted)."""
-    name = entry["file"]
-    missing = sorted({"activations", "modality", "row", "position"} - set(tensors))
+def _check_layout(entry: dict[str, Any], shapes: dict[str, tuple[int, ...]], d_in: int) -> None:
+    """Refuse a shard (`shapes`: its tensors' shapes) that lacks a tensor or disagrees with its manifest `entry` (a
+    cache may come from the Hub: nothing in it is trusted)."""
+    name, count = entry["file"], entry["num_tokens"]
+    missing = sorted(set(SHARD_TENSORS) - set(shapes))
     if missing:
         raise ValueError(f"Shard {name} lacks the tensors {missing}: it was not written by `saev cache`, or it is "
                          "damaged. Write the cache again.")
-    shape = tuple(tensors["activations"].shape)
-    if shape != (entry["num_tokens"], d_in) or any(len(tensors[k]) != entry["num_tokens"]
-                                                    for k in ("modality", "row", "position")):
-        raise ValueError(f"Shard {name} holds activations of shape {shape} where the manifest says "
-                         f"({entry['num_tokens']}, {d_in}): the shard and cache_manifest.json disagree. Write the "
-                         "cache again.")
-    if not torch.isfinite(tensors["activations"]).all():
+    if shapes["activations"] != (count, d_in) or any(shapes[key][:1] != (count,) for key in SHARD_TENSORS[1:]):
+        raise ValueError(f"Shard {name} holds activations of shape {shapes['activations']} where the manifest says "
+                         f"({count}, {d_in}): the shard and cache_manifest.json disagree. Write the cache again.")
+
+
+def _check_finite(activations: torch.Tensor, name: str) -> None:
+    """Refuse non-finite cached activations: the shard is damaged."""
+    if not torch.isfinite(activations).all():
         raise ValueError(f"Shard {name} holds non-finite activations: it is damaged. Write the cache again.")

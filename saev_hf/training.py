@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from .activation_buffer import ActivationBuffer, activation_norm_statistics, input_scale_from_norms
 from .activations import LayerReader, image_token_id_of
-from .cache import ActivationCache, CachedRows, CacheReader
+from .cache import ActivationCache, CacheReader, cached_rows
 from .config import SAEVConfig
 from .loading import accelerator_available, load_dataset_split, load_model_and_processor
 from .model import SAEV
@@ -146,7 +146,7 @@ class SAEVTrainer:
 
     def _cache_reader(self, model, train_dataset):
         """With `activation_cache`: a [`CacheReader`] of the cache in place of the base model, and the rows it
-        holds ([`CachedRows`]), after checking that the cache holds what this run trains on."""
+        holds ([`cached_rows`]), after checking that the cache holds what this run trains on."""
         args = self.args
         if model is not None or train_dataset is not None:
             raise ValueError(f"activation_cache={args.activation_cache!r} replaces the base model and the dataset: "
@@ -159,7 +159,7 @@ class SAEVTrainer:
             raise ValueError(f"The activation cache {args.activation_cache!r} was made without special tokens, but "
                              f"include_special_tokens=True. Pass include_special_tokens=False, or make the cache "
                              f"with them.")
-        return CacheReader(cache), CachedRows(range(cache.num_rows))
+        return CacheReader(cache), cached_rows(cache)
 
     def _layer_reader(self, model, processor) -> LayerReader:
         """The reader of layer `args.layer`; a text-only causal LM reads text only (the image column is not used)."""
@@ -220,9 +220,7 @@ class SAEVTrainer:
         index = self.accelerator.process_index if process_index is None else process_index
         world = self.accelerator.num_processes if num_processes is None else num_processes
         data = self.train_dataset
-        if world > 1 and isinstance(data, CachedRows):  # the rows of an activation cache
-            data = data.shard(index, world)
-        elif world > 1:
+        if world > 1:
             data = split_dataset_by_node(data, rank=index, world_size=world)
         return ActivationBuffer(
             self.reader,

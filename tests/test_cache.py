@@ -296,11 +296,16 @@ def test_a_damaged_or_missing_shard_is_refused_not_read(setup, tmp_path):
     tensors = load_file(str(first))
     tensors["activations"][3, 2] = float("nan")
     save_file(tensors, str(first))
+    shard_rows = range(cache.shards[0]["first_row"], cache.shards[0]["first_row"] + cache.shards[0]["num_rows"])
     with pytest.raises(ValueError, match="non-finite activations"):
         cache.load_shard(0)
+    with pytest.raises(ValueError, match="non-finite activations"):  # training reads rows, checked alike
+        ActivationCache(copy).rows(list(shard_rows))
     save_file({k: v for k, v in tensors.items() if k != "position"}, str(first))
     with pytest.raises(ValueError, match=r"lacks the tensors \['position'\]"):
         cache.load_shard(0)
+    with pytest.raises(ValueError, match=r"lacks the tensors \['position'\]"):
+        ActivationCache(copy).rows([shard_rows[0]])
     save_file({k: v[:-1] for k, v in tensors.items()}, str(first))
     with pytest.raises(ValueError, match="the shard and cache_manifest.json disagree"):
         cache.load_shard(0)

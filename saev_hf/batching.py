@@ -7,7 +7,7 @@ A dataset here is a `datasets.Dataset` (or any sequence of row dicts), read by i
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 
 def is_indexable(dataset: Any) -> bool:
@@ -29,7 +29,15 @@ def row_batches(dataset: Any, batch_size: int, indices: Iterable[int] | None = N
     indices = list(range(len(dataset))) if indices is None else list(indices)
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
-        yield chunk, dataset[chunk] if hasattr(dataset, "select") else [dataset[i] for i in chunk]
+        yield chunk, take_rows(dataset, chunk)
+
+
+def take_rows(dataset: Any, positions: list[int]) -> Any:
+    """The rows at `positions` of an indexable dataset: a dict of columns from a `datasets.Dataset` (`dataset[
+    positions]`) or from a `datasets` batch (a dict of columns itself), else a list of rows."""
+    if isinstance(dataset, Mapping):
+        return {name: [values[p] for p in positions] for name, values in dataset.items()}
+    return dataset[positions] if hasattr(dataset, "select") else [dataset[p] for p in positions]
 
 
 def _stream_batches(dataset: Any, batch_size: int, indices: Iterable[int] | None) -> Iterator[tuple[list[int], Any]]:

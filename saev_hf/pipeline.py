@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from .batching import is_indexable, row_batches
+from .batching import is_indexable, row_batches, take_rows
 from .prompts import PromptFormat, RowError, prepare_inputs, rows_to_columns
 
 
@@ -132,11 +132,7 @@ class _Rows:
         return len(self.data)
 
     def take(self, positions: list[int]) -> Any:
-        if isinstance(self.data, Mapping):
-            return {name: [values[p] for p in positions] for name, values in self.data.items()}
-        if hasattr(self.data, "select"):
-            return self.data[positions]
-        return [self.data[p] for p in positions]
+        return take_rows(self.data, positions)
 
     def row(self, position: int) -> Mapping[str, Any]:
         return {name: values[position] for name, values in self.data.items()} if isinstance(self.data, Mapping) \

@@ -35,7 +35,7 @@ import torch
 
 from .activations import LayerReader
 from .activity import ExampleActivity, example_activity  # noqa: F401  (their home before saev_hf.activity)
-from .loading import allow_tf32_field
+from .loading import allow_tf32_field, check_model_dtype
 from .pipeline import check_workers, prepared_batches, preprocessing_workers_field
 from .prompts import PromptFormat, RowError, row_indices
 
@@ -179,8 +179,6 @@ class SAEVMapFunction:
     def __init__(self, sae: Any, model: Any, processor: Any = None, prompt_format: PromptFormat | None = None,
                  args: Any = None, layers: Any = None, model_dtype: str = "auto",
                  device_map: str | dict | None = None) -> None:
-        from .loading import check_model_dtype
-
         check_model_dtype(model_dtype)
         if not isinstance(model, str) and (model_dtype != "auto" or device_map is not None):
             raise ValueError(

@@ -42,7 +42,7 @@ from .inspection import ExampleExplanation, FeatureSummary, Inspection, Inspecti
 from .model import SAEV, SAEVOutput
 from .patches import PatchFilter, PatchFilterArguments, PatchLocator
 from .prompts import PromptFormat, RowError
-from .scoring import SAEVScorer, ScorerArguments
+from .scoring import SAEVScorer, ScorerArguments, score_dataset
 from .training import SAEVTrainer, SAEVTrainingArguments, end_distributed, train_saev
 from .weighting import WeightingArguments, compute_feature_weights
 
@@ -89,6 +89,7 @@ __all__ = [
     "push_filtered_dataset",
     "push_saev",
     "saev_model_card",
+    "score_dataset",
     "train_saev",
     "write_feature_browser",
 ]

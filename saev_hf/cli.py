@@ -94,13 +94,16 @@ def _weights_arguments():
 
 
 def weights(source, prompt_format, weighting) -> None:
+    from .training import end_distributed
     from .weighting import run_weights
 
     sae = run_weights(source, prompt_format, weighting)
+    end_distributed()  # under torchrun / accelerate launch: every process has the weights, the main one saved them
     info = sae.config.feature_weights_info
-    print(f"{info['num_weighted_features']} of {sae.config.d_sae} features weighted over {info['num_examples']} "
-          f"examples; delta (cooccurrence_threshold) = {sae.config.cooccurrence_threshold:.4g}; SAE-V with weights "
-          f"saved to {source.output_dir}")
+    if _is_main_process():
+        print(f"{info['num_weighted_features']} of {sae.config.d_sae} features weighted over {info['num_examples']} "
+              f"examples; delta (cooccurrence_threshold) = {sae.config.cooccurrence_threshold:.4g}; SAE-V with "
+              f"weights saved to {source.output_dir}")
 
 
 def _score_arguments():
@@ -113,8 +116,19 @@ def _score_arguments():
 def score(source, prompt_format, scorer_args, map_args) -> None:
     from .scoring import run_scoring
 
+    from .training import end_distributed
+
     scored, columns = run_scoring(source, prompt_format, scorer_args, map_args)
-    print(f"Scored {len(scored)} examples ({', '.join(columns)}); saved to {source.output_dir}")
+    end_distributed()  # under torchrun / accelerate launch: the main process wrote the assembled dataset
+    if _is_main_process():
+        print(f"Scored {len(scored)} examples ({', '.join(columns)}); saved to {source.output_dir}")
+
+
+def _is_main_process() -> bool:
+    """Whether this process reports (the first of a `torchrun` / `accelerate launch` run, or the only one)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _filter_arguments():

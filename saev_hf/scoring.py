@@ -369,8 +369,10 @@ class SAEVMapFunction:
         """Names of the columns this scorer adds."""
         return self._score_columns() + ([self.args.error_column] if self.args.on_error == "null" else [])
 
-    def __call__(self, batch: Mapping[str, Sequence[Any]], *extra: Any) -> dict[str, list[Any]]:
+    def __call__(self, batch: Mapping[str, Sequence[Any]], *extra: Any, row_offset: int = 0) -> dict[str, list[Any]]:
         """Score a `datasets` batch; extra arguments are the `indices` (with_indices) and/or `rank` (with_rank).
+        `row_offset` (a map's `fn_kwargs`) is added to the indices, so that a shard's errors name the rows of the
+        whole dataset ([`score_dataset`] on several processes).
 
         Returns `{column: values}`, lists (with `on_error="null"`, [`TypedColumn`] lists that carry their Arrow
         type, so that a batch whose values are all null keeps the column's type)."""
@@ -388,7 +390,8 @@ class SAEVMapFunction:
         if n == 0:  # an empty batch (e.g. a shard without rows) adds empty columns
             types = self._column_types()
             return {name: TypedColumn([], types[name]) if name in types else [] for name in self.columns}
-        scores, errors = self._score_batch(batch, list(indices) if indices is not None else list(range(n)))
+        rows = list(indices) if indices is not None else list(range(n))
+        scores, errors = self._score_batch(batch, [row + row_offset for row in rows])
         if self.args.on_error == "null":
             scores[self.args.error_column] = errors
             # Typed arrays: a batch whose rows all succeed (or all fail) would otherwise give an all-None column that
@@ -593,6 +596,89 @@ def _restore(cls: type, fingerprint: str, identity: dict, sources: tuple, prompt
     return scorer
 
 
+SHARDS_FOLDER = "saev-score-shards"
+"""Temporary folder (inside the output folder) where the processes of a distributed [`score_dataset`] each save
+their scored shard before the main process assembles them."""
+
+
+def score_dataset(scorer: SAEVMapFunction, dataset: Any, *, batch_size: int = 8, num_proc: int | None = None,
+                  with_rank: bool = False, output_dir: str | os.PathLike | None = None,
+                  desc: str = "SAE-V scores") -> Any:
+    """
+    `dataset` (a `datasets.Dataset`) with `scorer`'s columns added to every row by `dataset.map(scorer, batched=True)`
+    (cached by `datasets` as any map), saved to `output_dir` when given. The image column is handed to the scorer
+    undecoded, so that a corrupt image names its row (or costs one null row with `on_error="null"`), and cast back.
+
+    Under `torchrun` / `accelerate launch` with several processes (call it on every process), each process maps its
+    contiguous shard on its own device: a run of whole map batches ([`saev_hf.distributed.batch_share`]), so that
+    every row is scored in the same batch as by one process and gets the very same scores. Each saves its shard in a
+    temporary folder in `output_dir`, and the main process assembles the shards in their order, so the saved dataset
+    has the rows and order of `dataset` and equals one process's; the temporary folder is then removed. Every
+    process returns the whole scored dataset, read back from `output_dir` (required then; on several nodes, a folder
+    every node sees). A row that cannot be scored (with `on_error="raise"`) stops its process with a [`RowError`]
+    naming its row in `dataset`, and the launcher then stops the others: the job fails, nothing is assembled.
+
+    Args:
+        scorer ([`SAEVScorer`], or any [`SAEVMapFunction`]): what adds the columns.
+        batch_size (`int`): rows per map batch.
+        num_proc, with_rank: as `datasets.map` (one worker per GPU, [`saev_hf.sources.map_placement`]); not in a
+            distributed run, whose processes are the workers.
+        output_dir (*optional*): where to `save_to_disk` the scored dataset.
+
+    Example:
+
+    ```python
+    scored = score_dataset(SAEVScorer(sae, model, processor), dataset, output_dir="scored")
+    ```
+    """
+    import datasets
+
+    from .distributed import batch_share, distributed_state
+    from .prompts import undecoded_images
+
+    state = distributed_state()
+    # the scorer reads the image bytes itself, so that a corrupt image names its row (or costs one null row)
+    dataset, image_feature = undecoded_images(dataset, scorer._reader_prompt_format().image_column)
+
+    def scored_part(part: Any, row_offset: int) -> Any:
+        scored = part.map(scorer, batched=True, batch_size=batch_size, num_proc=num_proc, with_indices=True,
+                          with_rank=with_rank, fn_kwargs={"row_offset": row_offset} if row_offset else None,
+                          desc=desc)
+        if image_feature is not None:
+            scored = scored.cast_column(scorer._reader_prompt_format().image_column, image_feature)
+        return scored
+
+    if state is None:
+        scored = scored_part(dataset, 0)
+        if output_dir is not None:
+            scored.save_to_disk(str(output_dir))
+        return scored
+    if output_dir is None:
+        raise ValueError(f"Scoring over {state.num_processes} processes assembles their shards in output_dir: give "
+                         f"one (a folder every process sees).")
+    if num_proc is not None:
+        raise ValueError(f"num_proc={num_proc} starts map workers inside each of the {state.num_processes} launched "
+                         f"processes; the launched processes already share the work. Leave num_proc unset.")
+    import shutil
+    from pathlib import Path
+
+    shards = Path(output_dir, SHARDS_FOLDER)
+    world, index = state.num_processes, state.process_index
+    rows = batch_share(range(len(dataset)), batch_size, state)
+    offset = rows[0] if rows else len(dataset)
+    shard = dataset.select(range(offset, offset + len(rows)))  # contiguous: no indices mapping, cached maps still hit
+    scored_part(shard, offset).save_to_disk(str(shards / f"process-{index:05d}"))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        parts = [datasets.load_from_disk(str(shards / f"process-{i:05d}")) for i in range(world)]
+        parts = [part for part in parts if len(part)] or parts[:1]  # a process without rows added no columns
+        datasets.concatenate_datasets(parts).save_to_disk(str(output_dir))
+        del parts
+        shutil.rmtree(shards)
+    state.wait_for_everyone()
+    return datasets.load_from_disk(str(output_dir))
+
+
 def run_scoring(source: Any, prompt_format: PromptFormat, args: ScorerArguments, map_args: Any):
     """
     `saev score`: load what `source` ([`SourceArguments`]) names, add the scores to every row with `datasets.map`
@@ -601,18 +687,17 @@ def run_scoring(source: Any, prompt_format: PromptFormat, args: ScorerArguments,
     With `map_args.num_proc`, one worker per GPU ([`map_placement`]): the model is loaded on the CPU here and each
     worker moves it to its GPU. `args.forward_batch_size`, `group_by_length` and `preprocessing_workers` set the
     input pipeline inside each map batch (`map_args.batch_size` rows: the length-grouping window).
+
+    Under `torchrun` / `accelerate launch`, each process scores its shard on its own device and the main process
+    writes the assembled dataset ([`score_dataset`]); every process returns it.
     """
-    from .prompts import undecoded_images
+    from .distributed import distributed_state
     from .sources import load_sources, map_placement
 
+    distributed_state(cpu=source.device == "cpu")  # a launched process joins its group first: "auto" is its device
     placed, with_rank = map_placement(source, map_args)  # with num_proc: no CUDA in the parent before the fork
     sae, model, processor, dataset = load_sources(placed, "saev score")
     scorer = SAEVScorer(sae, model, processor, prompt_format=prompt_format, args=args)
-    # the scorer reads the image bytes itself, so that a corrupt image names its row (or costs one null row)
-    dataset, image_feature = undecoded_images(dataset, prompt_format.image_column)
-    scored = dataset.map(scorer, batched=True, batch_size=map_args.batch_size, num_proc=map_args.num_proc,
-                         with_indices=True, with_rank=with_rank, desc="SAE-V scores")
-    if image_feature is not None:
-        scored = scored.cast_column(prompt_format.image_column, image_feature)
-    scored.save_to_disk(source.output_dir)
+    scored = score_dataset(scorer, dataset, batch_size=map_args.batch_size, num_proc=map_args.num_proc,
+                           with_rank=with_rank, output_dir=source.output_dir)
     return scored, scorer.columns

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from .activations import layer_device
+from .distributed import distributed_state
 from .loading import check_model_dtype, choose_device, load_dataset_split, load_model_and_processor, model_dtype_field
 from .model import SAEV
 from .outputs import prepare_output_dir
@@ -73,7 +74,12 @@ def load_sources(source: SourceArguments, command: str | None = None):
     `source.device_map`) and the dataset named by `source`; the SAE-V is on the device of the layer it reads. With
     `command`, first checks that it may write into `source.output_dir` (before anything heavy is loaded)."""
     if command is not None:
-        prepare_output_dir(source.output_dir, command, source.overwrite_output_dir)
+        state = distributed_state(cpu=source.device == "cpu")  # a launched process gets its own device ("auto")
+        if state is None:
+            prepare_output_dir(source.output_dir, command, source.overwrite_output_dir)
+        else:
+            with state.main_process_first():  # the others then find the folder marked as this command's
+                prepare_output_dir(source.output_dir, command, source.overwrite_output_dir)
     sae = SAEV.from_pretrained(source.sae_name_or_path, subfolder=source.sae_subfolder)
     if source.cooccurrence_threshold is not None:
         sae.set_cooccurrence_threshold(source.cooccurrence_threshold,

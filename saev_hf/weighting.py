@@ -15,11 +15,23 @@ The authors' code keeps every hidden state in memory (about 160 GB for 1k exampl
    outside the top K is lower than every one inside), and likewise for image. So the top-5 of each modality within
    the top K are known after pass 1. Because mean_ij cos(t_i, v_j) = (sum_i t_i/|t_i|) . (sum_j v_j/|v_j|) / 25,
    pass 2 re-reads only the examples that hold such a position and accumulates, per weighted feature, two sums of
-   unit vectors: at most 2 * d_sae * d_in floats (2 GB at 65,536 x 4,096, fp32), whatever the number of examples.
+   unit vectors: at most 2 * d_sae * d_in float64 values (only the weighted features': 4 GB if all 65,536 x 4,096 were),
+   whatever the number of examples.
 
 Ties between equal activations are broken by stream position, the earlier position first, never by how `torch.topk`
 happens to order them: a bfloat16 SAE-V or model makes many exact ties, and its weights must not depend on the batch
 size or the chunking.
+
+Many processes (`torchrun`, `accelerate launch`; see [`saev_hf.distributed`]): the weighting sample is cut into the
+forward batches one process would read, and each process reads a contiguous run of them (its rows keep their stream
+positions, so ties break as in one process). Pass 1's results are then merged with torch.distributed collectives:
+the per-feature top K by re-running [`FeatureTopK.merge`] on every process's top K (each holds every member of the
+global top K that lies in its shard), the hidden-state sum and token count added, the per-modality maxima maxed, the
+calibration sample merged ([`PositiveSample.merge`]). Pass 2 shares out the batches of the rows it needs the same way
+and adds the processes' sums of unit vectors. Every process ends with the same weights, equal to one process's
+(`torch.equal`): the cosine sums and the hidden-state sum are float64 sums of float32 values, which agree with one
+process's to the last float64 bit in practice and whatever their order to the float32 weight but in the rare case
+where a float64 rounding difference straddles a float32 rounding boundary (about 2^-29 per value; never seen).
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .activations import LayerReader
 from .batching import is_indexable
+from .distributed import batch_share, distributed_state
 from .loading import allow_tf32_field, sae_matmul_precision
 from .pipeline import check_workers, prepared_batches, preprocessing_workers_field
 
@@ -129,9 +142,16 @@ class FeatureTopK:
         positions, is_image = positions.to(self.positions.device), is_image.to(self.is_image.device)
         # the chunk's own top K first: the merge then handles 2K rows, not K + n (1 GiB less at n=4096, 65k)
         rows = _top_rows(feature_acts, positions, self.top_k)
-        values = torch.cat([self.values, feature_acts.gather(0, rows)], dim=0)
-        merged_positions = torch.cat([self.positions, positions[rows]], dim=0)
-        merged_image = torch.cat([self.is_image, is_image[rows]], dim=0)
+        self.merge(feature_acts.gather(0, rows), positions[rows], is_image[rows])
+
+    @torch.no_grad()
+    def merge(self, values: torch.Tensor, positions: torch.Tensor, is_image: torch.Tensor) -> None:
+        """Merge candidates given per feature: `values`, `positions` and `is_image` all (m, d_sae), e.g. another
+        running top K's (the distributed weighting merges every process's this way); a position must not be both
+        here and among the candidates."""
+        values = torch.cat([self.values, values.to(self.values)], dim=0)
+        merged_positions = torch.cat([self.positions, positions.to(self.positions.device)], dim=0)
+        merged_image = torch.cat([self.is_image, is_image.to(self.is_image.device)], dim=0)
         index = _order(values, merged_positions)[: self.top_k]
         values = values.gather(0, index)
         empty = values <= 0  # an empty slot is the same whichever silent position filled it
@@ -244,8 +264,10 @@ class CosineAccumulator:
         self.need_feature = local.flatten()[order]  # which weighted feature (local index) needs it
         self.need_is_image = (rows.flatten() >= per_modality)[order]
         self.center = center
-        self.text_sum = torch.zeros(len(self.features), d_in, device=slots.device)
-        self.image_sum = torch.zeros(len(self.features), d_in, device=slots.device)
+        # float64: each sum adds at most per_modality unit vectors, so that the order they come in (one process's
+        # stream order, or the distributed runs' per-process sums) leaves the float32 weights unchanged
+        self.text_sum = torch.zeros(len(self.features), d_in, dtype=torch.float64, device=slots.device)
+        self.image_sum = torch.zeros(len(self.features), d_in, dtype=torch.float64, device=slots.device)
         self.seen = torch.zeros(len(self.need_positions), dtype=torch.bool, device=slots.device)
 
     def needed_examples(self) -> list[int]:
@@ -269,6 +291,7 @@ class CosineAccumulator:
         used = counts > 0
         unit = torch.zeros_like(hidden)
         unit[used] = hidden[used] / hidden[used].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        unit = unit.double()
         image = self.need_is_image[slot]
         self.text_sum.index_add_(0, self.need_feature[slot[~image]], unit[token[~image]])
         self.image_sum.index_add_(0, self.need_feature[slot[image]], unit[token[image]])
@@ -283,8 +306,19 @@ class CosineAccumulator:
                 f"between passes (they must read the same examples in the same order)."
             )
         out = torch.full((d_sae,), math.nan, device=self.text_sum.device)
-        out[self.features] = torch.einsum("qd,qd->q", self.text_sum, self.image_sum) / self.per_modality**2
+        out[self.features] = (torch.einsum("qd,qd->q", self.text_sum, self.image_sum) / self.per_modality**2).float()
         return out
+
+    @torch.no_grad()
+    def merge_across_processes(self) -> None:
+        """Add up every process's sums and seen positions (each process read only some of the needed rows)."""
+        import torch.distributed as dist
+
+        dist.all_reduce(self.text_sum)
+        dist.all_reduce(self.image_sum)
+        seen = self.seen.to(torch.uint8)
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        self.seen = seen.bool()
 
 
 def _stream_positions(stream_rows: list[int], counted: torch.Tensor) -> torch.Tensor:
@@ -316,19 +350,33 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
             re-iterable of row dicts): a stream is read in order, its first `num_examples` rows, twice (one per pass).
         args ([`WeightingArguments`]): K, per-modality count, special tokens, centring, sample size.
 
+    Under `torchrun` / `accelerate launch` with several processes, each process reads its own share of the sample
+    and they merge what they found (module docstring): call it on every process, with the same arguments; each
+    returns (and, with `store=True`, stores) the same weights as one process would. A stream is then read by every
+    process up to the end of its share (only its share goes through the model) and needs `num_examples`.
+    `feature_weights_info` then also records `num_processes`.
+
     Returns:
         `torch.Tensor` (d_sae,): the weights, NaN for features without a weight.
     """
     args = args or WeightingArguments()
     reader.check_sae(sae)
     sample = _weighting_sample(dataset, args)
-    first = _top_k_pass(sae, reader, dataset, args, sample)
+    state = distributed_state(cpu=sae.W_enc.device.type == "cpu")
+    if state is not None and sample is None and args.num_examples is None:
+        raise ValueError(
+            f"Weighting a stream over {state.num_processes} processes needs its length, to cut it between them: give "
+            f"num_examples (--num_examples), or pass a datasets.Dataset (or load the data without streaming)."
+        )
+    first = _top_k_pass(sae, reader, dataset, args, sample, state)
     text_count, image_count, weighted, chosen = first.top.selection(args.per_modality)
     center = (first.hidden_sum / first.num_tokens).float() if args.mean_center else None
     cosines = CosineAccumulator(weighted, chosen, args.per_modality, sae.config.d_in, center)
-    _cosine_pass(cosines, reader, dataset, args, first)
+    _cosine_pass(cosines, reader, dataset, args, first, state)
     weights = cosines.weights(sae.config.d_sae)
     info = _weights_info(args, reader, dataset, first, text_count, image_count, weighted)
+    if state is not None:
+        info["num_processes"] = state.num_processes  # a record of the run: the weights do not depend on it
     if store:
         sae.set_feature_weights(weights.cpu(), info=info)
         if first.positives is not None:
@@ -378,25 +426,30 @@ class _TopKPass:
 
 @torch.no_grad()
 def _top_k_pass(sae, reader: LayerReader, dataset: Any, args: WeightingArguments,
-                sample: list[int] | None) -> _TopKPass:
+                sample: list[int] | None, state: Any = None) -> _TopKPass:
     """Pass 1 (stage 1 of Algorithm 1): every feature's top positions, the mean hidden state, the per-modality
-    maxima (delta must lie below both for a feature to co-occur) and, to calibrate delta, a sample of activations."""
+    maxima (delta must lie below both for a feature to co-occur) and, to calibrate delta, a sample of activations.
+    With a distributed `state`, this process reads its share of the sample and the results of all are merged."""
     device = sae.W_enc.device
     top = (FeatureTopK(sae.config.d_sae, args.top_k, device) if args.top_k_pool == "pooled"
            else ModalityTopK(sae.config.d_sae, args.per_modality, device))
     result = _TopKPass(top, [], _Identity(), torch.zeros(sae.config.d_in, dtype=torch.float64, device=device), 0,
                        torch.zeros(sae.config.d_sae, device=device), torch.zeros(sae.config.d_sae, device=device),
-                       PositiveSample(seed=args.seed) if args.threshold_quantile is not None else None)
+                       PositiveSample(seed=args.seed + (state.process_index if state is not None else 0))
+                       if args.threshold_quantile is not None else None)
     if sample is None:
         first_rows = range(args.num_examples) if args.num_examples is not None else None
+        if state is not None:
+            first_rows = batch_share(first_rows, args.batch_size, state)
         batches = _batches(reader, dataset, args, first_rows)
-        total = math.ceil(args.num_examples / args.batch_size) if args.num_examples is not None else None
+        total = math.ceil(len(first_rows) / args.batch_size) if first_rows is not None else None
     else:
-        batches = _batches(reader, dataset, args, sample)
-        total = math.ceil(len(sample) / args.batch_size)
+        mine = batch_share(sample, args.batch_size, state)
+        batches = _batches(reader, dataset, args, mine)
+        total = math.ceil(len(mine) / args.batch_size)
         result.sample, result.stream_index = sample, {example: i for i, example in enumerate(sample)}
     for prepared in tqdm(batches, desc="Feature weights: top-K pass", total=total, unit="batch",
-                         disable=args.disable_tqdm):
+                         disable=args.disable_tqdm or (state is not None and not state.is_local_main_process)):
         chunk = prepared.rows
         if sample is None:
             result.sample.extend(chunk)
@@ -419,6 +472,8 @@ def _top_k_pass(sae, reader: LayerReader, dataset: Any, args: WeightingArguments
                 result.max_text = torch.maximum(result.max_text, z[~image_part].float().amax(0))
             if result.positives is not None:
                 result.positives.update(z)
+    if state is not None:
+        _merge_across_processes(result, sample is None)
     if result.num_tokens == 0:
         raise ValueError("The dataset yielded no tokens to weight features on; check the prompt and image columns.")
     return result
@@ -426,17 +481,52 @@ def _top_k_pass(sae, reader: LayerReader, dataset: Any, args: WeightingArguments
 
 @torch.no_grad()
 def _cosine_pass(cosines: CosineAccumulator, reader: LayerReader, dataset: Any, args: WeightingArguments,
-                 first: _TopKPass) -> None:
-    """Pass 2 (stage 2): re-read only the rows that hold a chosen position, and add their unit hidden states."""
-    needed = [first.sample[i] for i in cosines.needed_examples()]
+                 first: _TopKPass, state: Any = None) -> None:
+    """Pass 2 (stage 2): re-read only the rows that hold a chosen position, and add their unit hidden states (with a
+    distributed `state`: this process's share of those rows' batches, then every process's sums)."""
+    needed = batch_share([first.sample[i] for i in cosines.needed_examples()], args.batch_size, state)
     device = cosines.text_sum.device
     for prepared in tqdm(_batches(reader, dataset, args, needed), desc="Feature weights: cosine pass",
-                         total=math.ceil(len(needed) / args.batch_size), unit="batch", disable=args.disable_tqdm):
+                         total=math.ceil(len(needed) / args.batch_size), unit="batch",
+                         disable=args.disable_tqdm or (state is not None and not state.is_local_main_process)):
         chunk = prepared.rows
         acts = reader.read_inputs(prepared.check())
         counted = acts.scored_mask(args.special_as_text)
         positions = _stream_positions([first.stream_index[i] for i in chunk], counted).to(device)
         cosines.update(acts.hidden_states[counted].to(device), positions)
+    if state is not None:
+        cosines.merge_across_processes()
+
+
+@torch.no_grad()
+def _merge_across_processes(result: _TopKPass, streamed: bool) -> None:
+    """Turn this process's pass-1 results into those of the whole sample, the same on every process."""
+    import torch.distributed as dist
+    from accelerate.utils import gather, gather_object
+
+    result.top = _gathered_top(result.top, gather)
+    dist.all_reduce(result.hidden_sum)
+    num_tokens = torch.tensor([result.num_tokens], dtype=torch.long, device=result.hidden_sum.device)
+    dist.all_reduce(num_tokens)
+    result.num_tokens = int(num_tokens)
+    dist.all_reduce(result.max_text, op=dist.ReduceOp.MAX)
+    dist.all_reduce(result.max_image, op=dist.ReduceOp.MAX)
+    if result.positives is not None:
+        result.positives.merge(gather_object([(result.positives.values, result.positives.keys,
+                                               result.positives.seen)]))
+    if streamed:  # the rows each process read, in rank order: the stream's order
+        result.sample = gather_object(result.sample)
+
+
+def _gathered_top(top: Any, gather: Any) -> Any:
+    """The top positions over every process's shard: [`FeatureTopK.merge`] of every process's running top (the
+    same selection one process makes: a shard's top K holds every member of the global top K from that shard)."""
+    if isinstance(top, ModalityTopK):
+        top.text, top.image = _gathered_top(top.text, gather), _gathered_top(top.image, gather)
+        return top
+    merged = FeatureTopK(top.values.shape[1], top.top_k, top.values.device)
+    merged.merge(gather(top.values), gather(top.positions), gather(top.is_image.to(torch.uint8)).bool())
+    return merged
 
 
 def _weights_info(args: WeightingArguments, reader: LayerReader, dataset: Any, first: _TopKPass,
@@ -495,6 +585,22 @@ class PositiveSample:
             values = values[kept]
         self.values, self.keys = values, keys
 
+    @torch.no_grad()
+    def merge(self, samples: list[tuple[torch.Tensor, torch.Tensor, int]]) -> None:
+        """
+        Become the sample of several streams, given each one's `(values, keys, seen)` (this one's among them): the
+        values with the `capacity` smallest keys. When all the positives fit (`seen` summed at most `capacity`),
+        that is every positive, so quantiles equal one sample of the whole stream; otherwise it is still a uniform
+        sample of it (every value has an independent uniform key: a distributed weighting seeds each process's
+        generator with `seed + process_index`), but another one than a single process draws.
+        """
+        self.values = torch.cat([values for values, _, _ in samples])
+        self.keys = torch.cat([keys for _, keys, _ in samples])
+        self.seen = sum(seen for _, _, seen in samples)
+        if len(self.keys) > self.capacity:
+            self.keys, kept = self.keys.topk(self.capacity, largest=False)
+            self.values = self.values[kept]
+
     @property
     def size(self) -> int:
         return len(self.values)
@@ -552,6 +658,9 @@ def run_weights(source: Any, prompt_format: Any, args: WeightingArguments) -> An
     `saev weights`: load the SAE-V, the MLLM and the dataset that `source` ([`SourceArguments`]) names, compute the
     feature weights (and, with `args.threshold_quantile`, calibrate delta) and save the SAE-V with them to
     `source.output_dir`. Returns the SAE-V.
+
+    Under `torchrun` / `accelerate launch`, every process computes its share and ends with the same SAE-V; the main
+    process alone writes it.
     """
     from .activations import LayerReader
     from .prompts import undecoded_images
@@ -566,5 +675,9 @@ def run_weights(source: Any, prompt_format: Any, args: WeightingArguments) -> An
     dataset, _ = undecoded_images(dataset, prompt_format.image_column)  # a corrupt image names its row
     reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
     compute_feature_weights(sae, reader, dataset, args)
-    sae.save_pretrained(source.output_dir)
+    state = distributed_state()
+    if state is None or state.is_main_process:
+        sae.save_pretrained(source.output_dir)
+    if state is not None:
+        state.wait_for_everyone()  # the SAE-V is on disk for every process once it returns
     return sae

@@ -184,3 +184,67 @@ def test_a_bad_row_on_the_second_process_fails_the_distributed_score_naming_its_
     assert run.returncode != 0  # the launcher stopped process 0, which waited for process 1's shard
     assert "Row 21 has no image in column 'images'" in run.stderr  # the row of the dataset, not of the shard
     assert not (tmp_path / "scored" / "dataset_info.json").exists()  # nothing was assembled
+
+
+class FakeState:
+    """What `batch_share` and the weighting read of accelerate's state, for process `process_index` of `n`."""
+
+    def __init__(self, process_index: int, num_processes: int) -> None:
+        self.process_index, self.num_processes = process_index, num_processes
+        self.is_main_process = self.is_local_main_process = process_index == 0
+
+    def split_between_processes(self, inputs):
+        from accelerate import PartialState
+
+        return PartialState.split_between_processes(self, inputs)  # accelerate's own cut, for this process
+
+
+@pytest.mark.parametrize("processes, expected", [
+    (2, [range(0, 16), range(16, 26)]),
+    (3, [range(0, 12), range(12, 20), range(20, 26)]),
+    (8, [range(0, 4), range(4, 8), range(8, 12), range(12, 16), range(16, 20), range(20, 24), range(24, 26), []]),
+])
+def test_each_process_gets_a_contiguous_run_of_whole_batches(processes, expected):
+    from saev_hf.distributed import batch_share
+
+    rows = list(range(100, 126))  # 26 rows (dataset indices), in batches of 4: 7 batches
+    shares = [batch_share(rows, 4, FakeState(i, processes)) for i in range(processes)]
+    assert shares == [[rows[i] for i in share] for share in expected]
+    assert batch_share(rows, 4, None) == rows  # one process: everything
+
+
+def test_merged_calibration_samples_are_every_value_when_they_fit_and_a_uniform_sample_otherwise():
+    from saev_hf.weighting import PositiveSample
+
+    acts = torch.rand(2, 300, 8) - 0.5  # two processes' activations, about half positive
+    whole = PositiveSample(seed=1)
+    whole.update(acts.flatten(0, 1))
+    parts = [PositiveSample(seed=1 + i) for i in range(2)]
+    for part, chunk in zip(parts, acts):
+        part.update(chunk)
+    merged = PositiveSample(seed=1)
+    merged.merge([(p.values, p.keys, p.seen) for p in parts])
+    assert merged.seen == whole.seen == merged.size  # everything fits: the very same values
+    assert torch.equal(merged.values.sort().values, whole.values.sort().values)
+    assert merged.quantile(0.3) == whole.quantile(0.3)
+
+    small = [PositiveSample(capacity=100, seed=1 + i) for i in range(2)]
+    for part, chunk in zip(small, acts):
+        part.update(chunk)
+    merged = PositiveSample(capacity=100, seed=1)
+    merged.merge([(p.values, p.keys, p.seen) for p in small])
+    assert merged.size == 100 and merged.seen == whole.seen  # a sample of the capacity, counting every positive
+    kept = torch.cat([p.keys for p in small]).sort().values[:100]
+    assert torch.equal(merged.keys.sort().values, kept)  # the smallest keys of both: uniform over the union
+    assert set(merged.values.tolist()) <= set(whole.values.tolist())
+
+
+def test_a_stream_without_num_examples_is_refused_on_several_processes(setup, monkeypatch):
+    import saev_hf.weighting as weighting
+
+    _, reader, root = setup
+    monkeypatch.setattr(weighting, "distributed_state", lambda cpu=False: FakeState(0, 2))
+    stream = datasets.load_from_disk(str(root / "plain")).to_iterable_dataset()
+    with pytest.raises(ValueError, match=r"over 2 processes needs its length.*num_examples"):
+        compute_feature_weights(SAEV.from_pretrained(root / "sae"), reader, stream,
+                                WeightingArguments(num_examples=None, disable_tqdm=True))

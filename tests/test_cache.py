@@ -261,6 +261,10 @@ def test_half_precision_storage_round_trips_within_its_precision(setup, storage_
     eps = torch.finfo(getattr(torch, storage_dtype)).eps
     assert torch.allclose(stored["activations"], exact["activations"], rtol=eps, atol=1e-6)
     assert all(torch.equal(stored[key], exact[key]) for key in ("modality", "row", "position"))
+    # shuffled reading gathers in the storage dtype, then converts: the same tokens in the same order
+    shuffled = torch.cat(list(half.batches(10, shuffle=True, seed=3, window_shards=2)))
+    expected = torch.cat(list(setup["cache"].batches(10, shuffle=True, seed=3, window_shards=2)))
+    assert shuffled.dtype == torch.float32 and torch.equal(shuffled, expected.to(getattr(torch, storage_dtype)).float())
 
 
 def test_training_from_the_cache_gives_the_weights_training_from_the_mllm_gives(setup, tmp_path):

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .activations import LayerReader, image_token_id_of, text_and_image
 from .batching import row_batches
+from .cache import ActivationCache, CacheReader, cached_rows
 from .model import SAEV
 from .prompts import PromptFormat
 from .loading import check_model_dtype, model_dtype_field
@@ -58,8 +59,17 @@ class SAEVEvaluationArguments(PromptFormat):
     """
 
     sae_name_or_path: str = field(metadata=_help("Folder or Hub repo id of the SAE-V (either checkpoint layout)."))
-    model_name_or_path: str = field(metadata=_help("Folder or Hub repo id of the model to evaluate it on."))
-    dataset_name: str = field(metadata=_help("Hub dataset, a `save_to_disk` folder, or anything load_dataset reads."))
+    model_name_or_path: str | None = field(
+        default=None, metadata=_help("Folder or Hub repo id of the model to evaluate it on (unless activation_cache)."))
+    dataset_name: str | None = field(
+        default=None,
+        metadata=_help("Hub dataset, a `save_to_disk` folder, or anything load_dataset reads (unless "
+                       "activation_cache)."))
+    activation_cache: str | None = field(
+        default=None,
+        metadata=_help("Evaluate on the activations of this cache (a folder or Hub dataset written by `saev cache`, "
+                       "with its special tokens) instead of running the model: the same L0, MSE, explained variance "
+                       "and dead/dense features, without CE (pass --compute_ce_loss False)."))
     sae_subfolder: str | None = field(default=None, metadata=_help("Subfolder of the SAE-V repo."))
     sae_revision: str | None = field(default=None, metadata=_help("Revision of the SAE-V repo."))
     model_revision: str | None = field(default=None, metadata=_help("Revision of the model."))
@@ -83,6 +93,20 @@ class SAEVEvaluationArguments(PromptFormat):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.activation_cache is not None:
+            given = [name for name in ("model_name_or_path", "dataset_name") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"activation_cache={self.activation_cache!r} stands in for the model and the dataset: "
+                                 f"drop {' and '.join(given)}, or drop activation_cache.")
+            if self.compute_ce_loss:
+                raise ValueError(f"CE-loss-recovered runs the MLLM with the SAE-V spliced in, which the activation "
+                                 f"cache {self.activation_cache!r} cannot do. Pass --compute_ce_loss False, or evaluate "
+                                 f"on the model.")
+        else:
+            missing = [name for name in ("model_name_or_path", "dataset_name") if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"{' and '.join(missing)} required (--{' --'.join(missing)}), or an activation "
+                                 f"cache to evaluate on (--activation_cache DIR --compute_ce_loss False).")
         bad_layer = isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0
         if self.layer is not None and bad_layer:
             raise ValueError(f"layer={self.layer!r} must be a non-negative integer or None (the SAE-V's hook_layer).")
@@ -176,9 +200,9 @@ def _logits(model: nn.Module, layer: nn.Module, inputs: dict[str, Any], replacem
 @torch.no_grad()
 def evaluate_saev(
     sae: SAEV,
-    model: nn.Module,
-    processor: Any,
-    dataset: Any,
+    model: nn.Module | None = None,
+    processor: Any = None,
+    dataset: Any = None,
     *,
     layer: int | None = None,
     prompt_format: PromptFormat | None = None,
@@ -203,7 +227,10 @@ def evaluate_saev(
         batch_size (`int`): rows per forward. num_examples (`int`, *optional*): evaluate the first rows only.
         dense_threshold (`float`): firing frequency above which a feature is dense.
         compute_ce_loss (`bool`): whether to compute the CE metrics (three full forwards per batch).
-        reader ([`LayerReader`], *optional*): a ready reader (e.g. with `layers=` for an unusual model).
+        reader ([`LayerReader`] or [`saev_hf.cache.CacheReader`], *optional*): a ready reader (e.g. with `layers=`
+            for an unusual model), or a reader of an activation cache: the reconstruction metrics are then computed
+            from the cache, without the MLLM (`model`, `processor` and `dataset` not needed; `dataset` defaults to
+            the cache's rows), equal to reading the MLLM. CE needs the MLLM: pass `compute_ce_loss=False`.
         disable_tqdm (`bool`): hide the progress bar (one step per batch).
 
     Returns:
@@ -221,7 +248,13 @@ def evaluate_saev(
         layer = sae.config.hook_layer
         if layer is None:
             raise ValueError("The SAE-V records no hook_layer: pass layer= (the decoder layer it reads).")
-    if reader is None:
+    if isinstance(reader, CacheReader):
+        dataset = cached_rows(reader.cache) if dataset is None else dataset
+        _check_cache_serves(reader, layer, compute_ce_loss)
+    elif reader is None:
+        if model is None or processor is None or dataset is None:
+            raise ValueError("Pass the model, its processor and the dataset, or reader=CacheReader(ActivationCache("
+                             "path)) to evaluate on an activation cache.")
         if prompt_format is not None and prompt_format.image_column and image_token_id_of(model, processor) is None:
             # A text-only model reads text only (transfer of an SAE-V to the base LLM).
             prompt_format = PromptFormat(image_column=None, prompt_column=prompt_format.prompt_column,
@@ -237,7 +270,7 @@ def evaluate_saev(
     with tqdm(total=None if num_rows is None else math.ceil(num_rows / batch_size), desc="Evaluating SAE-V",
               unit="batch", disable=disable_tqdm) as progress:
         for chunk, rows in row_batches(dataset, batch_size, None if num_examples is None else range(num_rows)):
-            batches.add(rows, chunk[0])
+            batches.add(rows, chunk)
             examples += len(chunk)
             progress.update(1)
     if examples == 0 or totals["all"].tokens == 0:
@@ -245,8 +278,12 @@ def evaluate_saev(
                          "named in the prompt format hold data.")
 
     frequency = fired.double() / totals["all"].tokens
+    if isinstance(reader, CacheReader):
+        model_name = reader.cache.manifest["model_name_or_path"]
+    else:
+        model_name = getattr(model.config, "_name_or_path", None) or type(model).__name__
     result: dict[str, Any] = {
-        "model": getattr(model.config, "_name_or_path", None) or type(model).__name__,
+        "model": model_name,
         "layer": layer,
         "num_examples": examples,
         "d_sae": sae.config.d_sae,
@@ -263,17 +300,22 @@ class _BatchEvaluator:
     """Adds batches of rows to the running totals of every split: reconstruction metrics, firing counts and, with
     `compute_ce_loss`, the three cross-entropies (clean, SAE-V spliced in, zero-ablated)."""
 
-    def __init__(self, sae: SAEV, model: nn.Module, reader: LayerReader, layer: int, compute_ce_loss: bool) -> None:
+    def __init__(self, sae: SAEV, model: nn.Module | None, reader: LayerReader | CacheReader, layer: int,
+                 compute_ce_loss: bool) -> None:
         self.sae, self.model, self.reader, self.layer = sae, model, reader, layer
         self.compute_ce_loss = compute_ce_loss
-        self.device = next(model.parameters()).device
+        self.device = reader.device if isinstance(reader, CacheReader) else next(model.parameters()).device
         self.sae_device = next(sae.parameters()).device
         self.totals = {split: _Totals(sae.config.d_in, self.sae_device) for split in SPLITS}
         self.fired = torch.zeros(sae.config.d_sae, dtype=torch.long, device=self.sae_device)
 
-    def add(self, rows: Any, first_row: int) -> None:
-        """Read `rows` (the first being dataset row `first_row`) and add them to the totals."""
-        inputs = self.reader.prepare(rows, first_row=first_row)
+    def add(self, rows: Any, indices: list[int]) -> None:
+        """Read `rows` (dataset rows `indices`) and add them to the totals; from a cache, its rows `indices`."""
+        if isinstance(self.reader, CacheReader):
+            acts = self.reader.read({"row": indices})
+            self._add_reconstruction(acts.hidden_states, acts.modality)
+            return
+        inputs = self.reader.prepare(rows, first_row=indices[0])
         inputs = {
             name: (value.to(self.device, self.model.dtype) if value.is_floating_point() else value.to(self.device))
             if isinstance(value, torch.Tensor)
@@ -319,6 +361,21 @@ class _BatchEvaluator:
                 self.totals[split].ce[kind] += float(losses[mask].double().sum())
         for split, mask in ce_masks.items():
             self.totals[split].ce_tokens += int(mask.sum())
+
+
+def _check_cache_serves(reader: CacheReader, layer: int, compute_ce_loss: bool) -> None:
+    """Refuse an evaluation that an activation cache cannot serve: CE (it needs the MLLM's forward), another layer,
+    or the splits without the special tokens (they count as text in `all` and `text`)."""
+    where = f"the activation cache {str(reader.cache.path)!r}"
+    if compute_ce_loss:
+        raise ValueError(f"CE-loss-recovered runs the MLLM with the SAE-V spliced in, which {where} cannot do. Pass "
+                         f"compute_ce_loss=False (--compute_ce_loss False), or evaluate on the MLLM.")
+    if layer != reader.layer:
+        raise ValueError(f"layer={layer}, but {where} holds layer {reader.layer}. Evaluate at layer {reader.layer}, "
+                         f"or cache layer {layer}.")
+    if not reader.include_special_tokens:
+        raise ValueError(f"{where} was made without the special tokens, which the evaluation counts as text. Make it "
+                         f"with include_special_tokens=True (the default of `saev cache`).")
 
 
 def _split_masks(modality: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -426,25 +483,24 @@ def run_evaluation(args: SAEVEvaluationArguments) -> dict[str, Any]:
     device = choose_device(use_cpu=args.use_cpu)
     sae = SAEV.from_pretrained(args.sae_name_or_path, subfolder=args.sae_subfolder, revision=args.sae_revision)
     sae.to(device)
+    options = dict(layer=args.layer, batch_size=args.batch_size, num_examples=args.num_examples,
+                   dense_threshold=args.dense_threshold, compute_ce_loss=args.compute_ce_loss,
+                   disable_tqdm=args.disable_tqdm)
+    if args.activation_cache is not None:
+        reader = CacheReader(ActivationCache(args.activation_cache), device)
+        return _written(evaluate_saev(sae, reader=reader, **options), args.output_file)
     model, processor = load_model_and_processor(args.model_name_or_path, args.model_revision, args.model_dtype, device)
     dataset = load_dataset_split(args.dataset_name, args.dataset_config, args.dataset_split)
     # read image bytes ourselves, so that a corrupt image is an error naming its row, not a failure inside datasets
     dataset, _ = undecoded_images(dataset, args.prompt_format.image_column)
-    metrics = evaluate_saev(
-        sae,
-        model,
-        processor,
-        dataset,
-        layer=args.layer,
-        prompt_format=args.prompt_format,
-        batch_size=args.batch_size,
-        num_examples=args.num_examples,
-        dense_threshold=args.dense_threshold,
-        compute_ce_loss=args.compute_ce_loss,
-        disable_tqdm=args.disable_tqdm,
-    )
+    metrics = evaluate_saev(sae, model, processor, dataset, prompt_format=args.prompt_format, **options)
     metrics["model"] = args.model_name_or_path
-    if args.output_file:
-        Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_file).write_text(json.dumps(metrics, indent=2) + "\n")
+    return _written(metrics, args.output_file)
+
+
+def _written(metrics: dict[str, Any], output_file: str | None) -> dict[str, Any]:
+    """`metrics`, written to `output_file` first when one is given."""
+    if output_file:
+        Path(output_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(output_file).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

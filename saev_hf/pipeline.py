@@ -161,15 +161,16 @@ class _Preparation(torch.utils.data.Dataset):
 class _StreamPreparation(torch.utils.data.IterableDataset):
     """A stream's batches, prepared in order (read by one worker: more would each read the whole stream)."""
 
-    def __init__(self, data: Any, batch_size: int, indices: Any, processor: Any, prompt_format: PromptFormat,
-                 image_token_id: int | None, keep_rows: bool) -> None:
-        self.data, self.batch_size, self.indices = data, batch_size, indices
+    def __init__(self, data: Any, batch_size: int, indices: Any, row_ids: Sequence[int] | None, processor: Any,
+                 prompt_format: PromptFormat, image_token_id: int | None, keep_rows: bool) -> None:
+        self.data, self.batch_size, self.indices, self.row_ids = data, batch_size, indices, row_ids
         self.processor, self.prompt_format, self.image_token_id = processor, prompt_format, image_token_id
         self.keep_rows = keep_rows
 
     def __iter__(self) -> Iterator[PreparedBatch]:
         for chunk, batch in row_batches(self.data, self.batch_size, self.indices):
-            yield _prepare(self, list(chunk), list(chunk), batch)
+            rows = [self.row_ids[p] for p in chunk] if self.row_ids is not None else list(chunk)
+            yield _prepare(self, list(chunk), rows, batch)
 
 
 def _prepare(preparation: Any, positions: list[int], rows: list[int], batch: Any) -> PreparedBatch:
@@ -198,8 +199,9 @@ def prepared_batches(reader: Any, data: Any, batch_size: int, indices: Sequence[
             (`datasets.IterableDataset`, a re-iterable of rows; read in order).
         batch_size (`int`): rows per forward batch.
         indices (*optional*): the positions of `data` to read, in this order (default: all); increasing for a stream.
-        row_ids (*optional*): the dataset index of each position of `data`, for errors (default: the position; a
-            `datasets` batch from `ds.map(..., with_indices=True)` passes the map's indices).
+        row_ids (*optional*): the dataset index of each position of `data`, for errors and `PreparedBatch.rows`
+            (default: the position; a `datasets` batch from `ds.map(..., with_indices=True)` passes the map's
+            indices; a stream read from its row n on passes `range(n, ...)`).
         workers (`int`): DataLoader worker processes preparing batches ahead (0: in this process, when asked for).
             A stream is prepared by one worker at most.
         group_by_length (`bool`): sort rows by [`length_estimate`] within windows of `length_window` batches (the
@@ -218,8 +220,8 @@ def prepared_batches(reader: Any, data: Any, batch_size: int, indices: Sequence[
         if group_by_length:
             raise ValueError("group_by_length needs rows read by index; a stream is read in order. Pass a "
                              "datasets.Dataset (or leave group_by_length off).")
-        source: torch.utils.data.Dataset = _StreamPreparation(data, batch_size, indices, processor, prompt_format,
-                                                              image_token_id, keep_rows)
+        source: torch.utils.data.Dataset = _StreamPreparation(data, batch_size, indices, row_ids, processor,
+                                                              prompt_format, image_token_id, keep_rows)
         workers = min(workers, 1)
     else:
         rows = _Rows(data)

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .activations import LayerReader
 from .batching import is_indexable
+from .cache import CacheReader
 from .distributed import batch_share, distributed_state
 from .loading import allow_tf32_field, sae_matmul_precision
 from .pipeline import check_workers, prepared_batches, preprocessing_workers_field
@@ -329,9 +330,12 @@ def _stream_positions(stream_rows: list[int], counted: torch.Tensor) -> torch.Te
     return (example * POSITION_STRIDE + token)[counted.cpu()]
 
 
-def _batches(reader: LayerReader, dataset: Any, args: WeightingArguments, rows: Any):
+def _batches(reader: LayerReader | CacheReader, dataset: Any, args: WeightingArguments, rows: Any):
     """The rows at dataset indices `rows` (all, with None), prepared in forward batches of `args.batch_size` by
-    `args.preprocessing_workers` ahead of the forward ([`prepared_batches`]), in the dataset's order."""
+    `args.preprocessing_workers` ahead of the forward ([`prepared_batches`]), in the dataset's order; from an
+    activation cache, the batches of its rows that its [`CacheReader`] reads."""
+    if isinstance(reader, CacheReader):
+        return reader.prepared_batches(dataset, args.batch_size, rows)
     return prepared_batches(reader, dataset, args.batch_size, rows, workers=args.preprocessing_workers)
 
 
@@ -344,8 +348,9 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
 
     Args:
         sae ([`SAEV`]): the SAE-V, made for `reader`'s model and layer.
-        reader ([`LayerReader`]): reads the MLLM's layer L from rows (its `prompt_format` names the columns; the
-            paper feeds the question and the image only).
+        reader ([`LayerReader`] or [`saev_hf.cache.CacheReader`]): reads the MLLM's layer L from rows (its
+            `prompt_format` names the columns; the paper feeds the question and the image only), or reads them from
+            an activation cache (`dataset` is then the cache's `cached_rows`): the same weights, without the MLLM.
         dataset: a `datasets.Dataset` (or any sequence of row dicts), or a stream (`datasets.IterableDataset`, any
             re-iterable of row dicts): a stream is read in order, its first `num_examples` rows, twice (one per pass).
         args ([`WeightingArguments`]): K, per-modality count, special tokens, centring, sample size.
@@ -361,6 +366,10 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
     """
     args = args or WeightingArguments()
     reader.check_sae(sae)
+    if isinstance(reader, CacheReader) and args.special_as_text and not reader.include_special_tokens:
+        raise ValueError(f"special_as_text=True counts the special tokens as text, but the activation cache "
+                         f"{str(reader.cache.path)!r} was made without them. Pass special_as_text=False "
+                         f"(--special_as_text False), or make the cache with include_special_tokens=True.")
     sample = _weighting_sample(dataset, args)
     state = distributed_state(cpu=sae.W_enc.device.type == "cpu")
     if state is not None and sample is None and args.num_examples is None:
@@ -541,8 +550,7 @@ def _weights_info(args: WeightingArguments, reader: LayerReader, dataset: Any, f
         "num_weighted_features": int(weighted.sum()),
         "num_single_modal_features": int(single_modal.sum()),
         "num_silent_features": int((~firing).sum()),
-        "dataset": getattr(getattr(dataset, "info", None), "dataset_name", None),
-        "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
+        **_dataset_record(reader, dataset),
         "prompt_format": asdict(reader.prompt_format),
     }
     bounds = torch.minimum(first.max_text, first.max_image)  # feature f can co-occur only under a delta below bounds[f]
@@ -554,6 +562,16 @@ def _weights_info(args: WeightingArguments, reader: LayerReader, dataset: Any, f
     )
     info["num_bimodal_features"] = int(len(bimodal))
     return info
+
+
+def _dataset_record(reader: LayerReader | CacheReader, dataset: Any) -> dict[str, Any]:
+    """The weighting data's name and `datasets` fingerprint: the dataset's own, or those the activation cache
+    recorded of the dataset it was made from."""
+    if isinstance(reader, CacheReader):
+        manifest = reader.cache.manifest
+        return {"dataset": manifest.get("dataset_name"), "dataset_fingerprint": manifest.get("dataset_fingerprint")}
+    return {"dataset": getattr(getattr(dataset, "info", None), "dataset_name", None),
+            "dataset_fingerprint": getattr(dataset, "_fingerprint", None)}
 
 
 class _Identity(dict):
@@ -664,16 +682,19 @@ def run_weights(source: Any, prompt_format: Any, args: WeightingArguments) -> An
     """
     from .activations import LayerReader
     from .prompts import undecoded_images
-    from .sources import load_sources
+    from .sources import load_cached_sources, load_sources
 
     if source.cooccurrence_threshold is not None and args.threshold_quantile is not None:
         raise ValueError(
             f"Give either --cooccurrence_threshold {source.cooccurrence_threshold} (set delta) or --threshold_quantile "
             f"{args.threshold_quantile} (calibrate it on the data), not both."
         )
-    sae, model, processor, dataset = load_sources(source, "saev weights")
-    dataset, _ = undecoded_images(dataset, prompt_format.image_column)  # a corrupt image names its row
-    reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
+    if source.activation_cache is not None:  # the cache's reader and rows stand in for the MLLM and the dataset
+        sae, reader, dataset = load_cached_sources(source, "saev weights")
+    else:
+        sae, model, processor, dataset = load_sources(source, "saev weights")
+        dataset, _ = undecoded_images(dataset, prompt_format.image_column)  # a corrupt image names its row
+        reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
     compute_feature_weights(sae, reader, dataset, args)
     state = distributed_state()
     if state is None or state.is_main_process:

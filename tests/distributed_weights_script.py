@@ -3,7 +3,8 @@ for distributed.
 
     distributed_weights_script.py MODEL SAE OUTPUT CONFIGS_JSON
 
-For each named configuration of CONFIGS_JSON (`{"name": {"data": folder, "streamed": bool, **WeightingArguments}}`),
+For each named configuration of CONFIGS_JSON (`{"name": {"data": folder, "streamed": bool, **WeightingArguments}}`,
+or `"activation_cache": folder` instead of `"data"`: its `CacheReader` and rows stand in for the MLLM and the data),
 loads the SAE-V afresh and calls `compute_feature_weights` on the data, as a one-process script would. Each process
 then writes `rank_<process_index>.safetensors` (the weights it returned, by configuration) and `rank_<process_index>
 .json` (what it saw and what it stored: `feature_weights_info`, delta and its record), so that the test can check
@@ -22,6 +23,7 @@ from accelerate import PartialState
 from safetensors.torch import save_file
 
 from saev_hf import SAEV, LayerReader, WeightingArguments, compute_feature_weights, end_distributed
+from saev_hf.cache import ActivationCache, CacheReader, cached_rows
 from saev_hf.loading import load_model_and_processor
 
 
@@ -32,11 +34,15 @@ def main() -> None:
     reader = LayerReader(model, processor, layer=1)
     tensors, records = {}, {}
     for name, config in json.loads(configs).items():
-        data = datasets.load_from_disk(config.pop("data"))
+        if "activation_cache" in config:
+            cache = ActivationCache(config.pop("activation_cache"))
+            weights_reader, data = CacheReader(cache), cached_rows(cache)
+        else:
+            weights_reader, data = reader, datasets.load_from_disk(config.pop("data"))
         if config.pop("streamed", False):
             data = data.to_iterable_dataset()
         sae = SAEV.from_pretrained(sae_path)
-        tensors[name] = compute_feature_weights(sae, reader, data, WeightingArguments(**config)).contiguous()
+        tensors[name] = compute_feature_weights(sae, weights_reader, data, WeightingArguments(**config)).contiguous()
         records[name] = {"info": sae.config.feature_weights_info, "delta": sae.config.cooccurrence_threshold,
                          "delta_info": sae.config.cooccurrence_threshold_info}
     state = PartialState()

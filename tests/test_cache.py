@@ -15,7 +15,11 @@ import saev_hf.cache as cache_module
 from saev_hf import SAEV
 from saev_hf.activation_buffer import ActivationBuffer
 from saev_hf.activations import LayerReader, Modality
-from saev_hf.cache import MANIFEST_NAME, ActivationCache, CacheArguments, cache_activations
+from saev_hf.cache import (MANIFEST_NAME, SHARD_TENSORS, ActivationCache, CacheArguments, CacheReader,
+                           cache_activations, cached_rows)
+from saev_hf.config import SAEVConfig
+from saev_hf.evaluation import evaluate_saev
+from saev_hf.weighting import WeightingArguments, compute_feature_weights
 from saev_hf.cli import main as cli_main
 from saev_hf.training import SAEVTrainer, train_saev
 
@@ -131,6 +135,73 @@ def test_an_interrupted_cache_resumes_to_the_cache_of_an_uninterrupted_run(setup
     assert not list(out.glob("*.tmp"))
 
 
+def assert_same_cache(a: ActivationCache, b: ActivationCache) -> None:
+    assert a.shards == b.shards and a.num_rows == b.num_rows
+    for index in range(len(b.shards)):
+        x, y = a.load_shard(index), b.load_shard(index)
+        assert all(torch.equal(x[key], y[key]) for key in SHARD_TENSORS)
+
+
+def test_a_stream_caches_what_the_dataset_caches_and_resumes_after_its_cached_rows(setup, monkeypatch):
+    """A `datasets.IterableDataset` is read in order: the same shards as the Dataset; an interrupted run reads the
+    stream again from the start and skips the rows already cached; max_rows stops the stream."""
+    llava, dataset = setup["llava"], setup["dataset"]
+    streamed = dataset.to_iterable_dataset()
+    out = setup["root"] / "stream"
+    monkeypatch.setattr(cache_module, "_write_shard", interrupt_after(2, cache_module._write_shard))
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(cache_args(out), model=llava.model, processor=llava.processor, dataset=streamed)
+    monkeypatch.undo()
+    partial = json.loads((out / MANIFEST_NAME).read_text())
+    assert 0 < partial["next_row"] < 18 and partial["arguments"]["num_dataset_rows"] is None
+    cache_activations(cache_args(out), model=llava.model, processor=llava.processor, dataset=streamed)
+    assert_same_cache(ActivationCache(out), setup["cache"])
+
+    first = ActivationCache(cache_activations(cache_args(setup["root"] / "stream-10", max_rows=10),
+                                              model=llava.model, processor=llava.processor, dataset=streamed))
+    assert first.num_rows == 10 and stream(first)["row"].max() == 9
+    whole = stream(setup["cache"])
+    assert torch.equal(stream(first)["activations"], whole["activations"][whole["row"] < 10])
+
+
+def test_a_bad_row_of_a_resumed_stream_is_named_by_its_place_in_the_stream(setup, monkeypatch):
+    """Rows are counted from the stream's start, also when a resumed run starts reading further on."""
+    llava, dataset = setup["llava"], setup["dataset"]
+    rows = [dict(row) for row in dataset]
+    out = setup["root"] / "bad-stream"
+    monkeypatch.setattr(cache_module, "_write_shard", interrupt_after(2, cache_module._write_shard))
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(cache_args(out), model=llava.model, processor=llava.processor, dataset=iter_rows(rows))
+    monkeypatch.undo()
+    assert json.loads((out / MANIFEST_NAME).read_text())["next_row"] >= 4  # the resumed run skips rows
+    rows[13]["images"] = [b"not an image"]
+    with pytest.raises(ValueError, match=r"[Rr]ow 13\b"):
+        cache_activations(cache_args(out), model=llava.model, processor=llava.processor, dataset=iter_rows(rows))
+
+
+def interrupt_after(shards: int, write):
+    """A stand-in for `_write_shard` that writes `shards` shards, then stops the run as Ctrl-C would."""
+    written = []
+
+    def write_then_fail(*args, **kwargs):
+        if len(written) == shards:
+            raise KeyboardInterrupt("interrupted")
+        write(*args, **kwargs)
+        written.append(1)
+
+    return write_then_fail
+
+
+class iter_rows:
+    """A plain re-iterable of rows (a stream that is not a datasets object)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
 def test_a_folder_with_another_cache_or_foreign_files_is_refused(setup):
     llava, dataset = setup["llava"], setup["dataset"]
     kwargs = dict(model=llava.model, processor=llava.processor, dataset=dataset)
@@ -190,6 +261,10 @@ def test_half_precision_storage_round_trips_within_its_precision(setup, storage_
     eps = torch.finfo(getattr(torch, storage_dtype)).eps
     assert torch.allclose(stored["activations"], exact["activations"], rtol=eps, atol=1e-6)
     assert all(torch.equal(stored[key], exact[key]) for key in ("modality", "row", "position"))
+    # shuffled reading gathers in the storage dtype, then converts: the same tokens in the same order
+    shuffled = torch.cat(list(half.batches(10, shuffle=True, seed=3, window_shards=2)))
+    expected = torch.cat(list(setup["cache"].batches(10, shuffle=True, seed=3, window_shards=2)))
+    assert shuffled.dtype == torch.float32 and torch.equal(shuffled, expected.to(getattr(torch, storage_dtype)).float())
 
 
 def test_training_from_the_cache_gives_the_weights_training_from_the_mllm_gives(setup, tmp_path):
@@ -233,6 +308,107 @@ def test_training_from_a_cache_refuses_what_it_cannot_serve(setup, tmp_path):
         SAEVTrainer(tiny_args(tmp_path / "c", activation_cache=str(tmp_path)))
 
 
+def random_saev(d_in: int, seed: int = 0) -> SAEV:
+    """An untrained SAE-V of layer 1 whose features fire on both modalities (random biases)."""
+    torch.manual_seed(seed)
+    sae = SAEV(SAEVConfig(d_in=d_in, d_sae=4 * d_in, hook_layer=1))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+    return sae
+
+
+@pytest.mark.parametrize("num_examples", [None, 12])
+def test_weights_from_the_cache_are_the_weights_from_the_mllm(setup, num_examples):
+    """Both passes (top-K, then the re-read of the rows holding chosen positions) and the calibration of delta read
+    the cache's rows through its CacheReader: the same weights, delta and record as reading the MLLM."""
+    llava, dataset, cache = setup["llava"], setup["dataset"], setup["cache"]
+    args = WeightingArguments(batch_size=4, num_examples=num_examples, threshold_quantile=0.9, disable_tqdm=True)
+    direct, cached = random_saev(cache.d_in), random_saev(cache.d_in)
+    reader = LayerReader(llava.model, llava.processor, layer=1)
+    expected = compute_feature_weights(direct, reader, dataset, args)
+    weights = compute_feature_weights(cached, CacheReader(cache), cached_rows(cache), args)
+    assert int(torch.isfinite(expected).sum()) >= 5  # features with a weight, to compare
+    torch.testing.assert_close(weights, expected, rtol=0, atol=1e-6, equal_nan=True)
+    assert torch.equal(torch.isnan(weights), torch.isnan(expected))  # the same features weighted
+    assert cached.config.cooccurrence_threshold == direct.config.cooccurrence_threshold
+    record, direct_record = cached.config.feature_weights_info, direct.config.feature_weights_info
+    assert record["dataset_fingerprint"] == dataset._fingerprint == cache.manifest["dataset_fingerprint"]
+    assert {k: v for k, v in record.items() if "percentiles" not in k} == \
+        {k: v for k, v in direct_record.items() if "percentiles" not in k}
+
+
+def test_weights_from_a_cache_refuse_what_it_cannot_serve(setup):
+    cache = setup["cache"]
+    with pytest.raises(ValueError, match="must be its rows.*Pass cached_rows"):
+        compute_feature_weights(random_saev(cache.d_in), CacheReader(cache), setup["dataset"].select(range(5)))
+    with pytest.raises(ValueError, match="holds layer 1.*Cache layer 2"):
+        sae = random_saev(cache.d_in)
+        sae.config.hook_layer = 2
+        compute_feature_weights(sae, CacheReader(cache), cached_rows(cache))
+    with pytest.raises(ValueError, match="is on cpu, but the activation cache.*is on meta"):
+        compute_feature_weights(random_saev(cache.d_in), CacheReader(cache, "meta"), cached_rows(cache))
+    llava = setup["llava"]
+    no_special = ActivationCache(cache_activations(cache_args(setup["root"] / "no-special-w", include_special_tokens=False,
+                                                              max_rows=4), model=llava.model,
+                                                   processor=llava.processor, dataset=setup["dataset"]))
+    with pytest.raises(ValueError, match="made without them. Pass special_as_text=False"):
+        compute_feature_weights(random_saev(cache.d_in), CacheReader(no_special), cached_rows(no_special))
+    with pytest.raises(ValueError, match="without the special tokens"):
+        evaluate_saev(random_saev(cache.d_in), reader=CacheReader(no_special), compute_ce_loss=False)
+
+
+def test_evaluation_from_the_cache_is_the_evaluation_on_the_mllm(setup):
+    llava, dataset, cache = setup["llava"], setup["dataset"], setup["cache"]
+    sae = random_saev(cache.d_in, seed=1)
+    direct = evaluate_saev(sae, llava.model, llava.processor, dataset, batch_size=4, num_examples=14,
+                           compute_ce_loss=False, disable_tqdm=True)
+    cached = evaluate_saev(sae, reader=CacheReader(cache), batch_size=4, num_examples=14, compute_ce_loss=False,
+                           disable_tqdm=True)
+    assert direct["num_examples"] == cached["num_examples"] == 14 and direct["all"]["tokens"] > 0
+    assert cached == {**direct, "model": cache.manifest["model_name_or_path"]}
+    with pytest.raises(ValueError, match="CE-loss-recovered runs the MLLM.*compute_ce_loss=False"):
+        evaluate_saev(sae, reader=CacheReader(cache))
+    with pytest.raises(ValueError, match="or reader=CacheReader"):
+        evaluate_saev(sae, compute_ce_loss=False)
+
+
+def test_saev_weights_and_saev_eval_read_a_cache(setup, tmp_path, capsys):
+    cache, llava = setup["cache"], setup["llava"]
+    random_saev(cache.d_in).save_pretrained(tmp_path / "sae")
+    setup["dataset"].save_to_disk(str(tmp_path / "data"))
+    common = ["--sae_name_or_path", str(tmp_path / "sae"), "--batch_size", "4", "--device", "cpu"]
+    assert cli_main(["weights", *common, "--activation_cache", str(cache.path), "--output_dir",
+                     str(tmp_path / "from-cache")]) == 0
+    assert cli_main(["weights", *common, "--model_name_or_path", str(llava.path), "--dataset_name",
+                     str(tmp_path / "data"), "--output_dir", str(tmp_path / "from-mllm")]) == 0
+    from_cache, from_mllm = SAEV.from_pretrained(tmp_path / "from-cache"), SAEV.from_pretrained(tmp_path / "from-mllm")
+    torch.testing.assert_close(from_cache.feature_weights, from_mllm.feature_weights, rtol=0, atol=1e-6,
+                               equal_nan=True)
+    assert from_cache.has_feature_weight.sum() >= 5
+    capsys.readouterr()
+    for argv, message in [
+        (["weights", *common, "--activation_cache", str(cache.path), "--model_name_or_path", "m", "--output_dir",
+          str(tmp_path / "x")], "stands in for the MLLM and the dataset: drop model_name_or_path"),
+        (["weights", *common, "--output_dir", str(tmp_path / "z")], "model_name_or_path and dataset_name required"),
+        (["eval", "--sae_name_or_path", str(tmp_path / "sae"), "--activation_cache", str(cache.path)],
+         "CE-loss-recovered runs the MLLM"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
+    with pytest.raises(ValueError, match="activation_cache is read by `saev weights` only; saev score runs the MLLM"):
+        cli_main(["score", *common, "--activation_cache", str(cache.path), "--output_dir", str(tmp_path / "y")])
+    eval_common = ["--sae_name_or_path", str(tmp_path / "sae"), "--batch_size", "4", "--num_examples", "12",
+                   "--compute_ce_loss", "False", "--use_cpu", "--disable_tqdm"]
+    assert cli_main(["eval", *eval_common, "--activation_cache", str(cache.path), "--output_file",
+                     str(tmp_path / "cached.json")]) == 0
+    assert "explained variance" in capsys.readouterr().out
+    assert cli_main(["eval", *eval_common, "--model_name_or_path", str(llava.path), "--dataset_name",
+                     str(tmp_path / "data"), "--output_file", str(tmp_path / "direct.json")]) == 0
+    cached, direct = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("cached", "direct"))
+    assert {**cached, "model": None} == {**direct, "model": None} and cached["all"]["tokens"] > 0
+
+
 def test_saev_cache_then_saev_train_from_the_cache(tiny_model_factory, tmp_path, capsys):
     llava = tiny_model_factory("llava")
     digit_dataset(8).save_to_disk(str(tmp_path / "data"))
@@ -244,6 +420,9 @@ def test_saev_cache_then_saev_train_from_the_cache(tiny_model_factory, tmp_path,
     assert f"Cached {cache.num_tokens} tokens of layer 1 (8 rows)" in capsys.readouterr().out
     assert cli_main(argv) == 0  # again on its own complete output: nothing to redo
     assert ActivationCache(tmp_path / "cache").shards == cache.shards
+    streamed = [value if value != str(tmp_path / "cache") else str(tmp_path / "streamed") for value in argv]
+    assert cli_main(streamed + ["--streaming"]) == 0  # the dataset read as a stream: the same cache
+    assert_same_cache(ActivationCache(tmp_path / "streamed"), cache)
     assert cli_main(["train", "--activation_cache", str(tmp_path / "cache"), "--layer", "1", "--output_dir",
                      str(tmp_path / "out"), "--expansion_factor", "4", "--max_steps", "8", "--train_batch_size_tokens",
                      "32", "--buffer_size_tokens", "128", "--read_batch_size", "4", "--input_scale_estimation_tokens",

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from saev_hf import SAEV, SAEVConfig, LayerReader, WeightingArguments, compute_feature_weights
+from saev_hf.cache import ActivationCache, CacheArguments, CacheReader, cache_activations, cached_rows
 from saev_hf.cli import main as cli_main
 from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
 from saev_hf.loading import load_model_and_processor
@@ -63,6 +64,8 @@ def setup(tiny_model_factory, tmp_path_factory):
         sae.b_enc.normal_(0, 0.1)
     sae.save_pretrained(root / "sae")
     model, processor = load_model_and_processor(str(llava.path), device="cpu")
+    cache_activations(CacheArguments(output_dir=str(root / "cache"), layer=1, read_batch_size=4, disable_tqdm=True),
+                      model=model, processor=processor, dataset=datasets.load_from_disk(str(root / "plain")))
     return llava, LayerReader(model, processor, layer=1), root
 
 
@@ -72,13 +75,18 @@ CONFIGS = {
     "sampled_per_modality_centred": dict(data="plain", num_examples=19, batch_size=3, top_k_pool="per_modality",
                                          mean_center=True, special_as_text=False),
     "stream": dict(data="plain", streamed=True, num_examples=22, batch_size=4, threshold_quantile=0.25),
+    "activation_cache": dict(activation_cache="cache", num_examples=None, batch_size=4, threshold_quantile=0.5),
 }
 
 
 def one_process(reader, root, config):
     """The weights, and the SAE-V that stores them, computed here by one process."""
     config = dict(config)
-    data = datasets.load_from_disk(str(root / config.pop("data")))
+    if "activation_cache" in config:
+        cache = ActivationCache(root / config.pop("activation_cache"))
+        reader, data = CacheReader(cache), cached_rows(cache)
+    else:
+        data = datasets.load_from_disk(str(root / config.pop("data")))
     if config.pop("streamed", False):
         data = data.to_iterable_dataset()
     sae = SAEV.from_pretrained(root / "sae")
@@ -92,7 +100,8 @@ def assert_bit_equal(actual, expected):
 
 def test_two_processes_compute_exactly_the_weights_of_one_process(setup):
     llava, reader, root = setup
-    configs = {name: {**config, "data": str(root / config["data"]), "disable_tqdm": True}
+    configs = {name: {**config, **{key: str(root / config[key]) for key in ("data", "activation_cache")
+                                   if key in config}, "disable_tqdm": True}
                for name, config in CONFIGS.items()}
     out = root / "weights"
     out.mkdir()

@@ -115,7 +115,6 @@ def _score_arguments():
 
 def score(source, prompt_format, scorer_args, map_args) -> None:
     from .scoring import run_scoring
-
     from .training import end_distributed
 
     scored, columns = run_scoring(source, prompt_format, scorer_args, map_args)

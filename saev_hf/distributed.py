@@ -14,18 +14,16 @@ from typing import Any, Sequence
 
 def distributed_state(cpu: bool = False) -> Any:
     """
-    accelerate's `PartialState` when this process is one of several started together (by `torchrun`,
-    `accelerate launch`, or a process group the caller set up), else None.
+    accelerate's `PartialState` when this process is one of several started together by a launcher (`torchrun`,
+    `accelerate launch`, which set `WORLD_SIZE`), else None.
 
-    The state is set up only in a launched process (`WORLD_SIZE` above 1, or a process group already there): setting
-    it up joins the launcher's process group and gives each process its own device. `cpu=True` (or a machine without
+    The state is set up only in a launched process (`WORLD_SIZE` above 1), so that a process started alone never
+    touches accelerate's shared state: setting it up joins the launcher's process group and gives each process its
+    own device. `cpu=True` (or a machine without
     an accelerator) asks for the CPU backend (gloo); without it, accelerate would run each process of a CPU launch as
     a separate one-process job. Once set up (by this function, an `Accelerator` or the caller), the state is as it is.
     """
-    import torch.distributed as dist
-
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if not launched and not (dist.is_available() and dist.is_initialized()):
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     from accelerate import PartialState
 

@@ -148,6 +148,13 @@ def test_saev_train_sweep_command_trains_every_combination_of_a_grid(tiny_model_
     assert SAEV.from_pretrained(tmp_path / "list" / "l1_coefficient=2").config.activation == "relu"
 
 
+def test_saev_train_help_documents_the_sweep_option(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--sweep SWEEP" in out and "one pass of activations" in out and "dead_feature_threshold" in out
+
+
 def test_saev_train_sweep_refuses_a_shared_option_with_a_message(tmp_path, capsys):
     with pytest.raises(ValueError, match="'layer' cannot vary within a sweep"):
         cli_main(["train", "--layer", "1", "--output_dir", str(tmp_path / "x"), "--sweep", '{"layer": [1, 2]}'])

@@ -108,6 +108,7 @@ def parse_sweep(value: str | Sequence[Mapping[str, Any]] | Mapping[str, Sequence
     ```python
     >>> parse_sweep('{"l1_coefficient": [1, 5], "activation": ["relu"]}')
     [{'l1_coefficient': 1, 'activation': 'relu'}, {'l1_coefficient': 5, 'activation': 'relu'}]
+
     ```
     """
     if isinstance(value, str):

@@ -263,3 +263,28 @@ def test_a_resumed_sweep_gives_the_uninterrupted_sweep(tiny_model_factory, tmp_p
     with pytest.raises(ValueError, match="sweep: .* \\(saved\\) vs no sweep"):
         SAEVTrainer(tiny_args(tmp_path / "other", max_steps=30, save_steps=10, resume_from_checkpoint=str(checkpoint)),
                     llava.model, llava.processor, dataset)
+
+
+def test_a_sweep_from_an_activation_cache_equals_separate_runs_from_it(tiny_model_factory, tmp_path):
+    from saev_hf.cache import CacheArguments, cache_activations
+
+    llava = tiny_model_factory("llava")
+    cache = cache_activations(CacheArguments(output_dir=str(tmp_path / "cache"), layer=1, read_batch_size=4,
+                                             disable_tqdm=True),
+                              model=llava.model, processor=llava.processor, dataset=digit_dataset(12))
+    args = tiny_args(tmp_path / "sweep", max_steps=15, activation_cache=str(cache))
+    trainer = SAEVTrainer(args, sweep={"activation": ["relu"], "l1_coefficient": [2, 4]})
+    saes = trainer.train()
+    assert list(saes) == ["activation=relu,l1_coefficient=2", "activation=relu,l1_coefficient=4"]
+    for member in trainer.members:
+        separate = train_saev(dataclasses.replace(member.args, output_dir=str(tmp_path / member.name)))
+        assert_same_sae(saes[member.name], separate, member.name)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import saev_hf.sweep
+
+    results = doctest.testmod(saev_hf.sweep)
+    assert results.attempted >= 1 and results.failed == 0

@@ -43,7 +43,7 @@ from .model import SAEV, SAEVOutput
 from .patches import PatchFilter, PatchFilterArguments, PatchLocator
 from .prompts import PromptFormat, RowError
 from .scoring import SAEVScorer, ScorerArguments, score_dataset
-from .training import SAEVTrainer, SAEVTrainingArguments, end_distributed, train_saev
+from .training import SAEVRun, SAEVTrainer, SAEVTrainingArguments, end_distributed, train_saev, train_saevs
 from .weighting import WeightingArguments, compute_feature_weights
 
 __version__ = _version()
@@ -72,6 +72,7 @@ __all__ = [
     "SAEVEvaluationArguments",
     "SAEVOutput",
     "SAEVScorer",
+    "SAEVRun",
     "SAEVTrainer",
     "SAEVTrainingArguments",
     "ScorerArguments",
@@ -91,5 +92,6 @@ __all__ = [
     "saev_model_card",
     "score_dataset",
     "train_saev",
+    "train_saevs",
     "write_feature_browser",
 ]

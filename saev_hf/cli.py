@@ -14,7 +14,7 @@ it did. `saev COMMAND --help` opens with what the command does, then lists its o
 | `inspect` | `saev_hf.inspection.run_inspection` |
 | `patches` | `saev_hf.patches.run_patch_filter` |
 | `cache` | `saev_hf.cache.cache_activations` |
-| `train` | `saev_hf.training.train_saev` |
+| `train` | `saev_hf.training.train_saev` (`train_saevs` with `--sweep`) |
 | `eval` | `saev_hf.evaluation.run_evaluation` |
 | `push` | `saev_hf.hub.run_push` |
 | `dpo` | `saev_hf.dpo.run_dpo` |
@@ -189,18 +189,28 @@ def cache(args, prompt_format) -> None:
 
 
 def _train_arguments():
+    from .sweep import SweepArguments
     from .training import SAEVTrainingArguments
 
-    return (SAEVTrainingArguments,)
+    return SAEVTrainingArguments, SweepArguments
 
 
-def train(args) -> None:
-    from .training import end_distributed, train_saev
+def train(args, sweep_args) -> None:
+    from .training import end_distributed, train_saev, train_saevs
 
-    sae = train_saev(args)
+    if sweep_args.sweep is None:
+        sae = train_saev(args)
+        end_distributed()
+        print(f"Trained an SAE-V with {sae.config.d_sae} features on {sae.config.training_tokens} tokens of layer "
+              f"{sae.config.hook_layer}; saved to {args.output_dir}")
+        return
+    saes = train_saevs(args, sweep_args.sweep)
     end_distributed()
-    print(f"Trained an SAE-V with {sae.config.d_sae} features on {sae.config.training_tokens} tokens of layer "
-          f"{sae.config.hook_layer}; saved to {args.output_dir}")
+    tokens = next(iter(saes.values())).config.training_tokens
+    print(f"Trained {len(saes)} SAE-Vs on the same {tokens} tokens of layer {args.layer} (one pass); saved to "
+          f"{args.output_dir}/<member>, listed in {args.output_dir}/sweep.json:")
+    for name, sae in saes.items():
+        print(f"  {name}: {sae.config.d_sae} features")
 
 
 def _eval_arguments():
@@ -269,7 +279,9 @@ COMMANDS: dict[str, Command] = {
                      "modality, row and position) in safetensors shards, for `saev train --activation_cache`; "
                      "resumes an interrupted run.", _cache_arguments, cache),
     "train": Command("Train an SAE-V on decoder layer L of an MLLM (or a plain SAE on a text-only LM); saves it to "
-                     "--output_dir.", _train_arguments, train),
+                     "--output_dir. With --sweep, train several SAE-Vs (e.g. over l1_coefficient, expansion_factor, "
+                     "activation) from one pass of activations, each saved to its own folder in --output_dir.",
+                     _train_arguments, train),
     "eval": Command("Evaluate an SAE-V: L0, MSE, explained variance, dead/dense features, CE-loss-recovered (all/"
                     "text/image).", _eval_arguments, evaluate),
     "push": Command("Push an SAE-V folder with its model card, a filtered dataset folder or an activation cache "

@@ -6,11 +6,14 @@ tokens only, shuffled) -> [`SAEV`] trained with the paper's recipe -> a checkpoi
 - [`SAEVTrainingArguments`] (`saev_hf.training_args`): every option, shared by the Python API and `saev train` (the
   paper's recipe as defaults); [`TrainingSchedule`] and [`FeatureFiringCounter`] (`saev_hf.schedule`): what changes
   with the step; [`ActivationBuffer`] (`saev_hf.activation_buffer`): the shuffled stream of activations.
+- [`SAEVRun`] (this module): one SAE-V under training and what is its own (optimizer, LR schedule, firing counter,
+  metrics, folder). [`SAEVTrainer`] trains one, or several on the same batches: a sweep (`saev_hf.sweep`) reads each
+  activation batch once and steps every member's SAE-V on it; a single run is a sweep of one.
 - [`SAEVTrainer`] (this module): the loop, on `accelerate.Accelerator`: devices, data-parallel processes (`torchrun` or
   `accelerate launch` run the same code on several processes; each reads its own shard of the dataset and gradients
   are averaged), checkpoints (`save_state`/`load_state` plus the activation buffer of every process), and the
   `report_to` trackers.
-- [`train_saev`]: one call, for scripts and the CLI.
+- [`train_saev`] and [`train_saevs`] (a sweep): one call, for scripts and the CLI.
 
 Why `Accelerator` and not `transformers.Trainer`: the training data is not a dataset of examples but a stream that
 the base model produces on the fly, one shuffling buffer per process, whose state must be checkpointed with the
@@ -43,6 +46,7 @@ from .loading import accelerator_available, load_dataset_split, load_model_and_p
 from .model import SAEV
 from .prompts import PromptFormat, undecoded_images
 from .schedule import FeatureFiringCounter, TrainingSchedule  # noqa: F401  (TrainingSchedule: importable from here)
+from .sweep import SWEEP_MANIFEST, SweepMember, sweep_members
 from .training_args import RUN_ONLY_FIELDS, SAEVTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -53,9 +57,143 @@ STATE_NAME = "trainer_state.json"
 LOG_SPARSITY_EPS = 1e-10  # SAELens' epsilon: a feature that never fired gets log10 sparsity -10
 
 
+class SAEVRun:
+    """
+    One SAE-V under training and everything that is its own: the SAE-V, Adam and the LR scheduler (as
+    `accelerator.prepare` returns them), its [`TrainingSchedule`], its [`FeatureFiringCounter`], its metric sums and
+    log history. [`SAEVTrainer`] holds one (a single run) or one per sweep member, and steps each on the same batch.
+
+    Args:
+        args ([`SAEVTrainingArguments`]): this SAE-V's arguments (a sweep member's: the base ones with its overrides).
+        config ([`SAEVConfig`]): the SAE-V to build. It is initialised right after `torch.manual_seed(args.seed)`, so
+            a sweep member starts from the weights a separate run with its arguments starts from.
+        accelerator (`accelerate.Accelerator`): prepares the SAE-V, the optimizer and the scheduler.
+        name (`str`, *optional*, defaults to `""`): the sweep member's name: its folder under `output_dir` (and in
+            checkpoints), the prefix `name/` of its metrics in the trackers and of its counters in checkpoints. `""`
+            for a single run, whose folder is `output_dir` itself.
+
+    Attributes:
+        sae ([`SAEV`]), prepared_sae, optimizer, lr_scheduler, schedule ([`TrainingSchedule`]), firing_counter
+        ([`FeatureFiringCounter`]), log_history (`list[dict]`): as described on [`SAEVTrainer`].
+    """
+
+    def __init__(self, args: SAEVTrainingArguments, config: SAEVConfig, accelerator, name: str = "") -> None:
+        self.args, self.name, self.accelerator = args, name, accelerator
+        self.schedule = args.schedule(accelerator.num_processes)
+        torch.manual_seed(args.seed)  # the same initialisation on every process, for every data order, in a sweep
+        self.sae = SAEV(config).to(accelerator.device)
+        optimizer = torch.optim.Adam(
+            self.sae.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule.lr_factor)
+        self.prepared_sae, self.optimizer, self.lr_scheduler = accelerator.prepare(self.sae, optimizer, scheduler)
+        self.firing_counter = FeatureFiringCounter(
+            config.d_sae, args.dead_feature_window, self.schedule.max_steps, accelerator.device
+        )
+        self.log_history: list[dict[str, Any]] = []
+        self._log_sums: dict[str, torch.Tensor] = {}
+        self._steps_in_log = 0
+        self._last_rates = (float(args.learning_rate), float(args.l1_coefficient))
+
+    @property
+    def metric_prefix(self) -> str:
+        """Prefix of this SAE-V's metrics in the trackers: `name/` in a sweep, nothing in a single run."""
+        return f"{self.name}/" if self.name else ""
+
+    def train_step(self, batch: torch.Tensor, step: int) -> None:
+        """Optimizer step `step` (0-based) on `batch`; counts firing features and adds the step's metrics to the
+        running sums."""
+        args, accelerator = self.args, self.accelerator
+        l1 = self.schedule.l1_coefficient(step, args.l1_coefficient)
+        output = self.prepared_sae(batch, l1_coefficient=l1)
+        accelerator.backward(output.loss)
+        grad_norm = (
+            accelerator.clip_grad_norm_(self.prepared_sae.parameters(), args.max_grad_norm)
+            if args.max_grad_norm  # None or 0: no clipping (and no norm to log)
+            else None
+        )
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.firing_counter.update(output.feature_acts)
+            step_metrics = {
+                "loss": output.loss.detach(),
+                "mse_loss": output.mse_loss.detach(),
+                "sparsity_loss": output.sparsity_loss.detach(),
+                "l0": output.l0.detach(),
+                "explained_variance": _explained_variance(batch * self.sae.config.input_scale, output, self.sae),
+            }
+            if grad_norm is not None:
+                step_metrics["grad_norm"] = torch.as_tensor(grad_norm, dtype=torch.float32).detach()
+            for name, value in step_metrics.items():
+                self._log_sums[name] = self._log_sums.get(name, 0) + value.float().to(accelerator.device)
+        self._steps_in_log += 1
+        self._last_rates = (lr, l1)
+
+    def log(self, steps_done: int) -> dict[str, float]:
+        """After `steps_done` steps: the dead features when a firing window closes, the metrics' means every
+        `logging_steps` (averaged over processes) and at the last step. Added to `log_history`; returned."""
+        args, accelerator = self.args, self.accelerator
+        logs: dict[str, float] = {}
+        if self.firing_counter.window_ends_at(steps_done - 1):
+            frequency = self.firing_counter.close_window(accelerator.reduce if accelerator.num_processes > 1 else None)
+            logs["dead_features"] = int((frequency < args.dead_feature_threshold).sum())
+        if steps_done % args.logging_steps == 0 or steps_done == self.schedule.max_steps:
+            sums = self._log_sums
+            means = torch.stack([sums[name] for name in sums]) / self._steps_in_log
+            if accelerator.num_processes > 1:
+                means = accelerator.reduce(means, "mean")
+            logs.update({name: float(value) for name, value in zip(sums, means)})
+            lr, l1 = self._last_rates
+            logs.update({"learning_rate": lr, "l1_coefficient": l1})
+            self._log_sums, self._steps_in_log = {}, 0
+        if logs:
+            self.log_history.append({"step": steps_done, **logs})
+        return logs
+
+    @torch.no_grad()
+    def export_sae(self, training_tokens: int) -> SAEV:
+        """A copy of the SAE as it would be saved: provenance recorded, sparsity filled, input scale folded."""
+        sae = copy.deepcopy(self.sae)
+        sae.config.training_tokens = training_tokens
+        if self.firing_counter.frequency is not None:
+            log_sparsity = torch.log10(self.firing_counter.frequency + LOG_SPARSITY_EPS)
+            sae.feature_log_sparsity.copy_(log_sparsity.to(sae.feature_log_sparsity))
+        return sae.fold_input_scale()
+
+    def args_record(self) -> dict[str, Any]:
+        """Its `training_args.json`: what a single run with these arguments writes."""
+        return {"args": self.args.to_dict(), "num_processes": self.accelerator.num_processes}
+
+    def state_record(self, shared: dict[str, Any]) -> dict[str, Any]:
+        """Its `trainer_state.json`: the run's shared record (steps, tokens, input scale, processes) with its own
+        dead features and log history."""
+        frequency = self.firing_counter.frequency
+        return {
+            **shared,
+            "dead_features": None if frequency is None else int((frequency < self.args.dead_feature_threshold).sum()),
+            "log_history": self.log_history,
+        }
+
+    def counter_state(self) -> dict[str, torch.Tensor]:
+        """The firing counter's tensors for a checkpoint, under keys prefixed with `name/` in a sweep."""
+        prefix = self.metric_prefix
+        return {prefix + key: value for key, value in self.firing_counter.state_dict().items()}
+
+    def load_counter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the firing counter from a checkpoint's tensors ([`counter_state`])."""
+        prefix = self.metric_prefix
+        self.firing_counter.load_state_dict({key[len(prefix):]: value for key, value in state.items()
+                                             if key.startswith(prefix) and "/" not in key[len(prefix):]})
+
+
 class SAEVTrainer:
     """
-    Trains an [`SAEV`] on activations streamed from a base model, with `accelerate`.
+    Trains an [`SAEV`] on activations streamed from a base model, with `accelerate`; or, with `sweep=`, several
+    SAE-Vs on the same activations, read once.
 
     Example:
 
@@ -67,34 +205,49 @@ class SAEVTrainer:
         dataset_name="my-org/image-text-pairs",  # columns "images" and "prompt" (see PromptFormat)
     )
     sae = SAEVTrainer(args).train()  # or: train_saev(args, model=model, processor=processor, dataset=dataset)
+    saes = SAEVTrainer(args, sweep={"l1_coefficient": [1, 5], "expansion_factor": [8, 16]}).train()  # 4 SAE-Vs
     ```
 
     Args:
-        args ([`SAEVTrainingArguments`]): the run's options.
+        args ([`SAEVTrainingArguments`]): the run's options (a sweep's base options).
         model (*optional*): the base model; loaded from `args.model_name_or_path` when not given.
         processor (*optional*): its processor or tokenizer; required with `model`.
         train_dataset (`datasets.Dataset` or `IterableDataset`, *optional*): the rows to read; loaded from
             `args.dataset_name` when not given. In a distributed run each process reads its own shard of it.
+        sweep (*optional*): train one SAE-V per member of this sweep instead of one (see `saev_hf.sweep`): a grid
+            `{"l1_coefficient": [1, 5], "expansion_factor": [8, 16]}` (every combination), a list of overrides
+            `[{"activation": "topk", "k": 32}, {"l1_coefficient": 5}]`, JSON text or a JSON file holding either. Only
+            the options in `saev_hf.sweep.SWEEP_FIELDS` may vary. Each batch is read once and every member steps on
+            it; each member ends with the SAE-V a separate run with its arguments gives, in
+            `output_dir/<member name>` with the files a single run writes, and `output_dir/sweep.json` lists them.
 
     With `args.activation_cache`, neither a model nor a dataset is loaded: the buffer reads the cache's rows through a
     [`saev_hf.cache.CacheReader`] (the `reader`), the same procedure, so a float32 cache made with the run's
     `read_batch_size` gives the run that reading the model gives.
 
     Attributes:
-        sae ([`SAEV`]): the SAE being trained (unwrapped; `config.input_scale` is the training scale).
+        runs (`list[SAEVRun]`): the SAE-Vs being trained, one per sweep member (one for a single run), each with its
+            optimizer, scheduler, schedule, firing counter and log history.
+        members (`list[SweepMember]` or `None`): the sweep's members (None for a single run).
+        sae ([`SAEV`]): the SAE being trained (unwrapped; `config.input_scale` is the training scale). In a sweep,
+            this and the next four are the first member's: see `runs` for the others.
         prepared_sae: the same SAE-V as `accelerator.prepare` returns it (DDP-wrapped in a distributed run): what the
             loop calls. (The constructor's `model` is the base MLLM; the trainer keeps it in `reader.model`.)
+        optimizer, lr_scheduler: as `accelerator.prepare` returns them.
         firing_counter ([`FeatureFiringCounter`]): how often each feature fired in the current window (dead features
             and the saved sparsity); not to be confused with `args.report_to`'s trackers (the loggers).
+        log_history (`list[dict]`): the logged metrics.
         accelerator (`accelerate.Accelerator`), reader ([`LayerReader`]), schedule ([`TrainingSchedule`]),
-        global_step (`int`), log_history (`list[dict]`).
+        global_step (`int`).
     """
 
-    def __init__(self, args: SAEVTrainingArguments, model=None, processor=None, train_dataset=None) -> None:
+    def __init__(self, args: SAEVTrainingArguments, model=None, processor=None, train_dataset=None,
+                 sweep: Any = None) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
         self.args = args
+        self.members: list[SweepMember] | None = sweep_members(args, sweep) if sweep is not None else None
         # On a machine without an accelerator, `torchrun`/`accelerate launch` processes must be told to use the CPU
         # backend (gloo) or accelerate silently runs each of them as a separate single-process job.
         use_cpu = args.use_cpu or not accelerator_available()
@@ -116,10 +269,19 @@ class SAEVTrainer:
         else:
             model, processor, self.train_dataset = self._model_and_data(model, processor, train_dataset)
             self.reader = self._layer_reader(model, processor)
-        self._build_sae_and_optimizer(model, train_dataset=self.train_dataset)
+        members = [(args, "")] if self.members is None else [(m.args, m.name) for m in self.members]
+        self.runs = [SAEVRun(run_args, self._sae_config(run_args, model), self.accelerator, name)
+                     for run_args, name in members]
         self.global_step = 0
-        self.log_history: list[dict[str, Any]] = []
         self.buffer: ActivationBuffer | None = None
+
+    # The single run's SAE-V and its state (the first member's in a sweep), as attributes of the trainer.
+    sae = property(lambda self: self.runs[0].sae)
+    prepared_sae = property(lambda self: self.runs[0].prepared_sae)
+    optimizer = property(lambda self: self.runs[0].optimizer)
+    lr_scheduler = property(lambda self: self.runs[0].lr_scheduler)
+    firing_counter = property(lambda self: self.runs[0].firing_counter)
+    log_history = property(lambda self: self.runs[0].log_history)
 
     def _model_and_data(self, model, processor, train_dataset):
         """The base model (eval mode) with its processor, and the training rows: those given, or loaded from the
@@ -171,11 +333,9 @@ class SAEVTrainer:
                                          max_length=prompt_format.max_length)
         return LayerReader(model, processor, layer=self.args.layer, prompt_format=prompt_format)
 
-    def _build_sae_and_optimizer(self, model, train_dataset) -> None:
-        """A fresh SAE-V sized for the reader (the same initialisation on every process), Adam and the schedule, as
-        `accelerator.prepare` returns them, and the feature-firing counter."""
-        args = self.args
-        config = SAEVConfig(
+    def _sae_config(self, args: SAEVTrainingArguments, model) -> SAEVConfig:
+        """The configuration of a fresh SAE-V with options `args`, sized for the reader, with its provenance."""
+        return SAEVConfig(
             d_in=self.reader.hidden_size,
             d_sae=args.d_sae,
             expansion_factor=args.expansion_factor,
@@ -187,21 +347,8 @@ class SAEVTrainer:
                                      or self._cache_record("model_name_or_path")),
             base_model_revision=args.model_revision,
             l1_coefficient=args.l1_coefficient,
-            dataset_name=_dataset_description(args, train_dataset) or self._cache_record("dataset_name"),
+            dataset_name=_dataset_description(args, self.train_dataset) or self._cache_record("dataset_name"),
             training_tokens=0,
-        )
-        torch.manual_seed(args.seed)  # the same initialisation on every process and for every data order
-        self.sae = SAEV(config).to(self.accelerator.device)
-        optimizer = torch.optim.Adam(
-            self.sae.parameters(),
-            lr=args.learning_rate,
-            betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_epsilon,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule.lr_factor)
-        self.prepared_sae, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.sae, optimizer, scheduler)
-        self.firing_counter = FeatureFiringCounter(
-            config.d_sae, args.dead_feature_window, self.schedule.max_steps, self.accelerator.device
         )
 
     def _cache_record(self, name: str) -> Any:
@@ -251,13 +398,14 @@ class SAEVTrainer:
 
     # --- the loop ------------------------------------------------------------------------------------------------
 
-    def train(self, batches: Iterable[torch.Tensor] | None = None) -> SAEV:
+    def train(self, batches: Iterable[torch.Tensor] | None = None) -> SAEV | dict[str, SAEV]:
         """
-        Train, save the SAE-V to `output_dir` (input scale folded into the weights) and return it.
+        Train, save the SAE-V to `output_dir` (input scale folded into the weights) and return it; in a sweep, train
+        every member on each batch and save each to `output_dir/<member name>`.
 
         The loop is in named steps, as SAELens' `fit`: [`_start`] (resume or estimate the input scale, open the data
-        and the trackers), then per step [`_next_batch`], [`_train_step`], [`_log`] and [`_checkpoint_if_needed`],
-        and [`_finish`] (save the SAE-V and the trainer state).
+        and the trackers), then per step [`_next_batch`], [`SAEVRun.train_step`] of each run, [`_log`] and
+        [`_checkpoint_if_needed`], and [`_finish`] (save the SAE-Vs and the trainer state).
 
         Args:
             batches (iterable of `torch.Tensor` `(tokens, d_in)`, *optional*): train on these activation batches
@@ -266,43 +414,55 @@ class SAEVTrainer:
 
         Returns:
             [`SAEV`]: a copy of the trained SAE-V that reads raw hidden states (`config.input_scale == 1`), with
-            `feature_log_sparsity` filled from the last `dead_feature_window` steps. On every process.
+            `feature_log_sparsity` filled from the last `dead_feature_window` steps. On every process. In a sweep, a
+            dict of them by member name, in the sweep's order.
         """
         from tqdm.auto import tqdm
 
         batch_iterator = self._start(batches)
-        progress = tqdm(total=self.schedule.max_steps, initial=self.global_step, desc="Training SAE-V", unit="step",
+        what = "SAE-V" if self.members is None else f"{len(self.runs)} SAE-Vs"
+        progress = tqdm(total=self.schedule.max_steps, initial=self.global_step, desc=f"Training {what}", unit="step",
                         disable=self.args.disable_tqdm or not self.accelerator.is_local_main_process)
-        self._log_sums: dict[str, torch.Tensor] = {}
-        self._steps_in_log = 0
-        self.prepared_sae.train()
+        for run in self.runs:
+            run.prepared_sae.train()
         while self.global_step < self.schedule.max_steps:
-            lr, l1 = self._train_step(self._next_batch(batch_iterator))
+            batch = self._next_batch(batch_iterator)
+            for run in self.runs:  # one read of the activations, one step of every SAE-V
+                run.train_step(batch, self.global_step)
+            self.global_step += 1
             progress.update(1)
-            self._log(lr, l1, progress)
+            self._log(progress)
             self._checkpoint_if_needed()
         progress.close()
         return self._finish()
 
     def _start(self, batches: Iterable[torch.Tensor] | None) -> Iterator[torch.Tensor]:
-        """Resume from the checkpoint, or set the input scale; open the batches (the activation buffer by default),
-        record the arguments and start the trackers. Returns the batch iterator."""
+        """Resume from the checkpoint, or set the input scale (estimated once, the same for every run); open the
+        batches (the activation buffer by default), record the arguments and start the trackers. Returns the batch
+        iterator."""
         args, accelerator = self.args, self.accelerator
         if self.resume_dir is not None:
             self._load_checkpoint(self.resume_dir, own_batches=batches is not None)
-        elif args.input_scale is not None:
-            self.sae.config.input_scale = float(args.input_scale)
         else:
-            self.sae.config.input_scale = self.estimate_input_scale()
-            logger.info("Input scale sqrt(d_in) / E||x|| = %.6g", self.sae.config.input_scale)
+            if args.input_scale is not None:
+                input_scale = float(args.input_scale)
+            else:
+                input_scale = self.estimate_input_scale()
+                logger.info("Input scale sqrt(d_in) / E||x|| = %.6g", input_scale)
+            for run in self.runs:
+                run.sae.config.input_scale = input_scale
         if batches is None:
             if self.buffer is None:
                 self.buffer = self.activation_buffer()
             batches = self.buffer
         if accelerator.is_main_process:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            self._write_json(Path(args.output_dir) / ARGS_NAME, self._args_record())
-        accelerator.init_trackers(args.run_name or "saev", config=_tracker_config(args))
+            output = Path(args.output_dir)
+            output.mkdir(parents=True, exist_ok=True)
+            if self.members is not None:
+                self._write_json(output / SWEEP_MANIFEST, {**self._args_record(), "finished": False})
+            for run in self.runs:
+                self._write_json(output / run.name / ARGS_NAME, run.args_record())
+        accelerator.init_trackers(args.run_name or "saev", config=self._tracker_config())
         return iter(batches)
 
     def _next_batch(self, batch_iterator: Iterator[torch.Tensor]) -> torch.Tensor:
@@ -323,59 +483,16 @@ class SAEVTrainer:
             )
         return batch
 
-    def _train_step(self, batch: torch.Tensor) -> tuple[float, float]:
-        """One optimizer step on `batch`; counts firing features and adds the step's metrics to the running sums.
-        Returns the learning rate and L1 coefficient it used."""
-        args, accelerator, step = self.args, self.accelerator, self.global_step
-        l1 = self.schedule.l1_coefficient(step, args.l1_coefficient)
-        output = self.prepared_sae(batch, l1_coefficient=l1)
-        accelerator.backward(output.loss)
-        grad_norm = (
-            accelerator.clip_grad_norm_(self.prepared_sae.parameters(), args.max_grad_norm)
-            if args.max_grad_norm  # None or 0: no clipping (and no norm to log)
-            else None
-        )
-        lr = self.lr_scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            self.firing_counter.update(output.feature_acts)
-            step_metrics = {
-                "loss": output.loss.detach(),
-                "mse_loss": output.mse_loss.detach(),
-                "sparsity_loss": output.sparsity_loss.detach(),
-                "l0": output.l0.detach(),
-                "explained_variance": _explained_variance(batch * self.sae.config.input_scale, output, self.sae),
-            }
-            if grad_norm is not None:
-                step_metrics["grad_norm"] = torch.as_tensor(grad_norm, dtype=torch.float32).detach()
-            for name, value in step_metrics.items():
-                self._log_sums[name] = self._log_sums.get(name, 0) + value.float().to(accelerator.device)
-        self._steps_in_log += 1
-        self.global_step += 1
-        return lr, l1
-
-    def _log(self, lr: float, l1: float, progress: Any) -> None:
-        """After a step: the dead features when a firing window closes, the metrics' means every `logging_steps`
-        (averaged over processes) and at the last step; to `log_history` and the trackers."""
-        args, accelerator = self.args, self.accelerator
+    def _log(self, progress: Any) -> None:
+        """After a step: each run's logs ([`SAEVRun.log`]) to the trackers (a sweep member's prefixed with its
+        name), in one call."""
         logs: dict[str, float] = {}
-        if self.firing_counter.window_ends_at(self.global_step - 1):
-            frequency = self.firing_counter.close_window(accelerator.reduce if accelerator.num_processes > 1 else None)
-            logs["dead_features"] = int((frequency < args.dead_feature_threshold).sum())
-        if self.global_step % args.logging_steps == 0 or self.global_step == self.schedule.max_steps:
-            sums = self._log_sums
-            means = torch.stack([sums[name] for name in sums]) / self._steps_in_log
-            if accelerator.num_processes > 1:
-                means = accelerator.reduce(means, "mean")
-            logs.update({name: float(value) for name, value in zip(sums, means)})
-            logs.update({"learning_rate": lr, "l1_coefficient": l1})
-            self._log_sums, self._steps_in_log = {}, 0
+        for run in self.runs:
+            logs.update({run.metric_prefix + name: value for name, value in run.log(self.global_step).items()})
+        if self.members is None and "loss" in logs:
             progress.set_postfix(loss=f"{logs['loss']:.4g}", l0=f"{logs['l0']:.1f}")
         if logs:
-            self.log_history.append({"step": self.global_step, **logs})
-            accelerator.log(logs, step=self.global_step)
+            self.accelerator.log(logs, step=self.global_step)
 
     def _checkpoint_if_needed(self) -> None:
         """Save a checkpoint every `save_steps` steps, except at the last step (the final model is saved instead)."""
@@ -383,39 +500,53 @@ class SAEVTrainer:
         if self.args.save_steps and self.global_step % self.args.save_steps == 0 and not last:
             self.save_checkpoint()
 
-    def _finish(self) -> SAEV:
-        """Save the trained SAE-V and the trainer state to `output_dir`, finish the trackers; return the SAE-V."""
-        sae = self.export_sae()
-        state = self._state_record()  # gathers from every process
+    def _finish(self) -> SAEV | dict[str, SAEV]:
+        """Save the trained SAE-Vs and their trainer states to their folders, finish the trackers; return the SAE-V
+        (a dict of them by member name in a sweep)."""
+        saes = [run.export_sae(self._training_tokens()) for run in self.runs]
+        shared = self._shared_state()  # gathers from every process
         if self.accelerator.is_main_process:
-            sae.save_pretrained(self.args.output_dir)
-            self._write_json(Path(self.args.output_dir) / STATE_NAME, state)
+            output = Path(self.args.output_dir)
+            for run, sae in zip(self.runs, saes):
+                sae.save_pretrained(output / run.name)
+                self._write_json(output / run.name / STATE_NAME, run.state_record(shared))
+            if self.members is not None:
+                finals = [{name: value for name, value in run.log_history[-1].items() if name != "step"}
+                          if run.log_history else {} for run in self.runs]
+                record = self._args_record()
+                for member, final in zip(record["sweep"], finals):
+                    member["final_metrics"] = final
+                self._write_json(output / SWEEP_MANIFEST, {**record, "finished": True, "global_step": self.global_step})
         self.accelerator.wait_for_everyone()
         # Finish the trackers but leave the process group to whoever started it, as transformers' Trainer does.
         # accelerate's end_training() destroys it; the DDP reducer freed afterwards then tears gloo down while holding
         # the GIL, which deadlocks when gloo's worker thread is still releasing the last collective's tensors.
         for tracker in self.accelerator.trackers:
             tracker.finish()
-        return sae
+        if self.members is None:
+            return saes[0]
+        return {run.name: sae for run, sae in zip(self.runs, saes)}
 
-    @torch.no_grad()
     def export_sae(self) -> SAEV:
-        """A copy of the SAE as it would be saved: provenance recorded, sparsity filled, input scale folded."""
-        sae = copy.deepcopy(self.sae)
-        sae.config.training_tokens = self._training_tokens()
-        if self.firing_counter.frequency is not None:
-            log_sparsity = torch.log10(self.firing_counter.frequency + LOG_SPARSITY_EPS)
-            sae.feature_log_sparsity.copy_(log_sparsity.to(sae.feature_log_sparsity))
-        return sae.fold_input_scale()
+        """A copy of the SAE as it would be saved: provenance recorded, sparsity filled, input scale folded (the
+        first member's in a sweep: see [`SAEVRun.export_sae`])."""
+        return self.runs[0].export_sae(self._training_tokens())
 
     # --- checkpoints ---------------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Save everything needed to resume at this step to `output_dir/checkpoint-<step>` and return the folder."""
+        """
+        Save everything needed to resume at this step to `output_dir/checkpoint-<step>` and return the folder: every
+        run's SAE-V, optimizer and scheduler (`accelerator.save_state`), firing counters and the activation buffer
+        (once, in `data_state_<process>.safetensors`), the arguments and the trainer state; each run's state and
+        loadable SAE-V in its folder (`checkpoint-<step>/<member name>/` in a sweep).
+        """
         accelerator = self.accelerator
         path = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self.global_step}"
-        accelerator.save_state(str(path))  # model, optimizer, scheduler, RNG states of every process
-        data_state = self.firing_counter.state_dict()
+        accelerator.save_state(str(path))  # models, optimizers, schedulers, RNG states of every process
+        data_state: dict[str, torch.Tensor] = {}
+        for run in self.runs:
+            data_state.update(run.counter_state())
         metadata = {}
         if self.buffer is not None:
             buffer_state = self.buffer.state_dict(include_tokens=self.args.save_buffer_in_checkpoint)
@@ -428,11 +559,14 @@ class SAEVTrainer:
             str(path / f"data_state_{accelerator.process_index}.safetensors"),
             metadata=metadata,
         )
-        state = self._state_record()  # gathers from every process
+        shared = self._shared_state()  # gathers from every process
         if accelerator.is_main_process:
             self._write_json(path / ARGS_NAME, self._args_record())
-            self._write_json(path / STATE_NAME, state)
-            self.export_sae().save_pretrained(path / "saev")
+            if self.members is not None:
+                self._write_json(path / STATE_NAME, {**shared, "members": [run.name for run in self.runs]})
+            for run in self.runs:
+                self._write_json(path / run.name / STATE_NAME, run.state_record(shared))
+                run.export_sae(self._training_tokens()).save_pretrained(path / run.name / "saev")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process and self.args.save_total_limit:
             for old in _checkpoints(self.args.output_dir)[: -self.args.save_total_limit]:
@@ -451,15 +585,17 @@ class SAEVTrainer:
             )
         accelerator.load_state(str(path))
         self.global_step = int(state["global_step"])
-        self.sae.config.input_scale = float(state["input_scale"])
-        self.log_history = list(state.get("log_history", []))
         data_file = path / f"data_state_{accelerator.process_index}.safetensors"
+        data_state = load_file(str(data_file))
+        for run in self.runs:
+            run.sae.config.input_scale = float(state["input_scale"])
+            run_state = json.loads((path / run.name / STATE_NAME).read_text())
+            run.log_history[:] = run_state.get("log_history", [])
+            run.load_counter_state(data_state)
         from safetensors import safe_open
 
         with safe_open(str(data_file), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        data_state = load_file(str(data_file))
-        self.firing_counter.load_state_dict(data_state)
         if not own_batches and "buffer_generator" in data_state:
             self.buffer = self.activation_buffer()
             self.buffer.load_state_dict(
@@ -491,8 +627,7 @@ class SAEVTrainer:
                 f"resume_from_checkpoint={value!r}: {path} is not an SAE-V training checkpoint (no {STATE_NAME} and "
                 f"{ARGS_NAME}). Use a {CHECKPOINT_PREFIX}<step> folder written by SAEVTrainer, or 'latest'."
             )
-        saved = json.loads((path / ARGS_NAME).read_text())
-        differences = _differences(saved["args"], self.args.to_dict())
+        differences = self._record_differences(json.loads((path / ARGS_NAME).read_text()))
         if differences:
             raise ValueError(
                 f"Cannot resume from {path}: it was trained with different settings: {'; '.join(differences)}. "
@@ -501,17 +636,20 @@ class SAEVTrainer:
         return path
 
     def _check_output_dir(self) -> None:
+        """Refuse an output_dir holding anything but this run's own earlier output (its `training_args.json`, or a
+        sweep's `sweep.json`, with the same settings), unless `overwrite_output_dir` or resuming."""
         output = Path(self.args.output_dir)
-        saved_file = output / ARGS_NAME
+        saved_file = output / (ARGS_NAME if self.members is None else SWEEP_MANIFEST)
+        what = "training run" if self.members is None else "sweep"
         if self.resume_dir is not None or self.args.overwrite_output_dir:
             return
         if not saved_file.exists():
-            # not an earlier training run (its record is training_args.json): anything there is someone else's
+            # not an earlier run of this kind (its record is saved_file): anything there is someone else's
             entries = sorted(entry.name for entry in output.iterdir()) if output.is_dir() else []
             if entries:
                 shown = ", ".join(entries[:6]) + (f", ... ({len(entries)} entries)" if len(entries) > 6 else "")
                 raise FileExistsError(
-                    f"output_dir {self.args.output_dir} already holds files that no training run wrote ({shown}); "
+                    f"output_dir {self.args.output_dir} already holds files that no {what} wrote ({shown}); "
                     f"saving the SAE-V there would replace them (e.g. a model's config.json and model.safetensors). "
                     f"Choose a new or empty folder, or pass overwrite_output_dir=True (--overwrite_output_dir) to "
                     f"write into it anyway."
@@ -519,32 +657,49 @@ class SAEVTrainer:
             if output.exists() and not output.is_dir():
                 raise FileExistsError(f"output_dir {self.args.output_dir} is a file; name a folder.")
             return
-        saved = json.loads(saved_file.read_text())
-        differences = _differences(saved["args"], self.args.to_dict())
+        differences = self._record_differences(json.loads(saved_file.read_text()))
         if differences:
             raise ValueError(
-                f"output_dir {self.args.output_dir} holds a different training run ({'; '.join(differences)}). "
+                f"output_dir {self.args.output_dir} holds a different {what} ({'; '.join(differences)}). "
                 f"Choose another output_dir, pass overwrite_output_dir=True to replace it, or resume it with "
                 f"resume_from_checkpoint='latest' and its settings."
             )
         if _checkpoints(self.args.output_dir):
             logger.warning(
-                "%s holds checkpoints of this same run; starting again from step 0. Pass "
-                "resume_from_checkpoint='latest' to continue it instead.", self.args.output_dir
+                "%s holds checkpoints of this same %s; starting again from step 0. Pass "
+                "resume_from_checkpoint='latest' to continue it instead.", self.args.output_dir, what
             )
 
     # --- records -------------------------------------------------------------------------------------------------
 
     def _args_record(self) -> dict[str, Any]:
-        return {"args": self.args.to_dict(), "num_processes": self.accelerator.num_processes}
+        """The arguments (and a sweep's members) as `training_args.json` / `sweep.json` record them."""
+        record: dict[str, Any] = {"args": self.args.to_dict(), "num_processes": self.accelerator.num_processes}
+        if self.members is not None:
+            record["sweep"] = [member.record() for member in self.members]
+        return record
 
-    def _state_record(self) -> dict[str, Any]:
+    def _record_differences(self, saved: dict[str, Any]) -> list[str]:
+        """What differs between a saved `_args_record` and this run's (run-only options aside)."""
+        differences = _differences(saved["args"], self.args.to_dict())
+        current = json.loads(json.dumps(self._args_record().get("sweep"), default=str))
+        if saved.get("sweep") is not None:
+            saved_sweep = [{k: m.get(k) for k in ("name", "folder", "overrides")} for m in saved["sweep"]]
+        else:
+            saved_sweep = None
+        if saved_sweep != current:
+            names = (lambda sweep: [m["name"] for m in sweep] if sweep is not None else "no sweep (a single run)")
+            differences.append(f"sweep: {names(saved_sweep)} (saved) vs {names(current)} (now)")
+        return differences
+
+    def _shared_state(self) -> dict[str, Any]:
+        """What every run's `trainer_state.json` shares: steps, tokens, input scale and each process's position in
+        the data (gathered from every process: every process must call it)."""
         accelerator = self.accelerator
         data = self.buffer.state_dict(include_tokens=False) if self.buffer is not None else {}
         counters = [data.get(name, -1) for name in ("rows_read", "tokens_read", "data_pass")]
         per_process = torch.tensor([accelerator.process_index, *counters], dtype=torch.long, device=accelerator.device)
         gathered = accelerator.gather(per_process[None]) if accelerator.num_processes > 1 else per_process[None]
-        frequency = self.firing_counter.frequency
         return {
             "global_step": self.global_step,
             "max_steps": self.schedule.max_steps,
@@ -555,9 +710,15 @@ class SAEVTrainer:
                 {"process_index": int(p), "rows_read": int(r), "tokens_read": int(t), "data_passes": int(d) + 1}
                 for p, r, t, d in gathered.tolist()
             ],
-            "dead_features": None if frequency is None else int((frequency < self.args.dead_feature_threshold).sum()),
-            "log_history": self.log_history,
         }
+
+    def _tracker_config(self) -> dict[str, Any]:
+        # TensorBoard's hparams and some trackers accept only scalars.
+        record = self.args.to_dict()
+        if self.members is not None:
+            record["sweep"] = json.dumps({member.name: member.overrides for member in self.members})
+        return {name: value if isinstance(value, (int, float, str, bool)) else str(value)
+                for name, value in record.items()}
 
     def _training_tokens(self) -> int:
         return self.global_step * self.args.train_batch_size_tokens * self.accelerator.num_processes
@@ -581,6 +742,35 @@ def train_saev(
     Trainer it leaves the process group to the script: end a distributed script with [`end_distributed`].
     """
     return SAEVTrainer(args, model=model, processor=processor, train_dataset=dataset).train(batches)
+
+
+def train_saevs(
+    args: SAEVTrainingArguments, sweep: Any, model=None, processor=None, dataset=None,
+    batches: Iterable[torch.Tensor] | None = None,
+) -> dict[str, SAEV]:
+    """
+    Train several SAE-Vs from one pass of activations: one per member of `sweep`, each step reading one batch and
+    stepping every member on it; see [`SAEVTrainer`] and `saev_hf.sweep`.
+
+    Example:
+
+    ```python
+    saes = train_saevs(args, {"l1_coefficient": [1, 5], "activation": ["relu"]}, model=model, processor=processor,
+                       dataset=dataset)
+    saes["l1_coefficient=5,activation=relu"]  # also saved in args.output_dir/l1_coefficient=5,activation=relu
+    ```
+
+    Args:
+        args ([`SAEVTrainingArguments`]): the base options, shared by every member except for its overrides.
+        sweep: a grid `{field: [values]}` (every combination), a list of override dicts, or JSON text or a JSON file
+            holding either; only options of the SAE-V and its optimisation (`saev_hf.sweep.SWEEP_FIELDS`) may vary.
+        model, processor, dataset, batches: as for [`train_saev`].
+
+    Returns:
+        `dict[str, SAEV]`: the trained SAE-Vs by member name (`field=value,...`), in the sweep's order. Each equals
+        what `train_saev` gives with that member's arguments (`SAEVTrainer(args, sweep=sweep).members[i].args`).
+    """
+    return SAEVTrainer(args, model=model, processor=processor, train_dataset=dataset, sweep=sweep).train(batches)
 
 
 def end_distributed() -> None:
@@ -631,14 +821,6 @@ def _dataset_description(args: SAEVTrainingArguments, dataset: Any) -> str | Non
         return name
     info = getattr(dataset, "info", None)
     return getattr(info, "dataset_name", None) or None
-
-
-def _tracker_config(args: SAEVTrainingArguments) -> dict[str, Any]:
-    # TensorBoard's hparams and some trackers accept only scalars.
-    return {
-        name: value if isinstance(value, (int, float, str, bool)) else str(value)
-        for name, value in args.to_dict().items()
-    }
 
 
 def _explained_variance(scaled_batch: torch.Tensor, output, sae: SAEV) -> torch.Tensor:

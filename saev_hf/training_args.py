@@ -62,6 +62,10 @@ class SAEVTrainingArguments(PromptFormat):
     `train_batch_size_tokens` is per process, like `per_device_train_batch_size`: with N processes a step trains on
     N times as many tokens. Options left at `None` that depend on the number of steps (`lr_warmup_steps`,
     `lr_decay_steps`, `l1_warmup_steps`) are resolved by [`SAEVTrainingArguments.schedule`].
+
+    A sweep (`saev train --sweep`, `saev_hf.training.train_saevs`) trains several SAE-Vs from one pass of activations:
+    these arguments are then its base, and each member overrides some of the SAE and optimisation options
+    (`saev_hf.sweep.SWEEP_FIELDS`).
     """
 
     # --- base model and data -------------------------------------------------------------------------------------

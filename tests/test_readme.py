@@ -104,7 +104,7 @@ def test_readme_command_lines_run_in_order_each_output_feeding_the_next(loopback
         assert main(argv[1:] + FAST.get(command, [])) == 0, line
         ran.append(command)
     out = capsys.readouterr().out
-    assert ran == ["convert", "info", "train", "cache", "train", "eval", "push", "eval", "push", "weights", "score", "filter", "inspect", "patches",
+    assert ran == ["convert", "info", "train", "cache", "train", "train", "eval", "push", "eval", "push", "weights", "score", "filter", "inspect", "patches",
                    "dpo", "push", "push"]
 
     converted = SAEV.from_pretrained("saev-llava")  # convert -> info, weights
@@ -117,6 +117,9 @@ def test_readme_command_lines_run_in_order_each_output_feeding_the_next(loopback
     assert cache.manifest["storage_dtype"] == "bfloat16" and cache.num_rows == 16 and len(cache.shards) > 1
     assert SAEV.from_pretrained("saev-from-cache").config.training_tokens == 4 * 64
     assert "explained variance" in out and "Model " + str(local_names["llava-hf/llava-v1.6-mistral-7b-hf"]) in out
+    swept = json.loads(Path("saev-sweep/sweep.json").read_text())["sweep"]  # cache -> a sweep of 4, one pass
+    assert [m["folder"] for m in swept][-1] == "l1_coefficient=5,expansion_factor=16"
+    assert SAEV.from_pretrained("saev-sweep/l1_coefficient=5,expansion_factor=16").config.d_sae == 16 * 64
     assert ActivationCache("me/cache-l16").manifest == cache.manifest
     metrics = json.loads(Path("metrics.json").read_text())
     assert metrics["num_examples"] == 16 and metrics["all"]["tokens"] > 0

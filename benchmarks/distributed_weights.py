@@ -47,14 +47,12 @@ SHAPE = ("examples", "batch_size", "hidden_size", "intermediate_size", "num_laye
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from layer_capture import add_scaled_llava_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=64, help="rows weighted and scored")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward (weights) and per map batch")
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--intermediate-size", type=int, default=688)
-    parser.add_argument("--num-layers", type=int, default=8, help="decoder layers of the text model")
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
+    add_scaled_llava_arguments(parser, hidden_size=256, intermediate_size=688, num_layers=8)
     parser.add_argument("--layer", type=int, default=4, help="the layer L the SAE-V reads")
     parser.add_argument("--expansion", type=int, default=8, help="SAE-V expansion factor")
     parser.add_argument("--timeout", type=int, default=900, help="seconds the 2-process run may take")

@@ -65,6 +65,17 @@ PROMPTS = (
 )
 
 
+def add_scaled_llava_arguments(parser: argparse.ArgumentParser, hidden_size: int = 512, intermediate_size: int = 1376,
+                               num_layers: int = 16) -> None:
+    """The text model's shape options that [`build_scaled_llava`] reads (`--hidden-size`, `--intermediate-size`,
+    `--num-layers`, `--heads`, `--kv-heads`), one definition for every benchmark that builds the scaled LLaVA."""
+    parser.add_argument("--hidden-size", type=int, default=hidden_size)
+    parser.add_argument("--intermediate-size", type=int, default=intermediate_size)
+    parser.add_argument("--num-layers", type=int, default=num_layers, help="decoder layers N of the text model")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+
+
 def build_scaled_llava(vocab_size: int, args: argparse.Namespace, seed: int = 0):
     """The tiny LLaVA's vision tower, projector config and processor with a scaled-up Llama text model."""
     from transformers import LlamaConfig, LlavaForConditionalGeneration
@@ -214,11 +225,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=21, help="timed repetitions (median taken)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions first")
     parser.add_argument("--vocab-sizes", type=int, nargs="+", default=[32064, 128256], help="text model vocabularies")
-    parser.add_argument("--hidden-size", type=int, default=512)
-    parser.add_argument("--intermediate-size", type=int, default=1376)
-    parser.add_argument("--num-layers", type=int, default=16, help="decoder layers N of the text model")
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
+    add_scaled_llava_arguments(parser)
     args = parser.parse_args(argv)
     bad = [layer for layer in args.layers if not 0 <= layer < args.num_layers]
     if bad:

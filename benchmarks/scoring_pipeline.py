@@ -49,7 +49,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from _common import quartiles, timed  # noqa: E402
-from layer_capture import PROMPTS, build_scaled_llava  # noqa: E402
+from layer_capture import PROMPTS, add_scaled_llava_arguments, build_scaled_llava  # noqa: E402
 from scoring_speed import counted_hidden, make_sae  # noqa: E402
 
 from saev_hf import SAEVScorer  # noqa: E402
@@ -120,11 +120,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=32064)
-    parser.add_argument("--hidden-size", type=int, default=512)
-    parser.add_argument("--intermediate-size", type=int, default=1376)
-    parser.add_argument("--num-layers", type=int, default=16)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
+    add_scaled_llava_arguments(parser)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--markdown", type=Path, help="also write the table to this markdown file")
     args = parser.parse_args(argv)

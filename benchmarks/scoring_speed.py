@@ -63,7 +63,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from _common import quartiles, timed  # noqa: E402
-from layer_capture import PROMPTS, build_scaled_llava, param_count  # noqa: E402  (the sibling's scaled LLaVA)
+from layer_capture import PROMPTS, add_scaled_llava_arguments, build_scaled_llava, param_count  # noqa: E402  (the sibling's scaled LLaVA)
 
 from saev_hf import SAEV, SAEVConfig, SAEVScorer  # noqa: E402
 from saev_hf.activations import LayerReader, Modality  # noqa: E402
@@ -315,11 +315,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile-top", type=int, default=8, help="reduction calls listed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=32064)
-    parser.add_argument("--hidden-size", type=int, default=512)
-    parser.add_argument("--intermediate-size", type=int, default=1376)
-    parser.add_argument("--num-layers", type=int, default=16, help="decoder layers N of the text model")
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
+    add_scaled_llava_arguments(parser)
     args = parser.parse_args(argv)
     if not 0 <= args.layer < args.num_layers:
         parser.error(f"--layer {args.layer} out of range for --num-layers {args.num_layers}")

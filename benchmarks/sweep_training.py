@@ -51,7 +51,7 @@ import time  # noqa: E402
 import datasets  # noqa: E402
 import torch  # noqa: E402
 
-from layer_capture import PROMPTS, build_scaled_llava  # noqa: E402
+from layer_capture import PROMPTS, add_scaled_llava_arguments, build_scaled_llava  # noqa: E402
 
 from saev_hf.activations import LayerReader  # noqa: E402
 from saev_hf.demo.digit_data import digit_images  # noqa: E402
@@ -89,11 +89,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--layer", type=int, default=8)
     parser.add_argument("--vocab-size", type=int, default=32064)
-    parser.add_argument("--hidden-size", type=int, default=512)
-    parser.add_argument("--intermediate-size", type=int, default=1376)
-    parser.add_argument("--num-layers", type=int, default=16)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
+    add_scaled_llava_arguments(parser)
     parser.add_argument("--markdown", type=Path, help="also write the table to this markdown file")
     parser.add_argument("--append", action="store_true", help="append to --markdown instead of replacing it")
     args = parser.parse_args(argv)

@@ -615,11 +615,11 @@ class CacheReader:
             raise ValueError(f"Reading from the activation cache {str(self.cache.path)!r} ({self.cache.num_rows} "
                              f"rows), the dataset must be its rows, but it is {size}. Pass cached_rows(cache).")
 
-    def prepared_batches(self, dataset: Any, batch_size: int, indices: Sequence[int] | None = None,
-                         workers: int = 0) -> Iterator[PreparedBatch]:
+    def prepared_batches(self, dataset: Any, batch_size: int,
+                         indices: Sequence[int] | None = None) -> Iterator[PreparedBatch]:
         """The rows at `indices` (positions of `dataset`, which are cache rows: see [`check_rows`]) in batches of
         `batch_size`, as [`prepared_batches`] hands them to a [`LayerReader`]: each batch's inputs are its row
-        indices, which [`read_inputs`] reads. (`workers` is accepted for the same call; reading needs none.)"""
+        indices, which [`read_inputs`] reads (nothing to prepare, so no workers)."""
         self.check_rows(dataset)
         order = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
         for start in range(0, len(order), batch_size):

@@ -7,7 +7,8 @@ once with the default arguments; stage 3 (instruction tuning) then runs from tha
 about absent objects leave more hallucinations, fewer steps leave the model less trained, and a share of absent-object
 questions answered with a borrowed hallucination teaches the model to hallucinate as imperfect instruction data does. Each variant is saved (model, processor, `recipe.json` with its arguments)
 under `--output-dir/abs{fraction}_s{steps}` and its held-out answers measured (600 questions, 25% about absent
-objects): accuracy, hallucination rate, accuracy per question kind. `benchmarks/scene_dpo.py --model-dir` then asks
+objects): accuracy, hallucination rate, accuracy per question kind. The variants stop after stage 3
+(`imperfect_steps=0`); `imperfect_instruction.py` varies stage 4. `benchmarks/scene_dpo.py --model-dir` then asks
 whether DPO on the scene preference rows helps that model.
 
 The stages are the recipe's own (`grounded_llava.train_stage`); they draw every random row from numpy, seeded per
@@ -69,7 +70,8 @@ def run(options: argparse.Namespace) -> list[dict]:
     results = []
     for fraction, steps, *hallucination in json.loads(options.variants):
         args = replace(recipe, instruction_absent_fraction=fraction, instruction_steps=steps,
-                       instruction_hallucination_fraction=hallucination[0] if hallucination else 0.0)
+                       instruction_hallucination_fraction=hallucination[0] if hallucination else 0.0,
+                       imperfect_steps=0)  # stage-3 variants: no stage 4 (benchmarks/imperfect_instruction.py)
         model = copy.deepcopy(aligned)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(recipe.seed + 1)

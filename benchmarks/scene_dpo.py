@@ -123,6 +123,15 @@ def _paired(a: list[float], b: list[float], better: int) -> str:
     return f"{np.mean(diff):+.1f}{spread} ({int((np.sign(diff) == better).sum())}/{len(diff)} seeds)"
 
 
+def _imperfect(recipe: dict) -> str:
+    """The recipe's stage 4 in words (recipes saved before it existed, or with it off, have none)."""
+    if not recipe.get("imperfect_steps"):
+        return ""
+    return (f"; then imperfect instruction tuning: {recipe['imperfect_steps']} steps, "
+            f"{recipe['imperfect_absent_fraction']:.0%} about absent objects, "
+            f"{recipe['imperfect_hallucination_fraction']:.0%} of those answered with a borrowed hallucination")
+
+
 def markdown(record: dict) -> str:
     seeds = record["seeds"]
     base = {key: [s["base"][key] for s in seeds] for key in ("accuracy", "hallucination_rate")}
@@ -135,7 +144,7 @@ def markdown(record: dict) -> str:
         "",
         f"`{record['command']}` ({record['seconds'] / 60:.1f} min, one thread). Model: {record['model']} "
         f"(instruction tuning: {recipe['instruction_steps']} steps, {recipe['instruction_absent_fraction']:.0%} of "
-        f"its questions about absent objects). {seeds[0]['num_pairs']} preference rows per seed "
+        f"its questions about absent objects{_imperfect(recipe)}). {seeds[0]['num_pairs']} preference rows per seed "
         f"({seeds[0]['num_clean']} clean){policy}{refusal}; {seeds[0]['base']['rows']} held-out questions (25% about "
         f"absent objects). Seeds {', '.join(str(s['seed']) for s in seeds)} (mean ± sample std). Before DPO: "
         f"accuracy {_stat(base['accuracy'])}, hallucination rate {_stat(base['hallucination_rate'])}.",

@@ -80,3 +80,32 @@ def test_concept_features_find_the_feature_shared_by_a_word_and_its_cells():
     assert red.text_rate == 0 and not red.shared
     strict = concept_features(sae, _FakeReader(tokenizer, scenes), rows, GateThresholds(min_text_rate=1.01))
     assert not any(c.shared for c in strict)
+
+
+def test_absence_knowledge_reads_the_refusal_margin_and_the_room_a_threshold_gives(monkeypatch):
+    from saev_hf.demo import gate, grounded_llava
+    from saev_hf.demo.scenes import ANSWERS
+
+    def candidates(answer_values):
+        names = list(ANSWERS["exists"])
+        return names, torch.tensor([answer_values[n] for n in names])
+
+    # "is there a 3 ?": margins (no - yes) of 2 present rows and 2 absent rows. Every absent row's margin is above
+    # every present row's (AUROC 1), but one absent row still prefers "yes": a threshold of 0 gets 3 of 4 right, the
+    # best threshold all 4.
+    rows = [{"kind": "exists", "present": True, "response": "yes"},
+            {"kind": "exists", "present": True, "response": "yes"},
+            {"kind": "exists", "present": False, "response": "no"},
+            {"kind": "exists", "present": False, "response": "no"},
+            {"kind": "colour", "present": True, "response": "red"}]
+    scored = [candidates({"yes": -0.1, "no": -3.0}), candidates({"yes": -0.2, "no": -2.0}),
+              candidates({"yes": -1.0, "no": -0.5}), candidates({"yes": -0.5, "no": -1.0}),
+              (list(ANSWERS["colour"]), torch.tensor([-0.1 if a == "blue" else -2.0 for a in ANSWERS["colour"]]))]
+    monkeypatch.setattr(grounded_llava, "candidate_log_likelihoods", lambda model, processor, rows, batch_size: scored)
+    result = gate.absence_knowledge(None, None, rows)
+    assert set(result) == {"exists", "colour"}
+    exists = result["exists"]
+    assert exists["auroc"] == 1.0 and exists["accuracy"] == 0.75 and exists["best_shift_accuracy"] == 1.0
+    assert exists["present_answer_accuracy"] == 1.0 and (exists["rows"], exists["absent"]) == (4, 2)
+    colour = result["colour"]  # one present row answered "blue" (wrong): no absent row, no AUROC
+    assert colour["auroc"] is None and colour["accuracy"] == 0.0 and colour["present_answer_accuracy"] == 0.0

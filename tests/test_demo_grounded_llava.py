@@ -1,5 +1,9 @@
 """The grounded tiny LLaVA's recipe (saev_hf/demo/grounded_llava.py), on sizes that train in seconds."""
 
+import copy
+import json
+from dataclasses import asdict, replace
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +11,7 @@ import torch
 from saev_hf.demo import grounded_llava as gl
 from saev_hf.demo.scenes import ANSWERS, GRID, DigitScans, question_rows
 
-SMALL = dict(hidden_size=32, num_heads=2, vision_hidden_size=16, batch_size=4, language_steps=3, alignment_steps=3,
+SMALL = dict(imperfect_steps=0, hidden_size=32, num_heads=2, vision_hidden_size=16, batch_size=4, language_steps=3, alignment_steps=3,
              instruction_steps=3)
 
 
@@ -67,7 +71,7 @@ def test_the_recipe_is_deterministic_per_seed(scans):
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not all(torch.equal(a[n], c[n]) for n in a)
     summary = first[2]
-    assert set(summary["stages"]) == {"language", "alignment", "instruction"}
+    assert set(summary["stages"]) == set(gl.RECIPE_STAGES) and summary["stages"]["imperfect_instruction"] == {}
     unevaluated = gl.train_grounded_llava(gl.GroundedLlavaArguments(**SMALL), scans, eval_rows=0, progress=False)
     assert "held_out" not in unevaluated[2] and all(torch.equal(a[n], v) for n, v in unevaluated[0].state_dict().items())
     assert summary["held_out"]["rows"] == 6 and 0 <= summary["held_out"]["accuracy"] <= 1
@@ -190,3 +194,34 @@ def test_only_instruction_tuning_sees_hallucinated_answers(scans, monkeypatch):
     assert all(f == 1.0 for _, f, _ in drawn[-6:])
     answered = [r for rows in instruction for r in rows if not r["present"]]
     assert answered and all(r["hallucinated"] and r["response"] not in ("none", "no") for r in answered)
+
+
+def test_stage_four_continues_stage_three_on_hallucinated_answers_in_the_language_model_and_projector(scans,
+                                                                                                  monkeypatch):
+    args = gl.GroundedLlavaArguments(**{**SMALL, "imperfect_steps": 4, "imperfect_absent_fraction": 1.0,
+                                        "imperfect_hallucination_fraction": 1.0})
+    after_three, _, _ = gl.train_grounded_llava(replace(args, imperfect_steps=0), scans, eval_rows=0, progress=False)
+    after_four, processor, summary = gl.train_grounded_llava(args, scans, eval_rows=0, progress=False)
+    assert summary["stages"]["imperfect_instruction"]["answer_loss"] > 0
+    three, four = _state(after_three), _state(after_four)
+    changed = {name for name in three if not torch.equal(three[name], four[name])}
+    assert changed and not any("vision_tower" in n for n in changed)
+    assert any("language_model" in n for n in changed) and any("multi_modal_projector" in n for n in changed)
+
+    drawn = []
+    monkeypatch.setattr(gl, "question_rows", lambda *a, **k: drawn.append(k) or question_rows(*a, **k))
+    continued = copy.deepcopy(after_three)
+    gl.train_stage(continued, processor, scans, args, gl.RECIPE_STAGES.index("imperfect_instruction"),
+                   progress=False)
+    assert all(torch.equal(v, four[n]) for n, v in _state(continued).items())  # stage 4 from a saved stage-3 model
+    assert len(drawn) == 4 and all(k["absent_fraction"] == 1.0 and k["hallucination_fraction"] == 1.0 for k in drawn)
+
+
+def test_a_recipe_saved_before_stage_four_loads_without_it(tmp_path):
+    from saev_hf.demo import load_recipe
+
+    arguments = asdict(gl.GroundedLlavaArguments(**SMALL))
+    del arguments["imperfect_steps"]
+    (tmp_path / "recipe.json").write_text(json.dumps({"arguments": arguments}))
+    assert load_recipe(tmp_path).imperfect_steps == 0
+    assert gl.GroundedLlavaArguments().imperfect_steps > 0  # the embedded model's recipe has it

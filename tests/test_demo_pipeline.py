@@ -10,7 +10,7 @@ from saev_hf.demo import EMBEDDED_MODEL, SCORE_COLUMNS, DemoArguments, load_grou
 from saev_hf.demo import grounded_llava as gl
 from saev_hf.demo.gate import auroc
 
-SMALL = dict(hidden_size=32, num_heads=2, vision_hidden_size=16, batch_size=4, language_steps=20, alignment_steps=20,
+SMALL = dict(imperfect_steps=0, hidden_size=32, num_heads=2, vision_hidden_size=16, batch_size=4, language_steps=20, alignment_steps=20,
              instruction_steps=20)
 
 

@@ -13,7 +13,7 @@ from saev_hf.demo import load_grounded_llava, load_recipe
 from saev_hf.demo import grounded_llava as gl
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "instruction_variants.py"
-SMALL = dict(hidden_size=32, num_heads=2, vision_hidden_size=16, batch_size=4, language_steps=2, alignment_steps=2)
+SMALL = dict(imperfect_steps=0, hidden_size=32, num_heads=2, vision_hidden_size=16, batch_size=4, language_steps=2, alignment_steps=2)
 
 
 def test_each_variant_differs_only_in_stage_three_and_is_saved_with_its_arguments(tmp_path, monkeypatch):

@@ -11,6 +11,11 @@ Four measurements on held-out scenes, each with its bar (``GateThresholds``):
 (d) the model's held-out answer accuracy.
 
 A miniature that fails the gate cannot show the filter working, whatever a DPO sweep on it says.
+
+Beside the gate, [`absence_knowledge`] asks whether DPO on faithful rows has something it can fix: whether the model
+tells a present object from an absent one (the AUROC of its own margin for ``none`` / ``no``) and how much accuracy
+moving that margin's threshold alone would buy. DPO from a few hundred rows shifts preferences between answers the
+model already tells apart; it does not teach the model to see.
 """
 
 from __future__ import annotations
@@ -143,6 +148,52 @@ def auroc(positive: np.ndarray, values: np.ndarray) -> float:
     pos, neg = values[positive], values[~positive]
     greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return float(greater / (len(pos) * len(neg)))
+
+
+def absence_knowledge(model, processor, rows: list[dict[str, Any]], batch_size: int = 16) -> dict[str, dict[str, Any]]:
+    """Per question kind that can name an absent object (which, colour, where, exists), what the model knows about
+    absence, from its own answer log-likelihoods on question `rows` (see `scenes.question_rows`):
+
+    - ``auroc``: how well its refusal margin (the log-likelihood of ``none`` / ``no`` minus that of its likeliest
+      other answer) separates questions about absent objects from questions about present ones (1: perfectly);
+    - ``accuracy``: its accuracy on the kind (it answers the likeliest candidate, i.e. refuses when the margin > 0);
+    - ``best_shift_accuracy``: the accuracy if it refused when the margin exceeds the best single threshold instead
+      of 0: what correcting its preference for refusing, and nothing else, could reach;
+    - ``present_answer_accuracy``: on questions about present objects, how often its likeliest answer other than a
+      refusal is right (what it sees, whatever it prefers);
+    - ``rows`` and ``absent``: the counts.
+    """
+    from .grounded_llava import candidate_log_likelihoods
+
+    scored = candidate_log_likelihoods(model, processor, rows, batch_size)
+    result = {}
+    for kind in ("which", "colour", "where", "exists"):
+        refusal = "no" if kind == "exists" else "none"
+        margins, absent, right_if_answered = [], [], []
+        for row, (candidates, values) in zip(rows, scored):
+            if row["kind"] != kind:
+                continue
+            at = candidates.index(refusal)
+            others = [c for c in candidates if c != refusal]
+            other_values = torch.cat([values[:at], values[at + 1:]])
+            margins.append(float(values[at] - other_values.max()))
+            absent.append(not row["present"])
+            right_if_answered.append(others[int(other_values.argmax())] == row["response"])
+        if not margins:
+            continue
+        margin, is_absent, right = np.array(margins), np.array(absent), np.array(right_if_answered)
+
+        def accuracy_at(threshold: float) -> float:
+            return float(np.mean(np.where(is_absent, margin > threshold, (margin <= threshold) & right)))
+
+        result[kind] = {
+            "auroc": auroc(is_absent, margin) if 0 < is_absent.sum() < len(margin) else None,
+            "accuracy": accuracy_at(0.0),
+            "best_shift_accuracy": max(accuracy_at(t) for t in [-np.inf, *margin]),
+            "present_answer_accuracy": float(right[~is_absent].mean()) if (~is_absent).any() else None,
+            "rows": len(margin), "absent": int(is_absent.sum()),
+        }
+    return result
 
 
 def measure_gate(model, processor, sae, layer: int, scans: DigitScans, held_out_rows: list[dict[str, Any]],

@@ -64,6 +64,7 @@ def test_demo_runs_the_scene_task_end_to_end_and_reports_honestly(small_model, t
     report = (out / "report.md").read_text()
     assert "## What DPO did" in report and "hallucination rate" in report and "## What this run found" in report
     assert "plus TRL's SFT loss on the chosen answer at weight 1 as in RPO" in report
+    assert ("The SAE-V filter that helped most" in report) != ("- No SAE-V filter that ranks" in report)
     for name, value in summary["auroc"].items():  # an AUROC below 0.4 is called inverted, never best
         line = next(line for line in report.splitlines() if line.startswith(f"| {SCORE_COLUMNS[name]} |"))
         assert ("inverted" in line) == (value <= 0.4)
@@ -95,3 +96,16 @@ def test_demo_names_the_install_when_its_packages_are_missing(monkeypatch, tmp_p
     with pytest.raises(ModuleNotFoundError, match=r"needs matplotlib.*pip install 'saev-hf\[demo\]'"):
         run_demo(DemoArguments(output_dir=str(tmp_path / "demo")))
     assert not (tmp_path / "demo").exists()  # refused before anything was written
+
+
+def test_the_report_names_the_filter_that_helped_most_and_never_an_inverted_one():
+    from saev_hf.demo.pipeline import _filter_verdict
+
+    rand = {"accuracy": 0.70}
+    filters = {"saev_cosine": {"accuracy": 0.80}, "saev_l0": {"accuracy": 0.72}, "saev_cooccur_l0": {"accuracy": 0.74}}
+    aurocs = {"cosine": 0.30, "l0": 0.55, "cooccur_l0": 0.68}  # the biggest gain comes from an inverted score
+    line = _filter_verdict(filters, aurocs, rand)
+    assert SCORE_COLUMNS["cooccur_l0"] in line and "+4.0 points" in line and SCORE_COLUMNS["cosine"] not in line
+    none = _filter_verdict({"saev_l0": {"accuracy": 0.69}, "saev_cosine": {"accuracy": 0.9}},
+                           {"l0": 0.6, "cosine": 0.2}, rand)
+    assert none.startswith("- No SAE-V filter")

@@ -138,6 +138,26 @@ def scored_rows(rows: list[dict], model, processor, sae, sae_per_modality, seed:
     return scored.add_column("oracle", [0.0 if row["low_quality"] else 1.0 for row in rows])
 
 
+QUALITY_GROUPS = {
+    "hallucination": "clean rows vs hallucination rows",
+    "swap": "clean rows vs swapped-image rows",
+    "hallucination_vs_faithful_absent": "clean rows about an absent object (answered \"none\"/\"no\") vs hallucination "
+                                        "rows (the same kind of question, answered confidently)",
+}
+
+
+def quality_groups(scored: datasets.Dataset) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per entry of `QUALITY_GROUPS`: (the rows it compares, which of them are the good ones), so that each score's
+    AUROC can be read per kind of low-quality row and, for hallucinations, against the clean rows a prompt-only score
+    cannot tell them from (their questions name an object the image lacks too)."""
+    quality = np.array(scored["quality"])
+    clean = quality == "clean"
+    absent_clean = clean & ~np.array(scored["present"], dtype=bool)
+    return {"hallucination": (clean | (quality == "hallucination"), clean),
+            "swap": (clean | (quality == "swap"), clean),
+            "hallucination_vs_faithful_absent": (absent_clean | (quality == "hallucination"), absent_clean)}
+
+
 def run_seed(seed: int, args: argparse.Namespace, model, processor, scans: DigitScans, workdir: Path) -> dict:
     started = time.perf_counter()
     eval_rows = question_rows(scans, args.eval_rows, "held_out", np.random.default_rng([seed, 99]), absent_fraction=0.25)
@@ -153,6 +173,7 @@ def run_seed(seed: int, args: argparse.Namespace, model, processor, scans: Digit
     scored = scored_rows(rows, model, processor, sae, sae_per_modality, seed, args.batch_size)
     clean = ~np.array(scored["low_quality"], dtype=bool)
     values = {name: np.array(scored[column], dtype=float) for name, column in DETECTORS.items()}
+    groups = quality_groups(scored)
     log(f"seed {seed}: base accuracy {base['accuracy']:.1%}, hallucination {base['hallucination_rate']:.1%}; "
         f"weighted features pooled {int(sae.has_feature_weight.sum())}, per-modality "
         f"{int(sae_per_modality.has_feature_weight.sum())}; AUROC "
@@ -193,6 +214,9 @@ def run_seed(seed: int, args: argparse.Namespace, model, processor, scans: Digit
             "d_sae": sae.config.d_sae, "weighted_features": {"pooled": int(sae.has_feature_weight.sum()),
                                                              "per_modality": int(sae_per_modality.has_feature_weight.sum())},
             "auroc": {name: auroc(clean, v) for name, v in values.items()}, "uninformative": uninformative,
+            "auroc_by_quality": {name: {group: auroc(good[keep], v[keep]) if 0 < good[keep].sum() < keep.sum() else None
+                                        for group, (keep, good) in groups.items()}  # None: a side with no rows
+                                 for name, v in values.items()},
             "score_means": {name: {"clean": float(v[clean].mean()), "low_quality": float(v[~clean].mean())}
                             for name, v in values.items()},
             "runs": runs}
@@ -216,6 +240,8 @@ def summarise(records: list[dict], args: argparse.Namespace) -> dict:
 
     return {
         "auroc": {name: mean_std([r["auroc"][name] for r in records]) for name in DETECTORS},
+        "auroc_by_quality": {name: {group: mean_std([r["auroc_by_quality"][name][group] for r in records])
+                                    for group in QUALITY_GROUPS} for name in DETECTORS},
         "accuracy": over_seeds("accuracy"),
         "hallucination_rate": over_seeds("hallucination_rate"),
         "relative_to_full": over_seeds("relative_to_full"),
@@ -328,6 +354,18 @@ def plot(summary: dict, args: argparse.Namespace, path: Path) -> None:
     plt.close(fig)
 
 
+def auroc_by_quality_table(summary: dict) -> str:
+    groups = list(QUALITY_GROUPS)
+    lines = ["| score | " + " | ".join(f"AUROC, {g.replace('_', ' ')}" for g in groups) + " |",
+             "|---|" + "---:|" * len(groups)]
+    for name in DETECTORS:
+        cells = [summary["auroc_by_quality"][name][g] for g in groups]
+        lines.append(f"| {LABELS[name]} | " + " | ".join("—" if c is None else f"{c['mean']:.3f} ± {c['std']:.3f}"
+                                                         for c in cells) + " |")
+    return "\n".join(lines + ["", "Columns: " + "; ".join(f"*{g.replace('_', ' ')}*: {d}"
+                                                         for g, d in QUALITY_GROUPS.items()) + "."])
+
+
 def write_markdown(path: Path, record: dict, args: argparse.Namespace) -> None:
     summary, records, check = record["summary"], record["seeds"], record["paper_check"]
     dpo = SceneDPOArguments(**json.loads(args.dpo))
@@ -358,6 +396,10 @@ def write_markdown(path: Path, record: dict, args: argparse.Namespace) -> None:
         "## Can each score tell clean rows from low-quality ones?",
         "",
         auroc_table(summary, records),
+        "",
+        "Per kind of low-quality row:",
+        "",
+        auroc_by_quality_table(summary),
         "",
         *([f"Scores on which every row of a seed ties, so that no top fraction can be chosen (no DPO run; "
            f"\"—\" where no seed has one): " + "; ".join(f"seed {r['seed']}: {', '.join(r['uninformative'])}"

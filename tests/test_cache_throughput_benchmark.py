@@ -1,16 +1,11 @@
 """benchmarks/cache_throughput.py (saev_hf's activation cache against SAELens' cached activations) at small shapes:
 every reader delivers every token once, and the table records each reader and the ratio."""
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cache_throughput.py"
+from benchmark_scripts import load_benchmark
 
 
 def test_cache_throughput_benchmark_reads_every_token_with_each_reader(tmp_path):
-    spec = importlib.util.spec_from_file_location("cache_throughput_benchmark", SCRIPT)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("cache_throughput")
     seconds = benchmark.main(["--tokens", "3000", "--d_in", "64", "--context", "30", "--shard_tokens", "600",
                               "--batch_tokens", "300", "--rounds", "2", "--output", str(tmp_path / "r.md")])
     assert set(seconds) == {"saev_hf, stream order", "saev_hf, shuffled", "saev_hf bf16, shuffled", "SAELens"}

@@ -1,23 +1,16 @@
 """benchmarks/conditional_dpo_probe.py on a few steps: corrupted images make the chosen answer wrong, and training
 changes the policy, never the model it started from."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 
 from saev_hf.demo.scenes import DigitScans, preference_rows
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "conditional_dpo_probe.py"
+from benchmark_scripts import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("conditional_dpo_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("conditional_dpo_probe")
 
 
 def test_a_corrupted_image_makes_the_chosen_answer_wrong():

@@ -1,15 +1,13 @@
 """benchmarks/filtering_experiment.py (the paper's data-filtering experiment in miniature) on tiny settings: it runs
 end to end, and its records hold what its tables claim."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "filtering_experiment.py"
+from benchmark_scripts import load_benchmark
+
 # 40 pretraining steps: with 10 the tiny model gives every row the same SAE-V scores, which filter_by_score refuses
 TINY = ["--seeds", "0", "--fractions", "0.5", "1.0", "--pretrain-digits", "60", "--pretrain-steps", "40",
         "--saev-digits", "30", "--saev-steps", "10", "--num-pairs", "20", "--dpo-steps", "2", "--eval-digits", "10"]
@@ -17,11 +15,7 @@ TINY = ["--seeds", "0", "--fractions", "0.5", "1.0", "--pretrain-digits", "60", 
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("filtering_experiment_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # the importlib recipe: its dataclass resolves annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("filtering_experiment")
 
 
 @pytest.fixture(scope="module")

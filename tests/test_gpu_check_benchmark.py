@@ -1,13 +1,10 @@
 """benchmarks/gpu_check.py (the prepared GPU check) in its CPU mode at reduced sizes: it runs end to end, and its JSON
 holds every figure the GPU run is for, so that the GPU mode cannot rot before a GPU runs it."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+from benchmark_scripts import load_benchmark
 
 
 def positive(value) -> bool:
@@ -15,10 +12,7 @@ def positive(value) -> bool:
 
 
 def test_gpu_check_cpu_mode_records_every_measurement(tmp_path):
-    spec = importlib.util.spec_from_file_location("gpu_check_benchmark", SCRIPT)
-    benchmark = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = benchmark  # its dataclasses look their module up there
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("gpu_check")
     benchmark.main(["--device", "cpu", "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
     result = json.loads((tmp_path / "r.json").read_text())
     assert set(result) >= {"scorer", "training", "weighting", "activation_cache", "label", "model", "wall_time_s"}

@@ -1,10 +1,7 @@
 """benchmarks/imperfect_instruction.py on a recipe shrunk to seconds: stage 4 variants from one stage-3 model, each
 measured for what it knows about absence, and a stage-4 model refused as the base."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,17 +9,14 @@ import torch
 from saev_hf.demo import load_grounded_llava, load_recipe
 from saev_hf.demo import grounded_llava as gl
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "imperfect_instruction.py"
+from benchmark_scripts import load_benchmark
+
 SMALL = dict(hidden_size=32, num_heads=2, vision_hidden_size=16, batch_size=4, language_steps=2, alignment_steps=2,
              instruction_steps=2)
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("imperfect_instruction_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("imperfect_instruction")
 
 
 def test_stage_four_variants_from_one_stage_three_model_are_measured_and_saved(tmp_path):

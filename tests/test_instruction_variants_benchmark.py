@@ -1,9 +1,7 @@
 """benchmarks/instruction_variants.py on a recipe shrunk to seconds: one shared stages 1-2, one stage 3 per variant,
 each saved as a loadable grounded LLaVA with the arguments that made it."""
 
-import importlib.util
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,15 +10,13 @@ import torch
 from saev_hf.demo import load_grounded_llava, load_recipe
 from saev_hf.demo import grounded_llava as gl
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "instruction_variants.py"
+from benchmark_scripts import load_benchmark
+
 SMALL = dict(imperfect_steps=0, hidden_size=32, num_heads=2, vision_hidden_size=16, batch_size=4, language_steps=2, alignment_steps=2)
 
 
 def test_each_variant_differs_only_in_stage_three_and_is_saved_with_its_arguments(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("instruction_variants_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("instruction_variants")
     calls = []
     original = module.aligned_model
     monkeypatch.setattr(module, "aligned_model", lambda *a: calls.append(1) or original(*a))
@@ -43,9 +39,7 @@ def test_each_variant_differs_only_in_stage_three_and_is_saved_with_its_argument
 
 
 def test_the_default_variant_is_the_recipes_own_model(tmp_path):
-    spec = importlib.util.spec_from_file_location("instruction_variants_default", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("instruction_variants")
     recipe = {**SMALL, "instruction_steps": 3}
     args = gl.GroundedLlavaArguments(**recipe)
     [result] = module.run(module.parse_args([

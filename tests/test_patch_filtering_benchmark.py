@@ -1,21 +1,16 @@
 """benchmarks/patch_filtering.py (the patch filtering experiment in miniature) on tiny settings: it runs end to end
 and its records hold what its tables claim."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "patch_filtering.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("patch_filtering_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("patch_filtering")
 
 
 def test_patch_filtering_benchmark_records_every_scorer(benchmark, tmp_path):

@@ -1,18 +1,12 @@
 """benchmarks/scene_dpo.py (does DPO on the scene rows help?) on tiny settings: its records hold what its table says."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scene_dpo.py"
+from benchmark_scripts import load_benchmark
 
 
 def test_scene_dpo_benchmark_records_clean_and_all_runs_per_setup(tmp_path):
-    spec = importlib.util.spec_from_file_location("scene_dpo_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("scene_dpo")
     configs = [{"steps": 1, "batch_size": 2}, {"steps": 1, "batch_size": 2, "beta": 0.5}]
     record = module.run(module.parse_args(["--output-dir", str(tmp_path), "--configs", json.dumps(configs),
                                            "--num-pairs", "10", "--eval-rows", "8", "--on-policy",
@@ -30,18 +24,14 @@ def test_scene_dpo_benchmark_records_clean_and_all_runs_per_setup(tmp_path):
 
 
 def test_an_effect_counts_only_beyond_the_seed_spread():
-    spec = importlib.util.spec_from_file_location("scene_dpo_spread", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("scene_dpo")
     assert module._beyond([0.80, 0.82, 0.84], [0.70, 0.71, 0.72])
     assert not module._beyond([0.80, 0.70, 0.90], [0.75, 0.74, 0.76])  # a higher mean within the spread
     assert module._beyond([0.80], [0.79])  # one seed has no spread
 
 
 def test_on_policy_subsets_differ_only_by_the_low_quality_rows(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("scene_dpo_subsets", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("scene_dpo")
     subsets = []
     monkeypatch.setattr(module, "dpo_and_evaluate", lambda model, processor, rows, *rest: subsets.append(rows) or
                         {"accuracy": 0.0, "hallucination_rate": 0.0, "by_kind": {}, "train_rows": len(rows)})
@@ -55,8 +45,6 @@ def test_on_policy_subsets_differ_only_by_the_low_quality_rows(tmp_path, monkeyp
 
 
 def test_paired_effects_count_the_seeds_that_go_the_right_way():
-    spec = importlib.util.spec_from_file_location("scene_dpo_paired", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("scene_dpo")
     assert module._paired([0.72, 0.70, 0.75], [0.70, 0.69, 0.76], 1) == "+0.7 ± 1.5 (2/3 seeds)"
     assert module._paired([0.50, 0.40], [0.80, 0.70], -1) == "-30.0 ± 0.0 (2/2 seeds)"

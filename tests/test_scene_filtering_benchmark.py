@@ -1,23 +1,17 @@
 """benchmarks/scene_filtering.py (the paper's filtering sweep on the scene miniature) on tiny settings: every method's
 subsets are the top of its score, the full-data run is shared, and the report says what the numbers say."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scene_filtering.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("scene_filtering_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("scene_filtering")
     output = tmp_path_factory.mktemp("scene_filtering")
     args = module.parse_args(["--output-dir", str(output), "--seeds", "0", "1", "--fractions", "0.5", "1.0",
                               "--num-pairs", "20", "--eval-rows", "8", "--saev-steps", "20",
@@ -33,6 +27,10 @@ def test_the_sweep_records_every_method_fraction_and_seed(sweep):
         assert set(seed["runs"]) == {"saev_cosine", "random", "oracle"}
         assert set(seed["auroc"]) == set(module.DETECTORS)
         assert seed["auroc"]["oracle"] == 1.0
+        by_quality = seed["auroc_by_quality"]["oracle"]
+        assert set(by_quality) == set(module.QUALITY_GROUPS)
+        assert all(value in (1.0, None) for value in by_quality.values())
+        assert by_quality["hallucination"] == by_quality["swap"] == 1.0  # 4 rows of each kind among 20
         assert set(seed["uninformative"]) <= {"saev_cosine"}  # a tiny SAE-V may weight nothing: every row ties
         for method, runs in seed["runs"].items():
             if method in seed["uninformative"]:
@@ -61,18 +59,31 @@ def test_the_report_states_the_paper_check_and_calls_inverted_scores_inverted(sw
         assert f"| {module.LABELS[name]} | {stat['mean']:.3f} ± {stat['std']:.3f} | {verdict} |" in text
 
 
+def test_per_kind_aurocs_compare_the_rows_each_group_names(sweep):
+    module = sweep[0]
+    import datasets
+    scored = datasets.Dataset.from_dict({
+        "quality": ["clean", "clean", "clean", "hallucination", "swap", "swap"],
+        "present": [True, False, False, False, True, False]})
+    groups = module.quality_groups(scored)
+    as_lists = {name: (keep.tolist(), good.tolist()) for name, (keep, good) in groups.items()}
+    assert as_lists["hallucination"] == ([True, True, True, True, False, False], [True, True, True, False, False, False])
+    assert as_lists["swap"] == ([True, True, True, False, True, True], [True, True, True, False, False, False])
+    # hallucination rows against the clean rows about absent objects only (rows 1 and 2), not the present one (row 0)
+    assert as_lists["hallucination_vs_faithful_absent"] == ([False, True, True, True, False, False],
+                                                            [False, True, True, False, False, False])
+    text = (sweep[3] / "scene_filtering.md").read_text()
+    assert "| score | AUROC, hallucination | AUROC, swap | AUROC, hallucination vs faithful absent |" in text
+
+
 def test_fractions_must_include_the_full_data_run():
-    spec = importlib.util.spec_from_file_location("scene_filtering_args", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("scene_filtering")
     with pytest.raises(SystemExit):
         module.parse_args(["--fractions", "0.5"])
 
 
 def test_without_dpo_the_sweep_still_reports_detectors_and_what_each_score_keeps(tmp_path):
-    spec = importlib.util.spec_from_file_location("scene_filtering_no_dpo", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("scene_filtering")
     record = module.run(module.parse_args(["--output-dir", str(tmp_path), "--seeds", "0", "--fractions", "0.5", "1.0",
                                            "--num-pairs", "20", "--eval-rows", "8", "--saev-steps", "20",
                                            "--methods", "random", "oracle", "--no-dpo"]))

@@ -1,17 +1,13 @@
 """benchmarks/scoring_pipeline.py (the scorer with and without its input pipeline) on a small model: it runs end to
 end, checks that every setting gives the same scores, and records what its table claims."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scoring_pipeline.py"
+from benchmark_scripts import load_benchmark
 
 
 def test_scoring_pipeline_benchmark_records_throughput_and_padding(tmp_path):
-    spec = importlib.util.spec_from_file_location("scoring_pipeline_benchmark", SCRIPT)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("scoring_pipeline")
     benchmark.main(["--examples", "8", "--batch-size", "2", "--map-batch-size", "8", "--repeats", "1",
                     "--warmup", "0", "--image-size", "32", "--hidden-size", "64", "--intermediate-size", "128",
                     "--num-layers", "2", "--layer", "1", "--heads", "2", "--kv-heads", "1", "--vocab-size", "2000",

@@ -102,10 +102,10 @@ def test_the_report_names_the_filter_that_helped_most_and_never_an_inverted_one(
     from saev_hf.demo.pipeline import _filter_verdict
 
     rand = {"accuracy": 0.70}
-    filters = {"saev_cosine": {"accuracy": 0.80}, "saev_l0": {"accuracy": 0.72}, "saev_cooccur_l0": {"accuracy": 0.74}}
+    filters = {"cosine": {"accuracy": 0.80}, "l0": {"accuracy": 0.72}, "cooccur_l0": {"accuracy": 0.74}}
     aurocs = {"cosine": 0.30, "l0": 0.55, "cooccur_l0": 0.68}  # the biggest gain comes from an inverted score
     line = _filter_verdict(filters, aurocs, rand)
     assert SCORE_COLUMNS["cooccur_l0"] in line and "+4.0 points" in line and SCORE_COLUMNS["cosine"] not in line
-    none = _filter_verdict({"saev_l0": {"accuracy": 0.69}, "saev_cosine": {"accuracy": 0.9}},
+    none = _filter_verdict({"l0": {"accuracy": 0.69}, "cosine": {"accuracy": 0.9}},
                            {"l0": 0.6, "cosine": 0.2}, rand)
     assert none.startswith("- No SAE-V filter")

@@ -286,22 +286,23 @@ def _verdict(value: float) -> str:
 
 def _filter_verdict(filters: dict[str, dict], aurocs: dict[str, float], rand: dict) -> str:
     """One line naming the SAE-V filter that beat the random subset by the most held-out accuracy, among scores that
-    rank clean rows first (AUROC above 0.5: an inverted score is never called the best), or saying none did."""
-    gains = {n: r["accuracy"] - rand["accuracy"] for n, r in filters.items() if aurocs[n[5:]] > 0.5}
+    rank clean rows first (AUROC above 0.5: an inverted score is never called the best), or saying none did.
+    `filters` holds each SAE-V filter's DPO run by score name (the keys of `aurocs`)."""
+    gains = {n: r["accuracy"] - rand["accuracy"] for n, r in filters.items() if aurocs[n] > 0.5}
     helped = {n: g for n, g in gains.items() if g > 0}
     if not helped:
         return ("- No SAE-V filter that ranks clean rows first (AUROC above 0.5) beat a random subset of the same size "
                 "in held-out accuracy in this run.")
     best = max(helped, key=helped.get)
-    return (f"- The SAE-V filter that helped most: {SCORE_COLUMNS[best[5:]]}, {helped[best] * 100:+.1f} points of "
-            f"accuracy against a random subset of the same size (AUROC {aurocs[best[5:]]:.3f}).")
+    return (f"- The SAE-V filter that helped most: {SCORE_COLUMNS[best]}, {helped[best] * 100:+.1f} points of "
+            f"accuracy against a random subset of the same size (AUROC {aurocs[best]:.3f}).")
 
 
 def report(summary: dict) -> str:
     """The demo's report in Markdown, in words a newcomer can follow."""
     args, dpo, aurocs, base = summary["arguments"], summary["dpo"], summary["auroc"], summary["base"]
     full, clean, rand = dpo["full"], dpo["clean_only"], dpo["random"]
-    filters = {n: r for n, r in dpo.items() if n.startswith("saev_")}
+    filters = {n.removeprefix("saev_"): r for n, r in dpo.items() if n.startswith("saev_")}  # by score name
     tied = [SCORE_COLUMNS[n] for n in summary["uninformative_scores"]]
     pct = lambda x: f"{x:.1%}"  # noqa: E731
     delta = lambda a, b: f"{(a - b) * 100:+.1f} points"  # noqa: E731
@@ -347,8 +348,8 @@ def report(summary: dict) -> str:
         f"{delta(clean['hallucination_rate'], base['hallucination_rate'])} against the model before DPO; on all "
         f"rows: accuracy {delta(full['accuracy'], base['accuracy'])}, hallucination rate "
         f"{delta(full['hallucination_rate'], base['hallucination_rate'])}.",
-        *(f"- SAE-V filter by {SCORE_COLUMNS[n[5:]]} (keep {args['keep_fraction']:.0%}, AUROC "
-          f"{aurocs[n[5:]]:.3f}): accuracy {delta(r['accuracy'], rand['accuracy'])} and hallucination rate "
+        *(f"- SAE-V filter by {SCORE_COLUMNS[n]} (keep {args['keep_fraction']:.0%}, AUROC "
+          f"{aurocs[n]:.3f}): accuracy {delta(r['accuracy'], rand['accuracy'])} and hallucination rate "
           f"{delta(r['hallucination_rate'], rand['hallucination_rate'])} against a random subset of the same size."
           for n, r in filters.items()),
         *([f"- Every row has the same {', '.join(tied)}: no filter by it (it would keep rows by their index)."]

@@ -41,7 +41,7 @@ class DemoArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A grounded LLaVA folder; default: the one embedded in the package."})
     train_model: bool = field(default=False, metadata={"help": "Train the grounded LLaVA with its recipe (about "
-                                                       "30 min on one CPU thread) instead of loading it."})
+                                                       "18 min on one CPU thread, measured) instead of loading it."})
     layer: int = field(default=0, metadata={"help": "Decoder layer read by the SAE-V."})
     expansion_factor: int = field(default=2, metadata={"help": "d_sae / d_in of the SAE-V."})
     saev_steps: int = field(default=1000, metadata={"help": "SAE-V training steps (512 tokens each)."})

@@ -11,7 +11,7 @@ it did. `saev COMMAND --help` opens with what the command does, then lists its o
 | `weights` | `saev_hf.weighting.run_weights` |
 | `score` | `saev_hf.scoring.run_scoring` |
 | `filter` | `saev_hf.filtering.run_filter` |
-| `inspect` | `saev_hf.inspection.run_inspection` |
+| `inspect` | `saev_hf.feature_browser.run_inspection` |
 | `patches` | `saev_hf.patches.run_patch_filter` |
 | `cache` | `saev_hf.cache.cache_activations` |
 | `train` | `saev_hf.training.train_saev` (`train_saevs` with `--sweep`) |
@@ -151,7 +151,7 @@ def _inspect_arguments():
 
 
 def inspect_command(source, prompt_format, inspection_args) -> None:
-    from .inspection import run_inspection
+    from .feature_browser import run_inspection
 
     inspection, index = run_inspection(source, prompt_format, inspection_args)
     print(f"Inspected {len(inspection.features)} features and explained {len(inspection.explanations)} rows of "

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .activations import Modality
-from .inspection import MODALITY_NAMES, ExampleExplanation, FeatureSummary, Inspection, RowView
+from .activations import LayerReader, Modality
+from .inspection import (MODALITY_NAMES, ExampleExplanation, FeatureSummary, Inspection, InspectionArguments,
+                         RowView, inspect_saev)
 from .prompts import to_rgb
 
 MODALITY_COLOURS = {"image": "#4c72b0", "text": "#ff9d00", "special": "#9a9a9a"}
@@ -391,3 +392,21 @@ def write_feature_browser(inspection: Inspection, output_dir: str | Path, overwr
     index = output / "index.html"
     index.write_text(_index_page(inspection), encoding="utf-8")
     return index
+
+
+def run_inspection(source: Any, prompt_format: Any, args: InspectionArguments) -> tuple[Inspection, Path]:
+    """
+    `saev inspect`: load what `source` ([`SourceArguments`]) names, inspect the SAE-V on the dataset and write the
+    feature browser (see [`write_feature_browser`]) to `source.output_dir`. Returns `(inspection, index page)`.
+    """
+    from .outputs import prepare_output_dir
+    from .prompts import undecoded_images
+    from .sources import load_sources
+
+    # the report is write_feature_browser's output, whether written from Python or from here
+    prepare_output_dir(source.output_dir, "write_feature_browser", source.overwrite_output_dir)
+    sae, model, processor, dataset = load_sources(source)
+    dataset, _ = undecoded_images(dataset, prompt_format.image_column)  # a corrupt image names its row
+    reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
+    inspection = inspect_saev(sae, reader, dataset, args)
+    return inspection, write_feature_browser(inspection, source.output_dir, overwrite=source.overwrite_output_dir)

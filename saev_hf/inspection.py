@@ -632,22 +632,3 @@ def inspect_saev(sae: Any, reader: LayerReader, dataset: Any, args: InspectionAr
         model_name=getattr(reader.model.config, "_name_or_path", "") or type(reader.model).__name__,
         dataset_name=getattr(getattr(dataset, "info", None), "dataset_name", None),
     )
-
-
-def run_inspection(source: Any, prompt_format: Any, args: InspectionArguments):
-    """
-    `saev inspect`: load what `source` ([`SourceArguments`]) names, inspect the SAE-V on the dataset and write the
-    feature browser (see [`write_feature_browser`]) to `source.output_dir`. Returns `(inspection, index page)`.
-    """
-    from .feature_browser import write_feature_browser
-    from .outputs import prepare_output_dir
-    from .prompts import undecoded_images
-    from .sources import load_sources
-
-    # the report is write_feature_browser's output, whether written from Python or from here
-    prepare_output_dir(source.output_dir, "write_feature_browser", source.overwrite_output_dir)
-    sae, model, processor, dataset = load_sources(source)
-    dataset, _ = undecoded_images(dataset, prompt_format.image_column)  # a corrupt image names its row
-    reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
-    inspection = inspect_saev(sae, reader, dataset, args)
-    return inspection, write_feature_browser(inspection, source.output_dir, overwrite=source.overwrite_output_dir)

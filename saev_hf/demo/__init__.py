@@ -2,7 +2,7 @@
 
 - `scenes`: the grounded task (scenes of coloured handwritten digits, questions that need the image, preference rows
   with known low-quality kinds);
-- `grounded_llava`: the tiny LLaVA that grounds its words in the image, and its three-stage recipe;
+- `grounded_llava`: the tiny LLaVA that grounds its words in the image, and its four-stage recipe;
 - `scene_saev`: the demo's SAE-V with its feature weights and calibrated delta;
 - `gate`: the measurements to pass before any DPO sweep;
 - `preference`: DPO on scene preference rows, and what it does to accuracy and hallucinations;

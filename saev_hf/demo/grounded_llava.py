@@ -54,7 +54,7 @@ FAITHFUL_ABSENT_ANSWERS = ("none", "no")
 
 @dataclass
 class GroundedLlavaArguments:
-    """Sizes and the three-stage recipe of the grounded tiny LLaVA (defaults: the shipped demo model)."""
+    """Sizes and the four-stage recipe of the grounded tiny LLaVA (defaults: the shipped demo model)."""
 
     hidden_size: int = field(default=128, metadata={"help": "Width of the language model."})
     num_layers: int = field(default=4, metadata={"help": "Decoder layers of the language model."})
@@ -231,7 +231,7 @@ def _schedule(steps: int):
 
 def _train_stage(model, processor, scans: DigitScans, rng: np.random.Generator, stage: str, parameters: list,
                  steps: int, learning_rate: float, args: GroundedLlavaArguments, absent_fraction: float = 0.0,
-                 progress: bool = True) -> dict[str, float]:
+                 hallucination_fraction: float = 0.0, progress: bool = True) -> dict[str, float]:
     """One stage: `"language"` (described scenes, loss on every token), `"alignment"` (dense loss only) or
     `"instruction"` / `"imperfect_instruction"` (answer loss + `args.dense_weight` x dense loss). Returns the mean
     losses of its last 10%."""
@@ -245,8 +245,6 @@ def _train_stage(model, processor, scans: DigitScans, rng: np.random.Generator, 
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, betas=(0.9, 0.98), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps))
-    hallucination = {"instruction": args.instruction_hallucination_fraction,
-                     "imperfect_instruction": args.imperfect_hallucination_fraction}.get(stage, 0.0)
     captured: dict[str, torch.Tensor] = {}
     hook = model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.__setitem__("p", o))
     history: list[tuple[float, float]] = []
@@ -254,7 +252,7 @@ def _train_stage(model, processor, scans: DigitScans, rng: np.random.Generator, 
     try:
         for _ in tqdm(range(steps), desc=f"Grounded LLaVA: {stage}", unit="step", disable=not progress):
             rows = question_rows(scans, args.batch_size, "train", rng, absent_fraction=absent_fraction,
-                                 as_text=stage == "language", hallucination_fraction=hallucination)
+                                 as_text=stage == "language", hallucination_fraction=hallucination_fraction)
             answer, dense = torch.zeros(()), torch.zeros(())
             at_layer = args.align_layer is not None and stage != "language"
             if stage == "alignment" and not at_layer:  # the frozen language model plays no part
@@ -304,25 +302,26 @@ RECIPE_STAGES = ("language", "alignment", "instruction", "imperfect_instruction"
 def train_stage(model, processor, scans: DigitScans, args: GroundedLlavaArguments, offset: int,
                 progress: bool = True) -> dict[str, float]:
     """Stage `RECIPE_STAGES[offset]` of the recipe on `model`, with the parts it trains, its steps, learning rate
-    and absent-object share from `args`, and its numpy rows seeded by `[args.seed, offset]`. Returns its final
-    losses ([`_train_stage`])."""
+    and absent-object and hallucinated-answer shares from `args`, and its numpy rows seeded by `[args.seed, offset]`.
+    Returns its final losses ([`_train_stage`])."""
     stage = RECIPE_STAGES[offset]
-    parts, steps, learning_rate, absent = {
-        "language": (["language"], args.language_steps, args.language_learning_rate, args.language_absent_fraction),
-        "alignment": (["vision", "projector"], args.alignment_steps, args.alignment_learning_rate, 0.0),
+    parts, steps, learning_rate, absent, hallucination = {
+        "language": (["language"], args.language_steps, args.language_learning_rate, args.language_absent_fraction,
+                     0.0),
+        "alignment": (["vision", "projector"], args.alignment_steps, args.alignment_learning_rate, 0.0, 0.0),
         "instruction": (["language", "projector"], args.instruction_steps, args.instruction_learning_rate,
-                        args.instruction_absent_fraction),
+                        args.instruction_absent_fraction, args.instruction_hallucination_fraction),
         "imperfect_instruction": (["language", "projector"], args.imperfect_steps, args.imperfect_learning_rate,
-                                  args.imperfect_absent_fraction),
+                                  args.imperfect_absent_fraction, args.imperfect_hallucination_fraction),
     }[stage]
     parameters = [p for part in parts for p in _part(model, part)]
     return _train_stage(model, processor, scans, np.random.default_rng([args.seed, offset]), stage, parameters,
-                        steps, learning_rate, args, absent, progress)
+                        steps, learning_rate, args, absent, hallucination, progress)
 
 
 def train_grounded_llava(args: GroundedLlavaArguments | None = None, scans: DigitScans | None = None,
                          eval_rows: int = 600, progress: bool = True):
-    """Build and train the grounded tiny LLaVA with the three-stage recipe (see the module docstring).
+    """Build and train the grounded tiny LLaVA with the four-stage recipe (see the module docstring).
 
     Returns `(model, processor, summary)`; the summary holds the arguments, each stage's final losses, the image-token
     probe ([`cell_probe`]) and the answers on `eval_rows` held-out scenes ([`answer_accuracy`]), and the seconds.

@@ -35,7 +35,6 @@ import _common  # noqa: E402,F401  (one thread, offline, the checkout importable
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -44,9 +43,10 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-import saev_hf.cache as cache_module  # noqa: E402
 from saev_hf.activations import Modality  # noqa: E402
 from saev_hf.cache import ActivationCache  # noqa: E402
+from saev_hf.cache.activation_cache import FORMAT, FORMAT_VERSION, MANIFEST_NAME  # noqa: E402
+from saev_hf.cache.shard_writer import ShardWriter  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cache_throughput.md"
 HOOK = "blocks.16.hook_resid_post"
@@ -64,10 +64,10 @@ def drop_page_cache() -> bool:
 
 def write_saev_cache(folder: Path, activations: torch.Tensor, context: int, shard_tokens: int, dtype: str) -> None:
     """`activations` (rows * context, d_in) as an activation cache: the manifest `saev cache` starts with, then the
-    shards through the cache's own writer (`_write_shard`), whole rows of `context` tokens each."""
+    shards through the cache's own writer ([`ShardWriter`]), whole rows of `context` tokens each."""
     folder.mkdir(parents=True)
     manifest = {
-        "format": cache_module.FORMAT, "format_version": cache_module.FORMAT_VERSION,
+        "format": FORMAT, "format_version": FORMAT_VERSION,
         "model_name_or_path": "synthetic", "dataset_name": "synthetic", "dataset_fingerprint": None,
         "layer": 16, "d_in": activations.shape[1], "storage_dtype": dtype, "include_special_tokens": True,
         "modalities": {m.name.lower(): int(m) for m in Modality},
@@ -75,23 +75,13 @@ def write_saev_cache(folder: Path, activations: torch.Tensor, context: int, shar
                                         "response_column": None, "max_length": None}},
         "shards": [], "num_tokens": 0, "next_row": 0, "complete": False,
     }
-    path = folder / cache_module.MANIFEST_NAME
-    storage = cache_module.STORAGE_DTYPES[dtype]
-    rows_per_shard = shard_tokens // context
+    shards = ShardWriter(folder, manifest, folder / MANIFEST_NAME, dtype, shard_tokens, first_row=0)
     num_rows = activations.shape[0] // context
-    for first in range(0, num_rows, rows_per_shard):
-        last = min(first + rows_per_shard, num_rows)
-        parts = []
-        for row in range(first, last):
-            block = activations[row * context : (row + 1) * context]
-            modality = torch.full((context,), int(Modality.TEXT), dtype=torch.int8)
-            modality[: context // 2] = int(Modality.IMAGE)
-            parts.append({"activations": block.to(storage), "modality": modality,
-                          "row": torch.full((context,), row, dtype=torch.int64),
-                          "position": torch.arange(context, dtype=torch.int32)})
-        cache_module._write_shard(folder, manifest, path, parts, first, last)
-    manifest["complete"] = True
-    cache_module._write_json(path, manifest)
+    for row in range(num_rows):
+        modality = torch.full((context,), int(Modality.TEXT), dtype=torch.int8)
+        modality[: context // 2] = int(Modality.IMAGE)
+        shards.add(row, activations[row * context : (row + 1) * context], modality, torch.arange(context))
+    shards.finish(num_rows)
 
 
 def write_saelens_cache(folder: Path, activations: torch.Tensor, context: int) -> None:

@@ -34,10 +34,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from saev_hf.demo import load_grounded_llava, load_recipe  # noqa: E402
+from saev_hf.demo.run import load_grounded_llava, load_recipe  # noqa: E402
 from saev_hf.demo.grounded_llava import answer_accuracy  # noqa: E402
 from saev_hf.demo.scenes import DigitScans, preference_rows, question_rows, random_scene  # noqa: E402
-from saev_hf.demo.tiny_pretraining import response_log_likelihoods  # noqa: E402
+from saev_hf.testing.tiny_pretraining import response_log_likelihoods  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

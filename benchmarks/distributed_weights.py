@@ -68,7 +68,7 @@ def build(folder: Path, args: argparse.Namespace) -> None:
     from layer_capture import PROMPTS, build_scaled_llava
 
     from saev_hf import SAEV, SAEVConfig
-    from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
+    from saev_hf.testing.digit_data import DIGIT_NAMES, digit_images
 
     model, processor = build_scaled_llava(32064, args)
     model.save_pretrained(folder / "model")
@@ -92,8 +92,8 @@ def run_both(folder: Path, args: argparse.Namespace, out: Path) -> dict:
     import datasets
 
     from saev_hf import SAEV, LayerReader, SAEVScorer, WeightingArguments, compute_feature_weights, score_dataset
-    from saev_hf.distributed import distributed_state
-    from saev_hf.loading import load_model_and_processor
+    from saev_hf.runtime.distributed import distributed_state
+    from saev_hf.activations import load_model_and_processor
 
     state = distributed_state(cpu=True)
     model, processor = load_model_and_processor(str(folder / "model"), device="cpu")
@@ -109,7 +109,7 @@ def run_both(folder: Path, args: argparse.Namespace, out: Path) -> dict:
     barrier()
     start = time.perf_counter()
     weights = compute_feature_weights(sae, reader, data, WeightingArguments(
-        num_examples=None, batch_size=args.batch_size, disable_tqdm=True))
+        num_examples=None, batch_size=args.batch_size))
     times["weights"] = time.perf_counter() - start
     barrier()
     start = time.perf_counter()

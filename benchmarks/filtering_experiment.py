@@ -9,10 +9,10 @@ telling clean rows from low-quality ones.
 Per seed (every step of the pipeline is seeded by it: model, SAE-V, which digits go where, which rows are corrupted,
 DPO):
 
-1. A tiny LLaVA is pretrained on captions of `--pretrain-digits` scikit-learn digits (`saev_hf.demo.digits.pretrain_mllm`).
+1. A tiny LLaVA is pretrained on captions of `--pretrain-digits` scikit-learn digits (`digit_captioning.pretrain_mllm`).
    Deliberately weak (few digits): DPO on `--num-pairs` new, correctly labelled digits then has something to teach it.
 2. An SAE-V is trained on its decoder layer `--layer` (captions of `--saev-digits` other digits) and its cross-modal
-   feature weights are computed (`saev_hf.demo.digits.train_scoring_saev`: the `saev demo` recipe).
+   feature weights are computed (`digit_captioning.train_scoring_saev`: the `saev demo` recipe).
 3. Preference rows ("what digit is this ?", chosen: "a handwritten digit <label> .", rejected: another digit) about
    `--num-pairs` further digits, of which a random `--low-quality-fraction` is low quality (`preference_rows`). With
    `--corruption swap` (default) a low-quality row's image is another digit's: its chosen answer is WRONG for its
@@ -28,7 +28,7 @@ DPO):
    - `random_score`: uniform noise (random selection; nested subsets across fractions, like every score's).
    - `oracle`: 1 for clean rows, 0 for low-quality ones (a perfect filter; ties broken by row order), the ceiling.
    AUROC of each score for telling clean from low-quality rows (1 = perfect, 0.5 = chance, < 0.5 = inverted).
-5. For each score and each kept fraction < 1, DPO (`saev_hf.demo.digits.dpo_digit_accuracy`: TRL's DPOTrainer, full
+5. For each score and each kept fraction < 1, DPO (`digit_captioning.dpo_digit_accuracy`: TRL's DPOTrainer, full
    fine-tuning, the same `--dpo-steps` for every subset) from the same pretrained model on the top fraction
    (`filter_by_score`), then the held-out digit accuracy on `--eval-digits` digits that no stage saw (the ten captions
    ranked by likelihood; chance 10%). Kept fraction 1.0 is one shared run on the full data.
@@ -69,20 +69,20 @@ import datasets  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from saev_hf.demo.digits import (  # noqa: E402
-    DemoArguments,
+from digit_captioning import (  # noqa: E402
+    DigitCaptioningArguments,
     dpo_digit_accuracy,
     preference_rows,
     pretrain_mllm,
     split_digits,
     train_scoring_saev,
 )
-from saev_hf.filtering import FilterArguments, filter_by_score  # noqa: E402
-from saev_hf.prompts import PromptFormat  # noqa: E402
+from saev_hf.alignment import FilterArguments, filter_by_score  # noqa: E402
+from saev_hf.data import PromptFormat  # noqa: E402
 from saev_hf.scoring import ScorerArguments, SAEVScorer  # noqa: E402
 from saev_hf.demo.baselines import chosen_log_likelihood  # noqa: E402
-from saev_hf.demo.digit_data import DIGIT_CAPTIONS, DIGIT_NAMES  # noqa: E402
-from saev_hf.demo.tiny_pretraining import response_log_likelihoods  # noqa: E402
+from saev_hf.testing.digit_data import DIGIT_CAPTIONS, DIGIT_NAMES  # noqa: E402
+from saev_hf.testing.tiny_pretraining import response_log_likelihoods  # noqa: E402
 
 # method -> the score column it keeps the top of (every one: higher = keep); the SAE-V's read the chosen answer too
 METHODS = {
@@ -148,10 +148,10 @@ def log(message: str) -> None:
     print(f"[filtering_experiment {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def demo_arguments(args: argparse.Namespace, seed: int, workdir: str) -> DemoArguments:
-    """The pipeline's settings in the form `saev demo` takes them (it checks them, e.g. the digit budget)."""
-    return DemoArguments(
-        output_dir=workdir, layer=args.layer, pretrain_digits=args.pretrain_digits, pretrain_steps=args.pretrain_steps,
+def miniature_arguments(args: argparse.Namespace, seed: int) -> DigitCaptioningArguments:
+    """The pipeline's settings as the digit-captioning miniature takes them (it checks them, e.g. the digit budget)."""
+    return DigitCaptioningArguments(
+        layer=args.layer, pretrain_digits=args.pretrain_digits, pretrain_steps=args.pretrain_steps,
         saev_digits=args.saev_digits, saev_steps=args.saev_steps, expansion_factor=args.expansion_factor,
         cooccurrence_threshold=args.delta, num_pairs=args.num_pairs, low_quality_fraction=args.low_quality_fraction,
         corruption=args.corruption, dpo_steps=args.dpo_steps, dpo_batch_size=args.dpo_batch_size,
@@ -215,7 +215,7 @@ def auroc(clean: np.ndarray, values: np.ndarray) -> float:
 
 def run_seed(seed: int, args: argparse.Namespace, workdir: str) -> SeedRun:
     started = time.perf_counter()
-    settings = demo_arguments(args, seed, workdir)
+    settings = miniature_arguments(args, seed)
     torch.manual_seed(seed)
     digits = split_digits(settings)
     log(f"seed {seed}: pretraining the tiny LLaVA on {len(digits.pretrain)} digits ({args.pretrain_steps} steps)")
@@ -482,7 +482,7 @@ def write_markdown(path: Path, record: dict, args: argparse.Namespace) -> None:
         "",
         "## Set-up",
         "",
-        f"- **MLLM**: the tiny LLaVA of `saev_hf.demo.tiny_models`, pretrained on captions of {args.pretrain_digits} "
+        f"- **MLLM**: the tiny LLaVA of `saev_hf.testing.tiny_models`, pretrained on captions of {args.pretrain_digits} "
         f"scikit-learn digits ({args.pretrain_steps} steps): held-out accuracy "
         f"{pct(summary['pretrained_digit_accuracy'])} (chance 10%), weak on purpose so that DPO has something to "
         "teach.",
@@ -495,7 +495,7 @@ def write_markdown(path: Path, record: dict, args: argparse.Namespace) -> None:
         f"quality: {corruption}.",
         f"- **Scores** (keep the highest): the SAE-V's three, reading {reads}; the pretrained model's log-likelihood "
         "of the chosen answer; random; the oracle (clean rows first).",
-        f"- **DPO**: TRL's DPOTrainer via `saev_hf.dpo.train_dpo`, full fine-tuning, {args.dpo_steps} steps for every "
+        f"- **DPO**: TRL's DPOTrainer via `saev_hf.alignment.dpo.train_dpo`, full fine-tuning, {args.dpo_steps} steps for every "
         f"subset (batch {args.dpo_batch_size}, lr {args.dpo_learning_rate}, constant, beta 0.1), from the same "
         f"pretrained model; then held-out accuracy on {args.eval_digits} digits no stage saw (the ten captions ranked "
         "by likelihood). Kept fraction 100% is one shared run on the full data.",

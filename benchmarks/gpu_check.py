@@ -76,9 +76,9 @@ from scoring_speed import counted_hidden, make_sae  # noqa: E402
 from training_throughput import SAELensStep, Shape, saev_trainer, synthetic_activations  # noqa: E402
 
 from saev_hf import SAEVScorer  # noqa: E402
-from saev_hf.activation_buffer import input_scale_from_norms  # noqa: E402
+from saev_hf.training.buffer import input_scale_from_norms  # noqa: E402
 from saev_hf.activations import LayerReader  # noqa: E402
-from saev_hf.pipeline import prepared_batches  # noqa: E402
+from saev_hf.data.pipeline import prepared_batches  # noqa: E402
 from saev_hf.scoring import ScorerArguments  # noqa: E402
 from saev_hf.weighting import WeightingArguments, compute_feature_weights  # noqa: E402
 
@@ -146,7 +146,7 @@ def build_llava_next(shapes: Shapes, text_layers: int, dtype: torch.dtype, devic
         MistralConfig,
     )
 
-    from saev_hf.demo.tiny_processing import build_tiny_tokenizer  # no Hub: a tokenizer built here
+    from saev_hf.testing.tiny_processing import build_tiny_tokenizer  # no Hub: a tokenizer built here
 
     tokenizer = build_tiny_tokenizer("llava_next")
     tokenizer.model_max_length = 32768  # Mistral's context: anyres rows hold up to ~3000 positions
@@ -463,7 +463,7 @@ def measure_training(args, device: torch.device) -> dict:
 def measure_weighting(sae, reader: LayerReader, dataset, args, device: torch.device) -> dict:
     """Peak memory of `compute_feature_weights` over `--weighting-rows` rows (the weights are not stored)."""
     weighting_args = WeightingArguments(num_examples=min(args.weighting_rows, len(dataset)),
-                                        batch_size=args.forward_batch_size, disable_tqdm=True)
+                                        batch_size=args.forward_batch_size)
     progress(f"weighting: compute_feature_weights over {weighting_args.num_examples} rows")
     if device.type == "cuda":
         synchronize(device)

@@ -32,7 +32,7 @@ from dataclasses import asdict, replace  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from saev_hf.demo import load_grounded_llava, load_recipe  # noqa: E402
+from saev_hf.demo.run import load_grounded_llava, load_recipe  # noqa: E402
 from saev_hf.demo import grounded_llava as gl  # noqa: E402
 from saev_hf.demo.gate import absence_knowledge  # noqa: E402
 from saev_hf.demo.scenes import DigitScans, question_rows  # noqa: E402

@@ -50,8 +50,8 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from saev_hf.activations import LayerReader  # noqa: E402
-from saev_hf.demo.tiny_models import build_tiny_model  # noqa: E402
-from saev_hf.demo.digit_data import digit_images  # noqa: E402
+from saev_hf.testing.tiny_models import build_tiny_model  # noqa: E402
+from saev_hf.testing.digit_data import digit_images  # noqa: E402
 
 PROMPTS = (
     "what digit is this ?",

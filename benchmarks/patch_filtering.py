@@ -8,7 +8,7 @@ random). This script repeats that on a model small enough for a CPU:
 1. Per seed, a tiny LLaVA (`build_tiny_model("llava")`, 32x32 images, a 4x4 grid of 8-pixel patches) is pretrained on
    captions of real scikit-learn digits, an SAE-V is trained on its decoder layer `--layer` on captioned digits and
    its cross-modal feature weights are computed from the question and image alone, as the paper's code does (the
-   responses are not fed): stages 1-2 of `saev demo` (`saev_hf.demo.digits.pretrain_mllm`, `train_scoring_saev`).
+   responses are not fed): stages 1-2 of `saev demo` (`digit_captioning.pretrain_mllm`, `train_scoring_saev`).
 2. Held-out digits (never seen by the model or the SAE-V) are scored patch by patch with the classification prompt
    "what digit is this ?" (`PatchFilter.score_patches`): every score of Algorithms 4-7 on the 16 patches.
 3. For each score, for random selection (the paper's baseline) and for "ink" (a reference that knows where the digit
@@ -51,10 +51,10 @@ import torch  # noqa: E402
 
 import datasets  # noqa: E402
 
-from saev_hf.demo.digits import DemoArguments, DemoDigits, pretrain_mllm, train_scoring_saev  # noqa: E402
+from digit_captioning import DigitCaptioningArguments, DemoDigits, pretrain_mllm, train_scoring_saev  # noqa: E402
 from saev_hf.patches import PATCH_SCORES, PatchFilter, PatchFilterArguments, keep_mask, mask_patches  # noqa: E402
-from saev_hf.demo.digit_data import digit_images  # noqa: E402
-from saev_hf.demo.tiny_pretraining import digit_accuracy  # noqa: E402
+from saev_hf.testing.digit_data import digit_images  # noqa: E402
+from saev_hf.testing.tiny_pretraining import digit_accuracy  # noqa: E402
 
 BASELINES = ("random", "ink")
 SCORERS = (*PATCH_SCORES, *BASELINES)
@@ -94,7 +94,7 @@ def build(seed: int, args: argparse.Namespace, digits: list, eval_digits: list, 
     """The tiny LLaVA and its SAE-V with feature weights: the `saev demo` pipeline's stages 1-2 (weights from the
     question and image alone). Returns the model, its processor, the SAE-V and the pretraining summary (its held-out
     accuracy on `eval_digits`)."""
-    settings = DemoArguments(layer=args.layer, pretrain_digits=args.pretrain_digits, pretrain_steps=args.pretrain_steps,
+    settings = DigitCaptioningArguments(layer=args.layer, pretrain_digits=args.pretrain_digits, pretrain_steps=args.pretrain_steps,
                              saev_digits=args.saev_digits, saev_steps=args.saev_steps,
                              expansion_factor=args.expansion_factor, cooccurrence_threshold=args.delta, num_pairs=0,
                              eval_digits=len(eval_digits), batch_size=16, seed=seed)

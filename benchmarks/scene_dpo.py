@@ -32,7 +32,7 @@ from dataclasses import asdict  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from saev_hf.demo import load_grounded_llava, load_recipe  # noqa: E402
+from saev_hf.demo.run import load_grounded_llava, load_recipe  # noqa: E402
 from saev_hf.demo.grounded_llava import answer_accuracy, predict_answers  # noqa: E402
 from saev_hf.demo.preference import SceneDPOArguments, dpo_and_evaluate  # noqa: E402
 from saev_hf.demo.scenes import DigitScans, preference_rows, question_rows  # noqa: E402

@@ -54,15 +54,15 @@ import numpy as np  # noqa: E402
 import datasets  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from saev_hf.demo import load_grounded_llava, load_recipe  # noqa: E402
+from saev_hf.demo.run import load_grounded_llava, load_recipe  # noqa: E402
 from saev_hf.demo.baselines import chosen_log_likelihood, image_text_similarity  # noqa: E402
 from saev_hf.demo.gate import auroc  # noqa: E402
 from saev_hf.demo.grounded_llava import answer_accuracy  # noqa: E402
 from saev_hf.demo.preference import SceneDPOArguments, dpo_and_evaluate  # noqa: E402
 from saev_hf.demo.scene_saev import SceneSAEVArguments, train_scene_saev, weigh_scene_saev  # noqa: E402
 from saev_hf.demo.scenes import DigitScans, preference_rows, question_rows  # noqa: E402
-from saev_hf.filtering import FilterArguments, filter_by_score  # noqa: E402
-from saev_hf.prompts import PromptFormat  # noqa: E402
+from saev_hf.alignment import FilterArguments, filter_by_score  # noqa: E402
+from saev_hf.data import PromptFormat  # noqa: E402
 from saev_hf.scoring import SAEVScorer, ScorerArguments  # noqa: E402
 
 METHODS = {  # method -> the score column it keeps the top of

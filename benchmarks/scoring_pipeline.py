@@ -54,8 +54,8 @@ from scoring_speed import counted_hidden, make_sae  # noqa: E402
 
 from saev_hf import SAEVScorer  # noqa: E402
 from saev_hf.activations import LayerReader  # noqa: E402
-from saev_hf.demo.digit_data import digit_images  # noqa: E402
-from saev_hf.pipeline import prepared_batches  # noqa: E402
+from saev_hf.testing.digit_data import digit_images  # noqa: E402
+from saev_hf.data.pipeline import prepared_batches  # noqa: E402
 from saev_hf.scoring import ScorerArguments  # noqa: E402
 
 SENTENCE = "look at the picture carefully before answering . "

@@ -67,7 +67,7 @@ from layer_capture import PROMPTS, add_scaled_llava_arguments, build_scaled_llav
 
 from saev_hf import SAEV, SAEVConfig, SAEVScorer  # noqa: E402
 from saev_hf.activations import LayerReader, Modality  # noqa: E402
-from saev_hf.demo.digit_data import digit_images  # noqa: E402
+from saev_hf.testing.digit_data import digit_images  # noqa: E402
 
 
 def make_batches(num_examples: int, batch_size: int) -> list[dict[str, list]]:

@@ -54,8 +54,8 @@ import torch  # noqa: E402
 from layer_capture import PROMPTS, add_scaled_llava_arguments, build_scaled_llava  # noqa: E402
 
 from saev_hf.activations import LayerReader  # noqa: E402
-from saev_hf.demo.digit_data import digit_images  # noqa: E402
-from saev_hf.sweep import sweep_members  # noqa: E402
+from saev_hf.testing.digit_data import digit_images  # noqa: E402
+from saev_hf.training import sweep_members  # noqa: E402
 from saev_hf.training import SAEVTrainingArguments, train_saev, train_saevs  # noqa: E402
 
 

@@ -70,9 +70,10 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from saev_hf.activation_buffer import input_scale_from_norms  # noqa: E402
-from saev_hf.demo.tiny_models import build_tiny_model  # noqa: E402
+from saev_hf.training.buffer import input_scale_from_norms  # noqa: E402
+from saev_hf.testing.tiny_models import build_tiny_model  # noqa: E402
 from saev_hf.training import SAEVTrainer, SAEVTrainingArguments  # noqa: E402
+from saev_hf.runtime.devices import choose_device  # noqa: E402
 
 L1_COEFFICIENT = 5.0  # the paper's recipe (SAEVTrainingArguments defaults), mirrored in SAELens and the plain loop
 LIBRARIES = ("saev_hf", "SAELens", "plain")
@@ -155,7 +156,8 @@ def base_model_with_hidden_size(d_in: int):
 
 def saev_trainer(shape: Shape, input_scale: float, max_steps: int, output_dir: str, warmups: bool = True,
                  device: str = "cpu"):
-    """saev_hf's `SAEVTrainer` for `shape`, on the CPU (`device="cpu"`) or the accelerator accelerate picks."""
+    """saev_hf's `SAEVTrainer` for `shape`, on the CPU (`device="cpu"`) or the accelerator accelerate picks (the SAE-V
+    trains where the layer it reads runs: the tiny base model is put there)."""
     import datasets
 
     model, tokenizer = base_model_with_hidden_size(shape.d_in)
@@ -171,10 +173,11 @@ def saev_trainer(shape: Shape, input_scale: float, max_steps: int, output_dir: s
         buffer_size_tokens=2 * shape.batch,
         save_steps=0,
         disable_tqdm=True,
-        use_cpu=device == "cpu",
         report_to="none",
         **({} if warmups else {"lr_warmup_steps": 0, "lr_decay_steps": 0, "l1_warmup_steps": 0}),
     )
+    if device != "cpu":
+        model.to(choose_device())
     trainer = SAEVTrainer(args, model=model, processor=tokenizer, train_dataset=dataset)
     assert trainer.sae.config.d_in == shape.d_in and trainer.sae.config.d_sae == shape.d_sae
     return trainer

@@ -55,7 +55,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from saev_hf.weighting import POSITION_STRIDE, CosineAccumulator, FeatureTopK  # noqa: E402
+from saev_hf.weighting.top_k import POSITION_STRIDE, FeatureTopK
+from saev_hf.weighting.cosine import CosineAccumulator  # noqa: E402
 
 DENSITY = 0.00621  # P(randn > 2.5)
 TAIL_MEAN = 0.3487  # E[randn - 2.5 | randn > 2.5]

@@ -4,49 +4,56 @@
 `AutoConfig.from_pretrained` and `AutoModel.from_pretrained` load SAE-V checkpoints without `trust_remote_code`.
 It stays light: heavy optional stacks (TRL, PEFT) are imported only by the parts that use them.
 
-The data flow, one stage per module: rows (`batching`) -> `prompts` -> `activations` (layer L of the MLLM, with
-the position masks; kept on disk by `cache`) -> `model` (SAE-V; trained by `training` with `training_args`, `schedule`
-and `activation_buffer`; measured by `evaluation`) -> `weighting` (cross-modal feature weights) -> `activity` (C(x), L0,
-maxima) -> `scoring` (a `datasets.map` scorer) -> `filtering` -> trainers (`dpo`); `inspection` and
-`feature_browser` show what the features and scores mean; `patches` lays image tokens out on their patches and
-filters patches by SAE-V scores; `hub` publishes with cards; `cli` runs each step as a command. `saev_hf.demo` (the
-tiny models and the miniature) is never imported by any of these.
+The package is laid out by the stages of the method, in the order data flows through them; each subpackage imports
+only those before it:
+
+| stage | subpackage | what it holds |
+|---|---|---|
+| plumbing | `runtime` | devices, processes, output folders, progress bars |
+| the SAE-V | `model` | `SAEVConfig`, `SAEV`, the SAELens layout, the co-occurrence bound |
+| rows | `data` | loading a split, images, prompts with the chat template, the input pipeline |
+| layer L | `activations` | loading the MLLM, `LayerReader` (hidden states with a modality per position) |
+| what to read | `arguments` | `SAEArguments`, `ModelArguments`, `DataArguments`: the options every command shares |
+| kept on disk | `cache` | the activation cache: writer, reader |
+| training | `training` | `SAEVTrainingArguments`, `SAEVTrainer`, sweeps, checkpoints |
+| measuring | `evaluation` | L0, MSE, explained variance, CE-loss-recovered |
+| Algorithm 1, stages 1-2 | `weighting` | cross-modal feature weights, the calibrated delta |
+| Algorithms 1-3, stage 3 | `scoring` | `SAEVScorer`, a `datasets.map` function |
+| after scoring | `alignment` | `filter_by_score`, DPO / SFT with TRL |
+| Algorithms 4-7 | `patches` | image patches scored and masked |
+| interpretation | `interpret` | top examples, explanations of a score, the feature browser |
+| publishing | `hub` | model and dataset cards, pushes |
+| the command | `cli` | `saev COMMAND`, one library call each |
+
+`saev_hf.demo` (the grounded miniature behind `saev demo`) and `saev_hf.testing` (tiny offline models for tests) are
+never imported by any of these.
 """
 
 from transformers import AutoConfig, AutoModel
 
-
-def _version() -> str:
-    """The version, from one source: the installed package's metadata (written from pyproject.toml); a source checkout
-    put on `PYTHONPATH` without installing reads pyproject.toml itself."""
-    import importlib.metadata
-    import re
-    from pathlib import Path
-
-    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
-    text = pyproject.read_text(encoding="utf-8") if pyproject.is_file() else ""
-    if re.search(r'^name = "saev-hf"$', text, re.MULTILINE):  # a checkout: its own version, not an installed copy's
-        return re.search(r'^version = "([^"]+)"$', text, re.MULTILINE).group(1)
-    return importlib.metadata.version("saev-hf")
-
-
-
+from ._version import __version__
 from .activations import LayerActivations, LayerReader, Modality
+from .alignment import FilterArguments, filter_by_score
+from .arguments import DataArguments, ModelArguments, SAEArguments
 from .cache import ActivationCache, CacheArguments, cache_activations
-from .config import SAEVConfig
+from .data import PromptFormat, RowError
 from .evaluation import SAEVEvaluationArguments, evaluate_saev, format_metrics_table
-from .feature_browser import write_feature_browser
-from .filtering import FilterArguments, filter_by_score
 from .hub import filtered_dataset_card, push_filtered_dataset, push_saev, saev_model_card
-from .inspection import ExampleExplanation, FeatureSummary, Inspection, InspectionArguments, explain_rows, inspect_saev
-from .model import SAEV, SAEVOutput
+from .interpret import (
+                        ExampleExplanation,
+                        FeatureSummary,
+                        Inspection,
+                        InspectionArguments,
+                        explain_rows,
+                        inspect_saev,
+                        write_feature_browser,
+)
+from .model import SAEV, SAEVConfig, SAEVOutput
 from .patches import PatchFilter, PatchFilterArguments, PatchLocator
-from .prompts import PromptFormat, RowError
+from .runtime import OutputArguments, disable_progress_bars, enable_progress_bars, end_distributed
 from .scoring import SAEVScorer, ScorerArguments, score_dataset
-from .training import SAEVRun, SAEVTrainer, SAEVTrainingArguments, end_distributed, train_saev, train_saevs
+from .training import SAEVRun, SAEVTrainer, SAEVTrainingArguments, train_saev, train_saevs
 from .weighting import WeightingArguments, compute_feature_weights
-
-__version__ = _version()
 
 AutoConfig.register(SAEVConfig.model_type, SAEVConfig, exist_ok=True)
 AutoModel.register(SAEVConfig, SAEV, exist_ok=True)
@@ -55,6 +62,7 @@ __all__ = [
     "SAEV",
     "ActivationCache",
     "CacheArguments",
+    "DataArguments",
     "ExampleExplanation",
     "FeatureSummary",
     "FilterArguments",
@@ -63,16 +71,19 @@ __all__ = [
     "LayerActivations",
     "LayerReader",
     "Modality",
+    "ModelArguments",
+    "OutputArguments",
     "PatchFilter",
     "PatchFilterArguments",
     "PatchLocator",
     "PromptFormat",
     "RowError",
+    "SAEArguments",
     "SAEVConfig",
     "SAEVEvaluationArguments",
     "SAEVOutput",
-    "SAEVScorer",
     "SAEVRun",
+    "SAEVScorer",
     "SAEVTrainer",
     "SAEVTrainingArguments",
     "ScorerArguments",
@@ -80,6 +91,8 @@ __all__ = [
     "__version__",
     "cache_activations",
     "compute_feature_weights",
+    "disable_progress_bars",
+    "enable_progress_bars",
     "end_distributed",
     "evaluate_saev",
     "explain_rows",

@@ -1,69 +1,182 @@
 """The `saev` command line.
 
 One convention, as TRL's commands: each command parses its dataclasses with transformers' `HfArgumentParser` (the
-same dataclasses the Python API takes, so every option is defined once), calls ONE library function, and prints what
-it did. `saev COMMAND --help` opens with what the command does, then lists its options.
+same dataclasses the Python API takes, so every option is declared once: the shared ones in
+[`saev_hf.arguments`]), calls ONE library function, and prints what it did. `saev COMMAND --help` opens with what the
+command does, then lists its options.
 
-| command | library function |
-|---|---|
-| `convert`, `info` | `saev_hf.checkpoints.convert_checkpoint`, `checkpoint_info` |
-| `demo` | `saev_hf.demo.run_demo` |
-| `weights` | `saev_hf.weighting.run_weights` |
-| `score` | `saev_hf.scoring.run_scoring` |
-| `filter` | `saev_hf.filtering.run_filter` |
-| `inspect` | `saev_hf.feature_browser.run_inspection` |
-| `patches` | `saev_hf.patches.run_patch_filter` |
-| `cache` | `saev_hf.cache.cache_activations` |
-| `train` | `saev_hf.training.train_saev` (`train_saevs` with `--sweep`) |
-| `eval` | `saev_hf.evaluation.run_evaluation` |
-| `push` | `saev_hf.hub.run_push` |
-| `dpo` | `saev_hf.dpo.run_dpo` |
+| command | arguments | library function |
+|---|---|---|
+| `convert`, `info` | SAE, convert, output | `saev_hf.model.convert.convert_checkpoint`, `checkpoint_info` |
+| `cache` | model, data, columns, cache | `saev_hf.cache.cache_activations` |
+| `train` | model, data, columns, training, sweep | `saev_hf.training.train_saev` (`train_saevs` with `--sweep`) |
+| `eval` | SAE, model, data, columns, evaluation, output | `saev_hf.evaluation.run_evaluation` |
+| `weights` | SAE, model, data, columns, weighting, output | `saev_hf.weighting.run_weights` |
+| `score` | SAE, model, data, columns, scorer, map, output | `saev_hf.scoring.run_scoring` |
+| `filter` | data, filter, output | `saev_hf.alignment.run_filter` |
+| `dpo` | model, data, DPO script, `PaperDPOConfig` | `saev_hf.alignment.dpo.run_dpo` |
+| `inspect` | SAE, model, data, columns, inspection, output | `saev_hf.interpret.run_inspection` |
+| `patches` | SAE, model, data, columns, patch filter, map, output | `saev_hf.patches.run_patch_filter` |
+| `push` | push | `saev_hf.hub.run_push` |
+| `demo` | demo | `saev_hf.demo.run_demo` |
 
-Argument classes are imported only by the command that uses them, so `saev --help` stays fast and `saev info` never
-imports TRL.
+Two commands import their code when they run: `dpo` (TRL costs about 5 s to import: `saev info` must not pay it) and
+`demo` (the miniature is never imported on the path a real model takes).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
 
 from transformers import HfArgumentParser
 
+from .alignment.filtering import FilterArguments, run_filter
+from .arguments import DataArguments, ModelArguments, SAEArguments
+from .cache.activation_cache import ActivationCache
+from .cache.writer import CacheArguments, cache_activations
+from .data.prompts import PromptFormat
+from .evaluation.metrics import SAEVEvaluationArguments, run_evaluation
+from .evaluation.report import format_metrics_table
+from .hub.push_command import PushArguments, run_push
+from .interpret.feature_browser import run_inspection
+from .interpret.inspection import InspectionArguments
+from .model.convert import ConvertArguments, checkpoint_info, convert_checkpoint
+from .patches.filter import PatchFilterArguments, run_patch_filter
+from .runtime.distributed import end_distributed
+from .runtime.folders import OutputArguments
+from .runtime.progress import progress_bars
+from .scoring.mapping import MapArguments
+from .scoring.scorer import ScorerArguments, run_scoring
+from .training.arguments import SAEVTrainingArguments
+from .training.sweep import SweepArguments
+from .training.trainer import train_saev, train_saevs
+from .weighting.weights import WeightingArguments, run_weights
+
+SOURCES = (SAEArguments, ModelArguments, DataArguments, PromptFormat)
+"""What the commands that run an SAE-V over data read: the SAE-V, the MLLM, the dataset and its columns."""
+
 
 @dataclass(frozen=True)
 class Command:
-    """A `saev` command: what it does (the opening of its `--help`), its argument dataclasses, and its body."""
+    """A `saev` command: what it does (the opening of its `--help`), its argument dataclasses (a callable, so that a
+    command whose code is imported when it runs can name them then), its body, and the checks across its dataclasses
+    that run right after parsing (a `ValueError` there is a usage error: the parser prints it and exits with 2)."""
 
     description: str
     arguments: Callable[[], tuple[type, ...]]
     run: Callable[..., None]
+    check: Callable[..., None] | None = None
 
 
-def _convert_arguments():
-    from .checkpoints import ConvertArguments
+def _sources_check(command: str, cache_allowed: bool = False) -> Callable[..., None]:
+    """The check of a command that reads an MLLM and a dataset (or, where `cache_allowed`, an activation cache)."""
 
-    return (ConvertArguments,)
+    def check(*arguments) -> None:
+        model = next(a for a in arguments if isinstance(a, ModelArguments))
+        data = next(a for a in arguments if isinstance(a, DataArguments))
+        evaluation = next((a for a in arguments if isinstance(a, SAEVEvaluationArguments)), None)
+        if evaluation is not None:
+            evaluation.check_source(model, data)
+        else:
+            data.check_source(model, command, cache_allowed)
 
-
-def convert(args) -> None:
-    from .checkpoints import convert_checkpoint
-
-    print(f"Wrote {args.source} as {args.to} layout to {convert_checkpoint(args)}")
-
-
-def _info_arguments():
-    from .checkpoints import InfoArguments
-
-    return (InfoArguments,)
+    return check
 
 
-def info(args) -> None:
-    from .checkpoints import checkpoint_info
+def convert(sae_args, args, output) -> None:
+    print(f"Wrote {sae_args.sae_name_or_path} as {args.to} layout to {convert_checkpoint(sae_args, args, output)}")
 
-    print(json.dumps(checkpoint_info(args), indent=2, default=str))
+
+def info(sae_args) -> None:
+    print(json.dumps(checkpoint_info(sae_args), indent=2, default=str))
+
+
+def cache(model_args, data_args, prompt_format, args) -> None:
+    cached = ActivationCache(cache_activations(args, prompt_format, model=model_args, dataset=data_args))
+    print(f"Cached {cached.num_tokens} tokens of layer {cached.layer} ({cached.num_rows} rows) in "
+          f"{len(cached.shards)} shards; saved to {args.output_dir}")
+
+
+def train(model_args, data_args, prompt_format, args, sweep_args) -> None:
+    sources = dict(model=model_args, dataset=data_args, prompt_format=prompt_format)
+    if sweep_args.sweep is None:
+        sae = train_saev(args, **sources)
+        end_distributed()
+        print(f"Trained an SAE-V with {sae.config.d_sae} features on {sae.config.training_tokens} tokens of layer "
+              f"{sae.config.hook_layer}; saved to {args.output_dir}")
+        return
+    saes = train_saevs(args, sweep_args.sweep, **sources)
+    end_distributed()
+    tokens = next(iter(saes.values())).config.training_tokens
+    print(f"Trained {len(saes)} SAE-Vs on the same {tokens} tokens of layer {args.layer} (one pass); saved to "
+          f"{args.output_dir}/<member>, listed in {args.output_dir}/sweep.json:")
+    for name, sae in saes.items():
+        print(f"  {name}: {sae.config.d_sae} features")
+
+
+def evaluate(sae_args, model_args, data_args, prompt_format, args, output) -> None:
+    print(format_metrics_table(run_evaluation(sae_args, model_args, data_args, prompt_format, args, output)))
+
+
+def weights(sae_args, model_args, data_args, prompt_format, weighting, output) -> None:
+    sae = run_weights(sae_args, model_args, data_args, prompt_format, weighting, output)
+    end_distributed()  # under torchrun / accelerate launch: every process has the weights, the main one saved them
+    info = sae.config.feature_weights_info
+    if _is_main_process():
+        print(f"{info['num_weighted_features']} of {sae.config.d_sae} features weighted over {info['num_examples']} "
+              f"examples; delta (cooccurrence_threshold) = {sae.config.cooccurrence_threshold:.4g}; SAE-V with "
+              f"weights saved to {output.output_dir}")
+
+
+def score(sae_args, model_args, data_args, prompt_format, scorer_args, map_args, output) -> None:
+    scored, columns = run_scoring(sae_args, model_args, data_args, prompt_format, scorer_args, map_args, output)
+    end_distributed()  # under torchrun / accelerate launch: the main process wrote the assembled dataset
+    if _is_main_process():
+        print(f"Scored {len(scored)} examples ({', '.join(columns)}); saved to {output.output_dir}")
+
+
+def _is_main_process() -> bool:
+    """Whether this process reports (the first of a `torchrun` / `accelerate launch` run, or the only one)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def filter_command(data_args, filter_args, output) -> None:
+    kept, rows_before = run_filter(data_args, filter_args, output)
+    print(f"Kept {len(kept)} of {rows_before} examples by {filter_args.column}; saved to {output.output_dir}")
+
+
+def _dpo_arguments():
+    from .alignment.dpo import DPOScriptArguments, PaperDPOConfig
+
+    return ModelArguments, DataArguments, DPOScriptArguments, PaperDPOConfig
+
+
+def dpo(model_args, data_args, script, args) -> None:
+    from .alignment.dpo import run_dpo
+
+    trainer = run_dpo(model_args, data_args, script, args)
+    print(f"{script.method.upper()}: {trainer.state.global_step} steps on {data_args.dataset_name}; saved to "
+          f"{args.output_dir}")
+
+
+def inspect_command(sae_args, model_args, data_args, prompt_format, inspection_args, output) -> None:
+    inspection, index = run_inspection(sae_args, model_args, data_args, prompt_format, inspection_args, output)
+    print(f"Inspected {len(inspection.features)} features and explained {len(inspection.explanations)} rows of "
+          f"{len(inspection.scanned_rows)} scanned; open {index}")
+
+
+def patches(sae_args, model_args, data_args, prompt_format, patch_args, map_args, output) -> None:
+    masked, preview = run_patch_filter(sae_args, model_args, data_args, prompt_format, patch_args, map_args, output)
+    print(f"Masked the images of {len(masked)} examples (kept the top {patch_args.keep_fraction:.0%} of patches by "
+          f"{patch_args.score}); saved to {output.output_dir}, preview in {preview}")
+
+
+def push(args) -> None:
+    print(run_push(args))
 
 
 def _demo_arguments():
@@ -78,217 +191,63 @@ def demo(args) -> None:
     run_demo(args)  # the demo reports as it goes, and writes its report
 
 
-def _shared_data_arguments():
-    """What every data command reads (`SourceArguments`), its columns (`PromptFormat`), and how a map runs."""
-    from .prompts import PromptFormat
-    from .sources import MapArguments, SourceArguments
-
-    return SourceArguments, PromptFormat, MapArguments
-
-
-def _weights_arguments():
-    from .weighting import WeightingArguments
-
-    source, prompt_format, _ = _shared_data_arguments()
-    return source, prompt_format, WeightingArguments
-
-
-def weights(source, prompt_format, weighting) -> None:
-    from .training import end_distributed
-    from .weighting import run_weights
-
-    sae = run_weights(source, prompt_format, weighting)
-    end_distributed()  # under torchrun / accelerate launch: every process has the weights, the main one saved them
-    info = sae.config.feature_weights_info
-    if _is_main_process():
-        print(f"{info['num_weighted_features']} of {sae.config.d_sae} features weighted over {info['num_examples']} "
-              f"examples; delta (cooccurrence_threshold) = {sae.config.cooccurrence_threshold:.4g}; SAE-V with "
-              f"weights saved to {source.output_dir}")
-
-
-def _score_arguments():
-    from .scoring import ScorerArguments
-
-    source, prompt_format, map_arguments = _shared_data_arguments()
-    return source, prompt_format, ScorerArguments, map_arguments
-
-
-def score(source, prompt_format, scorer_args, map_args) -> None:
-    from .scoring import run_scoring
-    from .training import end_distributed
-
-    scored, columns = run_scoring(source, prompt_format, scorer_args, map_args)
-    end_distributed()  # under torchrun / accelerate launch: the main process wrote the assembled dataset
-    if _is_main_process():
-        print(f"Scored {len(scored)} examples ({', '.join(columns)}); saved to {source.output_dir}")
-
-
-def _is_main_process() -> bool:
-    """Whether this process reports (the first of a `torchrun` / `accelerate launch` run, or the only one)."""
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _filter_arguments():
-    from .filtering import FilterArguments, FilterIOArguments
-
-    return FilterIOArguments, FilterArguments
-
-
-def filter_command(io, filter_args) -> None:
-    from .filtering import run_filter
-
-    kept, rows_before = run_filter(io, filter_args)
-    print(f"Kept {len(kept)} of {rows_before} examples by {filter_args.column}; saved to {io.output_dir}")
-
-
-def _inspect_arguments():
-    from .inspection import InspectionArguments
-
-    source, prompt_format, _ = _shared_data_arguments()
-    return source, prompt_format, InspectionArguments
-
-
-def inspect_command(source, prompt_format, inspection_args) -> None:
-    from .feature_browser import run_inspection
-
-    inspection, index = run_inspection(source, prompt_format, inspection_args)
-    print(f"Inspected {len(inspection.features)} features and explained {len(inspection.explanations)} rows of "
-          f"{len(inspection.scanned_rows)} scanned; open {index}")
-
-
-def _patches_arguments():
-    from .patches import PatchFilterArguments
-
-    source, prompt_format, map_arguments = _shared_data_arguments()
-    return source, prompt_format, PatchFilterArguments, map_arguments
-
-
-def patches(source, prompt_format, patch_args, map_args) -> None:
-    from .patches import run_patch_filter
-
-    masked, preview = run_patch_filter(source, prompt_format, patch_args, map_args)
-    print(f"Masked the images of {len(masked)} examples (kept the top {patch_args.keep_fraction:.0%} of patches by "
-          f"{patch_args.score}); saved to {source.output_dir}, preview in {preview}")
-
-
-def _cache_arguments():
-    from .cache import CacheArguments
-    from .prompts import PromptFormat
-
-    return CacheArguments, PromptFormat
-
-
-def cache(args, prompt_format) -> None:
-    from .cache import ActivationCache, cache_activations
-
-    cached = ActivationCache(cache_activations(args, prompt_format))
-    print(f"Cached {cached.num_tokens} tokens of layer {cached.layer} ({cached.num_rows} rows) in "
-          f"{len(cached.shards)} shards; saved to {args.output_dir}")
-
-
-def _train_arguments():
-    from .sweep import SweepArguments
-    from .training import SAEVTrainingArguments
-
-    return SAEVTrainingArguments, SweepArguments
-
-
-def train(args, sweep_args) -> None:
-    from .training import end_distributed, train_saev, train_saevs
-
-    if sweep_args.sweep is None:
-        sae = train_saev(args)
-        end_distributed()
-        print(f"Trained an SAE-V with {sae.config.d_sae} features on {sae.config.training_tokens} tokens of layer "
-              f"{sae.config.hook_layer}; saved to {args.output_dir}")
-        return
-    saes = train_saevs(args, sweep_args.sweep)
-    end_distributed()
-    tokens = next(iter(saes.values())).config.training_tokens
-    print(f"Trained {len(saes)} SAE-Vs on the same {tokens} tokens of layer {args.layer} (one pass); saved to "
-          f"{args.output_dir}/<member>, listed in {args.output_dir}/sweep.json:")
-    for name, sae in saes.items():
-        print(f"  {name}: {sae.config.d_sae} features")
-
-
-def _eval_arguments():
-    from .evaluation import SAEVEvaluationArguments
-
-    return (SAEVEvaluationArguments,)
-
-
-def evaluate(args) -> None:
-    from .evaluation import format_metrics_table, run_evaluation
-
-    print(format_metrics_table(run_evaluation(args)))
-
-
-def _push_arguments():
-    from .hub import PushArguments
-
-    return (PushArguments,)
-
-
-def push(args) -> None:
-    from .hub import run_push
-
-    print(run_push(args))
-
-
-def _dpo_arguments():
-    from .dpo import DPOScriptArguments, PaperDPOConfig
-
-    return DPOScriptArguments, PaperDPOConfig
-
-
-def dpo(script, args) -> None:
-    from .dpo import run_dpo
-
-    trainer = run_dpo(script, args)
-    print(f"{script.method.upper()}: {trainer.state.global_step} steps on {script.dataset_name}; saved to "
-          f"{args.output_dir}")
-
-
 COMMANDS: dict[str, Command] = {
-    "convert": Command("Convert an SAE-V checkpoint between saev-hf's layout and SAELens'.", _convert_arguments,
-                       convert),
-    "info": Command("Print an SAE-V checkpoint's configuration and feature-weight summary as JSON.", _info_arguments,
-                    info),
-    "demo": Command("Run SAE-V's data filter end to end on the grounded miniature (offline, CPU): train an SAE-V, "
-                    "score and filter a preference dataset, DPO on each subset, write a report.", _demo_arguments,
-                    demo),
-    "weights": Command("Compute an SAE-V's cross-modal feature weights on a dataset (Algorithm 1, stages 1-2), "
-                       "optionally calibrate delta, and save the SAE-V with them.",
-                       _weights_arguments, weights),
-    "score": Command("Add the SAE-V scores (cosine, L0, co-occurring L0) to every row of a dataset and save it.",
-                     _score_arguments, score),
-    "filter": Command("Keep the best-scored rows of a scored dataset (a top fraction, or a threshold) and save them "
-                      "with the rule.", _filter_arguments, filter_command),
-    "inspect": Command("Inspect an SAE-V on a dataset: feature pages (top examples with highlighted tokens and patch "
-                       "heatmaps, weight, modality profile) and explanations of the lowest-scored rows, as a static "
-                       "HTML report in --output_dir.", _inspect_arguments,
-                       inspect_command),
-    "patches": Command("Patch filter (Algorithms 4-7): score each image patch from SAE-V activations (--score l0, l1, "
-                       "cooccur_l0, cosine, or random), keep the top --keep_fraction of each image's patches and "
-                       "black out the rest; saves the dataset with masked images and patch scores to --output_dir, "
-                       "with preview.png (originals above, masked below).",
-                       _patches_arguments, patches),
-    "cache": Command("Run the MLLM to decoder layer L once over a dataset and save the activations (with each token's "
-                     "modality, row and position) in safetensors shards, for `saev train --activation_cache`; "
-                     "resumes an interrupted run.", _cache_arguments, cache),
-    "train": Command("Train an SAE-V on decoder layer L of an MLLM (or a plain SAE on a text-only LM); saves it to "
-                     "--output_dir. With --sweep, train several SAE-Vs (e.g. over l1_coefficient, expansion_factor, "
-                     "activation) from one pass of activations, each saved to its own folder in --output_dir.",
-                     _train_arguments, train),
-    "eval": Command("Evaluate an SAE-V: L0, MSE, explained variance, dead/dense features, CE-loss-recovered (all/"
-                    "text/image).", _eval_arguments, evaluate),
-    "push": Command("Push an SAE-V folder with its model card, a filtered dataset folder or an activation cache "
-                    "(`saev cache`) with its dataset card, to the Hub.", _push_arguments, push),
-    "dpo": Command("DPO (or --method sft) of an MLLM on a filtered preference dataset with TRL; the paper's "
-                   "hyper-parameters are the defaults (CPU settings without a GPU); --lora adapts only the language "
-                   "model's projections.", _dpo_arguments, dpo),
+    "convert": Command(
+        "Convert an SAE-V checkpoint between saev-hf's layout and SAELens'.",
+        lambda: (SAEArguments, ConvertArguments, OutputArguments), convert),
+    "info": Command(
+        "Print an SAE-V checkpoint's configuration and feature-weight summary as JSON.",
+        lambda: (SAEArguments,), info),
+    "cache": Command(
+        "Run the MLLM to decoder layer L once over a dataset and save the activations (with each token's modality, row "
+        "and position) in safetensors shards, for `saev train --activation_cache`; resumes an interrupted run.",
+        lambda: (ModelArguments, DataArguments, PromptFormat, CacheArguments), cache, _sources_check("saev cache")),
+    "train": Command(
+        "Train an SAE-V on decoder layer L of an MLLM (or a plain SAE on a text-only LM); saves it to --output_dir. "
+        "With --sweep, train several SAE-Vs (e.g. over l1_coefficient, expansion_factor, activation) from one pass of "
+        "activations, each saved to its own folder in --output_dir.",
+        lambda: (ModelArguments, DataArguments, PromptFormat, SAEVTrainingArguments, SweepArguments), train,
+        _sources_check("saev train", cache_allowed=True)),
+    "eval": Command(
+        "Evaluate an SAE-V: L0, MSE, explained variance, dead/dense features, CE-loss-recovered (all/text/image); "
+        "with --output_dir, also written to metrics.json (what `saev push --metrics_json` reads).",
+        lambda: (*SOURCES, SAEVEvaluationArguments, OutputArguments), evaluate,
+        _sources_check("saev eval", cache_allowed=True)),
+    "weights": Command(
+        "Compute an SAE-V's cross-modal feature weights on a dataset (Algorithm 1, stages 1-2), optionally calibrate "
+        "delta, and save the SAE-V with them.",
+        lambda: (*SOURCES, WeightingArguments, OutputArguments), weights,
+        _sources_check("saev weights", cache_allowed=True)),
+    "score": Command(
+        "Add the SAE-V scores (cosine, L0, co-occurring L0) to every row of a dataset and save it.",
+        lambda: (*SOURCES, ScorerArguments, MapArguments, OutputArguments), score, _sources_check("saev score")),
+    "filter": Command(
+        "Keep the best-scored rows of a scored dataset (a top fraction, or a threshold) and save them with the rule.",
+        lambda: (DataArguments, FilterArguments, OutputArguments), filter_command),
+    "dpo": Command(
+        "DPO (or --method sft) of an MLLM on a filtered preference dataset with TRL; the paper's hyper-parameters are "
+        "the defaults (CPU settings without a GPU); --lora adapts only the language model's projections.",
+        _dpo_arguments, dpo),
+    "inspect": Command(
+        "Inspect an SAE-V on a dataset: feature pages (top examples with highlighted tokens and patch heatmaps, "
+        "weight, modality profile) and explanations of the lowest-scored rows, as a static HTML report in "
+        "--output_dir.",
+        lambda: (*SOURCES, InspectionArguments, OutputArguments), inspect_command, _sources_check("saev inspect")),
+    "patches": Command(
+        "Patch filter (Algorithms 4-7): score each image patch from SAE-V activations (--score l0, l1, cooccur_l0, "
+        "cosine, or random), keep the top --keep_fraction of each image's patches and black out the rest; saves the "
+        "dataset with masked images and patch scores to --output_dir, with preview.png (originals above, masked "
+        "below).",
+        lambda: (*SOURCES, PatchFilterArguments, MapArguments, OutputArguments), patches,
+        _sources_check("saev patches")),
+    "push": Command(
+        "Push an SAE-V folder with its model card, a filtered dataset folder or an activation cache (`saev cache`) "
+        "with its dataset card, to the Hub.",
+        lambda: (PushArguments,), push),
+    "demo": Command(
+        "Run SAE-V's data filter end to end on the grounded miniature (offline, CPU): train an SAE-V, score and "
+        "filter a preference dataset, DPO on each subset, write a report.",
+        _demo_arguments, demo),
 }
 
 
@@ -306,13 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(command.arguments(), prog=f"saev {argv[0]}", description=command.description)
     try:
         arguments = parser.parse_args_into_dataclasses(argv[1:])
+        if command.check is not None:
+            command.check(*arguments)
     except ValueError as error:
         parser.error(str(error))
-    from .loading import library_progress_bars
-
-    # --disable_tqdm (an option of every command with a long step) also hides the bars datasets, transformers and
-    # huggingface_hub draw themselves while the command loads, maps, saves and uploads.
-    with library_progress_bars(disable=any(getattr(a, "disable_tqdm", False) for a in arguments)):
+    # --disable_tqdm (an option of every command with a long step) hides saev-hf's bars and those datasets,
+    # transformers and huggingface_hub draw themselves while the command loads, maps, saves and uploads.
+    with progress_bars(disable=any(getattr(a, "disable_tqdm", False) for a in arguments)):
         command.run(*arguments)
     return 0
 

@@ -1,9 +1,9 @@
 """Shared pytest fixtures.
 
 Tiny models: the tests run offline (no Hugging Face Hub), so every model is a tiny randomly initialised one built by
-`saev_hf.demo.tiny_models` (hidden size 64, 4 decoder layers, 32x32 images). Each architecture is built and saved once per
+`saev_hf.testing.tiny_models` (hidden size 64, 4 decoder layers, 32x32 images). Each architecture is built and saved once per
 test session; tests share the objects, so they must not modify the model or processor in place (build a private copy
-with `saev_hf.demo.tiny_models.build_tiny_model` to train or patch one).
+with `saev_hf.testing.tiny_models.build_tiny_model` to train or patch one).
 
 Fixtures:
 
@@ -25,7 +25,8 @@ import pytest
 import torch
 from hub_server import loopback_hub  # noqa: F401  (the loopback Hub fixture, for every test module)
 
-from saev_hf.demo.tiny_models import TINY_ARCHITECTURES, build_tiny_model
+from saev_hf.testing.tiny_processing import TINY_ARCHITECTURES
+from saev_hf.testing.tiny_models import build_tiny_model
 
 # One intra-op thread: on a shared 2-core machine two threads make tiny ops 10-60x slower, and results stay the same.
 torch.set_num_threads(1)
@@ -38,7 +39,7 @@ class TinyModel:
     """A tiny model built for the test session.
 
     Attributes:
-        arch: its name in `saev_hf.demo.tiny_models.TINY_ARCHITECTURES`.
+        arch: its name in `saev_hf.testing.tiny_models.TINY_ARCHITECTURES`.
         path: directory holding ``model`` and ``processor`` saved with ``save_pretrained`` (reload with
             ``AutoModelForImageTextToText`` / ``AutoProcessor``; ``AutoModelForCausalLM`` / ``AutoTokenizer`` for
             ``"text"``).

@@ -1,6 +1,6 @@
 """Run by `tests/test_training.py` under `torchrun --nproc_per_node 2`: the user's code, unchanged for distributed.
 
-It parses `SAEVTrainingArguments` from the command line exactly as `saev train` does, calls `train_saev`, then
+It parses the model, data, columns and `SAEVTrainingArguments` from the command line exactly as `saev train` does, calls `train_saev`, then
 writes `rank_<process_index>.json` into the output folder: what this process saw (its index, the number of processes)
 and a digest of the SAE-V it ended with, so that the test can check that two processes really ran and that their
 replicas agree, and ends with `end_distributed`, as a distributed script should.
@@ -17,13 +17,16 @@ import torch
 from accelerate import PartialState
 from transformers import HfArgumentParser
 
-from saev_hf.training import SAEVTrainingArguments, end_distributed, train_saev
+from saev_hf import DataArguments, ModelArguments, PromptFormat
+from saev_hf.runtime import end_distributed
+from saev_hf.training import SAEVTrainingArguments, train_saev
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    (args,) = HfArgumentParser(SAEVTrainingArguments).parse_args_into_dataclasses(sys.argv[1:])
-    sae = train_saev(args)
+    parser = HfArgumentParser((ModelArguments, DataArguments, PromptFormat, SAEVTrainingArguments))
+    model, data, prompt_format, args = parser.parse_args_into_dataclasses(sys.argv[1:])
+    sae = train_saev(args, model=model, dataset=data, prompt_format=prompt_format)
     state = PartialState()
     digest = hashlib.sha256()
     for name, tensor in sorted(sae.state_dict().items()):

@@ -22,13 +22,15 @@ import torch
 from accelerate import PartialState
 from safetensors.torch import save_file
 
-from saev_hf import SAEV, LayerReader, WeightingArguments, compute_feature_weights, end_distributed
+from saev_hf import (SAEV, LayerReader, WeightingArguments, compute_feature_weights, disable_progress_bars,
+                     end_distributed)
 from saev_hf.cache import ActivationCache, CacheReader, cached_rows
-from saev_hf.loading import load_model_and_processor
+from saev_hf.activations import load_model_and_processor
 
 
 def main() -> None:
     torch.set_num_threads(1)
+    disable_progress_bars()
     model_path, sae_path, output, configs = sys.argv[1:5]
     model, processor = load_model_and_processor(model_path, device="cpu")
     reader = LayerReader(model, processor, layer=1)

@@ -8,9 +8,9 @@ from torch import nn
 
 from saev_hf import SAEV, SAEVConfig
 from saev_hf.activations import LayerReader, Modality, find_decoder_layers
-from saev_hf.prompts import PromptFormat, RowError
-from saev_hf.demo.tiny_models import TINY_IMAGE_POSITIONS
-from saev_hf.demo.digit_data import digit_images
+from saev_hf.data import PromptFormat, RowError
+from saev_hf.testing.tiny_models import TINY_IMAGE_POSITIONS
+from saev_hf.testing.digit_data import digit_images
 
 IMAGES = [image for image, _ in digit_images(4, seed=1)]
 PROMPTS = ["what digit is this", "a handwritten digit", "what is the digit in the picture", "describe it"]

@@ -20,29 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
-from saev_hf import (
-    SAEV,
-    InspectionArguments,
-    LayerReader,
-    PatchFilter,
-    PatchFilterArguments,
-    PromptFormat,
-    SAEVConfig,
-    SAEVScorer,
-    SAEVTrainer,
-    SAEVTrainingArguments,
-    ScorerArguments,
-    WeightingArguments,
-    compute_feature_weights,
-    evaluate_saev,
-    filter_by_score,
-    inspect_saev,
-    train_saev,
-)
+from saev_hf import (SAEV, InspectionArguments, LayerReader, PatchFilter, PatchFilterArguments, PromptFormat, SAEVConfig, SAEVScorer, SAEVTrainer, SAEVTrainingArguments, ScorerArguments, WeightingArguments, compute_feature_weights, evaluate_saev, filter_by_score, inspect_saev, train_saev)
 from saev_hf.cli import main
-from saev_hf.filtering import FilterArguments
-from saev_hf.prompts import RowError
-from saev_hf.demo.digit_data import digit_images
+from saev_hf.alignment import FilterArguments
+from saev_hf.data import RowError
+from saev_hf.testing.digit_data import digit_images
 
 N = 6
 
@@ -68,8 +50,7 @@ def setup(tiny_model_factory, tmp_path_factory):
         sae.b_enc.normal_(0, 0.05)
     compute_feature_weights(sae, LayerReader(llava.model, llava.processor, layer=1),
                             datasets.Dataset.from_dict(good_rows(8, seed=9)),
-                            WeightingArguments(num_examples=None, top_k=4, per_modality=1, threshold_quantile=0.5,
-                                               disable_tqdm=True))
+                            WeightingArguments(num_examples=None, top_k=4, per_modality=1, threshold_quantile=0.5))
     sae.save_pretrained(root / "sae")
     return llava, sae, root
 
@@ -135,16 +116,15 @@ def entry_points(llava, sae, tmp_path):
                                              batched=True, batch_size=4, with_indices=True, load_from_cache_file=False),
         "compute_feature_weights": lambda ds, pf: compute_feature_weights(
             copy.deepcopy(sae), reader(pf), ds, WeightingArguments(num_examples=None, top_k=4, per_modality=1,
-                                                                   batch_size=4, disable_tqdm=True)),
+                                                                   batch_size=4)),
         "inspect_saev": lambda ds, pf: inspect_saev(sae, reader(pf), ds, InspectionArguments(
-            num_examples=None, features=[0], num_explained=1, num_top_weighted=0, batch_size=4, disable_tqdm=True)),
+            num_examples=None, features=[0], num_explained=1, num_top_weighted=0, batch_size=4)),
         "evaluate_saev": lambda ds, pf: evaluate_saev(sae, model, processor, ds, prompt_format=pf, batch_size=4,
-                                                      compute_ce_loss=False, disable_tqdm=True),
+                                                      compute_ce_loss=False),
         "train_saev": lambda ds, pf: train_saev(SAEVTrainingArguments(
             output_dir=str(tmp_path / "train"), layer=1, expansion_factor=2, max_steps=2, train_batch_size_tokens=64,
             buffer_size_tokens=256, input_scale_estimation_tokens=256, read_batch_size=4, disable_tqdm=True,
-            shuffle_dataset=False, **{f: getattr(pf, f) for f in ("image_column", "prompt_column", "max_length")}),
-            model, processor, ds),
+            shuffle_dataset=False), model, processor, ds, prompt_format=pf),
     }
 
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import saev_hf.cache as cache_module
-from saev_hf import SAEV
-from saev_hf.activation_buffer import ActivationBuffer
+import saev_hf.cache.activation_cache as cache_module
+from saev_hf.cache.shard_writer import ShardWriter
+from saev_hf import SAEV, DataArguments
+from saev_hf.training.buffer import ActivationBuffer
 from saev_hf.activations import LayerReader, Modality
-from saev_hf.cache import (MANIFEST_NAME, SHARD_TENSORS, ActivationCache, CacheArguments, CacheReader,
-                           cache_activations, cached_rows)
-from saev_hf.config import SAEVConfig
+from saev_hf.cache import (MANIFEST_NAME, SHARD_TENSORS, ActivationCache, CacheArguments, CacheReader, cache_activations, cached_rows)
+from saev_hf.model import SAEVConfig
 from saev_hf.evaluation import evaluate_saev
 from saev_hf.weighting import WeightingArguments, compute_feature_weights
 from saev_hf.cli import main as cli_main
@@ -107,7 +107,7 @@ def test_cached_tokens_are_the_tokens_the_buffer_reads_with_their_modality_row_a
 
 def test_an_interrupted_cache_resumes_to_the_cache_of_an_uninterrupted_run(setup, monkeypatch):
     llava, dataset = setup["llava"], setup["dataset"]
-    real_write, written = cache_module._write_shard, []
+    real_write, written = ShardWriter.write, []
 
     def write_then_fail(*args, **kwargs):
         if len(written) == 2:
@@ -115,11 +115,11 @@ def test_an_interrupted_cache_resumes_to_the_cache_of_an_uninterrupted_run(setup
         real_write(*args, **kwargs)
         written.append(1)
 
-    monkeypatch.setattr(cache_module, "_write_shard", write_then_fail)
+    monkeypatch.setattr(ShardWriter, "write", write_then_fail)
     out = setup["root"] / "resumed"
     with pytest.raises(KeyboardInterrupt):
         cache_activations(cache_args(out), model=llava.model, processor=llava.processor, dataset=dataset)
-    monkeypatch.setattr(cache_module, "_write_shard", real_write)
+    monkeypatch.setattr(ShardWriter, "write", real_write)
     partial = json.loads((out / MANIFEST_NAME).read_text())
     assert len(partial["shards"]) == 2 and not partial["complete"]
     assert 0 < partial["next_row"] < 18 and partial["next_row"] % 4 != 0  # resumes inside a forward batch
@@ -148,7 +148,7 @@ def test_a_stream_caches_what_the_dataset_caches_and_resumes_after_its_cached_ro
     llava, dataset = setup["llava"], setup["dataset"]
     streamed = dataset.to_iterable_dataset()
     out = setup["root"] / "stream"
-    monkeypatch.setattr(cache_module, "_write_shard", interrupt_after(2, cache_module._write_shard))
+    monkeypatch.setattr(ShardWriter, "write", interrupt_after(2, ShardWriter.write))
     with pytest.raises(KeyboardInterrupt):
         cache_activations(cache_args(out), model=llava.model, processor=llava.processor, dataset=streamed)
     monkeypatch.undo()
@@ -169,7 +169,7 @@ def test_a_bad_row_of_a_resumed_stream_is_named_by_its_place_in_the_stream(setup
     llava, dataset = setup["llava"], setup["dataset"]
     rows = [dict(row) for row in dataset]
     out = setup["root"] / "bad-stream"
-    monkeypatch.setattr(cache_module, "_write_shard", interrupt_after(2, cache_module._write_shard))
+    monkeypatch.setattr(ShardWriter, "write", interrupt_after(2, ShardWriter.write))
     with pytest.raises(KeyboardInterrupt):
         cache_activations(cache_args(out), model=llava.model, processor=llava.processor, dataset=iter_rows(rows))
     monkeypatch.undo()
@@ -180,7 +180,7 @@ def test_a_bad_row_of_a_resumed_stream_is_named_by_its_place_in_the_stream(setup
 
 
 def interrupt_after(shards: int, write):
-    """A stand-in for `_write_shard` that writes `shards` shards, then stops the run as Ctrl-C would."""
+    """A stand-in for `ShardWriter.write` that writes `shards` shards, then stops the run as Ctrl-C would."""
     written = []
 
     def write_then_fail(*args, **kwargs):
@@ -271,8 +271,7 @@ def test_training_from_the_cache_gives_the_weights_training_from_the_mllm_gives(
     llava, dataset, cache = setup["llava"], setup["dataset"], setup["cache"]
     direct = train_saev(tiny_args(tmp_path / "direct", max_steps=30, shuffle_dataset=False), llava.model,
                         llava.processor, dataset)
-    cached = train_saev(tiny_args(tmp_path / "cached", max_steps=30, shuffle_dataset=False,
-                                  activation_cache=str(cache.path)))
+    cached = train_saev(tiny_args(tmp_path / "cached", max_steps=30, shuffle_dataset=False), dataset=cache)
     for name, value in direct.state_dict().items():  # bit for bit (feature_weights: NaN, unset, in both)
         torch.testing.assert_close(cached.state_dict()[name], value, rtol=0, atol=0, equal_nan=True, msg=name)
     assert torch.isfinite(direct.W_enc).all() and direct.config.training_tokens == cached.config.training_tokens
@@ -281,13 +280,14 @@ def test_training_from_the_cache_gives_the_weights_training_from_the_mllm_gives(
     # shuffled rows (the default): the same procedure over the cache's rows. The MLLM then reads the rows in other
     # forward batches (other padding) than the cache did, so equality holds up to float rounding in general.
     direct = train_saev(tiny_args(tmp_path / "direct-shuffled", max_steps=30), llava.model, llava.processor, dataset)
-    cached = train_saev(tiny_args(tmp_path / "cached-shuffled", max_steps=30, activation_cache=str(cache.path)))
+    cached = train_saev(tiny_args(tmp_path / "cached-shuffled", max_steps=30),
+                        dataset=DataArguments(activation_cache=str(cache.path)))
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(cached.state_dict()[name], direct.state_dict()[name], rtol=1e-5, atol=1e-6)
-    assert not torch.equal(cached.W_enc, train_saev(tiny_args(tmp_path / "other-seed", max_steps=30, seed=1,
-                                                              activation_cache=str(cache.path))).W_enc)
+    assert not torch.equal(cached.W_enc, train_saev(tiny_args(tmp_path / "other-seed", max_steps=30, seed=1),
+                                                    dataset=cache).W_enc)
     # every cached token is read once per pass, in another order than the stream's
-    trainer = SAEVTrainer(tiny_args(tmp_path / "shuffled", activation_cache=str(cache.path)))
+    trainer = SAEVTrainer(tiny_args(tmp_path / "shuffled"), train_dataset=cache)
     buffer = trainer.activation_buffer()
     read = []
     while buffer.data_pass == 0:
@@ -300,12 +300,12 @@ def test_training_from_the_cache_gives_the_weights_training_from_the_mllm_gives(
 
 def test_training_from_a_cache_refuses_what_it_cannot_serve(setup, tmp_path):
     with pytest.raises(ValueError, match="holds layer 1, but layer=2"):
-        SAEVTrainer(tiny_args(tmp_path / "a", layer=2, activation_cache=str(setup["cache"].path)))
-    with pytest.raises(ValueError, match="replaces the base model and the dataset"):
-        SAEVTrainer(tiny_args(tmp_path / "b", activation_cache=str(setup["cache"].path)), setup["llava"].model,
-                    setup["llava"].processor)
+        SAEVTrainer(tiny_args(tmp_path / "a", layer=2), train_dataset=setup["cache"])
+    with pytest.raises(ValueError, match="replaces the base model: pass no model= or processor="):
+        SAEVTrainer(tiny_args(tmp_path / "b"), setup["llava"].model, setup["llava"].processor,
+                    train_dataset=setup["cache"])
     with pytest.raises(ValueError, match="not an activation cache"):
-        SAEVTrainer(tiny_args(tmp_path / "c", activation_cache=str(tmp_path)))
+        SAEVTrainer(tiny_args(tmp_path / "c"), train_dataset=DataArguments(activation_cache=str(tmp_path)))
 
 
 def random_saev(d_in: int, seed: int = 0) -> SAEV:
@@ -322,7 +322,7 @@ def test_weights_from_the_cache_are_the_weights_from_the_mllm(setup, num_example
     """Both passes (top-K, then the re-read of the rows holding chosen positions) and the calibration of delta read
     the cache's rows through its CacheReader: the same weights, delta and record as reading the MLLM."""
     llava, dataset, cache = setup["llava"], setup["dataset"], setup["cache"]
-    args = WeightingArguments(batch_size=4, num_examples=num_examples, threshold_quantile=0.9, disable_tqdm=True)
+    args = WeightingArguments(batch_size=4, num_examples=num_examples, threshold_quantile=0.9)
     direct, cached = random_saev(cache.d_in), random_saev(cache.d_in)
     reader = LayerReader(llava.model, llava.processor, layer=1)
     expected = compute_feature_weights(direct, reader, dataset, args)
@@ -361,9 +361,8 @@ def test_evaluation_from_the_cache_is_the_evaluation_on_the_mllm(setup):
     llava, dataset, cache = setup["llava"], setup["dataset"], setup["cache"]
     sae = random_saev(cache.d_in, seed=1)
     direct = evaluate_saev(sae, llava.model, llava.processor, dataset, batch_size=4, num_examples=14,
-                           compute_ce_loss=False, disable_tqdm=True)
-    cached = evaluate_saev(sae, reader=CacheReader(cache), batch_size=4, num_examples=14, compute_ce_loss=False,
-                           disable_tqdm=True)
+                           compute_ce_loss=False)
+    cached = evaluate_saev(sae, reader=CacheReader(cache), batch_size=4, num_examples=14, compute_ce_loss=False)
     assert direct["num_examples"] == cached["num_examples"] == 14 and direct["all"]["tokens"] > 0
     assert cached == {**direct, "model": cache.manifest["model_name_or_path"]}
     with pytest.raises(ValueError, match="CE-loss-recovered runs the MLLM.*compute_ce_loss=False"):
@@ -392,20 +391,20 @@ def test_saev_weights_and_saev_eval_read_a_cache(setup, tmp_path, capsys):
         (["weights", *common, "--output_dir", str(tmp_path / "z")], "model_name_or_path and dataset_name required"),
         (["eval", "--sae_name_or_path", str(tmp_path / "sae"), "--activation_cache", str(cache.path)],
          "CE-loss-recovered runs the MLLM"),
+        (["score", *common, "--activation_cache", str(cache.path), "--output_dir", str(tmp_path / "y")],
+         "activation_cache is read by `saev train`, `weights` and `eval`; `saev score` runs the MLLM"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             cli_main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
-    with pytest.raises(ValueError, match="activation_cache is read by `saev weights` only; saev score runs the MLLM"):
-        cli_main(["score", *common, "--activation_cache", str(cache.path), "--output_dir", str(tmp_path / "y")])
     eval_common = ["--sae_name_or_path", str(tmp_path / "sae"), "--batch_size", "4", "--num_examples", "12",
-                   "--compute_ce_loss", "False", "--use_cpu", "--disable_tqdm"]
-    assert cli_main(["eval", *eval_common, "--activation_cache", str(cache.path), "--output_file",
-                     str(tmp_path / "cached.json")]) == 0
+                   "--compute_ce_loss", "False", "--device", "cpu", "--disable_tqdm"]
+    assert cli_main(["eval", *eval_common, "--activation_cache", str(cache.path), "--output_dir",
+                     str(tmp_path / "cached")]) == 0
     assert "explained variance" in capsys.readouterr().out
     assert cli_main(["eval", *eval_common, "--model_name_or_path", str(llava.path), "--dataset_name",
-                     str(tmp_path / "data"), "--output_file", str(tmp_path / "direct.json")]) == 0
-    cached, direct = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("cached", "direct"))
+                     str(tmp_path / "data"), "--output_dir", str(tmp_path / "direct")]) == 0
+    cached, direct = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("cached", "direct"))
     assert {**cached, "model": None} == {**direct, "model": None} and cached["all"]["tokens"] > 0
 
 
@@ -458,8 +457,7 @@ def test_a_text_only_model_caches_text_and_trains_a_plain_sae_from_it(tiny_text_
                                               processor=tokenizer, dataset=dataset))
     assert len(cache.shards) > 1 and int(Modality.IMAGE) not in stream(cache)["modality"].tolist()
     direct = train_saev(tiny_args(tmp_path / "direct", max_steps=10, shuffle_dataset=False), model, tokenizer, dataset)
-    cached = train_saev(tiny_args(tmp_path / "cached", max_steps=10, shuffle_dataset=False,
-                                  activation_cache=str(cache.path)))
+    cached = train_saev(tiny_args(tmp_path / "cached", max_steps=10, shuffle_dataset=False), dataset=cache)
     assert torch.equal(direct.W_enc, cached.W_enc) and torch.equal(direct.b_dec, cached.b_dec)
 
 

@@ -13,13 +13,13 @@ def test_convert_to_saelens_and_back_keeps_encodings(tmp_path, capsys):
     torch.manual_seed(0)
     sae = SAEV(SAEVConfig(d_in=8, d_sae=24, hook_layer=1, input_scale=2.0))
     sae.save_pretrained(tmp_path / "hf")
-    assert main(["convert", "--source", str(tmp_path / "hf"), "--output_dir", str(tmp_path / "sl"), "--to", "saelens"]) == 0
+    assert main(["convert", "--sae_name_or_path", str(tmp_path / "hf"), "--output_dir", str(tmp_path / "sl"), "--to", "saelens"]) == 0
     assert (tmp_path / "sl" / "cfg.json").exists() and (tmp_path / "sl" / "sae_weights.safetensors").exists()
-    assert main(["convert", "--source", str(tmp_path / "sl"), "--output_dir", str(tmp_path / "hf2")]) == 0
+    assert main(["convert", "--sae_name_or_path", str(tmp_path / "sl"), "--output_dir", str(tmp_path / "hf2")]) == 0
     x = torch.randn(5, 8)
     torch.testing.assert_close(SAEV.from_pretrained(tmp_path / "hf2").encode(x), sae.encode(x))
     capsys.readouterr()
-    assert main(["info", "--source", str(tmp_path / "sl")]) == 0
+    assert main(["info", "--sae_name_or_path", str(tmp_path / "sl")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["num_features"] == 24 and summary["num_weighted_features"] == 0
     assert summary["config"]["hook_layer"] == 1
@@ -27,9 +27,9 @@ def test_convert_to_saelens_and_back_keeps_encodings(tmp_path, capsys):
 
 def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["convert", "--source", "x", "--output_dir", str(tmp_path), "--to", "onnx"])
+        main(["convert", "--sae_name_or_path", "x", "--output_dir", str(tmp_path), "--to", "onnx"])
     assert exit_info.value.code == 2
-    assert "--to 'onnx' is not a layout" in capsys.readouterr().err
+    assert "argument --to: invalid choice: 'onnx'" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
 
@@ -37,7 +37,7 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
 def test_weights_score_and_filter_commands_end_to_end(tiny_model_factory, tmp_path):
     import datasets
 
-    from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
+    from saev_hf.testing.digit_data import DIGIT_NAMES, digit_images
 
     llava = tiny_model_factory("llava")
     data = digit_images(8, seed=2)

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from saev_hf import SAEV, SAEVConfig
 from saev_hf.cli import main
-from saev_hf.filtering import filter_by_score
-from saev_hf.demo.digit_data import digit_images
+from saev_hf.alignment import filter_by_score
+from saev_hf.testing.digit_data import digit_images
 
 TRAIN_FAST = ["--layer", "1", "--expansion_factor", "2", "--max_steps", "4", "--train_batch_size_tokens", "64",
               "--buffer_size_tokens", "256", "--input_scale_estimation_tokens", "256", "--disable_tqdm"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from saev_hf.demo import load_grounded_llava
+from saev_hf.demo.run import load_grounded_llava
 from saev_hf.demo.baselines import chosen_log_likelihood, image_text_similarity
 from saev_hf.demo.gate import auroc
 from saev_hf.demo.grounded_llava import predict_answers

@@ -11,7 +11,7 @@ from saev_hf import SAEV, SAEVConfig
 from saev_hf.activations import LayerActivations, Modality
 from saev_hf.demo.gate import GateThresholds, auroc, concept_features, consistency_pairs
 from saev_hf.demo.scenes import CONCEPTS, VOCABULARY, DigitScans, Scene, SceneObject
-from saev_hf.demo.tiny_processing import build_tiny_tokenizer
+from saev_hf.testing.tiny_processing import build_tiny_tokenizer
 
 
 def test_auroc_by_pair_counting_equals_sklearn_with_ties():

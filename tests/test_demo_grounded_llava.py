@@ -218,7 +218,7 @@ def test_stage_four_continues_stage_three_on_hallucinated_answers_in_the_languag
 
 
 def test_a_recipe_saved_before_stage_four_loads_without_it(tmp_path):
-    from saev_hf.demo import load_recipe
+    from saev_hf.demo.run import load_recipe
 
     arguments = asdict(gl.GroundedLlavaArguments(**SMALL))
     del arguments["imperfect_steps"]

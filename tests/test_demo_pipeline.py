@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from saev_hf.cli import main
-from saev_hf.demo import EMBEDDED_MODEL, SCORE_COLUMNS, DemoArguments, load_grounded_llava, run_demo
+from saev_hf.demo.run import EMBEDDED_MODEL, DemoArguments, load_grounded_llava, run_demo
+from saev_hf.demo.report import SCORE_COLUMNS
 from saev_hf.demo import grounded_llava as gl
 from saev_hf.demo.gate import auroc
 
@@ -48,7 +49,7 @@ def test_demo_runs_the_scene_task_end_to_end_and_reports_honestly(small_model, t
     monkeypatch.setattr(preference, "dpo_and_evaluate",
                         lambda *a, **k: trained_with.append(a[4]) or real(*a, **k))
     out = tmp_path / "demo"
-    argv = ["demo", "--output_dir", str(out), "--model_name_or_path", str(small_model), "--layer", "1",
+    argv = ["demo", "--output_dir", str(out), "--grounded_llava", str(small_model), "--layer", "1",
             "--saev_steps", "10", "--num_pairs", "40", "--dpo_steps", "2", "--eval_rows", "16", "--disable_tqdm"]
     assert main(argv) == 0
     assert trained_with and all(a.sft_weight == 1.0 and a.steps == 2 for a in trained_with)  # DPO + SFT loss
@@ -74,7 +75,7 @@ def test_demo_runs_the_scene_task_end_to_end_and_reports_honestly(small_model, t
     with pytest.raises(FileExistsError):  # a folder holding someone else's files is not overwritten
         (tmp_path / "theirs").mkdir()
         (tmp_path / "theirs" / "notes.txt").write_text("mine")
-        run_demo(DemoArguments(output_dir=str(tmp_path / "theirs"), model_name_or_path=str(small_model)))
+        run_demo(DemoArguments(output_dir=str(tmp_path / "theirs"), grounded_llava=str(small_model)))
 
 
 def test_demo_arguments_are_checked():
@@ -99,7 +100,7 @@ def test_demo_names_the_install_when_its_packages_are_missing(monkeypatch, tmp_p
 
 
 def test_the_report_names_the_filter_that_helped_most_and_never_an_inverted_one():
-    from saev_hf.demo.pipeline import _filter_verdict
+    from saev_hf.demo.report import _filter_verdict
 
     rand = {"accuracy": 0.70}
     filters = {"cosine": {"accuracy": 0.80}, "l0": {"accuracy": 0.72}, "cooccur_l0": {"accuracy": 0.74}}

@@ -12,10 +12,11 @@ from transformers import HfArgumentParser
 
 from saev_hf import SAEV, SAEVConfig
 from saev_hf.activations import LayerReader, Modality, layer_device
-from saev_hf.activity import example_activity
-from saev_hf.loading import MODEL_DTYPES, load_model_and_processor, sae_matmul_precision
+from saev_hf.scoring.activity import example_activity
+from saev_hf.activations import MODEL_DTYPES, load_model_and_processor
+from saev_hf.runtime.devices import sae_matmul_precision
 from saev_hf.scoring import SAEVScorer, ScorerArguments
-from saev_hf.sources import SourceArguments, load_sources
+from saev_hf.arguments import DataArguments, ModelArguments, SAEArguments, load_sources
 from saev_hf.weighting import WeightingArguments, compute_feature_weights
 
 
@@ -54,18 +55,22 @@ def test_device_map_is_passed_to_from_pretrained(tiny_model_factory, monkeypatch
         load_model_and_processor(str(llava.path), dtype="float8")
 
 
-def test_every_data_command_takes_model_dtype_and_device_map():
-    parser = HfArgumentParser(SourceArguments)
-    required = ["--sae_name_or_path", "s", "--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", "o"]
-    (source,) = parser.parse_args_into_dataclasses(required + ["--model_dtype", "bfloat16", "--device_map", "auto"])
-    assert (source.model_dtype, source.device_map) == ("bfloat16", "auto")
-    (default,) = parser.parse_args_into_dataclasses(required)
+def test_every_command_that_loads_the_mllm_takes_model_dtype_device_and_device_map():
+    from saev_hf.cli import COMMANDS
+
+    loading = [name for name, command in COMMANDS.items() if ModelArguments in command.arguments()]
+    assert set(loading) == {"cache", "train", "eval", "weights", "score", "inspect", "patches", "dpo"}
+    parser = HfArgumentParser(ModelArguments)
+    (model,) = parser.parse_args_into_dataclasses(["--model_name_or_path", "m", "--model_dtype", "bfloat16",
+                                                   "--device_map", "auto"])
+    assert (model.model_dtype, model.device_map, model.device) == ("bfloat16", "auto", "auto")
+    (default,) = parser.parse_args_into_dataclasses(["--model_name_or_path", "m"])
     assert (default.model_dtype, default.device_map) == ("auto", None)
     assert MODEL_DTYPES == ("auto", "bfloat16", "float16", "float32")
     with pytest.raises(ValueError, match=r"model_dtype='float8' is not supported"):
-        SourceArguments("s", "m", "d", "o", model_dtype="float8")
+        ModelArguments("m", model_dtype="float8")
     with pytest.raises(ValueError, match=r"Give either device='cuda:1' .* or device_map='auto'"):
-        SourceArguments("s", "m", "d", "o", device="cuda:1", device_map="auto")
+        ModelArguments("m", device="cuda:1", device_map="auto")
 
 
 def test_load_sources_loads_in_the_dtype_asked_and_puts_the_sae_with_its_layer(tiny_model_factory, tmp_path,
@@ -73,17 +78,16 @@ def test_load_sources_loads_in_the_dtype_asked_and_puts_the_sae_with_its_layer(t
     llava = tiny_model_factory("llava")
     tiny_sae().save_pretrained(tmp_path / "sae")
     datasets.Dataset.from_dict({"prompt": ["a"]}).save_to_disk(tmp_path / "data")
-    source = SourceArguments(str(tmp_path / "sae"), str(llava.path), str(tmp_path / "data"), str(tmp_path / "out"),
-                             model_dtype="bfloat16", device_map="cpu")
-    sae, model, _, _ = load_sources(source)
+    sae_args, data_args = SAEArguments(str(tmp_path / "sae")), DataArguments(str(tmp_path / "data"))
+    sae, model, _, _ = load_sources(sae_args, ModelArguments(str(llava.path), model_dtype="bfloat16", device_map="cpu"),
+                                    data_args)
     assert model.dtype == torch.bfloat16
     assert sae.W_enc.dtype == torch.float32  # the SAE-V keeps its own dtype
     # the SAE-V goes where the layer it reads runs (here faked as another device)
     seen = []
-    monkeypatch.setattr("saev_hf.sources.layer_device",
+    monkeypatch.setattr("saev_hf.arguments.layer_device",
                         lambda model, layer: seen.append(layer) or torch.device("meta"))
-    sae, _, _, _ = load_sources(SourceArguments(str(tmp_path / "sae"), str(llava.path), str(tmp_path / "data"),
-                                                str(tmp_path / "out"), device="cpu"))
+    sae, _, _, _ = load_sources(sae_args, ModelArguments(str(llava.path), device="cpu"), data_args)
     assert seen == [1] and sae.W_enc.device.type == "meta"
 
 
@@ -126,7 +130,7 @@ def test_lazy_scorer_loads_in_its_dtype_and_places_the_sae_with_the_model(tiny_m
     scores = scorer.score_rows({"images": [[_image()]], "prompt": ["a cat"]})
     assert scores["saev_l0"][0] > 0
     placed = []
-    monkeypatch.setattr("saev_hf.activations.layer_device",
+    monkeypatch.setattr("saev_hf.scoring.map_function.layer_device",
                         lambda model, layer, layers=None: placed.append(layer) or torch.device("meta"))
     other = SAEVScorer(str(tmp_path / "sae"), str(llava.path))
     assert other._load()[0].W_enc.device.type == "meta" and placed == [1]
@@ -178,7 +182,7 @@ def test_scorer_encodes_under_the_tf32_switch_it_was_given(tiny_model_factory, m
         calls.append((torch.device(device).type, allow_tf32))
         yield
 
-    monkeypatch.setattr("saev_hf.activity.sae_matmul_precision", spy)
+    monkeypatch.setattr("saev_hf.scoring.activity.sae_matmul_precision", spy)
     rows = {"images": [[_image()]], "prompt": ["a cat"]}
     sae = tiny_sae(cooccurrence_threshold=0.0)
     args = ScorerArguments(scores=["l0"], allow_tf32=False)

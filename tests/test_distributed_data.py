@@ -17,10 +17,12 @@ from safetensors.torch import load_file
 from saev_hf import SAEV, SAEVConfig, LayerReader, WeightingArguments, compute_feature_weights
 from saev_hf.cache import ActivationCache, CacheArguments, CacheReader, cache_activations, cached_rows
 from saev_hf.cli import main as cli_main
-from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
-from saev_hf.loading import load_model_and_processor
-from saev_hf.scoring import SHARDS_FOLDER
-from saev_hf.weighting import POSITION_STRIDE, CosineAccumulator, _top_k_pass, _weighting_sample
+from saev_hf.testing.digit_data import DIGIT_NAMES, digit_images
+from saev_hf.activations import load_model_and_processor
+from saev_hf.scoring.mapping import SHARDS_FOLDER
+from saev_hf.weighting.top_k import POSITION_STRIDE
+from saev_hf.weighting.cosine import CosineAccumulator
+from saev_hf.weighting.weights import _top_k_pass, _weighting_sample
 
 TESTS = Path(__file__).parent
 CAPTIONS = ("a handwritten digit {}", "what digit is this ? it is {}", "the image shows a handwritten number {}", "{}")
@@ -90,7 +92,7 @@ def one_process(reader, root, config):
     if config.pop("streamed", False):
         data = data.to_iterable_dataset()
     sae = SAEV.from_pretrained(root / "sae")
-    return compute_feature_weights(sae, reader, data, WeightingArguments(disable_tqdm=True, **config)), sae
+    return compute_feature_weights(sae, reader, data, WeightingArguments(**config)), sae
 
 
 def assert_bit_equal(actual, expected):
@@ -101,7 +103,7 @@ def assert_bit_equal(actual, expected):
 def test_two_processes_compute_exactly_the_weights_of_one_process(setup):
     llava, reader, root = setup
     configs = {name: {**config, **{key: str(root / config[key]) for key in ("data", "activation_cache")
-                                   if key in config}, "disable_tqdm": True}
+                                   if key in config}}
                for name, config in CONFIGS.items()}
     out = root / "weights"
     out.mkdir()
@@ -133,7 +135,7 @@ def test_the_distributed_cases_straddle_the_shard_boundary(setup):
     _, reader, root = setup
     sae = SAEV.from_pretrained(root / "sae")
     plain = datasets.load_from_disk(str(root / "plain"))
-    args = WeightingArguments(num_examples=None, batch_size=4, disable_tqdm=True)
+    args = WeightingArguments(num_examples=None, batch_size=4)
     first = _top_k_pass(sae, reader, plain, args, _weighting_sample(plain, args))
     _, _, weighted, chosen = first.top.selection(args.per_modality)
     rows = chosen[:, weighted] // POSITION_STRIDE  # (2 * per_modality, weighted features): the rows of the cosines
@@ -214,7 +216,7 @@ class FakeState:
     (8, [range(0, 4), range(4, 8), range(8, 12), range(12, 16), range(16, 20), range(20, 24), range(24, 26), []]),
 ])
 def test_each_process_gets_a_contiguous_run_of_whole_batches(processes, expected):
-    from saev_hf.distributed import batch_share
+    from saev_hf.runtime.distributed import batch_share
 
     rows = list(range(100, 126))  # 26 rows (dataset indices), in batches of 4: 7 batches
     shares = [batch_share(rows, 4, FakeState(i, processes)) for i in range(processes)]
@@ -223,7 +225,7 @@ def test_each_process_gets_a_contiguous_run_of_whole_batches(processes, expected
 
 
 def test_merged_calibration_samples_are_every_value_when_they_fit_and_a_uniform_sample_otherwise():
-    from saev_hf.weighting import PositiveSample
+    from saev_hf.weighting.delta import PositiveSample
 
     acts = torch.rand(2, 300, 8) - 0.5  # two processes' activations, about half positive
     whole = PositiveSample(seed=1)
@@ -249,11 +251,11 @@ def test_merged_calibration_samples_are_every_value_when_they_fit_and_a_uniform_
 
 
 def test_a_stream_without_num_examples_is_refused_on_several_processes(setup, monkeypatch):
-    import saev_hf.weighting as weighting
+    import saev_hf.weighting.weights as weights
 
     _, reader, root = setup
-    monkeypatch.setattr(weighting, "distributed_state", lambda cpu=False: FakeState(0, 2))
+    monkeypatch.setattr(weights, "distributed_state", lambda cpu=False: FakeState(0, 2))
     stream = datasets.load_from_disk(str(root / "plain")).to_iterable_dataset()
     with pytest.raises(ValueError, match=r"over 2 processes needs its length.*num_examples"):
         compute_feature_weights(SAEV.from_pretrained(root / "sae"), reader, stream,
-                                WeightingArguments(num_examples=None, disable_tqdm=True))
+                                WeightingArguments(num_examples=None))

@@ -1,4 +1,4 @@
-"""The DPO / SFT recipe on a filtered dataset (saev_hf.dpo), on the tiny LLaVA on a CPU."""
+"""The DPO / SFT recipe on a filtered dataset (saev_hf.alignment.dpo), on the tiny LLaVA on a CPU."""
 
 import json
 import subprocess
@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from saev_hf.demo.tiny_models import build_tiny_model
-from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
+from saev_hf.testing.tiny_models import build_tiny_model
+from saev_hf.testing.digit_data import DIGIT_NAMES, digit_images
 
 
 def turn(role, content):
@@ -33,7 +33,7 @@ def preference_rows(n, seed=0):
 
 
 def small_config(tmp_path, **overrides):
-    from saev_hf.dpo import paper_dpo_config
+    from saev_hf.alignment.dpo import paper_dpo_config
 
     settings = dict(max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=5e-3,
                     warmup_steps=0, max_length=128, logging_steps=1, save_strategy="no", seed=0,
@@ -50,7 +50,7 @@ def test_import_saev_hf_does_not_import_trl():
 def test_paper_config_values(tmp_path):
     from trl import DPOConfig, SFTConfig
 
-    from saev_hf.dpo import paper_dpo_config, paper_sft_config
+    from saev_hf.alignment.dpo import paper_dpo_config, paper_sft_config
 
     for config in (paper_dpo_config(str(tmp_path)), paper_sft_config(str(tmp_path))):
         assert isinstance(config, (DPOConfig, SFTConfig))
@@ -70,7 +70,7 @@ def test_paper_config_values(tmp_path):
 
 def test_dpo_on_filtered_rows_changes_weights_and_learns(tmp_path):
     from saev_hf import FilterArguments, filter_by_score
-    from saev_hf.dpo import train_dpo
+    from saev_hf.alignment.dpo import train_dpo
 
     model, processor = build_tiny_model("llava", seed=0)
     kept = filter_by_score(preference_rows(16), FilterArguments(column="saev_cosine_score", fraction=0.5))
@@ -89,7 +89,7 @@ def test_dpo_on_filtered_rows_changes_weights_and_learns(tmp_path):
 def test_lora_wraps_only_language_model_projections(tmp_path):
     from peft import PeftModel
 
-    from saev_hf.dpo import LANGUAGE_MODEL_PROJECTIONS, language_model_target_modules, train_dpo
+    from saev_hf.alignment.dpo import LANGUAGE_MODEL_PROJECTIONS, language_model_target_modules, train_dpo
 
     model, processor = build_tiny_model("llava", seed=0)
     targets = language_model_target_modules(model)
@@ -106,7 +106,7 @@ def test_lora_wraps_only_language_model_projections(tmp_path):
 
 
 def test_sft_path_runs_a_couple_of_steps(tmp_path):
-    from saev_hf.dpo import paper_sft_config, train_sft
+    from saev_hf.alignment.dpo import paper_sft_config, train_sft
 
     model, processor = build_tiny_model("llava", seed=0)
     before = model.model.language_model.layers[0].self_attn.q_proj.weight.detach().clone()
@@ -121,7 +121,7 @@ def test_sft_path_runs_a_couple_of_steps(tmp_path):
 def test_dpo_rejects_rows_without_preferences(tmp_path):
     import datasets
 
-    from saev_hf.dpo import train_dpo
+    from saev_hf.alignment.dpo import train_dpo
 
     model, processor = build_tiny_model("llava", seed=0)
     with pytest.raises(ValueError, match="chosen"):
@@ -130,7 +130,7 @@ def test_dpo_rejects_rows_without_preferences(tmp_path):
 
 def test_saev_dpo_command_trains_and_saves(tmp_path):
     from saev_hf.cli import main
-    from saev_hf.demo.tiny_models import save_tiny_model
+    from saev_hf.testing.tiny_models import save_tiny_model
 
     model_dir = save_tiny_model("llava", tmp_path / "tiny-llava")
     preference_rows(8).save_to_disk(str(tmp_path / "kept"))
@@ -159,7 +159,8 @@ def readme_rows(n, seed=0):
 
 def scorer_text(processor, row):
     """The prompt text the scorer (prompts.prepare_inputs) gives the model for a row."""
-    from saev_hf.prompts import build_messages, format_text, row_images
+    from saev_hf.data.prompts import build_messages, format_text
+    from saev_hf.data.images import row_images
 
     if isinstance(row["prompt"], str) and processor.image_token in row["prompt"]:
         return row["prompt"]
@@ -183,7 +184,7 @@ def trl_text(processor, example):
 def test_trl_dataset_gives_trl_the_prompt_the_scorer_read_in_every_layout():
     import datasets
 
-    from saev_hf.dpo import trl_dataset
+    from saev_hf.alignment.dpo import trl_dataset
 
     _, processor = build_tiny_model("llava", seed=0)
     image, _ = digit_images(1)[0]
@@ -216,7 +217,7 @@ def test_trl_dataset_makes_a_single_image_or_path_a_list_of_images(tmp_path):
     import datasets
     from PIL import Image
 
-    from saev_hf.dpo import trl_dataset
+    from saev_hf.alignment.dpo import trl_dataset
 
     _, processor = build_tiny_model("llava", seed=0)
     image, _ = digit_images(1)[0]
@@ -231,8 +232,8 @@ def test_trl_dataset_makes_a_single_image_or_path_a_list_of_images(tmp_path):
 def test_trl_dataset_refuses_rows_it_cannot_convert_naming_row_and_fix():
     import datasets
 
-    from saev_hf.dpo import trl_dataset
-    from saev_hf.prompts import RowError
+    from saev_hf.alignment.dpo import trl_dataset
+    from saev_hf.data import RowError
 
     _, processor = build_tiny_model("llava", seed=0)
     image, _ = digit_images(1)[0]
@@ -251,7 +252,7 @@ def test_trl_dataset_refuses_rows_it_cannot_convert_naming_row_and_fix():
 def test_readme_chain_score_filter_dpo_then_score_again(tmp_path):
     """The README's data, unchanged, through ds.map(scorer) -> filter_by_score -> train_dpo -> the scorer again."""
     from saev_hf import SAEV, SAEVConfig, SAEVScorer, LayerReader, compute_feature_weights, filter_by_score
-    from saev_hf.dpo import train_dpo
+    from saev_hf.alignment.dpo import train_dpo
 
     model, processor = build_tiny_model("llava", seed=0)
     ds = readme_rows(16)
@@ -274,7 +275,7 @@ def test_readme_chain_score_filter_dpo_then_score_again(tmp_path):
 
 
 def test_sft_trains_on_the_readme_plain_prompts(tmp_path):
-    from saev_hf.dpo import paper_sft_config, train_sft
+    from saev_hf.alignment.dpo import paper_sft_config, train_sft
 
     model, processor = build_tiny_model("llava", seed=0)
     before = model.model.language_model.layers[0].self_attn.q_proj.weight.detach().clone()
@@ -294,8 +295,8 @@ def test_trl_trains_on_exactly_the_tokens_the_reader_gives_the_model():
     import datasets
     from trl import DPOTrainer
 
-    from saev_hf.demo.tiny_pretraining import response_inputs
-    from saev_hf.dpo import _preference_rows, check_bos_for_trl, paper_dpo_config
+    from saev_hf.testing.tiny_pretraining import response_inputs
+    from saev_hf.alignment.dpo import _preference_rows, check_bos_for_trl, paper_dpo_config
 
     model, processor = build_tiny_model("llava", seed=0)
     assert check_bos_for_trl(processor)
@@ -318,7 +319,7 @@ def test_trl_trains_on_exactly_the_tokens_the_reader_gives_the_model():
 
 
 def test_a_template_that_leaves_the_bos_to_the_tokenizer_is_flagged_before_trl_drops_it():
-    from saev_hf.dpo import check_bos_for_trl
+    from saev_hf.alignment.dpo import check_bos_for_trl
 
     _, processor = build_tiny_model("llava", seed=0)
     without = processor.chat_template.replace("{{- bos_token -}}", "")

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from saev_hf import SAEV, SAEVConfig, SAEVScorer, ScorerArguments
 from saev_hf.activations import LayerReader
-from saev_hf.filtering import FilterArguments, filter_by_score
-from saev_hf.prompts import RowError
-from saev_hf.demo.digit_data import digit_images
+from saev_hf.alignment import FilterArguments, filter_by_score
+from saev_hf.data import RowError
+from saev_hf.testing.digit_data import digit_images
 from saev_hf.weighting import WeightingArguments, compute_feature_weights
 
 
@@ -78,7 +78,7 @@ def test_weighting_streams_an_iterable_dataset(llava):
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.05)
     ds = datasets.Dataset.from_dict(rows(6))
-    args = WeightingArguments(num_examples=None, top_k=4, per_modality=1, batch_size=4, disable_tqdm=True)
+    args = WeightingArguments(num_examples=None, top_k=4, per_modality=1, batch_size=4)
     indexed = compute_feature_weights(sae, reader, ds, args, store=False)
     streamed = compute_feature_weights(sae, reader, ds.to_iterable_dataset(), args, store=False)
     assert torch.equal(indexed.isnan(), streamed.isnan()) and (~indexed.isnan()).any()
@@ -96,7 +96,7 @@ def test_weighting_error_names_the_dataset_row_of_a_sample(llava):
     data = rows(10)
     data["images"][5] = []
     sae = SAEV(SAEVConfig(d_in=64, d_sae=32, hook_layer=1))
-    args = WeightingArguments(num_examples=5, top_k=4, per_modality=1, batch_size=8, seed=1, disable_tqdm=True)
+    args = WeightingArguments(num_examples=5, top_k=4, per_modality=1, batch_size=8, seed=1)
     sample = sorted(torch.randperm(10, generator=torch.Generator().manual_seed(1))[:5].tolist())
     assert sample == [0, 1, 2, 5, 6]  # row 5 is read 4th: counting positions would name row 3
     with pytest.raises(RowError, match=r"^Row 5 has no image in column 'images'"):
@@ -105,7 +105,7 @@ def test_weighting_error_names_the_dataset_row_of_a_sample(llava):
 
 def test_training_error_names_the_dataset_row_not_the_reading_position(tmp_path):
     from saev_hf import SAEVTrainingArguments, train_saev
-    from saev_hf.demo.tiny_models import build_tiny_model
+    from saev_hf.testing.tiny_models import build_tiny_model
 
     model, processor = build_tiny_model("llava")
     data = rows(6)
@@ -118,7 +118,7 @@ def test_training_error_names_the_dataset_row_not_the_reading_position(tmp_path)
 
 
 def test_scorer_restored_in_another_working_directory_finds_its_folders(llava, saved_sae, tmp_path, monkeypatch):
-    import saev_hf.scoring as scoring
+    import saev_hf.scoring.map_function as scoring
 
     monkeypatch.chdir(saved_sae.parent)
     scorer = SAEVScorer("sae", os.path.relpath(llava.path), args=ScorerArguments(scores=["l0"]))
@@ -132,7 +132,8 @@ def test_scorer_restored_in_another_working_directory_finds_its_folders(llava, s
 
 
 def test_a_local_path_with_a_typo_says_that_the_folder_does_not_exist():
-    from saev_hf.loading import load_dataset_split, load_model_and_processor
+    from saev_hf.data import load_dataset_split
+    from saev_hf.activations import load_model_and_processor
 
     for load, what in ((SAEV.from_pretrained, "SAE-V"), (load_model_and_processor, "model"),
                        (load_dataset_split, "dataset")):

@@ -12,8 +12,9 @@ from torch import nn
 from saev_hf import SAEV, SAEVConfig
 from saev_hf.activations import LayerReader, Modality
 from saev_hf.cli import main as cli_main
-from saev_hf.evaluation import _replace_output, evaluate_saev, format_metrics_table
-from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
+from saev_hf.evaluation.metrics import _replace_output
+from saev_hf.evaluation import evaluate_saev, format_metrics_table
+from saev_hf.testing.digit_data import DIGIT_NAMES, digit_images
 
 D_IN = 64
 
@@ -188,11 +189,11 @@ def test_saev_eval_command_prints_the_table_and_writes_json(tiny_model_factory, 
     datasets.Dataset.from_list(digit_rows(5)).save_to_disk(str(tmp_path / "data"))
     argv = ["eval", "--sae_name_or_path", str(tmp_path / "sae"), "--model_name_or_path", str(llava.path),
             "--dataset_name", str(tmp_path / "data"), "--num_examples", "4", "--batch_size", "2",
-            "--output_file", str(tmp_path / "metrics.json")]
+            "--output_dir", str(tmp_path / "eval")]
     assert cli_main(argv) == 0
     out = capsys.readouterr().out
     assert "| CE loss recovered | 1 | 1 | 1 |" in out
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["num_examples"] == 4 and metrics["model"] == str(llava.path)
     assert metrics["image"]["tokens"] == 4 * 16
 
@@ -225,7 +226,7 @@ def test_the_table_explains_ce_loss_recovered_outside_zero_to_one():
 def test_the_table_refuses_metrics_that_are_not_an_evaluation_naming_the_missing_keys():
     from saev_hf.evaluation import check_metrics, format_metrics_table
 
-    with pytest.raises(ValueError, match=r"lack model, layer, .*dense_threshold, all, text, image: .*--output_file"):
+    with pytest.raises(ValueError, match=r"lack model, layer, .*dense_threshold, all, text, image: .*--output_dir DIR` \(DIR/metrics\.json\)"):
         format_metrics_table({})
     broken = metrics_with()
     del broken["text"]["l0"], broken["d_sae"]

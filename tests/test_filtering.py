@@ -3,7 +3,7 @@
 import datasets
 import pytest
 
-from saev_hf.filtering import FilterArguments, filter_by_score, kept_indices
+from saev_hf.alignment import FilterArguments, filter_by_score, kept_indices
 
 
 def scored(scores):

@@ -97,8 +97,8 @@ def test_log_likelihood_baseline_matches_an_independent_computation(experiment):
 
 
 def test_pretrained_answer_column_agrees_with_digit_accuracy(experiment):
-    from saev_hf.demo.digit_data import DIGIT_NAMES
-    from saev_hf.demo.tiny_pretraining import digit_accuracy
+    from saev_hf.testing.digit_data import DIGIT_NAMES
+    from saev_hf.testing.tiny_pretraining import digit_accuracy
 
     _, record, seed_runs = experiment
     run = seed_runs[0]
@@ -109,3 +109,11 @@ def test_pretrained_answer_column_agrees_with_digit_accuracy(experiment):
         assert row["pretrained_names_chosen"] == named
     kept = record["seeds"][0]["runs"]["random"]["1.0"]["pretrained_names_chosen_fraction"]
     assert kept == pytest.approx(sum(run.scored["pretrained_names_chosen"]) / 20)
+
+
+def test_the_digit_captioning_settings_are_checked():
+    digit_captioning = load_benchmark("digit_captioning")
+    with pytest.raises(ValueError, match="low_quality_fraction"):
+        digit_captioning.DigitCaptioningArguments(low_quality_fraction=1.5)
+    with pytest.raises(ValueError, match="1797"):
+        digit_captioning.DigitCaptioningArguments(pretrain_digits=1700)

@@ -15,33 +15,11 @@ import pytest
 import torch
 from huggingface_hub import DatasetCard, ModelCard
 
-from saev_hf import (
-    SAEV,
-    FilterArguments,
-    LayerReader,
-    SAEVConfig,
-    SAEVScorer,
-    compute_feature_weights,
-    evaluate_saev,
-    filter_by_score,
-    format_metrics_table,
-)
+from saev_hf import (SAEV, FilterArguments, LayerReader, SAEVConfig, SAEVScorer, compute_feature_weights, evaluate_saev, filter_by_score, format_metrics_table)
 from saev_hf.cli import main
-from saev_hf.hub import (
-    CITATION,
-    HISTOGRAM_FILE,
-    MODEL_CARD_TEMPLATE,
-    DATASET_CARD_TEMPLATE,
-    filtered_dataset_card,
-    load_saev_config,
-    push_filtered_dataset,
-    push_saev,
-    saev_model_card,
-    template_text,
-    text_histogram,
-)
+from saev_hf.hub import (CITATION, HISTOGRAM_FILE, MODEL_CARD_TEMPLATE, DATASET_CARD_TEMPLATE, filtered_dataset_card, load_saev_config, push_filtered_dataset, push_saev, saev_model_card, template_text, text_histogram)
 from saev_hf.scoring import ScorerArguments
-from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
+from saev_hf.testing.digit_data import DIGIT_NAMES, digit_images
 from saev_hf.weighting import WeightingArguments
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,7 +249,7 @@ def test_saev_push_refuses_a_metrics_file_that_lacks_what_the_card_needs(loopbac
     push = ["push", "--sae", str(tmp_path / "sae"), "--repo_id", "org/bad-metrics", "--metrics_json"]
     (tmp_path / "empty.json").write_text("{}")
     with pytest.raises(ValueError, match=r"empty\.json: The metrics lack model, layer, .*, all, text, image: .*"
-                                         r"saev eval \.\.\. --output_file metrics\.json"):
+                                         r"saev eval \.\.\. --output_dir DIR` \(DIR/metrics\.json\)"):
         main([*push, str(tmp_path / "empty.json")])
     partial = json.loads(json.dumps(pipeline["metrics"]))
     del partial["all"]["mse"], partial["num_examples"]

@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 
 from saev_hf.activations import LayerReader
-from saev_hf.loading import load_dataset_split
-from saev_hf.prompts import RowError, build_messages, load_image, to_rgb
-from saev_hf.demo.digit_data import digit_images
+from saev_hf.data import load_dataset_split
+from saev_hf.data import RowError, load_image, to_rgb
+from saev_hf.data.prompts import build_messages
+from saev_hf.testing.digit_data import digit_images
 
 
 def png(image):
@@ -131,7 +132,7 @@ def test_transparent_images_are_composited_onto_white_as_transformers_does(name)
 
 
 def test_the_processor_sees_the_same_pixels_from_a_transparent_image_as_from_the_library():
-    from saev_hf.demo.tiny_models import build_tiny_model
+    from saev_hf.testing.tiny_models import build_tiny_model
 
     _, processor = build_tiny_model("llava")
     image = _transparent_images()["RGBA"]
@@ -144,8 +145,9 @@ def test_the_processor_sees_the_same_pixels_from_a_transparent_image_as_from_the
 
 def test_a_template_that_writes_the_bos_gets_one_bos_and_one_that_does_not_gets_the_tokenizers():
     """As transformers' processors: a text that already opens with <s> is tokenized without adding special tokens."""
-    from saev_hf.demo.tiny_models import build_tiny_model
-    from saev_hf.prompts import PromptFormat, prepare_inputs
+    from saev_hf.testing.tiny_models import build_tiny_model
+    from saev_hf.data import PromptFormat
+    from saev_hf.data.prompts import prepare_inputs
 
     _, processor = build_tiny_model("llava", seed=0)
     bos = processor.tokenizer.bos_token_id

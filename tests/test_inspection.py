@@ -11,13 +11,12 @@ import pytest
 import torch
 from test_scoring import data_driven_sae
 
-from saev_hf import SAEV, SAEVConfig
 from saev_hf.activations import LayerReader, Modality
 from saev_hf.cli import main
-from saev_hf.feature_browser import write_feature_browser
-from saev_hf.inspection import InspectionArguments, explain_rows, inspect_saev
+from saev_hf.interpret import write_feature_browser
+from saev_hf.interpret import InspectionArguments, explain_rows, inspect_saev
 from saev_hf.scoring import SAEVScorer
-from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
+from saev_hf.testing.digit_data import DIGIT_NAMES, digit_images
 
 DELTA = 0.05  # the tiny models' hidden states have norms near 0.1; delta = 1 would leave nothing co-occurring
 D_SAE = 96

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from saev_hf.demo import load_grounded_llava, load_recipe
+from saev_hf.demo.run import load_grounded_llava, load_recipe
 from saev_hf.demo import grounded_llava as gl
 
 from benchmark_scripts import load_benchmark

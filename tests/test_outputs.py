@@ -9,8 +9,8 @@ import torch
 
 from saev_hf import SAEV, SAEVConfig
 from saev_hf.cli import main
-from saev_hf.outputs import OUTPUT_RECORD, output_owner
-from saev_hf.demo.digit_data import digit_images
+from saev_hf.runtime.folders import OUTPUT_RECORD, output_owner
+from saev_hf.testing.digit_data import digit_images
 
 TRAIN_FAST = ["--layer", "1", "--expansion_factor", "2", "--max_steps", "2", "--train_batch_size_tokens", "64",
               "--buffer_size_tokens", "256", "--input_scale_estimation_tokens", "256", "--disable_tqdm"]
@@ -58,7 +58,7 @@ def command_lines(root, llava, out):
     source = ["--sae_name_or_path", str(root / "sae"), "--model_name_or_path", str(llava.path), "--dataset_name",
               str(root / "data"), "--output_dir", str(out), "--disable_tqdm"]
     return {
-        "convert": ["convert", "--source", str(root / "sae"), "--output_dir", str(out)],
+        "convert": ["convert", "--sae_name_or_path", str(root / "sae"), "--output_dir", str(out)],
         "weights": ["weights", *source, "--per_modality", "1", "--top_k", "4"],
         "score": ["score", *source],
         "patches": ["patches", *source, "--score", "l0"],
@@ -96,8 +96,7 @@ def test_write_feature_browser_keeps_an_existing_index_html(sources, tmp_path):
     sae = SAEV.from_pretrained(root / "sae")
     reader = LayerReader(llava.model, llava.processor, layer=1)
     inspection = inspect_saev(sae, reader, datasets.load_from_disk(str(root / "data")),
-                              InspectionArguments(features=[0], num_explained=1, num_top_weighted=0, num_examples=None,
-                                                  disable_tqdm=True))
+                              InspectionArguments(features=[0], num_explained=1, num_top_weighted=0, num_examples=None))
     site = tmp_path / "site"
     site.mkdir()
     (site / "index.html").write_text("<h1>my site</h1>")

@@ -10,17 +10,9 @@ import torch
 from PIL import Image
 
 from saev_hf.activations import LayerReader, Modality
-from saev_hf.patches import (
-    PATCH_SCORES,
-    PatchFilter,
-    PatchFilterArguments,
-    PatchLocator,
-    keep_mask,
-    mask_patches,
-    token_patch_scores,
-)
-from saev_hf.prompts import RowError
-from saev_hf.demo.digit_data import digit_images
+from saev_hf.patches import (PATCH_SCORES, PatchFilter, PatchFilterArguments, PatchLocator, keep_mask, mask_patches, token_patch_scores)
+from saev_hf.data import RowError
+from saev_hf.testing.digit_data import digit_images
 from saev_hf.weighting import WeightingArguments, compute_feature_weights
 from test_scoring import DELTA, data_driven_sae
 
@@ -87,7 +79,7 @@ class _LocalVQEncoder(torch.nn.Module):
 
 
 def test_chameleon_layout_through_its_quantizer():
-    from saev_hf.demo.tiny_models import build_tiny_model
+    from saev_hf.testing.tiny_models import build_tiny_model
 
     model, processor = build_tiny_model("chameleon")
     vq = model.model.vqmodel
@@ -315,7 +307,7 @@ def test_patch_filter_on_every_architecture(tiny_mllm):
     """Score and mask with each tiny MLLM, on a wide image: the returned grid is the layout's, and exactly the cells
     below the threshold are filled."""
     from saev_hf import SAEV, SAEVConfig
-    from saev_hf.activations import text_config
+    from saev_hf.activations.reader import text_config
 
     torch.manual_seed(0)
     hidden = text_config(tiny_mllm.model).hidden_size
@@ -337,7 +329,7 @@ def test_patch_filter_on_every_architecture(tiny_mllm):
 def test_patch_filter_pickles_to_its_identity_and_restores_as_a_patch_filter(patch_setup, tmp_path):
     import pickle
 
-    from saev_hf import scoring
+    from saev_hf.scoring import map_function as scoring
 
     llava, sae, ds, _ = patch_setup
     sae.save_pretrained(tmp_path / "sae")

@@ -1,4 +1,4 @@
-"""The input pipeline (saev_hf.pipeline): forward batches prepared ahead by DataLoader workers and grouped by length,
+"""The input pipeline (saev_hf.data.pipeline): forward batches prepared ahead by DataLoader workers and grouped by length,
 with results in the dataset's order and unchanged; the scorer, the weighting and the inspection on it; and
 `saev score --num_proc` keeping the model off the accelerator in the parent process."""
 
@@ -8,11 +8,12 @@ import datasets
 import pytest
 import torch
 
-from saev_hf.inspection import InspectionArguments, inspect_saev
-from saev_hf.pipeline import length_estimate, length_grouped_batches, prepared_batches
-from saev_hf.prompts import PromptFormat, RowError, prepare_inputs
+from saev_hf.interpret.inspection import InspectionArguments, inspect_saev
+from saev_hf.data.pipeline import length_estimate, length_grouped_batches, prepared_batches
+from saev_hf.data.prompts import PromptFormat, RowError, prepare_inputs
 from saev_hf.scoring import SAEVScorer, ScorerArguments
-from saev_hf.sources import MapArguments, SourceArguments, map_placement
+from saev_hf.arguments import ModelArguments
+from saev_hf.scoring.mapping import MapArguments, map_placement
 from saev_hf.weighting import WeightingArguments, compute_feature_weights
 from test_scoring import make_rows, rows_with_bad_images, weighted_setup
 
@@ -84,7 +85,7 @@ def test_grouping_by_length_gives_the_same_scores_in_the_dataset_order(pipeline_
 
 def test_preprocessing_workers_prepare_in_other_processes_the_same_inputs(pipeline_setup, monkeypatch):
     _, _, ds, reader, _ = pipeline_setup
-    import saev_hf.pipeline as pipeline
+    import saev_hf.data.pipeline as pipeline
 
     def prepare_and_tell(*args, **kwargs):  # marks which process prepared each batch
         inputs = prepare_inputs(*args, **kwargs)
@@ -166,11 +167,11 @@ def test_rows_out_of_order_are_named_by_their_own_index(pipeline_setup):
 def test_weighting_and_inspection_with_workers_match_without(pipeline_setup):
     llava, sae, ds, reader, _ = pipeline_setup
     weights = {w: compute_feature_weights(sae, reader, ds, WeightingArguments(
-        num_examples=9, batch_size=4, preprocessing_workers=w, disable_tqdm=True), store=False) for w in (0, 2)}
+        num_examples=9, batch_size=4, preprocessing_workers=w), store=False) for w in (0, 2)}
     assert weights[0].isnan().sum() < len(weights[0]), "some features must be weighted"
     torch.testing.assert_close(weights[2], weights[0], equal_nan=True)
     inspections = {w: inspect_saev(sae, reader, ds, InspectionArguments(
-        num_examples=10, batch_size=4, num_explained=3, preprocessing_workers=w, disable_tqdm=True)) for w in (0, 2)}
+        num_examples=10, batch_size=4, num_explained=3, preprocessing_workers=w)) for w in (0, 2)}
     assert list(inspections[2].explanations) == list(inspections[0].explanations)
     for row, explanation in inspections[0].explanations.items():
         assert inspections[2].explanations[row].cosine_score == pytest.approx(explanation.cosine_score, abs=1e-6)
@@ -189,18 +190,18 @@ def test_invalid_pipeline_arguments():
             arguments(preprocessing_workers=-1)
 
 
-def test_num_proc_loads_the_model_on_the_cpu_and_refuses_a_device_map(tmp_path):
-    source = SourceArguments("sae", "model", "data", str(tmp_path))
+def test_num_proc_loads_the_model_on_the_cpu_and_refuses_a_device_map():
+    source = ModelArguments("model")
     assert map_placement(source, MapArguments()) == (source, False)
     placed, with_rank = map_placement(source, MapArguments(num_proc=2))
     assert placed.device == "cpu" and with_rank
-    assert map_placement(SourceArguments("sae", "model", "data", str(tmp_path), device="cpu"),
+    assert map_placement(ModelArguments("model", device="cpu"),
                          MapArguments(num_proc=2))[1] is False
     with pytest.raises(ValueError, match="device_map='auto' places one model"):
-        map_placement(SourceArguments("sae", "model", "data", str(tmp_path), device_map="auto"),
+        map_placement(ModelArguments("model", device_map="auto"),
                       MapArguments(num_proc=2))
     with pytest.raises(ValueError, match="device='cuda:0' cannot hold"):
-        map_placement(SourceArguments("sae", "model", "data", str(tmp_path), device="cuda:0"),
+        map_placement(ModelArguments("model", device="cuda:0"),
                       MapArguments(num_proc=2))
 
 
@@ -208,7 +209,7 @@ def test_score_command_with_num_proc_never_puts_the_model_on_the_accelerator_in_
         pipeline_setup, tmp_path, monkeypatch):
     """`saev score --num_proc 2` on a machine whose 'auto' device is an accelerator (the meta device stands in for
     CUDA here): the parent loads the model on the CPU, so the workers it forks can each take their own GPU."""
-    import saev_hf.sources as sources
+    import saev_hf.arguments as sources
     from saev_hf.cli import main
 
     llava, sae, ds, _, root = pipeline_setup

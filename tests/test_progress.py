@@ -8,7 +8,7 @@ import torch
 
 from saev_hf import SAEV, SAEVConfig
 from saev_hf.cli import main
-from saev_hf.demo.digit_data import digit_images
+from saev_hf.testing.digit_data import digit_images
 
 
 @pytest.fixture(autouse=True)

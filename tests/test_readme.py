@@ -50,7 +50,7 @@ def readme_data(n=16):
     """The README's own example data (its second Python block): digits, plain prompts, chosen and rejected."""
     import datasets
 
-    from saev_hf.demo.digit_data import digit_images
+    from saev_hf.testing.digit_data import digit_images
 
     return datasets.Dataset.from_dict({
         "images": [[image] for image, label in digit_images(n)],
@@ -68,7 +68,7 @@ def test_readme_command_lines_run_in_order_each_output_feeding_the_next(loopback
     from saev_hf import SAEV, SAEVConfig
     from saev_hf.cli import main
     from saev_hf.evaluation import format_metrics_table
-    from saev_hf.demo.tiny_models import save_tiny_model
+    from saev_hf.testing.tiny_models import save_tiny_model
 
     # Hub names the README loads from, as local folders; the authors' SAE-V repo and the pushes go to the loopback Hub
     local = tmp_path / "hub-names"

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from saev_hf import SAEV, SAEVConfig
-from saev_hf.saelens import config_from_saelens
+from saev_hf.model.saelens import config_from_saelens
 
 sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is installed by the dev extra; CI installs it")
 

@@ -12,9 +12,9 @@ import torch
 
 from saev_hf import SAEV, SAEVConfig
 from saev_hf.activations import LayerReader, Modality
-from saev_hf.prompts import PromptFormat, RowError
+from saev_hf.data import PromptFormat, RowError
 from saev_hf.scoring import SAEVScorer, ScorerArguments
-from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
+from saev_hf.testing.digit_data import DIGIT_NAMES, digit_images
 from saev_hf.weighting import WeightingArguments, compute_feature_weights
 
 DELTA = 0.05  # the tiny model's hidden states have norms near 0.1; delta = 1 would leave nothing co-occurring
@@ -147,7 +147,7 @@ CACHE_SCRIPT = textwrap.dedent(
     """
     import json, sys, datasets
     from saev_hf import SAEV
-    from saev_hf.loading import load_model_and_processor
+    from saev_hf.activations import load_model_and_processor
     from saev_hf.scoring import SAEVScorer
     root, model_dir = sys.argv[1], sys.argv[2]
     ds = datasets.load_from_disk(root + "/data")
@@ -333,7 +333,7 @@ def test_a_worker_that_reloads_a_changed_sae_refuses_instead_of_scoring_another(
     changed it in memory since, the worker must refuse, not score the version on disk."""
     import weakref
 
-    import saev_hf.scoring as scoring
+    import saev_hf.scoring.map_function as scoring
 
     llava, _, ds, root = scored_setup
     sae = SAEV.from_pretrained(root / "sae")

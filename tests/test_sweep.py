@@ -11,9 +11,9 @@ import torch
 from test_training import digit_dataset, tiny_args
 
 from saev_hf import SAEV
-from saev_hf.activation_buffer import ActivationBuffer
+from saev_hf.training.buffer import ActivationBuffer
 from saev_hf.cli import main as cli_main
-from saev_hf.sweep import SWEEP_FIELDS, parse_sweep, sweep_members
+from saev_hf.training import SWEEP_FIELDS, parse_sweep, sweep_members
 from saev_hf.training import SAEVTrainer, train_saev, train_saevs
 
 # three members that differ in the L1 coefficient, the width and the activation
@@ -157,7 +157,8 @@ def test_saev_train_help_documents_the_sweep_option(capsys):
 
 def test_saev_train_sweep_refuses_a_shared_option_with_a_message(tmp_path, capsys):
     with pytest.raises(ValueError, match="'layer' cannot vary within a sweep"):
-        cli_main(["train", "--layer", "1", "--output_dir", str(tmp_path / "x"), "--sweep", '{"layer": [1, 2]}'])
+        cli_main(["train", "--model_name_or_path", "m", "--dataset_name", "d", "--layer", "1", "--output_dir",
+                  str(tmp_path / "x"), "--sweep", '{"layer": [1, 2]}'])
     assert not (tmp_path / "x").exists()
 
 
@@ -266,25 +267,27 @@ def test_a_resumed_sweep_gives_the_uninterrupted_sweep(tiny_model_factory, tmp_p
 
 
 def test_a_sweep_from_an_activation_cache_equals_separate_runs_from_it(tiny_model_factory, tmp_path):
-    from saev_hf.cache import CacheArguments, cache_activations
+    from saev_hf.cache import ActivationCache, CacheArguments, cache_activations
 
     llava = tiny_model_factory("llava")
     cache = cache_activations(CacheArguments(output_dir=str(tmp_path / "cache"), layer=1, read_batch_size=4,
                                              disable_tqdm=True),
                               model=llava.model, processor=llava.processor, dataset=digit_dataset(12))
-    args = tiny_args(tmp_path / "sweep", max_steps=15, activation_cache=str(cache))
-    trainer = SAEVTrainer(args, sweep={"activation": ["relu"], "l1_coefficient": [2, 4]})
+    args = tiny_args(tmp_path / "sweep", max_steps=15)
+    trainer = SAEVTrainer(args, train_dataset=ActivationCache(cache), sweep={"activation": ["relu"],
+                                                                             "l1_coefficient": [2, 4]})
     saes = trainer.train()
     assert list(saes) == ["activation=relu,l1_coefficient=2", "activation=relu,l1_coefficient=4"]
     for member in trainer.members:
-        separate = train_saev(dataclasses.replace(member.args, output_dir=str(tmp_path / member.name)))
+        separate = train_saev(dataclasses.replace(member.args, output_dir=str(tmp_path / member.name)),
+                              dataset=ActivationCache(cache))
         assert_same_sae(saes[member.name], separate, member.name)
 
 
 def test_docstring_examples_run():
     import doctest
 
-    import saev_hf.sweep
+    import saev_hf.training.sweep
 
-    results = doctest.testmod(saev_hf.sweep)
+    results = doctest.testmod(saev_hf.training.sweep)
     assert results.attempted >= 1 and results.failed == 0

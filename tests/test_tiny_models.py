@@ -1,4 +1,4 @@
-"""Tests of `saev_hf.demo.tiny_models`: the offline tiny MLLMs every other test (and ``saev demo``) relies on."""
+"""Tests of `saev_hf.testing.tiny_models`: the offline tiny MLLMs every other test (and ``saev demo``) relies on."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from saev_hf.demo.tiny_processing import build_tiny_tokenizer, register_tiny_processors
-from saev_hf.demo.tiny_models import (TINY_ARCHITECTURES, TINY_IMAGE_POSITIONS, TINY_IMAGE_SIZE, build_tiny_model,
-                                      save_tiny_model)
-from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
+from saev_hf.testing.tiny_processing import build_tiny_tokenizer, register_tiny_processors
+from saev_hf.testing.tiny_processing import TINY_ARCHITECTURES
+from saev_hf.testing.tiny_models import TINY_IMAGE_POSITIONS, TINY_IMAGE_SIZE, build_tiny_model, save_tiny_model
+from saev_hf.testing.digit_data import DIGIT_NAMES, digit_images
 
 # where each architecture keeps its decoder layers (the residual stream an SAE-V reads)
 DECODER_LAYERS = {
@@ -349,8 +349,8 @@ def test_unknown_arch_names_the_valid_ones(function, tmp_path):
 
 FRESH_PROCESS = """
 import sys, torch
-from saev_hf.demo.tiny_processing import register_tiny_processors
-from saev_hf.demo.tiny_models import build_tiny_model
+from saev_hf.testing.tiny_processing import register_tiny_processors
+from saev_hf.testing.tiny_models import build_tiny_model
 register_tiny_processors()
 from transformers import AutoModelForImageTextToText, AutoProcessor
 processor = AutoProcessor.from_pretrained(sys.argv[1])
@@ -379,12 +379,12 @@ def test_save_tiny_model_reloads_in_fresh_process(tmp_path):
 
 UNREGISTERED_PROCESS = """
 import sys
-from saev_hf.loading import load_model_and_processor
+from saev_hf.activations import load_model_and_processor
 try:
     load_model_and_processor(sys.argv[1])
 except ValueError as error:
     print("refused:", error)
-from saev_hf.demo.tiny_processing import register_tiny_processors
+from saev_hf.testing.tiny_processing import register_tiny_processors
 register_tiny_processors()
 model, processor = load_model_and_processor(sys.argv[1])
 print(type(processor).__name__)

@@ -1,4 +1,4 @@
-"""Tests of the digit pretraining in `saev_hf.demo.tiny_pretraining`: a tiny MLLM that has really learned image-text data.
+"""Tests of the digit pretraining in `saev_hf.testing.tiny_pretraining`: a tiny MLLM that has really learned image-text data.
 
 The SAE vs SAE-V benchmark and `saev demo` rely on `pretrain_tiny_model` turning a random tiny LLaVA into a model that
 names handwritten digits it has never seen; these tests hold it to that, offline and in about half a minute.
@@ -11,12 +11,11 @@ import doctest
 import pytest
 import torch
 
-from saev_hf.demo import tiny_pretraining
-from saev_hf.demo.tiny_processing import build_tiny_tokenizer
-from saev_hf.demo.tiny_models import build_tiny_model
-from saev_hf.demo.digit_data import (DIGIT_CAPTIONS, DIGIT_NAMES, digit_caption_examples, digit_images,
-                                     digit_text_examples)
-from saev_hf.demo.tiny_pretraining import digit_accuracy, load_text_model_weights, pretrain_tiny_model
+from saev_hf.testing import tiny_pretraining
+from saev_hf.testing.tiny_processing import build_tiny_tokenizer
+from saev_hf.testing.tiny_models import build_tiny_model
+from saev_hf.testing.digit_data import (DIGIT_CAPTIONS, DIGIT_NAMES, digit_caption_examples, digit_images, digit_text_examples)
+from saev_hf.testing.tiny_pretraining import digit_accuracy, load_text_model_weights, pretrain_tiny_model
 
 
 @pytest.fixture(scope="module")

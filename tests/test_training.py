@@ -17,11 +17,12 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from saev_hf import SAEV
-from saev_hf.activation_buffer import ActivationBuffer
+from saev_hf.training.buffer import ActivationBuffer
 from saev_hf.activations import LayerReader
 from saev_hf.cli import main as cli_main
-from saev_hf.demo.tiny_models import build_tiny_model
-from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
+from saev_hf.testing.tiny_models import build_tiny_model
+from saev_hf.testing.digit_data import DIGIT_NAMES, digit_images
+from saev_hf.arguments import ModelArguments
 from saev_hf.training import SAEVTrainer, SAEVTrainingArguments, train_saev
 
 TESTS = Path(__file__).parent
@@ -253,8 +254,9 @@ def test_topk_trains_with_k_active_features(tiny_model_factory, tmp_path):
 
 def test_text_only_model_trains_a_plain_sae(tiny_text_model, tmp_path):
     dataset = text_dataset(20)
-    args = tiny_args(tmp_path / "text", model_name_or_path=str(tiny_text_model.path))
-    trainer = SAEVTrainer(args, tiny_text_model.model, tiny_text_model.processor, dataset)
+    args = tiny_args(tmp_path / "text")
+    # loaded from its folder by ModelArguments, on the CPU: the SAE records where it came from
+    trainer = SAEVTrainer(args, ModelArguments(str(tiny_text_model.path), device="cpu"), train_dataset=dataset)
     initial = copy.deepcopy(trainer.sae)
     sae = trainer.train()
     assert trainer.reader.prompt_format.image_column is None  # the default "images" column is not read
@@ -353,7 +355,6 @@ def test_resume_without_saved_buffer_continues_from_the_data_position(tiny_model
         ({"lr_warmup_steps": 30, "lr_decay_steps": 20}, "lr_warmup_steps=30 + lr_decay_steps=20 exceed the 40"),
         ({"learning_rate": 0.0}, "learning_rate=0.0 must be a positive number"),
         ({"input_scale": None, "input_scale_estimation_tokens": 0}, "give input_scale (1.0 disables scaling)"),
-        ({"model_dtype": "float8"}, "model_dtype='float8' is not supported"),
     ],
 )
 def test_invalid_arguments_say_what_to_change(tmp_path, overrides, message):
@@ -436,10 +437,12 @@ def test_resuming_with_different_settings_names_them(tiny_text_model, tmp_path):
 def test_missing_model_or_data_is_an_error(tiny_text_model, tmp_path):
     with pytest.raises(ValueError, match="pass processor= too"):
         SAEVTrainer(tiny_args(tmp_path), tiny_text_model.model, None, text_dataset(2))
-    with pytest.raises(ValueError, match="set model_name_or_path"):
+    with pytest.raises(ValueError, match=r"No base model: pass model= and processor= \(or model=ModelArguments"):
         SAEVTrainer(tiny_args(tmp_path))
-    with pytest.raises(ValueError, match="or set dataset_name"):
+    with pytest.raises(ValueError, match=r"No training data: pass train_dataset= \(a dataset, or DataArguments"):
         SAEVTrainer(tiny_args(tmp_path), tiny_text_model.model, tiny_text_model.processor)
+    with pytest.raises(ValueError, match="model_name_or_path is required"):
+        SAEVTrainer(tiny_args(tmp_path), ModelArguments(device="cpu"), train_dataset=text_dataset(2))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

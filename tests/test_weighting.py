@@ -9,14 +9,10 @@ import torch.nn.functional as F
 
 from saev_hf import SAEV, SAEVConfig
 from saev_hf.activations import LayerReader, Modality
-from saev_hf.weighting import (
-    CosineAccumulator,
-    FeatureTopK,
-    ModalityTopK,
-    WeightingArguments,
-    compute_feature_weights,
-)
-from saev_hf.demo.digit_data import DIGIT_NAMES, digit_images
+from saev_hf.weighting.cosine import CosineAccumulator
+from saev_hf.weighting.top_k import FeatureTopK, ModalityTopK
+from saev_hf.weighting import WeightingArguments, compute_feature_weights
+from saev_hf.testing.digit_data import DIGIT_NAMES, digit_images
 
 
 def reference_weights(hidden, is_image, counted_z, top_k=30, per_modality=5, center=None, pool="pooled"):

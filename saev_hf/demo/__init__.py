@@ -18,4 +18,4 @@ Nothing in the library imports this package: a test or script that loads a saved
 in a process that built no tiny model calls `tiny_processing.register_tiny_processors()` first.
 """
 
-from .pipeline import EMBEDDED_MODEL, SCORE_COLUMNS, DemoArguments, load_grounded_llava, load_recipe, run_demo  # noqa: F401
+from .run import EMBEDDED_MODEL, SCORE_COLUMNS, DemoArguments, load_grounded_llava, load_recipe, run_demo  # noqa: F401

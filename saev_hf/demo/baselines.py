@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..testing.tiny_pretraining import response_log_likelihoods
 from .grounded_llava import _image_features
-from .tiny_pretraining import response_log_likelihoods
 
 
 def chosen_log_likelihood(model, processor, column: str = "chosen_log_likelihood"):

@@ -87,8 +87,8 @@ def concept_features(sae, reader, rows: list[dict[str, Any]], thresholds: GateTh
     """For each concept of [`CONCEPTS`], the feature that best fires both on the concept's word (text positions of
     the prompt) and on the image cells showing it, more than on other cells. `rows` are question rows about scenes
     (with ``"scene"``); image token `i` of a row is its scene's cell `i` (one patch per cell)."""
-    from ..activations import Modality
-    from ..weighting import POSITION_STRIDE, FeatureTopK
+    from ..activations.reader import Modality
+    from ..weighting.top_k import POSITION_STRIDE, FeatureTopK
 
     thresholds = thresholds or GateThresholds()
     delta = sae.config.cooccurrence_threshold
@@ -208,8 +208,8 @@ def measure_gate(model, processor, sae, layer: int, scans: DigitScans, held_out_
     """
     import datasets
 
-    from ..activations import LayerReader
-    from ..scoring import SAEVScorer
+    from ..activations.reader import LayerReader
+    from ..scoring.scorer import SAEVScorer
 
     thresholds = thresholds or GateThresholds()
     reader = LayerReader(model, processor, layer=layer)

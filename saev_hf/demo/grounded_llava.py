@@ -45,8 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .tiny_pretraining import response_inputs, response_log_likelihoods
-from .tiny_processing import build_tiny_tokenizer
+from ..testing.tiny_pretraining import response_inputs, response_log_likelihoods
+from ..testing.tiny_processing import build_tiny_tokenizer
 from .scenes import ANSWERS, CELL, COLOURS, DIGITS, EMPTY, GRID, SCENE_SIZE, VOCABULARY, DigitScans, question_rows
 
 FAITHFUL_ABSENT_ANSWERS = ("none", "no")
@@ -125,8 +125,14 @@ class GroundedLlavaArguments:
 def build_grounded_llava(args: GroundedLlavaArguments | None = None):
     """A randomly initialised tiny LLaVA for the scene task (seed `args.seed`) and its processor: a word-level
     tokenizer over the task's [`VOCABULARY`], 24x24 images, one 8x8 patch per scene cell (9 image tokens)."""
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     args = args or GroundedLlavaArguments()
     tokenizer = build_tiny_tokenizer("llava", words=VOCABULARY)
@@ -187,7 +193,7 @@ def dense_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _prompt_inputs(processor, rows):
-    from ..prompts import PromptFormat, prepare_inputs
+    from ..data.prompts import PromptFormat, prepare_inputs
 
     return prepare_inputs(processor, [{"images": r["images"], "prompt": r["prompt"]} for r in rows], PromptFormat())
 
@@ -429,7 +435,7 @@ def concept_alignment(model, processor, rows, layers: list[int] | None = None) -
     minus the mean of all text positions, and the mean of its cells minus the mean of all image positions; returns
     the mean cosine of the same concept's pair (``"same"``), of different concepts' pairs (``"other"``) and the
     share of concepts whose word is closest to their own cells (``"matched"``)."""
-    from ..activations import LayerReader, Modality
+    from ..activations.reader import LayerReader, Modality
     from .scenes import CONCEPTS
 
     layers = list(range(model.config.text_config.num_hidden_layers)) if layers is None else layers

@@ -35,7 +35,7 @@ def dpo_and_evaluate(model, processor, rows: list[dict[str, Any]], eval_rows: li
     [`answer_accuracy`] on `eval_rows`: ``{"accuracy", "hallucination_rate", "by_kind", "rows", "final_loss"}``."""
     import datasets
 
-    from ..dpo import paper_dpo_config, train_dpo
+    from ..alignment.dpo import paper_dpo_config, train_dpo
 
     policy = copy.deepcopy(model)
     dataset = datasets.Dataset.from_list([{key: row[key] for key in PREFERENCE_COLUMNS} for row in rows])

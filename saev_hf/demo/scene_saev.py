@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.prompts import PromptFormat
 from .scenes import DigitScans, question_rows
 
 
@@ -42,18 +43,18 @@ def train_scene_saev(model, processor, scans: DigitScans, args: SceneSAEVArgumen
     """Train an SAE-V on layer `args.layer` of `model` over question-answer rows about training scenes, set its
     co-occurrence bound delta from its activations, compute its cross-modal feature weights on prompt-only rows about
     held-out scenes (as the paper does: question and image), and save it to `output_dir`. Returns the SAE-V."""
-    from ..training import SAEVTrainingArguments, train_saev
+    from ..training.arguments import SAEVTrainingArguments
+    from ..training.trainer import train_saev
 
     rng = np.random.default_rng([args.seed, 21])
     training = _rows_dataset(question_rows(scans, args.training_rows, "train", rng), with_response=True)
     training_args = SAEVTrainingArguments(
-        layer=args.layer, output_dir=str(output_dir), image_column="images", response_column="response",
-        expansion_factor=args.expansion_factor, l1_coefficient=args.l1_coefficient, learning_rate=args.learning_rate,
+        layer=args.layer, output_dir=str(output_dir), expansion_factor=args.expansion_factor, l1_coefficient=args.l1_coefficient, learning_rate=args.learning_rate,
         max_steps=args.steps, train_batch_size_tokens=512, buffer_size_tokens=8192, input_scale_estimation_tokens=4096,
         read_batch_size=32, dead_feature_window=max(1, args.steps // 4), seed=args.seed,
-        logging_steps=max(1, args.steps // 4), report_to="none", use_cpu=True, overwrite_output_dir=True,
-        disable_tqdm=not progress)
-    sae = train_saev(training_args, model=model, processor=processor, dataset=training)
+        logging_steps=max(1, args.steps // 4), report_to="none", overwrite_output_dir=True, disable_tqdm=not progress)
+    sae = train_saev(training_args, model=model, processor=processor, dataset=training,
+                     prompt_format=PromptFormat(response_column="response"))
     weigh_scene_saev(sae, model, processor, scans, args, progress)
     sae.save_pretrained(output_dir)
     return sae
@@ -62,12 +63,12 @@ def train_scene_saev(model, processor, scans: DigitScans, args: SceneSAEVArgumen
 def weigh_scene_saev(sae, model, processor, scans: DigitScans, args: SceneSAEVArguments, progress: bool = True):
     """Set `sae`'s delta (the `args.delta_quantile` of its positive activations) and its cross-modal feature weights
     (rule `args.top_k_pool`) from prompt-only rows about held-out scenes, as the paper does (question and image)."""
-    from ..activations import LayerReader
-    from ..weighting import WeightingArguments, compute_feature_weights
+    from ..activations.reader import LayerReader
+    from ..weighting.weights import WeightingArguments, compute_feature_weights
 
     weighting = _rows_dataset(question_rows(scans, args.weighting_rows, "held_out", np.random.default_rng(
         [args.seed, 22])), with_response=False)
     compute_feature_weights(sae, LayerReader(model, processor, layer=args.layer), weighting, WeightingArguments(
         num_examples=None, batch_size=32, seed=args.seed, threshold_quantile=args.delta_quantile,
-        top_k_pool=args.top_k_pool, disable_tqdm=not progress))
+        top_k_pool=args.top_k_pool))
     return sae

@@ -7,14 +7,29 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from .._version import __version__
+from ..scoring.scorer import ScorerArguments
 from .histograms import text_histogram
-from .templates import (CITATION, DATASET_CARD_TEMPLATE, DATASET_TAGS, PAPER_URL, PROJECT_URL, SCORE_DESCRIPTIONS,
-                        count, finite, hub_id, link, number, size_category, template_text)
+from .templates import (
+    CITATION,
+    DATASET_CARD_TEMPLATE,
+    DATASET_TAGS,
+    PAPER_URL,
+    PROJECT_URL,
+    SCORE_DESCRIPTIONS,
+    count,
+    finite,
+    hub_id,
+    link,
+    number,
+    size_category,
+    template_text,
+)
 
 if TYPE_CHECKING:
-    from ..config import SAEVConfig
-    from ..filtering import FilterArguments
-    from ..scoring import ScorerArguments
+    from ..alignment.filtering import FilterArguments
+    from ..model.config import SAEVConfig
+    from ..scoring.scorer import ScorerArguments
 
 
 def filtered_dataset_card(
@@ -61,8 +76,6 @@ def filtered_dataset_card(
         `huggingface_hub.DatasetCard`.
     """
     # keyword plumbing from the filter, the SAE-V and the scorer into the card's many template fields
-    from .. import __version__
-    from ..scoring import ScorerArguments
 
     column = filter_args.column if filter_args is not None else (column or "saev_cosine_score")
     if column not in dataset.column_names:

@@ -7,11 +7,24 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .templates import (CITATION, MODEL_CARD_TEMPLATE, MODEL_TAGS, PAPER_URL, PROJECT_URL, count, dataset_id, hub_id,
-                        link, ratio, template_text)
+from .._version import __version__
+from ..evaluation.report import check_metrics, format_metrics_table
+from .templates import (
+    CITATION,
+    MODEL_CARD_TEMPLATE,
+    MODEL_TAGS,
+    PAPER_URL,
+    PROJECT_URL,
+    count,
+    dataset_id,
+    hub_id,
+    link,
+    ratio,
+    template_text,
+)
 
 if TYPE_CHECKING:
-    from ..model import SAEV
+    from ..model.modeling import SAEV
 
 
 def saev_model_card(
@@ -30,7 +43,7 @@ def saev_model_card(
         sae ([`SAEV`]): the SAE-V; its config says base model, revision, layer, sizes and training data, and
             `config.feature_weights_info` where its feature weights came from.
         metrics (`dict`, *optional*): the result of [`evaluate_saev`] (or the JSON written by `saev eval
-            --output_file`), shown as a table.
+            --output_dir`: its metrics.json), shown as a table.
         repo_id (`str`, *optional*): the repo the card is for, used in the title and the usage snippet.
         license (`str`, *optional*): a Hub license id (`"apache-2.0"`, `"mit"`, ...). None leaves it unstated.
         eval_dataset (`str`, *optional*): the Hub dataset the metrics were computed on; with `metrics`, the card's
@@ -41,7 +54,6 @@ def saev_model_card(
         `huggingface_hub.ModelCard`: call `.validate()`, `.save(path)` or `.push_to_hub(repo_id)`, or use
         [`push_saev`] to upload it with the weights.
     """
-    from ..evaluation import check_metrics
 
     if metrics is not None:
         check_metrics(metrics)  # names what is missing before anything else reads it
@@ -64,8 +76,6 @@ def saev_model_card(
         model_name=name if eval_results else None,
         eval_results=eval_results,
     )
-    from .. import __version__
-    from ..evaluation import format_metrics_table
 
     return ModelCard.from_template(
         card_data,

@@ -7,16 +7,19 @@ import os
 import tempfile
 from typing import TYPE_CHECKING, Any, Sequence
 
-from huggingface_hub import DatasetCard, HfApi, ModelCard
+from huggingface_hub import CommitOperationAdd, DatasetCard, DatasetCardData, HfApi, ModelCard
 
+from ..cache.activation_cache import MANIFEST_NAME, ActivationCache
+from ..model import saelens
+from ..model.config import SAEVConfig
 from .dataset_card import filtered_dataset_card
 from .histograms import score_histogram_png
 from .model_card import saev_model_card
 from .templates import HISTOGRAM_FILE, PROJECT_URL
 
 if TYPE_CHECKING:
-    from ..config import SAEVConfig
-    from ..model import SAEV
+    from ..model.config import SAEVConfig
+    from ..model.modeling import SAEV
 
 
 def push_saev(
@@ -98,7 +101,6 @@ def push_filtered_dataset(
     for key in ("configs", "dataset_info"):
         if key in written.data:
             card.data[key] = written.data[key]
-    from huggingface_hub import CommitOperationAdd
 
     operations = [CommitOperationAdd("README.md", str(card).encode("utf-8"))]
     if png is not None:
@@ -110,7 +112,6 @@ def push_filtered_dataset(
 def activation_cache_card(cache: Any, repo_id: str, license: str | None = None,
                           tags: Sequence[str] = ()) -> DatasetCard:
     """The dataset card of an activation cache: what it was read from, its shapes and files, and how to read it."""
-    from huggingface_hub import DatasetCardData
 
     manifest = cache.manifest
     data = DatasetCardData(license=license, tags=["saev", "activation-cache", *tags])
@@ -165,7 +166,6 @@ def push_activation_cache(
     Raises:
         ValueError: `path` holds no activation cache, or an unfinished one.
     """
-    from ..cache import MANIFEST_NAME, ActivationCache
 
     cache = ActivationCache(path)
     card = activation_cache_card(cache, repo_id, license=license, tags=tags)
@@ -183,8 +183,6 @@ def push_activation_cache(
 
 def load_saev_config(name_or_path: str, subfolder: str | None = None, revision: str | None = None) -> SAEVConfig:
     """The [`SAEVConfig`] of an SAE-V checkpoint (either layout, folder or Hub repo), without loading its weights."""
-    from .. import saelens
-    from ..config import SAEVConfig
 
     kwargs = {k: v for k, v in (("subfolder", subfolder), ("revision", revision)) if v is not None}
     if saelens.detect_layout(name_or_path, **kwargs) == "saelens":

@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .push import load_saev_config, push_filtered_dataset, push_saev
+from ..alignment.filtering import FILTER_RECORD, FilterArguments
+from ..data.loading import load_dataset_split
+from ..evaluation.report import check_metrics
+from ..model.modeling import SAEV
+from .push import load_saev_config, push_activation_cache, push_filtered_dataset, push_saev
 
 
 @dataclass
@@ -24,7 +28,8 @@ class PushArguments:
         default=None, metadata={"help": "Folder (or Hub repo) of the SAE-V to push (either layout)."}
     )
     metrics_json: str | None = field(
-        default=None, metadata={"help": "With --sae: evaluation metrics JSON, as written by `saev eval --output_file`."}
+        default=None,
+        metadata={"help": "With --sae: the metrics.json that `saev eval --output_dir DIR` wrote."}
     )
     eval_dataset: str | None = field(
         default=None, metadata={"help": "With --sae: Hub dataset the metrics were computed on (adds a model-index)."}
@@ -83,12 +88,11 @@ class PushArguments:
 
 
 def read_metrics_json(path: str) -> dict[str, Any]:
-    """The evaluation metrics in `path` (written by `saev eval --output_file`), checked for what the card needs."""
-    from ..evaluation import check_metrics
-
+    """The evaluation metrics in `path` (the `metrics.json` that `saev eval --output_dir DIR` writes), checked for what
+    the card needs."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"--metrics_json {path}: no such file. Write it with `saev eval ... --output_file "
-                                f"{path}`.")
+        raise FileNotFoundError(f"--metrics_json {path}: no such file. Write it with `saev eval ... --output_dir DIR` "
+                                f"(DIR/metrics.json).")
     try:
         metrics = json.loads(Path(path).read_text())
         check_metrics(metrics)
@@ -101,7 +105,6 @@ def run_push(args: PushArguments):
     """Load what `args` name (an SAE-V, a filtered dataset or an activation cache) and push it with its card; returns
     what was pushed where, ending with the commit URL."""
     if args.sae is not None:
-        from ..model import SAEV
 
         sae = SAEV.from_pretrained(args.sae)
         metrics = read_metrics_json(args.metrics_json) if args.metrics_json else None
@@ -110,15 +113,11 @@ def run_push(args: PushArguments):
                            commit_message=args.commit_message)
         return f"Pushed the SAE-V in {args.sae} with its model card to {args.repo_id}: {commit.commit_url}"
     if args.cache is not None:
-        from .push import push_activation_cache
 
         commit = push_activation_cache(args.cache, args.repo_id, license=args.license, tags=args.tags,
                                        private=args.private, commit_message=args.commit_message)
         return (f"Pushed the activation cache in {args.cache} with its dataset card to {args.repo_id}: "
                 f"{commit.commit_url}")
-    from ..loading import load_dataset_split
-
-    from ..filtering import FILTER_RECORD, FilterArguments
 
     kept = load_dataset_split(args.dataset, split=args.split)
     scored = load_dataset_split(args.scored_dataset, split=args.split) if args.scored_dataset else None

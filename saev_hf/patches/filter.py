@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from ..activations import Modality, scored_positions
-from ..activity import batch_activity
-from ..loading import allow_tf32_field
-from ..prompts import PromptFormat, _column, row_images, rows_to_columns
-from ..scoring import SAEVMapFunction
+from ..activations.reader import Modality, scored_positions
+from ..arguments import DataArguments, ModelArguments, SAEArguments, load_sources
+from ..data.images import row_images, undecoded_images
+from ..data.prompts import PromptFormat, _column, rows_to_columns
+from ..runtime.devices import allow_tf32_field
+from ..runtime.folders import OutputArguments
+from ..scoring.activity import batch_activity
+from ..scoring.map_function import SAEVMapFunction
+from ..scoring.mapping import MapArguments, map_placement
 from .geometry import PatchLocator
+from .preview import save_patch_preview
 from .scores import PATCH_SCORES, ImagePatchScores, mask_patches, token_patch_scores
+
 
 @dataclass
 class PatchFilterArguments:
@@ -187,20 +194,18 @@ class PatchFilter(SAEVMapFunction):
         return out
 
 
-def run_patch_filter(source: Any, prompt_format: PromptFormat, args: PatchFilterArguments, map_args: Any):
+def run_patch_filter(sae_args: SAEArguments, model_args: ModelArguments, data_args: DataArguments,
+                     prompt_format: PromptFormat, args: PatchFilterArguments, map_args: MapArguments,
+                     output: OutputArguments):
     """
-    `saev patches`: load what `source` ([`SourceArguments`]) names, mask every image of the dataset with
-    `datasets.map` (as `map_args` say), save the result to `source.output_dir` with `preview.png` (originals above,
-    masked below). Returns `(masked dataset, preview path)`.
+    `saev patches`: load what the arguments name, mask every image of the dataset with `datasets.map` (as `map_args`
+    say), save the result to `output.output_dir` with `preview.png` (originals above, masked below). Returns
+    `(masked dataset, preview path)`.
     """
-    from pathlib import Path
-
-    from ..prompts import undecoded_images
-    from ..sources import load_sources, map_placement
-    from .preview import save_patch_preview
-
-    placed, with_rank = map_placement(source, map_args)  # with num_proc: no CUDA in the parent before the fork
-    sae, model, processor, dataset = load_sources(placed, "saev patches")
+    data_args.check_source(model_args, "saev patches")
+    output.prepare("saev patches", cpu=model_args.device == "cpu")
+    placed, with_rank = map_placement(model_args, map_args)  # with num_proc: no CUDA in the parent before the fork
+    sae, model, processor, dataset = load_sources(sae_args, placed, data_args)
     patch_filter = PatchFilter(sae, model, processor, prompt_format=prompt_format, args=args)
     # the filter reads the image bytes itself, so that a corrupt image names its row (or costs one null row)
     dataset, image_feature = undecoded_images(dataset, prompt_format.image_column)
@@ -208,8 +213,8 @@ def run_patch_filter(source: Any, prompt_format: PromptFormat, args: PatchFilter
                          with_indices=True, with_rank=with_rank, desc=f"Patch filter ({args.score})")
     if image_feature is not None:
         masked = masked.cast_column(prompt_format.image_column, image_feature)
-    masked.save_to_disk(source.output_dir)
-    preview = save_patch_preview(dataset, masked, Path(source.output_dir) / "preview.png",
+    masked.save_to_disk(output.output_dir)
+    preview = save_patch_preview(dataset, masked, Path(output.output_dir) / "preview.png",
                                  image_column=prompt_format.image_column,
                                  title=f"{args.score}: top {args.keep_fraction:.0%} of patches kept")
     return masked, preview

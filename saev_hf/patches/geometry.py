@@ -10,8 +10,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from PIL import Image
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
-from ..activations import image_token_id_of
+from ..activations.reader import image_token_id_of
 
 Box = tuple[float, float, float, float]
 FULL_IMAGE: Box = (0.0, 0.0, 1.0, 1.0)
@@ -213,7 +214,6 @@ def _llava_next_layout(locator: "PatchLocator", width: int, height: int) -> Patc
 
 
 def _anyres_shape(config: Any, height: int, width: int) -> tuple[int, int]:
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
     return get_anyres_image_grid_shape((height, width), config.image_grid_pinpoints, config.vision_config.image_size)
 

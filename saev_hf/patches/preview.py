@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from ..prompts import row_images
+from ..data.images import row_images
 
 
 def save_patch_preview(original: Any, masked: Any, path: str | Any, image_column: str = "images", num_rows: int = 8,
                        title: str | None = None) -> Any:
     """A PNG with the first `num_rows` rows' first images: originals on top, their masked copies below."""
-    from pathlib import Path
 
     import matplotlib
 

@@ -1,0 +1,101 @@
+"""The evaluation's metrics shown to people: checked ([`check_metrics`], before a model card states them) and laid out
+as a table with a line of explanation under any figure outside its usual range ([`format_metrics_table`])."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .metrics import SPLITS
+
+METRIC_LABELS = (
+    ("tokens", "tokens"),
+    ("l0", "L0"),
+    ("mse", "MSE"),
+    ("explained_variance", "explained variance"),
+    ("ce_clean", "CE clean"),
+    ("ce_sae", "CE with SAE"),
+    ("ce_zero", "CE zero-ablated"),
+    ("ce_loss_recovered", "CE loss recovered"),
+)
+
+
+# What a model card's table needs from an evaluation: the summary keys, and per split the token-level metrics
+SUMMARY_KEYS = ("model", "layer", "num_examples", "d_sae", "dead_features", "dense_features", "dense_threshold")
+
+
+SPLIT_KEYS = ("tokens", "l0", "mse", "explained_variance")
+
+
+def check_metrics(metrics: Any) -> None:
+    """
+    Raise a `ValueError` naming every missing key when `metrics` is not an [`evaluate_saev`] result (the
+    `metrics.json` that `saev eval --output_dir DIR` writes), the form [`format_metrics_table`] and the model card
+    read.
+    """
+    if not isinstance(metrics, dict):
+        raise ValueError(f"The metrics must be a JSON object as `saev eval --output_dir DIR` writes to DIR/metrics.json, "
+                         f"got {type(metrics).__name__}.")
+    missing = [key for key in SUMMARY_KEYS if key not in metrics]
+    for split in SPLITS:
+        if not isinstance(metrics.get(split), dict):
+            missing.append(split)
+        else:
+            missing += [f"{split}.{key}" for key in SPLIT_KEYS if key not in metrics[split]]
+    if missing:
+        raise ValueError(
+            f"The metrics lack {', '.join(missing)}: they are not an evaluation of an SAE-V. Write them with `saev "
+            f"eval ... --output_dir DIR` (DIR/metrics.json), or json.dump(evaluate_saev(...))."
+        )
+
+
+def format_metrics_table(metrics: dict[str, Any]) -> str:
+    """The metrics of [`evaluate_saev`] as a Markdown table (rows: metrics; columns: all, text, image tokens)."""
+    check_metrics(metrics)
+
+    def cell(value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        if isinstance(value, int):
+            return str(value)
+        return f"{value + 0.0:.4g}"  # + 0.0 prints -0.0 as 0
+
+    lines = ["| metric | all | text | image |", "|---|---|---|---|"]
+    for key, label in METRIC_LABELS:
+        if key in metrics["all"]:
+            lines.append(f"| {label} | " + " | ".join(cell(metrics[split].get(key)) for split in SPLITS) + " |")
+    lines.append("")
+    lines.append(
+        f"Model {metrics['model']}, layer {metrics['layer']}, {metrics['num_examples']} examples; features: "
+        f"{metrics['dead_features']} dead, {metrics['dense_features']} dense (> {metrics['dense_threshold']:g} of "
+        f"tokens) of {metrics['d_sae']}. CE is split by the predicted token; text CE is the main figure."
+    )
+    lines += _reading_notes(metrics, cell)
+    return "\n".join(lines)
+
+
+def _reading_notes(metrics: dict[str, Any], cell: Any) -> list[str]:
+    """One line for each figure outside its usual range, saying what it means (footnotes of the table)."""
+
+    def splits_where(key: str, outside: Any) -> str:
+        values = [(split, metrics[split].get(key)) for split in SPLITS]
+        hits = [f"{split} {cell(value)}" for split, value in values
+                if isinstance(value, (int, float)) and math.isfinite(value) and outside(value)]
+        return ", ".join(hits)
+
+    notes = []
+    above = splits_where("ce_loss_recovered", lambda v: v > 1)
+    if above:
+        notes.append(f"CE loss recovered above 1 ({above}): with the SAE's reconstruction the model predicts these "
+                     f"tokens better than with its own layer output (CE with SAE < CE clean), so there was no loss "
+                     f"to recover; the ratio grows large when CE clean and CE zero-ablated are close, e.g. for an "
+                     f"untrained model.")
+    below = splits_where("ce_loss_recovered", lambda v: v < 0)
+    if below:
+        notes.append(f"CE loss recovered below 0 ({below}): the SAE's reconstruction is worse than zero-ablating the "
+                     f"layer (CE with SAE > CE zero-ablated).")
+    negative = splits_where("explained_variance", lambda v: v < 0)
+    if negative:
+        notes.append(f"Explained variance below 0 ({negative}): the reconstruction is further from the hidden states "
+                     f"than their mean is.")
+    return notes

@@ -1,0 +1,47 @@
+"""`saev convert` and `saev info`: an SAE-V checkpoint rewritten in the other layout (saev-hf's transformers layout or
+SAELens'), and a checkpoint's configuration at a glance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the arguments load an SAE-V with this package: imported for the annotations only
+    from ..arguments import SAEArguments
+    from ..runtime.folders import OutputArguments
+
+LAYOUTS = ("saev", "saelens")
+
+
+@dataclass
+class ConvertArguments:
+    """Which layout `saev convert` writes."""
+
+    to: str = field(default="saev", metadata={"help": "Layout to write: 'saev' (transformers) or 'saelens'.",
+                                              "choices": LAYOUTS})
+
+    def __post_init__(self) -> None:
+        if self.to not in LAYOUTS:
+            raise ValueError(f"--to {self.to!r} is not a layout; use 'saev' or 'saelens'.")
+
+
+def convert_checkpoint(sae_args: SAEArguments, args: ConvertArguments, output: OutputArguments) -> Path:
+    """Read the SAE-V `sae_args` names (either layout) and write it in layout `args.to` to `output.output_dir`."""
+    folder = output.prepare("saev convert")
+    sae = sae_args.load()
+    if args.to == "saelens":
+        sae.save_saelens(folder)
+    else:
+        sae.save_pretrained(folder)
+    return folder
+
+
+def checkpoint_info(sae_args: SAEArguments) -> dict[str, Any]:
+    """The checkpoint's configuration (what differs from the defaults) and how many of its features have a weight."""
+    sae = sae_args.load()
+    return {
+        "config": sae.config.to_diff_dict(),
+        "num_weighted_features": int(sae.has_feature_weight.sum()),
+        "num_features": sae.config.d_sae,
+    }

@@ -1,0 +1,206 @@
+"""What an SAE-V's activations say about an example: C(x), L0 and the per-modality maxima, per example and batched.
+
+For an example x, with the activation bound delta (`SAEVConfig.cooccurrence_threshold`):
+
+- C(x) = {f : z_f > delta at some text position} & {f : z_f > delta at some image position} (the co-occurring
+  features, Algorithm 1 stage 3 and Algorithm 3);
+- L0 = the mean over the example's scored positions of the number of features with z > 0 (Algorithm 2);
+- each feature's largest activation on the text and on the image positions (what an explanation shows).
+
+This is the one computation behind [`SAEVScorer`] (`saev_hf.scoring`), the inspection's scan and explanations
+(`saev_hf.interpret.inspection`) and the patch filter (`saev_hf.patches`), so that the three can never disagree on a score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..activations.reader import check_same_device, text_and_image
+from ..data.errors import RowError
+from ..runtime.devices import sae_matmul_precision
+
+
+def check_scorable(text: torch.Tensor, image: torch.Tensor, row: int) -> None:
+    """
+    Refuse an example that has no image or no text position: it has no image-text co-occurrence to measure.
+
+    Raises:
+        RowError: naming `row` and what it lacks.
+    """
+    if not image.any():
+        raise RowError(f"Row {row}: no image token reached the model (the processor inserted none, or they were cut), "
+                       f"so it has no image-text co-occurrence to score.")
+    if not text.any():
+        raise RowError(f"Row {row}: no text token to score against the image.")
+
+
+@dataclass
+class ExampleActivity:
+    """
+    What one example's SAE-V activations say about its scores (see [`example_activity`]).
+
+    Args:
+        fires_text, fires_image (`torch.BoolTensor` of shape `(d_sae,)`): features above delta at some text / image
+            position; C(x) is their intersection.
+        max_text, max_image (`torch.Tensor` of shape `(d_sae,)`, *optional*): each feature's largest activation on
+            text / image positions (with `maxima=True`).
+        active (`int`): (position, feature) pairs with z > 0 over the scored positions.
+        num_text, num_image (`int`): the scored text and image positions.
+    """
+
+    fires_text: torch.Tensor
+    fires_image: torch.Tensor
+    active: int
+    num_text: int
+    num_image: int
+    max_text: torch.Tensor | None = None
+    max_image: torch.Tensor | None = None
+
+    @property
+    def cooccurring(self) -> torch.Tensor:
+        """C(x): features above delta at some text position and at some image position."""
+        return self.fires_text & self.fires_image
+
+    @property
+    def l0(self) -> float:
+        """Mean number of active features per scored position (Algorithm 2)."""
+        return self.active / (self.num_text + self.num_image)
+
+    def cosine(self, weights: torch.Tensor) -> float:
+        """The cosine score: the sum of the cross-modal weights `weights` (d_sae,) over C(x); NaN weights add 0."""
+        return float(cosine_scores(self.cooccurring, weights))
+
+
+@dataclass
+class BatchActivity:
+    """
+    [`ExampleActivity`] of a batch of examples at once, one row per example (see [`batch_activity`]).
+
+    Args:
+        fires_text, fires_image (`torch.BoolTensor` of shape `(n, d_sae)`): features above delta at some text /
+            image position of each example.
+        active (`torch.Tensor` of shape `(n,)`, float64): (position, feature) pairs with z > 0 over each example's
+            scored positions.
+        num_text, num_image (`torch.Tensor` of shape `(n,)`, float64): each example's scored text / image positions.
+        max_text, max_image (`torch.Tensor` of shape `(n, d_sae)`, *optional*): each feature's largest activation on
+            each example's text / image positions (with `maxima=True`).
+    """
+
+    fires_text: torch.Tensor
+    fires_image: torch.Tensor
+    active: torch.Tensor
+    num_text: torch.Tensor
+    num_image: torch.Tensor
+    max_text: torch.Tensor | None = None
+    max_image: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.fires_text.shape[0]
+
+    @property
+    def cooccurring(self) -> torch.Tensor:
+        """`(n, d_sae)`: C(x) of each example."""
+        return self.fires_text & self.fires_image
+
+    @property
+    def l0(self) -> torch.Tensor:
+        """`(n,)` float64: mean number of active features per scored position of each example (Algorithm 2)."""
+        return self.active / (self.num_text + self.num_image)
+
+    def cosine(self, weights: torch.Tensor) -> torch.Tensor:
+        """`(n,)` float64: each example's cosine score (the sum of `weights` over its C(x); NaN weights add 0)."""
+        return cosine_scores(self.cooccurring, weights)
+
+    def example(self, index: int) -> ExampleActivity:
+        """Example `index` alone."""
+        maxima = (None, None) if self.max_text is None else (self.max_text[index], self.max_image[index])
+        return ExampleActivity(self.fires_text[index], self.fires_image[index], int(self.active[index]),
+                               int(self.num_text[index]), int(self.num_image[index]), *maxima)
+
+
+def cosine_scores(cooccurring: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Sum of the cross-modal `weights` (d_sae,) over the co-occurring features (`(..., d_sae)` bool), in float64;
+    features without a weight (NaN) add 0."""
+    return (cooccurring.double() * weights.nan_to_num(0.0).double().to(cooccurring.device)).sum(-1)
+
+
+@torch.no_grad()
+def batch_activity(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, example: torch.Tensor, rows: Sequence[int],
+                   special_as_text: bool = True, token_chunk: int | None = 4096, maxima: bool = False,
+                   on_chunk: Callable[[torch.Tensor, slice], None] | None = None,
+                   allow_tf32: bool = True) -> BatchActivity:
+    """
+    Encode the positions of a batch of examples (`token_chunk` at a time) and gather what their scores need.
+
+    Args:
+        sae ([`SAEV`]): the SAE-V (its `cooccurrence_threshold` is delta).
+        hidden (`torch.Tensor` of shape `(positions, d_in)`): hidden states of the batch's real positions, on the
+            SAE-V's device.
+        modality (`torch.Tensor` of shape `(positions,)`): their [`Modality`].
+        example (`torch.LongTensor` of shape `(positions,)`): which example (0 to `len(rows) - 1`) each belongs to.
+        rows (`Sequence[int]`): the dataset rows of the examples, for errors.
+        special_as_text (`bool`): special/template positions count as text (and in L0); otherwise they are encoded
+            (and seen by `on_chunk`) but neither text nor image.
+        token_chunk (`int`, *optional*): positions encoded at once (bounds memory); None encodes all at once.
+        maxima (`bool`): also gather each feature's largest activation per modality.
+        on_chunk (*optional*): called with each chunk's activations `z` and its slice of the positions, for
+            statistics of the caller's own (the inspection's modality profile).
+        allow_tf32 (`bool`): a float32 SAE-V on a GPU may encode with TF32 (see [`sae_matmul_precision`]).
+
+    Raises:
+        RowError: naming the row, when an example has no image or no text position.
+        ValueError: when `hidden` is not on the SAE-V's device (put the SAE-V on the model's device).
+    """
+    num_examples = len(rows)
+    text, image = text_and_image(modality, special_as_text)
+    device, delta, d_sae = sae.W_enc.device, sae.config.cooccurrence_threshold, sae.config.d_sae
+    check_same_device(sae, hidden.device, "the hidden states to encode")
+    text, image, example = text.to(device), image.to(device), example.to(device)  # masks and indices: small
+    counts = {name: torch.zeros(num_examples, dtype=torch.float64, device=device).index_add_(
+        0, example[mask], torch.ones(int(mask.sum()), dtype=torch.float64, device=device))
+        for name, mask in (("text", text), ("image", image))}
+    for i, row in enumerate(rows):
+        check_scorable(counts["text"][i] > 0, counts["image"][i] > 0, row)
+    text_hits = torch.zeros(num_examples, d_sae, device=device)
+    image_hits = torch.zeros_like(text_hits)
+    max_text = torch.zeros(num_examples, d_sae, device=device) if maxima else None
+    max_image = torch.zeros_like(max_text) if maxima else None
+    active = torch.zeros(num_examples, dtype=torch.float64, device=device)
+    step = token_chunk or max(1, hidden.shape[0])
+    for start in range(0, hidden.shape[0], step):
+        part = slice(start, start + step)
+        with sae_matmul_precision(device, allow_tf32):
+            z = sae.encode(hidden[part])
+        ex, t, v = example[part], text[part], image[part]
+        above = (z > delta).float()
+        text_hits.index_add_(0, ex[t], above[t])
+        image_hits.index_add_(0, ex[v], above[v])
+        scored = t | v  # L0 counts the scored positions: text (with special tokens if they count) and image
+        active.index_add_(0, ex[scored], (z[scored] > 0).sum(1).double())
+        if maxima:  # activations are >= 0 (ReLU, or TopK of ReLU), so a maximum starting at 0 is the maximum
+            for maximum, mask in ((max_text, t), (max_image, v)):
+                values = z[mask].float()
+                maximum.scatter_reduce_(0, ex[mask, None].expand_as(values), values, reduce="amax")
+        if on_chunk is not None:
+            on_chunk(z, part)
+    return BatchActivity(text_hits > 0, image_hits > 0, active, counts["text"], counts["image"], max_text, max_image)
+
+
+@torch.no_grad()
+def example_activity(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, row: int, special_as_text: bool = True,
+                     token_chunk: int | None = 4096, maxima: bool = False, allow_tf32: bool = True) -> ExampleActivity:
+    """
+    [`batch_activity`] of one example: `hidden` `(positions, d_in)` and `modality` `(positions,)` its real positions.
+    Only its scored positions (text and image) are encoded.
+
+    Raises:
+        RowError: naming `row`, when the example has no image or no text position.
+    """
+    text, image = text_and_image(modality, special_as_text)
+    counted = text | image
+    example = torch.zeros(int(counted.sum()), dtype=torch.long, device=counted.device)
+    return batch_activity(sae, hidden[counted], modality[counted], example, [row], special_as_text, token_chunk,
+                          maxima, allow_tf32=allow_tf32).example(0)

@@ -1,0 +1,8 @@
+"""Scaffolding for the tests, benchmarks, notebooks and the demo, never imported by the library: tiny offline MLLMs of
+seven architectures and their processors (`tiny_models`, `tiny_processing`), scikit-learn's real handwritten digits as
+images and conversations (`digit_data`), and a few steps of pretraining that make a tiny MLLM know them
+(`tiny_pretraining`).
+
+A test or script that loads a saved tiny Qwen2-VL or Chameleon folder in a process that built no tiny model calls
+`tiny_processing.register_tiny_processors()` first.
+"""

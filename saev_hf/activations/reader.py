@@ -54,6 +54,13 @@ def include_special_tokens_field() -> Any:
                 "that reads them."})
 
 
+def special_as_text_field() -> Any:
+    """The `special_as_text` option of every step that splits positions into text and image: one name, one help."""
+    return field(default=True, metadata={
+        "help": "Count special/template tokens (BOS, role markers, image start/end) as text positions, as the authors' "
+                "code does; False leaves them out. Padding never counts."})
+
+
 class Modality(IntEnum):
     """What a token position carries."""
 

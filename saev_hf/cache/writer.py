@@ -30,7 +30,7 @@ import torch
 from ..activations.reader import LayerReader, Modality, image_token_id_of, include_special_tokens_field, layer_field
 from ..arguments import DataArguments, ModelArguments
 from ..data.batching import is_indexable
-from ..data.pipeline import check_workers, prepared_batches, preprocessing_workers_field
+from ..data.pipeline import check_workers, prepared_batches, preprocessing_workers_field, read_batch_size_field
 from ..data.prompts import PromptFormat
 from ..runtime.folders import OUTPUT_RECORD, OutputArguments
 from ..runtime.progress import progress_bar
@@ -58,11 +58,7 @@ class CacheArguments(OutputArguments):
         metadata={"help": "Most tokens in one shard (one safetensors file). A shard holds whole rows: a row with more "
                   "tokens than this is an error."},
     )
-    read_batch_size: int = field(
-        default=8,
-        metadata={"help": "Dataset rows per forward pass of the MLLM. Use the read_batch_size of the training run "
-                  "the cache stands in for to get bit-identical activations."},
-    )
+    read_batch_size: int = read_batch_size_field()
     max_rows: int | None = field(default=None, metadata={"help": "Cache only the first this many rows."})
     preprocessing_workers: int = preprocessing_workers_field()
 

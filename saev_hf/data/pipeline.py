@@ -36,6 +36,13 @@ def preprocessing_workers_field() -> Any:
     )
 
 
+def read_batch_size_field() -> Any:
+    """The `read_batch_size` option of training and caching: one name, one help."""
+    return field(default=8, metadata={
+        "help": "Dataset rows per forward pass of the MLLM. A cache made with the read_batch_size of the training run "
+                "it stands in for gives bit-identical activations (the same padding)."})
+
+
 def check_workers(workers: int, option: str = "preprocessing_workers") -> None:
     """Refuse a negative or non-integer number of workers, naming the option."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:

@@ -217,17 +217,7 @@ def evaluate_saev(
         layer = sae.config.hook_layer
         if layer is None:
             raise ValueError("The SAE-V records no hook_layer: pass layer= (the decoder layer it reads).")
-    if isinstance(reader, CacheReader):
-        dataset = cached_rows(reader.cache) if dataset is None else dataset
-        _check_cache_serves(reader, layer, compute_ce_loss)
-    elif reader is None:
-        if model is None or processor is None or dataset is None:
-            raise ValueError("Pass the model, its processor and the dataset, or reader=CacheReader(ActivationCache("
-                             "path)) to evaluate on an activation cache.")
-        if prompt_format is not None and prompt_format.image_column and image_token_id_of(model, processor) is None:
-            # A text-only model reads text only (transfer of an SAE-V to the base LLM).
-            prompt_format = replace(prompt_format, image_column=None)
-        reader = LayerReader(model, processor, layer=layer, prompt_format=prompt_format)
+    reader, dataset = _reader_and_rows(model, processor, dataset, layer, prompt_format, reader, compute_ce_loss)
     reader.check_sae(sae)
     batches = _BatchEvaluator(sae, model, reader, layer, compute_ce_loss)
     totals, fired, examples = batches.totals, batches.fired, 0
@@ -261,6 +251,24 @@ def evaluate_saev(
     for split in SPLITS:
         result[split] = totals[split].metrics(compute_ce_loss)
     return result
+
+
+def _reader_and_rows(model, processor, dataset, layer: int, prompt_format: PromptFormat | None,
+                     reader: LayerReader | CacheReader | None, compute_ce_loss: bool):
+    """The reader the evaluation reads layer `layer` with and the rows it reads: those given, the rows of an
+    activation cache (which cannot serve CE), or a [`LayerReader`] of `model` (text only for a text-only model)."""
+    if isinstance(reader, CacheReader):
+        _check_cache_serves(reader, layer, compute_ce_loss)
+        return reader, cached_rows(reader.cache) if dataset is None else dataset
+    if reader is not None:
+        return reader, dataset
+    if model is None or processor is None or dataset is None:
+        raise ValueError("Pass the model, its processor and the dataset, or reader=CacheReader(ActivationCache("
+                         "path)) to evaluate on an activation cache.")
+    if prompt_format is not None and prompt_format.image_column and image_token_id_of(model, processor) is None:
+        # A text-only model reads text only (transfer of an SAE-V to the base LLM).
+        prompt_format = replace(prompt_format, image_column=None)
+    return LayerReader(model, processor, layer=layer, prompt_format=prompt_format), dataset
 
 
 class _BatchEvaluator:

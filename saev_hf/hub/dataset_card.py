@@ -75,8 +75,7 @@ def filtered_dataset_card(
     Returns:
         `huggingface_hub.DatasetCard`.
     """
-    # keyword plumbing from the filter, the SAE-V and the scorer into the card's many template fields
-
+    # keyword plumbing from the filter, the SAE-V and the scorer into the card's many template fields: long by design
     column = filter_args.column if filter_args is not None else (column or "saev_cosine_score")
     if column not in dataset.column_names:
         raise KeyError(

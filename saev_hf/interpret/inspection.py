@@ -33,9 +33,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..activations.reader import LayerReader, Modality
+from ..activations.reader import LayerReader, Modality, special_as_text_field
 from ..data.pipeline import check_workers, prepared_batches, preprocessing_workers_field
-from ..runtime.devices import allow_tf32_field, sae_matmul_precision
+from ..runtime.devices import allow_tf32_field, sae_matmul_precision, token_chunk_field
 from ..runtime.progress import progress_bar
 from ..scoring.activity import batch_activity
 from .explanations import ExampleExplanation, _explain
@@ -79,11 +79,9 @@ class InspectionArguments:
     max_features: int = field(
         default=50, metadata={"help": "Most feature pages chosen by default (features asked for are always shown)."}
     )
-    special_as_text: bool = field(
-        default=True, metadata={"help": "Count special/template tokens as text in C(x), as the scorer does by default."}
-    )
+    special_as_text: bool = special_as_text_field()
     batch_size: int = field(default=8, metadata={"help": "Examples per MLLM forward."})
-    token_chunk: int = field(default=4096, metadata={"help": "Tokens encoded at once by the SAE (bounds memory)."})
+    token_chunk: int = token_chunk_field()
     allow_tf32: bool = allow_tf32_field()
     preprocessing_workers: int = preprocessing_workers_field()
 
@@ -390,6 +388,33 @@ def _select_features(sae: Any, args: InspectionArguments, explanations: dict[int
 
 
 @torch.no_grad()
+def _read_top_examples(sae: Any, features: dict[int, FeatureSummary], top: FeatureTopExamples,
+                       row_revisitor: RowRevisitor, args: InspectionArguments) -> None:
+    """Pass 3: re-read the top examples of the features with pages and add each, with the feature's activation at
+    every token and over the image patches, to its [`FeatureSummary`] (highest activation first)."""
+    wanted: dict[int, list[tuple[int, float]]] = {}
+    for f in features:
+        for row, value in top.of(f):
+            wanted.setdefault(row, []).append((f, value))
+    for row, hidden, modality, view in row_revisitor.revisit(sorted(wanted), "Inspection: reading top examples"):
+        feats = [f for f, _ in wanted[row]]
+        with sae_matmul_precision(sae.W_enc.device, args.allow_tf32):  # hidden: on the SAE-V's device (check_sae)
+            z = torch.cat([sae.encode(hidden[s : s + args.token_chunk])[:, feats].float().cpu()
+                           for s in range(0, hidden.shape[0], args.token_chunk)])
+        image_positions = view.modality == Modality.IMAGE
+        for column, (f, value) in enumerate(wanted[row]):
+            token_acts = z[:, column]
+            patches = None
+            if view.grids is not None:
+                patches = [grid.values(token_acts[image_positions]) for grid in view.grids]
+            features[f].top_examples.append(TopExample(row=row, activation=value, token_activations=token_acts,
+                                                       patch_activations=patches))
+    for summary in features.values():
+        summary.top_examples.sort(key=lambda e: (-e.activation, e.row))
+
+
+
+@torch.no_grad()
 def inspect_saev(sae: Any, reader: LayerReader, dataset: Any, args: InspectionArguments | None = None) -> Inspection:
     """
     Inspect an SAE-V on a dataset: top-activating examples and modality profiles of its features, and explanations
@@ -436,27 +461,7 @@ def inspect_saev(sae: Any, reader: LayerReader, dataset: Any, args: InspectionAr
             firing_counts={name: int(counts[m, f]) for m, name in enumerate(MODALITY_NAMES)},
             examples_fired=int(fired[f]), examples_cooccurring=int(cooccurring[f]), selected_because=why,
         )
-    # pass 3: the top examples of the features with pages
-    wanted: dict[int, list[tuple[int, float]]] = {}
-    for f in features:
-        for row, value in top.of(f):
-            wanted.setdefault(row, []).append((f, value))
-    for row, hidden, modality, view in row_revisitor.revisit(sorted(wanted), "Inspection: reading top examples"):
-        feats = [f for f, _ in wanted[row]]
-        with sae_matmul_precision(sae.W_enc.device, args.allow_tf32):  # hidden: on the SAE-V's device (check_sae)
-            z = torch.cat([sae.encode(hidden[s : s + args.token_chunk])[:, feats].float().cpu()
-                           for s in range(0, hidden.shape[0], args.token_chunk)])
-        image_positions = view.modality == Modality.IMAGE
-        for column, (f, value) in enumerate(wanted[row]):
-            token_acts = z[:, column]
-            patches = None
-            if view.grids is not None:
-                patches = [grid.values(token_acts[image_positions]) for grid in view.grids]
-            features[f].top_examples.append(TopExample(row=row, activation=value, token_activations=token_acts,
-                                                       patch_activations=patches))
-    for summary in features.values():
-        summary.top_examples.sort(key=lambda e: (-e.activation, e.row))
-
+    _read_top_examples(sae, features, top, row_revisitor, args)  # pass 3
     return Inspection(
         features=features,
         explanations=explanations,

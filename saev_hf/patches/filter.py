@@ -15,10 +15,9 @@ from ..activations.reader import Modality, scored_positions
 from ..arguments import DataArguments, ModelArguments, SAEArguments, load_sources
 from ..data.images import row_images, undecoded_images
 from ..data.prompts import PromptFormat, _column, rows_to_columns
-from ..runtime.devices import allow_tf32_field
 from ..runtime.folders import OutputArguments
 from ..scoring.activity import batch_activity
-from ..scoring.map_function import SAEVMapFunction
+from ..scoring.map_function import MapFunctionArguments, SAEVMapFunction
 from ..scoring.mapping import MapArguments, map_placement
 from .geometry import PatchLocator
 from .preview import save_patch_preview
@@ -26,7 +25,7 @@ from .scores import PATCH_SCORES, ImagePatchScores, mask_patches, token_patch_sc
 
 
 @dataclass
-class PatchFilterArguments:
+class PatchFilterArguments(MapFunctionArguments):
     """Which patch score ranks the patches, how many are kept, and what replaces the others."""
 
     score: str = field(
@@ -45,18 +44,9 @@ class PatchFilterArguments:
         metadata={"help": "Column for the per-image patch score grids (nested lists); empty or None: not added."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' baseline (mixed with each image's pixels)."})
-    special_as_text: bool = field(
-        default=True, metadata={"help": "Count special/template tokens as text positions for C(x) (as the scorer)."}
-    )
-    on_error: str = field(
-        default="raise",
-        metadata={"help": "'raise': a row that cannot be scored stops the map with a clear error. 'null': its images "
-                  "become null and the reason goes in `error_column`."},
-    )
-    error_column: str = field(default="saev_error", metadata={"help": "Reason column used with on_error='null'."})
-    allow_tf32: bool = allow_tf32_field()
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.score not in (*PATCH_SCORES, "random"):
             raise ValueError(f"score={self.score!r} must be one of {[*PATCH_SCORES, 'random']}.")
         if not 0 < self.keep_fraction <= 1:
@@ -69,8 +59,6 @@ class PatchFilterArguments:
             raise ValueError(f"fill={self.fill!r} must be three integers 0-255 separated by commas, e.g. '0,0,0'.")
         if self.scores_column == "":
             self.scores_column = None
-        if self.on_error not in ("raise", "null"):
-            raise ValueError(f"on_error={self.on_error!r} must be 'raise' or 'null'.")
 
     @property
     def fill_rgb(self) -> tuple[int, int, int]:

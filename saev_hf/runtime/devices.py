@@ -21,6 +21,12 @@ def allow_tf32_field() -> Any:
     })
 
 
+def token_chunk_field() -> Any:
+    """The `token_chunk` option of every step that encodes many tokens with an SAE-V: one name, one help."""
+    return field(default=4096, metadata={
+        "help": "Tokens the SAE-V encodes at once: bounds the memory of the (tokens, d_sae) activations."})
+
+
 @contextlib.contextmanager
 def sae_matmul_precision(device: torch.device | str, allow_tf32: bool = True):
     """

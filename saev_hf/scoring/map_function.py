@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
@@ -26,12 +26,12 @@ from transformers import AutoProcessor
 
 from .._version import __version__
 from ..activations.mllm import check_model_dtype, check_multimodal_processor, load_model_and_processor
-from ..activations.reader import LayerReader, layer_device
+from ..activations.reader import LayerReader, layer_device, special_as_text_field
 from ..data.errors import RowError
 from ..data.prompts import PromptFormat
 from ..model.cooccurrence import check_cooccurrence
 from ..model.modeling import SAEV
-from ..runtime.devices import choose_device
+from ..runtime.devices import allow_tf32_field, choose_device
 from .identity import _absolute, _digest, _state_key, model_digest, processor_digest
 
 # Live scorers by identity: a worker forked by `ds.map(num_proc=...)` inherits this table and so finds the model that
@@ -59,6 +59,25 @@ class TypedColumn(list):
         return pa.array(list(self), type=type or self.arrow_type)
 
 
+@dataclass
+class MapFunctionArguments:
+    """What every SAE-V map function ([`SAEVScorer`], [`saev_hf.patches.PatchFilter`]) shares: which positions count
+    as text, what a row that cannot be processed gets, and the encode's precision."""
+
+    special_as_text: bool = special_as_text_field()
+    on_error: str = field(
+        default="raise",
+        metadata={"help": "'raise': a row that cannot be processed stops the map with a clear error naming it. 'null': "
+                  "it gets null values and the reason in `error_column`.", "choices": ("raise", "null")},
+    )
+    error_column: str = field(default="saev_error", metadata={"help": "Reason column used with on_error='null'."})
+    allow_tf32: bool = allow_tf32_field()
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ("raise", "null"):
+            raise ValueError(f"on_error={self.on_error!r} must be 'raise' or 'null'.")
+
+
 class SAEVMapFunction:
     """
     The machinery every SAE-V `datasets.map(batched=True)` function shares: [`SAEVScorer`] (scores) and
@@ -67,8 +86,8 @@ class SAEVMapFunction:
     identity (so `datasets` caches the map), moves to the worker's device, and runs batches with per-row error
     isolation (`on_error="null"`).
 
-    Args: as for [`SAEVScorer`]; `args` is the subclass's arguments dataclass (it has `scores`, `on_error`,
-    `error_column` and `special_as_text`).
+    Args: as for [`SAEVScorer`]; `args` is the subclass's arguments dataclass, a [`MapFunctionArguments`] (with
+    `scores`).
     """
 
     arguments_class: type

@@ -33,18 +33,18 @@ from ..arguments import DataArguments, ModelArguments, SAEArguments, load_source
 from ..data.errors import RowError
 from ..data.pipeline import check_workers, prepared_batches, preprocessing_workers_field
 from ..data.prompts import PromptFormat, row_indices
-from ..runtime.devices import allow_tf32_field
+from ..runtime.devices import token_chunk_field
 from ..runtime.folders import OutputArguments
 from .activity import ExampleActivity, example_activity  # noqa: F401  (their home before saev_hf.scoring.activity)
-from .map_function import SAEVMapFunction
+from .map_function import MapFunctionArguments, SAEVMapFunction
 from .mapping import MapArguments, map_placement, score_dataset
 
 SCORES = ("cosine", "l0", "cooccur_l0")
 
 
 @dataclass
-class ScorerArguments:
-    """What the scorer computes and how it names its columns."""
+class ScorerArguments(MapFunctionArguments):
+    """What the scorer computes, how it names its columns, and how rows reach the MLLM."""
 
     scores: list[str] = field(
         default_factory=lambda: list(SCORES),
@@ -53,17 +53,7 @@ class ScorerArguments:
     cosine_column: str = field(default="saev_cosine_score", metadata={"help": "Column of the cosine-similarity score."})
     l0_column: str = field(default="saev_l0", metadata={"help": "Column of the L0 score."})
     cooccur_l0_column: str = field(default="saev_cooccur_l0", metadata={"help": "Column of the co-occurring L0."})
-    on_error: str = field(
-        default="raise",
-        metadata={"help": "'raise': an example that cannot be scored stops the map with a clear error. 'null': it "
-                  "gets null scores and the reason in `error_column`."},
-    )
-    error_column: str = field(default="saev_error", metadata={"help": "Reason column used with on_error='null'."})
-    special_as_text: bool = field(
-        default=True, metadata={"help": "Count special/template tokens as text positions (the authors' code does)."}
-    )
-    token_chunk: int = field(default=4096, metadata={"help": "Tokens encoded at once by the SAE (bounds memory)."})
-    allow_tf32: bool = allow_tf32_field()
+    token_chunk: int = token_chunk_field()
     forward_batch_size: int | None = field(
         default=None,
         metadata={"help": "Rows per forward of the MLLM. None runs each map batch in one forward (the map's "
@@ -79,11 +69,10 @@ class ScorerArguments:
     preprocessing_workers: int = preprocessing_workers_field()
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         unknown = sorted(set(self.scores) - set(SCORES))
         if unknown or not self.scores:
             raise ValueError(f"scores={self.scores} must be a non-empty subset of {list(SCORES)}.")
-        if self.on_error not in ("raise", "null"):
-            raise ValueError(f"on_error={self.on_error!r} must be 'raise' or 'null'.")
         if self.token_chunk <= 0:
             raise ValueError(f"token_chunk={self.token_chunk} must be positive.")
         check_workers(self.preprocessing_workers)

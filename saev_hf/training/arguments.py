@@ -10,6 +10,7 @@ from typing import Any
 from accelerate.utils import LoggerType
 
 from ..activations.reader import include_special_tokens_field, layer_field
+from ..data.pipeline import read_batch_size_field
 from ..model.config import ACTIVATIONS
 from ..runtime.folders import OutputArguments
 from .schedule import TrainingSchedule
@@ -122,7 +123,7 @@ class SAEVTrainingArguments(OutputArguments):
                        "(train_batch_size_tokens x processes))."),
     )
     train_batch_size_tokens: int = field(default=4096, metadata=_help("Tokens per step and process."))
-    read_batch_size: int = field(default=8, metadata=_help("Dataset rows per forward pass of the base model."))
+    read_batch_size: int = read_batch_size_field()
     buffer_size_tokens: int = field(
         default=262144,
         metadata=_help("Tokens in each process's shuffling buffer after a refill (refilled when half empty); at least "

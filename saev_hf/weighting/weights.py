@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import gather, gather_object
 
-from ..activations.reader import LayerReader
+from ..activations.reader import LayerReader, special_as_text_field
 from ..arguments import DataArguments, ModelArguments, SAEArguments, load_sources
 from ..cache.activation_cache import ActivationCache
 from ..cache.reader import CacheReader, cached_rows
@@ -53,7 +53,7 @@ from ..data.pipeline import check_workers, prepared_batches, preprocessing_worke
 from ..data.prompts import PromptFormat
 from ..model.cooccurrence import check_cooccurrence
 from ..model.modeling import SAEV
-from ..runtime.devices import allow_tf32_field, choose_device, sae_matmul_precision
+from ..runtime.devices import allow_tf32_field, choose_device, sae_matmul_precision, token_chunk_field
 from ..runtime.distributed import batch_share, distributed_state
 from ..runtime.folders import OutputArguments
 from ..runtime.progress import progress_bar
@@ -70,11 +70,7 @@ class WeightingArguments:
     per_modality: int = field(
         default=5, metadata={"help": "Text and image positions needed among the top K, and used for the cosine."}
     )
-    special_as_text: bool = field(
-        default=True,
-        metadata={"help": "Count special/template tokens (BOS, role markers, image start/end) as text, as the "
-                  "authors' code does. False leaves them out of the weighting."},
-    )
+    special_as_text: bool = special_as_text_field()
     mean_center: bool = field(
         default=False,
         metadata={"help": "Subtract the mean hidden state (over all counted positions) before the cosine. Not in "
@@ -84,9 +80,7 @@ class WeightingArguments:
         default=1000, metadata={"help": "Examples sampled from the dataset (the paper: 1k). None uses them all."}
     )
     batch_size: int = field(default=8, metadata={"help": "Examples per MLLM forward."})
-    token_chunk: int = field(
-        default=4096, metadata={"help": "Tokens encoded at once by the SAE (bounds the d_sae-wide activations)."}
-    )
+    token_chunk: int = token_chunk_field()
     seed: int = field(default=42, metadata={"help": "Seed of the example sample."})
     threshold_quantile: float | None = field(
         default=None,

@@ -4,7 +4,10 @@
   the shared 2-core machines two threads make timings swing 10-40x (see docs/environment.md);
 - offline (`HF_HUB_OFFLINE`, `HF_DATASETS_OFFLINE`, unless set): every benchmark builds its models and data locally;
 - the checkout on `sys.path`, so that a benchmark runs from a clone without installing;
-- the timing helpers: [`timed`] (one call's wall time) and [`quartiles`] (the spread of repeated timings).
+- the timing helpers: [`timed`] (one call's wall time), [`interleaved_timings`] (the one timing loop: calls warmed
+  up, then timed in an order rotated every repetition, the garbage collector paused) and [`quartiles`];
+- one output convention: `--output-dir DIR` ([`add_output_dir`], default `benchmarks/results`), into which a benchmark
+  writes `<name>.md` (and `<name>.json`, `<name>.png` where it has them: [`output_path`]).
 
 A benchmark starts with
 
@@ -26,6 +29,8 @@ os.environ["MKL_NUM_THREADS"] = "1"
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import argparse  # noqa: E402
+import gc  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -38,6 +43,8 @@ torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 """The checkout's root folder."""
+RESULTS = ROOT / "benchmarks" / "results"
+"""Where benchmarks write their results by default (committed with their commands)."""
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
@@ -47,6 +54,41 @@ def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def interleaved_timings(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall times of each call in `calls`, `repeats` times: every call first run `warmup` times untimed, then each
+    repetition times every call once, in an order rotated from one repetition to the next (so that a slow phase of the
+    shared machine hits them alike), with the garbage collector paused. Compare ratios of the same repetition."""
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    gc.collect()
+    gc.disable()
+    try:
+        for rep in range(repeats):
+            shift = rep % len(names)
+            for name in names[shift:] + names[:shift]:
+                times[name].append(timed(calls[name]))
+    finally:
+        gc.enable()
+    return times
+
+
+def add_output_dir(parser: argparse.ArgumentParser, default: Path | None = RESULTS) -> None:
+    """The `--output-dir` option every benchmark that writes results takes (one name, one meaning)."""
+    parser.add_argument("--output-dir", type=Path, default=default, required=default is None,
+                        help=f"folder to write the results to (<name>.md, and .json / .png where there are)"
+                             + (f"; default {default.relative_to(ROOT)}" if default is not None else ""))
+
+
+def output_path(args: argparse.Namespace, name: str, suffix: str = ".md") -> Path:
+    """`args.output_dir / (name + suffix)`, its folder created."""
+    folder = Path(args.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{name}{suffix}"
 
 
 def quartiles(values: list[float]) -> tuple[float, float]:

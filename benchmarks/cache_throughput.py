@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
 import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
+from _common import add_output_dir, output_path  # noqa: E402
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -48,7 +49,6 @@ from saev_hf.cache import ActivationCache  # noqa: E402
 from saev_hf.cache.activation_cache import FORMAT, FORMAT_VERSION, MANIFEST_NAME  # noqa: E402
 from saev_hf.cache.shard_writer import ShardWriter  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "cache_throughput.md"
 HOOK = "blocks.16.hook_resid_post"
 
 
@@ -122,6 +122,7 @@ def read_saelens(folder: Path, batch_tokens: int, context: int) -> tuple[int, fl
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[float]]:
+    """Time each reader over the same cached activations, in rounds; write and print the md; return the seconds."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--d_in", type=int, default=4096)
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     parser.add_argument("--shard_tokens", type=int, default=8192)
     parser.add_argument("--batch_tokens", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    add_output_dir(parser)
     args = parser.parse_args(argv)
     if args.tokens % args.context or (args.tokens // args.context) % max(args.batch_tokens // args.context, 1):
         parser.error("--tokens must be whole rows of --context tokens, and whole batches of rows: SAELens' reader "
@@ -196,8 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
               "saev_hf time): above 1, saev_hf delivers the same activations faster. SAELens reads its rows in the "
               "order they were written (shuffled once, when written); saev_hf's shuffled pass reshuffles every pass "
               "with a new seed at no extra disk cost.", ""]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines))
+    output_path(args, "cache_throughput").write_text("\n".join(lines))
     print("\n".join(lines))
     print(json.dumps({name: [round(s, 3) for s in values] for name, values in seconds.items()}))
     return seconds

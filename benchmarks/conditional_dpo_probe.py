@@ -41,6 +41,7 @@ from saev_hf.testing.tiny_pretraining import response_log_likelihoods  # noqa: E
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", default=None, help="A grounded LLaVA folder (default: the embedded one).")
     parser.add_argument("--cond-weight", type=float, default=1.0)
@@ -71,12 +72,14 @@ def corrupted_image(row: dict, scans: DigitScans, rng: np.random.Generator):
 
 
 def log_likelihoods(model, processor, rows: list[dict], answer: str, images: list | None = None) -> torch.Tensor:
+    """Per row, the summed log-probability of its `answer` under `model` (under `images`, if given, not its own)."""
     return response_log_likelihoods(model, processor, [
         {"images": [images[i]] if images else row["images"], "prompt": row["prompt"], "response": row[answer]}
         for i, row in enumerate(rows)])[0]
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Train with the probe's loss; return the record of held-out answers before and after (a summary printed)."""
     model, processor = load_grounded_llava(args.model_dir)
     recipe = load_recipe(args.model_dir)
     scans = DigitScans(recipe.held_out_fraction, seed=recipe.seed)

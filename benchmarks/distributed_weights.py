@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
 import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
+from _common import add_output_dir, output_path  # noqa: E402
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -47,6 +48,7 @@ SHAPE = ("examples", "batch_size", "hidden_size", "intermediate_size", "num_laye
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The parsed command line."""
     from layer_capture import add_scaled_llava_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -56,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layer", type=int, default=4, help="the layer L the SAE-V reads")
     parser.add_argument("--expansion", type=int, default=8, help="SAE-V expansion factor")
     parser.add_argument("--timeout", type=int, default=900, help="seconds the 2-process run may take")
-    parser.add_argument("--markdown", type=Path, help="write the report here")
+    add_output_dir(parser)
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # set for the torchrun workers
     return parser.parse_args(argv)
 
@@ -130,6 +132,8 @@ def run_both(folder: Path, args: argparse.Namespace, out: Path) -> dict:
 
 
 def main(argv=None) -> None:
+    """Time weights and scores in 1 process, then 2 (torchrun), checked equal; print and write the md.
+    With --worker: one process of the 2."""
     args = parse_args(argv)
     if args.worker is not None:
         run_both(args.worker, args, args.worker / "two")
@@ -199,9 +203,7 @@ def main(argv=None) -> None:
         ]
         report = "\n".join(lines) + "\n"
         print(report)
-        if args.markdown:
-            args.markdown.parent.mkdir(parents=True, exist_ok=True)
-            args.markdown.write_text(report)
+        output_path(args, "distributed_weights").write_text(report)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,7 @@ PAPER_MAX_FRACTION = 0.5  # "... with less than 50% of the data" (its best co-oc
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line (--fractions checked to include 1.0, sorted, without duplicates)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds (every stage of the pipeline).")
@@ -145,6 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def log(message: str) -> None:
+    """Print `message` with the script's name and the time, flushed."""
     print(f"[filtering_experiment {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
@@ -210,10 +212,12 @@ def method_columns(args: argparse.Namespace) -> dict[str, str]:
 
 
 def auroc(clean: np.ndarray, values: np.ndarray) -> float:
+    """AUROC of `values` for telling clean rows (`clean` true) from low-quality ones; 0.5 when `values` is constant."""
     return float(roc_auc_score(clean, values)) if np.ptp(values) > 0 else 0.5
 
 
 def run_seed(seed: int, args: argparse.Namespace, workdir: str) -> SeedRun:
+    """One seed's pipeline: pretrain, SAE-V, score the rows, DPO on each method's kept fractions; return its run."""
     started = time.perf_counter()
     settings = miniature_arguments(args, seed)
     torch.manual_seed(seed)
@@ -315,10 +319,12 @@ def paper_check(summary: dict, args: argparse.Namespace) -> dict:
 
 
 def pct(stat: dict) -> str:
+    """`stat` as 'mean ± std', in percent."""
     return f"{stat['mean']:.1%} ± {stat['std']:.1%}"
 
 
 def auroc_table(summary: dict, records: list[dict]) -> str:
+    """The markdown table of each score's AUROC and its mean on clean and on low-quality rows."""
     lines = ["| score | AUROC (clean vs low quality) | mean, clean rows | mean, low-quality rows |",
              "|---|---:|---:|---:|"]
     for name in AUROC_SCORES:
@@ -330,6 +336,7 @@ def auroc_table(summary: dict, records: list[dict]) -> str:
 
 
 def method_table(summary: dict, args: argparse.Namespace, key: str, fmt) -> str:
+    """The markdown table of `summary[key]`: a row per method, a column per kept fraction, cells by `fmt`."""
     keys = [str(f) for f in args.fractions]
     lines = ["| method | " + " | ".join(f"keep {float(k):.0%}" for k in keys) + " |",
              "|---|" + "---:|" * len(keys)]
@@ -339,10 +346,12 @@ def method_table(summary: dict, args: argparse.Namespace, key: str, fmt) -> str:
 
 
 def relative(stat: dict) -> str:
+    """`stat` as 'mean ± std', in whole percent (accuracy relative to full data)."""
     return f"{stat['mean']:.0%} ± {stat['std']:.0%}"
 
 
 def headline(summary: dict, check: dict, args: argparse.Namespace) -> str:
+    """The report's verdict on the paper's claim (> 110% of full-data accuracy with <= 50% of the data)."""
     if not check:
         return "No kept fraction of at most 50% was run, so the paper's claim is not tested."
     saev = {m: check[m] for m in SAEV_METHODS}
@@ -418,6 +427,7 @@ def findings(summary: dict, check: dict, records: list[dict], args: argparse.Nam
 
 
 def plot(summary: dict, args: argparse.Namespace, path: Path) -> None:
+    """Plot accuracy (absolute, relative to full data) vs kept fraction, and each score's AUROC, to the png `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -466,6 +476,7 @@ def plot(summary: dict, args: argparse.Namespace, path: Path) -> None:
 
 
 def write_markdown(path: Path, record: dict, args: argparse.Namespace) -> None:
+    """Write the report (set-up, AUROC and accuracy tables, findings) to the markdown `path`."""
     summary, records, check = record["summary"], record["seeds"], record["paper_check"]
     reads = ("the prompt, the image and the chosen answer" if args.saev_reads == "prompt+chosen"
              else "the prompt and the image (as the paper)")
@@ -552,6 +563,7 @@ def run_experiment(args: argparse.Namespace) -> tuple[dict, list[SeedRun]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the experiment and print its markdown report; return the record."""
     args = parse_args(argv)
     record, _ = run_experiment(args)
     print((Path(args.output_dir) / "filtering_experiment.md").read_text())

@@ -53,6 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
 import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
+from _common import add_output_dir, output_path  # noqa: E402
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -82,7 +83,6 @@ from saev_hf.data.pipeline import prepared_batches  # noqa: E402
 from saev_hf.scoring import ScorerArguments  # noqa: E402
 from saev_hf.weighting import WeightingArguments, compute_feature_weights  # noqa: E402
 
-DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check"
 IMAGE_TILES = ((1, 1), (2, 1), (3, 1), (2, 2))
 """Row image sizes in tiles (width, height): 336x336, 672x336, 1008x336, 672x672 at the real 336-pixel tile."""
 PINPOINT_TILES = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
@@ -122,10 +122,12 @@ PRESETS = {
 
 
 def progress(message: str) -> None:
+    """Print `message` with the script's name and the time, flushed."""
     print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA only; nothing to wait for on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -532,10 +534,12 @@ def _synchronised(device: torch.device) -> float:
 
 
 def fmt(value, spec: str = ".3g", unit: str = "") -> str:
+    """`value` formatted by `spec`, followed by `unit`; 'n/a' when it is None."""
     return "n/a" if value is None else f"{value:{spec}}{unit}"
 
 
 def markdown(result: dict) -> str:
+    """The report of `result`: a markdown table of the measurements."""
     s, t, w, c = result["scorer"], result["training"], result["weighting"], result["activation_cache"]
     p, busy = s["padding_fraction"], s["gpu_busy_fraction"]
     gib = 1 << 30
@@ -592,6 +596,7 @@ def _shown(path: Path) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The parsed command line, options left unset taken from the device's preset, with the json and md paths."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda: LLaVA-NeXT-7B's shapes; cpu: reduced sizes (a smoke run)")
@@ -611,8 +616,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-warmup", type=int, help="untimed training steps first (default 5 / 1)")
     parser.add_argument("--weighting-rows", type=int, help="rows of the weighting (default 32 / 8)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, help=f"default: {DEFAULT_RESULTS}.json (cpu: {DEFAULT_RESULTS}_cpu.json)")
-    parser.add_argument("--markdown", type=Path, help="default: the JSON path with .md")
+    add_output_dir(parser)  # writes gpu_check.json/.md (on the CPU: gpu_check_cpu.json/.md)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; use --device cpu for the reduced smoke run")
@@ -626,14 +630,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if min(args.rows, args.forward_batch_size, args.map_batch_size, args.repeats, args.train_steps,
            args.train_batch_tokens, args.weighting_rows) < 1 or min(args.workers, args.train_warmup) < 0:
         parser.error("sizes and counts must be positive (--workers and --train-warmup may be 0)")
-    if args.json is None:
-        args.json = Path(f"{DEFAULT_RESULTS}{'' if args.device == 'cuda' else '_cpu'}.json")
-    if args.markdown is None:
-        args.markdown = args.json.with_suffix(".md")
+    name = "gpu_check" if args.device == "cuda" else "gpu_check_cpu"
+    args.json, args.markdown = output_path(args, name, ".json"), output_path(args, name, ".md")
     return args
 
 
 def main(argv=None) -> dict:
+    """Measure the scorer, weighting, activation cache and training; write the json and md; return the result."""
     args = parse_args(argv)
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")

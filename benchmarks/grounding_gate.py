@@ -48,6 +48,7 @@ from saev_hf.demo.scenes import DigitScans, question_rows  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The parsed command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--model-dir", default=None, help="A trained grounded LLaVA to load instead of training one.")
@@ -64,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_gate(args: argparse.Namespace) -> dict:
+    """Train or load the grounded LLaVA, measure the gate per layer and rule, write json and md; return the record."""
     started = time.perf_counter()
     recipe = GroundedLlavaArguments(**{"seed": args.seed, **json.loads(args.recipe)})
     scans = DigitScans(recipe.held_out_fraction, seed=recipe.seed)
@@ -122,6 +124,7 @@ def _weight(value: float | None) -> str:
 
 
 def markdown(record: dict) -> str:
+    """The gate's report of `record`, as markdown."""
     t = record["thresholds"]
     lines = [
         "# The gate: does the grounded tiny LLaVA have what SAE-V's filter needs?",

@@ -42,6 +42,7 @@ DEFAULT_VARIANTS = [[0.25, 300, 0.4, 3e-4], [0.25, 300, 0.5, 3e-4], [0.25, 300, 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base-dir", default=None, help="A grounded LLaVA after stage 3 (default: train stages 1-3).")
     parser.add_argument("--variants", default=json.dumps(DEFAULT_VARIANTS),
@@ -57,11 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def measure(name: str, model, processor, rows, recipe: gl.GroundedLlavaArguments) -> dict:
+    """`name`'s held-out answer accuracy on `rows` and its knowledge of absent objects, with its recipe."""
     return {"model": name, "recipe": asdict(recipe), **gl.answer_accuracy(model, processor, rows),
             "absence": absence_knowledge(model, processor, rows)}
 
 
 def run(options: argparse.Namespace) -> dict:
+    """Measure the base model, the stage-4 variants and the --measure models, write json and md; return the record."""
     started = time.perf_counter()
     if options.base_dir:
         base, processor = load_grounded_llava(options.base_dir)
@@ -108,6 +111,7 @@ def _auroc(value) -> str:
 
 
 def markdown(record: dict) -> str:
+    """The report of `record`: a markdown table, a row per model."""
     kinds = ("which", "colour", "where", "exists")
     lines = [
         "# Imperfect instruction tuning: does the model know what it gets wrong?",

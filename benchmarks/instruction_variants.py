@@ -40,6 +40,7 @@ from saev_hf.demo.scenes import DigitScans, question_rows  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default="[[0.03, 2000], [0.1, 400]]",
                         help="JSON list of [instruction_absent_fraction, instruction_steps] or [instruction_absent_"
@@ -61,6 +62,7 @@ def aligned_model(args: gl.GroundedLlavaArguments, scans: DigitScans):
 
 
 def run(options: argparse.Namespace) -> list[dict]:
+    """Train and save each stage-3 variant of one aligned model, write instruction_variants.json; return the results."""
     recipe = gl.GroundedLlavaArguments(**json.loads(options.recipe))
     scans = DigitScans(recipe.held_out_fraction, seed=recipe.seed)
     started = time.perf_counter()

@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
 import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
-from _common import quartiles, timed  # noqa: E402
+from _common import interleaved_timings, quartiles  # noqa: E402
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -118,6 +118,7 @@ def build_scaled_llava(vocab_size: int, args: argparse.Namespace, seed: int = 0)
 
 
 def batch_rows(batch_size: int) -> dict[str, list]:
+    """`batch_size` rows (a digit image and a prompt each), as `LayerReader.prepare` takes them."""
     images = [image for image, _ in digit_images(batch_size, seed=0)]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch_size)]
     return {"images": [[image] for image in images], "prompt": prompts}
@@ -138,6 +139,7 @@ def check_capture(model, reader: LayerReader, inputs) -> None:
 
 
 def param_count(module: torch.nn.Module) -> int:
+    """The number of parameters of `module`."""
     return sum(p.numel() for p in module.parameters())
 
 
@@ -160,6 +162,7 @@ def matmul_estimate(model, inputs, num_layers: int):
 
 @torch.no_grad()
 def benchmark(vocab_size: int, args: argparse.Namespace) -> list[dict]:
+    """Time full forwards against each layer's capture (checked exact) for one vocabulary; return a row per layer."""
     model, processor = build_scaled_llava(vocab_size, args)
     readers = {layer: LayerReader(model, processor, layer=layer) for layer in args.layers}
     first = readers[args.layers[0]]
@@ -176,25 +179,10 @@ def benchmark(vocab_size: int, args: argparse.Namespace) -> list[dict]:
     for reader in readers.values():
         check_capture(model, reader, inputs)
 
-    calls = {"full": lambda: model(**inputs)}
+    calls = {"full": lambda: model(**inputs)}  # noqa: F821  (ruff: `model` is deleted below, after the calls)
     for layer, reader in readers.items():
         calls[layer] = lambda reader=reader: reader.read_inputs(inputs)
-    names = list(calls)
-
-    for _ in range(args.warmup):
-        for name in names:
-            calls[name]()
-
-    times: dict = {name: [] for name in names}
-    gc.collect()
-    gc.disable()
-    try:
-        for rep in range(args.repeats):
-            shift = rep % len(names)
-            for name in names[shift:] + names[:shift]:  # rotate the order every repetition
-                times[name].append(timed(calls[name]))
-    finally:
-        gc.enable()
+    times = interleaved_timings(calls, args.repeats, args.warmup)
 
     full = times["full"]
     rows = []
@@ -219,6 +207,7 @@ def benchmark(vocab_size: int, args: argparse.Namespace) -> list[dict]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The parsed command line (--layers checked, sorted, without duplicates)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 8, 15], help="0-based decoder layers L to read")
     parser.add_argument("--batch-size", type=int, default=4, help="examples per batch (one digit image each)")
@@ -237,6 +226,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    """Benchmark every vocabulary size and print the markdown table of speed-ups."""
     args = parse_args(argv)
     start = time.perf_counter()
     rows = []

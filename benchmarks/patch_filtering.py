@@ -66,6 +66,7 @@ PAPER = {  # LLaVA-NeXT, 10 ImageNet classes (the method page); all patches: 0.8
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds (model, SAE-V, random masks).")
@@ -87,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def log(message: str) -> None:
+    """Print `message` with the script's name and the time, flushed."""
     print(f"[patch_filtering {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
@@ -109,6 +111,7 @@ def build(seed: int, args: argparse.Namespace, digits: list, eval_digits: list, 
 
 
 def run_seed(seed: int, args: argparse.Namespace, eval_digits: list, workdir: str) -> dict:
+    """One seed's held-out digit accuracy with the patches each scorer keeps, per fill and fraction."""
     # the evaluation digits are the same for every seed; each seed draws its training digits from the others
     eval_arrays = {np.asarray(image).tobytes() for image, _ in eval_digits}
     pool = [pair for pair in digit_images(1797, seed=100 + seed) if np.asarray(pair[0]).tobytes() not in eval_arrays]
@@ -158,11 +161,13 @@ def ink_scores(image, grid) -> torch.Tensor:
 
 
 def mean_std(values: list[float]) -> dict:
+    """The mean, the sample standard deviation (0 for one value) and the values."""
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "values": values}
 
 
 def summarise(runs: list[dict], args: argparse.Namespace) -> dict:
+    """Over seeds: mean ± std of each accuracy and of the weighted features; the paper rule's mean kept fractions."""
     summary = {"all_patches": mean_std([r["all_patches"] for r in runs]), "accuracy": {}, "kept_paper_rule": {},
                "num_weighted_features": mean_std([r["num_weighted_features"] for r in runs])}
     for key in runs[0]["accuracy"]:
@@ -173,10 +178,12 @@ def summarise(runs: list[dict], args: argparse.Namespace) -> dict:
 
 
 def fmt(stat: dict) -> str:
+    """`stat` as 'mean ± std', three decimals."""
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
 def table(summary: dict, fill: str, fractions: list[float]) -> str:
+    """The markdown table of accuracies with `fill`: a row per scorer, a column per kept fraction."""
     lines = ["| scorer | " + " | ".join(f"keep {f:.0%}" for f in fractions) + " |",
              "|---|" + "---|" * len(fractions)]
     for scorer in SCORERS:
@@ -186,6 +193,7 @@ def table(summary: dict, fill: str, fractions: list[float]) -> str:
 
 
 def findings(summary: dict, args: argparse.Namespace) -> list[str]:
+    """Markdown lines: per fill and kept fraction, each scorer's accuracy gap to random, beyond the spread or not."""
     out = []
     for fill in args.fills:
         for fraction in args.fractions:
@@ -202,6 +210,7 @@ def findings(summary: dict, args: argparse.Namespace) -> list[str]:
 
 
 def plot(summary: dict, args: argparse.Namespace, path: Path) -> None:
+    """Plot accuracy vs kept fraction per scorer, a panel per fill, to the png `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,6 +238,7 @@ def plot(summary: dict, args: argparse.Namespace, path: Path) -> None:
 
 
 def plot_examples(examples, args: argparse.Namespace, path: Path) -> None:
+    """Plot the example digits with the patches each scorer keeps at each fraction to the png `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,6 +268,7 @@ def plot_examples(examples, args: argparse.Namespace, path: Path) -> None:
 
 
 def write_markdown(path: Path, record: dict, args: argparse.Namespace) -> None:
+    """Write the report (set-up, tables per fill, the paper's numbers, findings) to the markdown `path`."""
     summary = record["summary"]
     lines = [
         "# Image patch filtering (Algorithms 4-7) in miniature",
@@ -304,6 +315,7 @@ def write_markdown(path: Path, record: dict, args: argparse.Namespace) -> None:
 
 
 def rule_note(summary: dict, args: argparse.Namespace) -> list[str]:
+    """A markdown note on ties: what the paper's percentile rule would really keep at the first fraction."""
     kept = summary["kept_paper_rule"]
     cells = ", ".join(f"{s} {kept[f'{s}/{args.fractions[0]}']:.0%}" for s in SCORERS)
     return [f"Ties: with the paper's rule (score >= percentile), 'keep {args.fractions[0]:.0%}' would really keep "
@@ -327,6 +339,7 @@ def conclusion(summary: dict, args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run every seed, write the md, json and two pngs to args.output_dir and print the md; return the record."""
     args = parse_args(argv)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     datasets.disable_progress_bars()

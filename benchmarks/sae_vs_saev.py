@@ -74,6 +74,7 @@ EVAL_DIGITS_START = 1500
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="SAE seeds (init and data order).")
@@ -93,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def log(message: str) -> None:
+    """Print `message` with the time, flushed."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
@@ -100,6 +102,7 @@ def log(message: str) -> None:
 # Models and data
 # ---------------------------------------------------------------------------------------------------------------------
 def build_data(eval_examples: int) -> dict:
+    """The digits and every set of rows: the models' training rows, the SAEs' training data, the held-out rows."""
     from datasets import Dataset
 
     digits = digit_images(1797, seed=0)
@@ -119,6 +122,7 @@ def build_data(eval_examples: int) -> dict:
 
 
 def train_models(data: dict, args: argparse.Namespace) -> tuple:
+    """Train the tiny text LM, then the tiny LLaVA from it; return both, their tokenizer, processor and summaries."""
     text_model, tokenizer = build_tiny_model("text", seed=0)
     log(f"Training the tiny text LM ({args.text_model_steps} steps on {len(data['text_model_rows'])} text rows)")
     text_summary = pretrain_tiny_model(text_model, tokenizer, data["text_model_rows"], steps=args.text_model_steps,
@@ -183,6 +187,7 @@ def spliced(model, layer: int, replace):
 
 
 def reconstruct(sae):
+    """A function mapping hidden states to `sae`'s reconstruction of them (for `spliced`)."""
     return lambda hidden: sae.decode(sae.encode(hidden))
 
 
@@ -242,6 +247,7 @@ HIGHER_IS_BETTER = {"l0": None, "mse": False, "explained_variance": True, "ce_lo
 
 
 def mean_std(values: list[float]) -> dict:
+    """The mean, the sample standard deviation (0 for one value) and the values."""
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "values": values}
 
@@ -275,6 +281,7 @@ def comparison(summary: dict, eval_set: str, split: str, metric: str) -> dict:
 
 
 def fmt(stat: dict, metric: str) -> str:
+    """`stat` as 'mean ± std', in percent or with the decimals that suit `metric`."""
     if metric == "digit_accuracy":
         return f"{stat['mean']:.1%} ± {stat['std']:.1%}"
     digits = 1 if metric == "l0" else 4 if metric == "mse" else 3
@@ -282,6 +289,7 @@ def fmt(stat: dict, metric: str) -> str:
 
 
 def cell(summary: dict, kind: str, eval_set: str, split: str, metric: str) -> str:
+    """A table cell: `kind`'s `metric`, in bold when it beats the other SAE by more than the seed spread."""
     text = fmt(summary[kind][eval_set][split][metric], metric)
     c = comparison(summary, eval_set, split, metric)
     return f"**{text}**" if c["better"] == kind and c["exceeds_spread"] else text
@@ -295,10 +303,12 @@ SET_LABELS = {"multimodal": "multimodal (image + question + caption), LLaVA", "t
 
 
 def reconstruction_rows() -> list[tuple[str, str]]:
+    """The (evaluation set, token split) pairs that reconstruction is reported for."""
     return [(eval_set, split) for eval_set, (_, splits) in EVAL_SETS.items() for split in splits]
 
 
 def reconstruction_table(summary: dict) -> str:
+    """The markdown table of L0, MSE and explained variance per evaluation split and SAE."""
     lines = ["| evaluation data | | L0 | MSE | explained variance |", "|---|---|---:|---:|---:|"]
     for eval_set, split in reconstruction_rows():
         for kind in KINDS:
@@ -308,6 +318,7 @@ def reconstruction_table(summary: dict) -> str:
 
 
 def spliced_table(summary: dict, base: dict) -> str:
+    """The markdown table of answer CE (clean, zero-ablated, with each SAE spliced in) and answer CE recovered."""
     lines = ["| evaluation data | answer CE: clean | zero-ablated | SAE | SAE-V | answer CE recovered: SAE | SAE-V |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for eval_set in EVAL_SETS:
@@ -321,6 +332,7 @@ def spliced_table(summary: dict, base: dict) -> str:
 
 
 def accuracy_table(summary: dict, base: dict) -> str:
+    """The markdown table of held-out digit accuracy: clean, zero-ablated and with each SAE spliced in."""
     b = base["multimodal"]
     return "\n".join([
         "| held-out digits named correctly | clean | zero-ablated | with SAE | with SAE-V |",
@@ -331,6 +343,7 @@ def accuracy_table(summary: dict, base: dict) -> str:
 
 
 def all_positions_ce_table(summary: dict) -> str:
+    """The markdown table of CE loss recovered over every predicted position, per evaluation split."""
     lines = ["| evaluation data | CE clean | CE zero-ablated | CE recovered: SAE | SAE-V |",
              "|---|---:|---:|---:|---:|"]
     for eval_set, split in reconstruction_rows():
@@ -342,6 +355,7 @@ def all_positions_ce_table(summary: dict) -> str:
 
 
 def verdict(summary: dict, eval_set: str, split: str, metric: str) -> str:
+    """Which SAE is better on `metric` for this split, by how much, and whether by more than the seed spread."""
     c = comparison(summary, eval_set, split, metric)
     sae, saev = (summary[k][eval_set][split][metric]["mean"] for k in KINDS)
     if c["better"] is None:
@@ -352,6 +366,7 @@ def verdict(summary: dict, eval_set: str, split: str, metric: str) -> str:
 
 
 def headline(summary: dict) -> str:
+    """The report's verdict: whether the SAE-V reconstructs the multimodal activations better than the SAE."""
     ev = comparison(summary, "multimodal", "all", "explained_variance")
     ce = comparison(summary, "multimodal", "answer", "answer_ce_recovered")
     ev_means = [summary[k]["multimodal"]["all"]["explained_variance"]["mean"] for k in KINDS]
@@ -384,6 +399,7 @@ def findings(summary: dict) -> list[str]:
 
 
 def write_markdown(path: Path, record: dict) -> None:
+    """Write the report (set-up, tables, conclusion) to the markdown `path`."""
     summary, settings, models, base = record["summary"], record["settings"], record["models"], record["baselines"]
     llava, text_model = models["llava"], models["text_model"]
     tokens = settings["steps"] * settings["batch_tokens"]
@@ -512,6 +528,7 @@ Caveats:
 
 
 def plot(path: Path, summary: dict) -> None:
+    """Plot L0, explained variance and answer CE recovered for both SAEs (mean ± std over seeds) to the png `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -558,6 +575,7 @@ def round_floats(value, digits: int = 6):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Train the models and both SAEs per seed, write the md, json and png to args.output_dir; return the record."""
     args = parse_args(argv)
     logging.getLogger("saev_hf").setLevel(logging.ERROR)  # "data exhausted, new pass" warnings are expected here
     started = time.perf_counter()

@@ -44,6 +44,7 @@ DEFAULT_CONFIGS = [{"steps": 200, "learning_rate": 5e-5}, {"steps": 200, "learni
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The parsed command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--model-dir", default=None, help="A grounded LLaVA folder (default: the embedded one).")
@@ -66,6 +67,7 @@ def on_policy(model, processor, rows):
 
 
 def run_seed(seed: int, args: argparse.Namespace, model, processor, scans: DigitScans) -> dict:
+    """One seed: the model's held-out answers before DPO and after DPO with each config on the clean and all rows."""
     eval_rows = question_rows(scans, args.eval_rows, "held_out", np.random.default_rng([seed, 99]),
                               absent_fraction=0.25)
     rows = preference_rows(scans, args.num_pairs, "train", np.random.default_rng([seed, 5]),
@@ -89,6 +91,7 @@ def run_seed(seed: int, args: argparse.Namespace, model, processor, scans: Digit
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Run every seed, write scene_dpo.json and scene_dpo.md to args.output_dir; return the record."""
     started = time.perf_counter()
     model, processor = load_grounded_llava(args.model_dir)
     recipe = load_recipe(args.model_dir)
@@ -133,6 +136,7 @@ def _imperfect(recipe: dict) -> str:
 
 
 def markdown(record: dict) -> str:
+    """The report of `record`: each DPO config on clean vs all rows, per-seed paired effects, accuracy per kind."""
     seeds = record["seeds"]
     base = {key: [s["base"][key] for s in seeds] for key in ("accuracy", "hallucination_rate")}
     policy = ", clean rows rejecting the model's own likeliest wrong answer" if record["on_policy"] else ""

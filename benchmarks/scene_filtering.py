@@ -92,6 +92,7 @@ PAPER_TARGET, PAPER_MAX_FRACTION = 1.10, 0.5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line (--fractions checked to include 1.0)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--model-dir", default=None, help="A grounded LLaVA folder (default: the embedded one).")
@@ -117,6 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def log(message: str) -> None:
+    """Print `message` with the script's name and the time, flushed."""
     print(f"[scene_filtering {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
@@ -159,6 +161,7 @@ def quality_groups(scored: datasets.Dataset) -> dict[str, tuple[np.ndarray, np.n
 
 
 def run_seed(seed: int, args: argparse.Namespace, model, processor, scans: DigitScans, workdir: Path) -> dict:
+    """One seed's record: SAE-V, scored rows, AUROCs, DPO on each method's kept fractions (unless --no-dpo)."""
     started = time.perf_counter()
     eval_rows = question_rows(scans, args.eval_rows, "held_out", np.random.default_rng([seed, 99]), absent_fraction=0.25)
     base = answer_accuracy(model, processor, eval_rows)
@@ -272,6 +275,7 @@ def paper_check(summary: dict, args: argparse.Namespace) -> dict:
 
 
 def headline(summary: dict, check: dict, args: argparse.Namespace) -> str:
+    """The report's verdict on the paper's claim (>= 110% of full-data accuracy at <= 50% of the data)."""
     if args.no_dpo:
         return ("**No DPO run** (`--no-dpo`): the scores as detectors of the low-quality rows and what each keeps; the "
                 "paper's claim (>= 110% of full-data performance at <= 50% of the data) is not tested.")
@@ -292,10 +296,12 @@ def headline(summary: dict, check: dict, args: argparse.Namespace) -> str:
 
 
 def pct(stat: dict | None) -> str:
+    """`stat` as 'mean ± std', in percent; '—' when it is None."""
     return "—" if stat is None else f"{stat['mean']:.1%} ± {stat['std']:.1%}"
 
 
 def table(summary: dict, args: argparse.Namespace, key: str, fmt) -> str:
+    """The markdown table of `summary[key]`: a row per method, a column per kept fraction, cells by `fmt`."""
     keys = [str(f) for f in args.fractions]
     lines = ["| method | " + " | ".join(f"keep {float(k):.0%}" for k in keys) + " |", "|---|" + "---:|" * len(keys)]
     lines += [f"| {LABELS[m]} | " + " | ".join(fmt(summary[key][m][k]) for k in keys) + " |" for m in args.methods]
@@ -303,6 +309,7 @@ def table(summary: dict, args: argparse.Namespace, key: str, fmt) -> str:
 
 
 def auroc_table(summary: dict, records: list[dict]) -> str:
+    """The markdown table of each score's AUROC, its verdict and its mean on clean and on low-quality rows."""
     lines = ["| score | AUROC (clean vs low quality) | verdict | mean, clean | mean, low quality |",
              "|---|---:|---|---:|---:|"]
     for name in DETECTORS:
@@ -315,6 +322,7 @@ def auroc_table(summary: dict, records: list[dict]) -> str:
 
 
 def plot(summary: dict, args: argparse.Namespace, path: Path) -> None:
+    """Plot the kept low-quality share (and, with DPO, accuracy and hallucination) per method, and AUROCs, to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -355,6 +363,7 @@ def plot(summary: dict, args: argparse.Namespace, path: Path) -> None:
 
 
 def auroc_by_quality_table(summary: dict) -> str:
+    """The markdown table of each score's AUROC per kind of low-quality row (`QUALITY_GROUPS`)."""
     groups = list(QUALITY_GROUPS)
     lines = ["| score | " + " | ".join(f"AUROC, {g.replace('_', ' ')}" for g in groups) + " |",
              "|---|" + "---:|" * len(groups)]
@@ -367,6 +376,7 @@ def auroc_by_quality_table(summary: dict) -> str:
 
 
 def write_markdown(path: Path, record: dict, args: argparse.Namespace) -> None:
+    """Write the report (set-up, AUROC tables, results per kept fraction) to the markdown `path`."""
     summary, records, check = record["summary"], record["seeds"], record["paper_check"]
     dpo = SceneDPOArguments(**json.loads(args.dpo))
     lines = [
@@ -433,6 +443,7 @@ def write_markdown(path: Path, record: dict, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Run every seed, write the md, json and png to args.output_dir; return the record."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
     datasets.disable_progress_bars()
     started = time.perf_counter()

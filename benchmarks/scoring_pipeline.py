@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _co
 import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
 
 import argparse  # noqa: E402
-import gc  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
@@ -48,7 +47,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from _common import quartiles, timed  # noqa: E402
+from _common import add_output_dir, interleaved_timings, output_path, quartiles  # noqa: E402
 from layer_capture import PROMPTS, add_scaled_llava_arguments, build_scaled_llava  # noqa: E402
 from scoring_speed import counted_hidden, make_sae  # noqa: E402
 
@@ -85,6 +84,7 @@ def map_batches(rows: dict[str, list], size: int) -> list[tuple[dict[str, list],
 
 
 def score_all(scorer: SAEVScorer, batches) -> dict[str, list]:
+    """The score columns of every row, `scorer` called on each map batch in turn."""
     out = {name: [] for name in COLUMNS}
     for batch, indices in batches:
         for name, values in scorer(batch, indices).items():
@@ -106,6 +106,7 @@ def padding_fraction(reader: LayerReader, batches, forward_batch_size: int | Non
 
 @torch.no_grad()
 def main(argv=None) -> None:
+    """Time the scorer per pipeline setting (scores checked equal) on both row sets; print and write the md and json."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=64, help="rows scored per repetition")
     parser.add_argument("--batch-size", type=int, default=8, help="map batch size without a pipeline, and "
@@ -121,8 +122,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=32064)
     add_scaled_llava_arguments(parser)
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    parser.add_argument("--markdown", type=Path, help="also write the table to this markdown file")
+    add_output_dir(parser)
     args = parser.parse_args(argv)
     start = time.perf_counter()
 
@@ -161,17 +161,7 @@ def main(argv=None) -> None:
         # the preparation alone, in this process: what overlapping it with the forward can hide at most
         calls[PREPARATION] = lambda: [b.check() for batch, indices in batches[names[0]]
                                       for b in prepared_batches(reader, batch, len(indices), row_ids=indices)]
-        times = {name: [] for name in calls}
-        gc.collect()
-        gc.disable()
-        try:
-            for rep in range(args.repeats):
-                order = list(calls)
-                shift = rep % len(order)
-                for name in order[shift:] + order[:shift]:
-                    times[name].append(timed(calls[name]))
-        finally:
-            gc.enable()
+        times = interleaved_timings(calls, args.repeats, warmup=0)
         results[data_name] = {}
         for name in names:
             ratios = [t0 / t for t0, t in zip(times[names[0]], times[name])]
@@ -206,11 +196,9 @@ def main(argv=None) -> None:
               for data_name, r in results.items()]
     print("\n" + "\n".join(lines))
     print(f"\nTotal wall time {time.perf_counter() - start:.0f} s.")
-    if args.markdown:
-        args.markdown.write_text("\n".join(lines) + "\n")
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
-                                        indent=2))
+    output_path(args, "scoring_pipeline").write_text("\n".join(lines) + "\n")
+    record = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}
+    output_path(args, "scoring_pipeline", ".json").write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

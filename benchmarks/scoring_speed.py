@@ -62,7 +62,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from _common import quartiles, timed  # noqa: E402
+from _common import interleaved_timings, quartiles  # noqa: E402
 from layer_capture import PROMPTS, add_scaled_llava_arguments, build_scaled_llava, param_count  # noqa: E402  (the sibling's scaled LLaVA)
 
 from saev_hf import SAEV, SAEVConfig, SAEVScorer  # noqa: E402
@@ -88,6 +88,7 @@ def counted_hidden(acts) -> torch.Tensor:
 
 @torch.no_grad()
 def make_sae(expansion: int, layer: int, hidden: list[torch.Tensor], quantile: float, seed: int) -> SAEV:
+    """An SAE-V with random feature weights; its threshold, the `quantile` of its positive activations on `hidden`."""
     torch.manual_seed(seed)
     sae = SAEV(SAEVConfig(d_in=hidden[0].shape[-1], expansion_factor=expansion, hook_layer=layer)).eval()
     sae.to(hidden[0].device)  # on the device of the hidden states it calibrates on (the model's)
@@ -134,6 +135,7 @@ def check_scores(scorer: SAEVScorer, sae: SAEV, reader: LayerReader, batches, pr
 
 @torch.no_grad()
 def benchmark(args: argparse.Namespace):
+    """Build the model and SAE-Vs (scores checked); time forward, read, scorers, encodes; return them and the times."""
     model, processor = build_scaled_llava(args.vocab_size, args)
     reader = LayerReader(model, processor, layer=args.layer)
     batches = make_batches(args.examples, args.batch_size)
@@ -187,23 +189,12 @@ def benchmark(args: argparse.Namespace):
         for item in items:
             fn(item)
 
-    for _ in range(args.warmup):
-        for name in names:
-            once(name)
-    times: dict = {name: [] for name in names}
-    gc.collect()
-    gc.disable()
-    try:
-        for rep in range(args.repeats):
-            shift = rep % len(names)
-            for name in names[shift:] + names[:shift]:
-                times[name].append(timed(lambda: once(name)))
-    finally:
-        gc.enable()
+    times = interleaved_timings({name: (lambda name=name: once(name)) for name in names}, args.repeats, args.warmup)
     return model, reader, batches, scorers, info, times
 
 
 def ratio(times, a, b):
+    """The median and quartiles of the per-repetition ratios `times[a] / times[b]`."""
     values = [x / y for x, y in zip(times[a], times[b])]
     return statistics.median(values), quartiles(values)
 
@@ -215,6 +206,7 @@ def rest(times, scorer: str, encode: str) -> list[float]:
 
 
 def cell(times, a, b) -> str:
+    """A table cell: the median ratio `times[a] / times[b]` in bold, with its IQR."""
     median, (low, high) = ratio(times, a, b)
     return f"**{median:.3f}x** (IQR {low:.3f}-{high:.3f})"
 
@@ -300,6 +292,7 @@ def profile(args, scorer: SAEVScorer, batches, bare_ms_per_batch: float, expansi
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The parsed command line (checked)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--examples", type=int, default=32, help="examples scored per repetition (N)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per batch (one digit image each)")
@@ -327,6 +320,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    """Benchmark, print the markdown tables of the scorer vs the bare forward; profile it where it exceeds --goal."""
     args = parse_args(argv)
     start = time.perf_counter()
     model, reader, batches, scorers, info, times = benchmark(args)

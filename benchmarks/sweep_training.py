@@ -38,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
 import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
+from _common import add_output_dir, output_path  # noqa: E402
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -78,6 +79,7 @@ class ReadClock:
 
 
 def main(argv=None) -> None:
+    """Time one run, a sweep and its separate runs (sweep checked equal to them); print and write the md table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=96, help="dataset rows (digit images with prompts)")
     parser.add_argument("--steps", type=int, default=12)
@@ -90,7 +92,7 @@ def main(argv=None) -> None:
     parser.add_argument("--layer", type=int, default=8)
     parser.add_argument("--vocab-size", type=int, default=32064)
     add_scaled_llava_arguments(parser)
-    parser.add_argument("--markdown", type=Path, help="also write the table to this markdown file")
+    add_output_dir(parser)
     parser.add_argument("--append", action="store_true", help="append to --markdown instead of replacing it")
     args = parser.parse_args(argv)
     logging.getLogger("saev_hf").setLevel(logging.ERROR)  # "starting pass 1 over the data" with few rows
@@ -187,9 +189,8 @@ def main(argv=None) -> None:
         f"Command: `{command}`",
     ]
     print("\n".join(lines))
-    if args.markdown:
-        with args.markdown.open("a" if args.append else "w") as handle:
-            handle.write(("\n" if args.append else "") + "\n".join(lines) + "\n")
+    with output_path(args, "sweep_training").open("a" if args.append else "w") as handle:  # --append: add a table
+        handle.write(("\n" if args.append else "") + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -81,6 +81,8 @@ LIBRARIES = ("saev_hf", "SAELens", "plain")
 
 @dataclass(frozen=True)
 class Shape:
+    """An SAE shape: d_in, expansion factor and tokens per batch; written D_INxEXPANSION@BATCH_TOKENS."""
+
     d_in: int
     expansion: int
     batch: int
@@ -94,6 +96,7 @@ class Shape:
 
 
 def parse_shape(text: str) -> Shape:
+    """`text` (e.g. 512x8@4096) as a Shape; an argparse error when it is malformed."""
     try:
         dims, batch = text.split("@")
         d_in, expansion = dims.lower().split("x")
@@ -314,6 +317,7 @@ def check_same_maths(steps: int = 4) -> None:
 
 
 def benchmark(shape: Shape, args: argparse.Namespace) -> dict:
+    """Time saev_hf's, SAELens' and plain PyTorch's training steps on `shape`, interleaved; return its row."""
     data = synthetic_activations(shape.d_in, args.num_batches * shape.batch, seed=0)
     norms = data.double().norm(dim=-1)
     scale = input_scale_from_norms(shape.d_in, float(norms.sum()), len(data))
@@ -405,6 +409,7 @@ def op_profile(shape: Shape, rows: int, steps: int = 2) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The parsed command line (checked)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument(
         "--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in ("64x16@4096", "512x8@4096",
@@ -429,6 +434,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    """Check the same maths, time every shape and print the markdown table (and the profiles, if asked)."""
     args = parse_args(argv)
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")

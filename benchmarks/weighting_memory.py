@@ -80,10 +80,12 @@ def _status(field: str) -> int:
 
 
 def rss() -> int:
+    """This process's resident memory now, in bytes (VmRSS)."""
     return _status("VmRSS")
 
 
 def peak() -> int:
+    """This process's peak resident memory since start or the last `reset_peak`, in bytes (VmHWM)."""
     return _status("VmHWM")
 
 
@@ -94,6 +96,7 @@ def reset_peak() -> None:
 
 
 def nbytes(*tensors: torch.Tensor) -> int:
+    """The bytes of the tensors' elements, summed."""
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -198,6 +201,7 @@ def stream(args, record=None):
 
 
 def worker(args) -> None:
+    """Stream one length in this process; print its measurements as a 'RESULT <json>' line."""
     import resource
 
     result: dict = {"tokens": args.tokens, "chunk": args.chunk, "d_sae": args.d_sae, "d_in": args.d_in,
@@ -215,6 +219,7 @@ def worker(args) -> None:
 
 
 def run_worker(args, tokens: int) -> dict:
+    """Measure `tokens` tokens in a fresh worker process; return its parsed RESULT."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--tokens", str(tokens)]
     for name in ("d_sae", "d_in", "chunk", "top_k", "per_modality", "tokens_per_example", "image_fraction", "seed",
                  "activations"):
@@ -232,6 +237,7 @@ def run_worker(args, tokens: int) -> dict:
 
 
 def check(args) -> None:
+    """Check at a small size that the streamed top K and weights equal brute force; print that it passed."""
     small = argparse.Namespace(**{**vars(args), "d_sae": 96, "d_in": 24, "tokens": 6000, "chunk": 700,
                                   "tokens_per_example": 150, "progress": False})
     top, (text_count, image_count, weighted, _), _, weights = stream(small)
@@ -267,11 +273,12 @@ def check(args) -> None:
 
 
 def fmt(value: int) -> str:
+    """`value` bytes in GiB (from 1 GiB) or else in MiB."""
     return f"{value / GiB:.2f} GiB" if value >= GiB else f"{value / MiB:.1f} MiB"
 
 
 def report(args, results: list[dict]) -> None:
-    r0 = results[0]
+    """Print the markdown tables: peak memory per stream length, where it goes, and vs keeping every hidden state."""
     print(
         f"\nStreaming feature weighting, synthetic stream: d_sae {args.d_sae}, d_in {args.d_in}, top K {args.top_k}, "
         f"{args.per_modality} per modality, chunk {args.chunk} tokens, {args.tokens_per_example} tokens per example "
@@ -321,6 +328,7 @@ def report(args, results: list[dict]) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The parsed command line (checked)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--d-sae", type=int, default=65536, help="SAE features (the paper: 65,536)")
     parser.add_argument("--d-in", type=int, default=4096, help="hidden size of the MLLM (the paper: 4,096)")
@@ -350,6 +358,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    """Check, measure each stream length in a fresh process and print the report; as a worker, measure one."""
     args = parse_args(argv)
     if args.worker:
         (args.tokens,) = args.tokens

@@ -88,11 +88,13 @@ def _sources_check(command: str, cache_allowed: bool = False) -> Callable[..., N
 
 
 def convert(sae_args, args, output) -> None:
-    print(f"Wrote {sae_args.sae_name_or_path} as {args.to} layout to {convert_checkpoint(sae_args, args, output)}")
+    output.prepare("saev convert")  # before loading: a refused folder costs no download
+    folder = convert_checkpoint(sae_args.load(), args, output)
+    print(f"Wrote {sae_args.sae_name_or_path} as {args.to} layout to {folder}")
 
 
 def info(sae_args) -> None:
-    print(json.dumps(checkpoint_info(sae_args), indent=2, default=str))
+    print(json.dumps(checkpoint_info(sae_args.load()), indent=2, default=str))
 
 
 def cache(model_args, data_args, prompt_format, args) -> None:

@@ -13,8 +13,8 @@ def positive(value) -> bool:
 
 def test_gpu_check_cpu_mode_records_every_measurement(tmp_path):
     benchmark = load_benchmark("gpu_check")
-    benchmark.main(["--device", "cpu", "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
-    result = json.loads((tmp_path / "r.json").read_text())
+    benchmark.main(["--device", "cpu", "--output-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "gpu_check_cpu.json").read_text())
     assert set(result) >= {"scorer", "training", "weighting", "activation_cache", "label", "model", "wall_time_s"}
     assert result["mode"] == "cpu" and "not GPU figures" in result["label"]
 
@@ -49,6 +49,6 @@ def test_gpu_check_cpu_mode_records_every_measurement(tmp_path):
     assert cache["available"] is True and cache["tokens"] > 0 and cache["megabytes"] > 0
     assert all(math.isfinite(cache[k]) and cache[k] > 0 for k in ("write_mb_per_s", "read_mb_per_s"))
 
-    table = (tmp_path / "r.md").read_text()
+    table = (tmp_path / "gpu_check_cpu.md").read_text()
     assert "CPU smoke run" in table and "| **scorer / bare forward** (pipeline) |" in table
     assert "| activation cache write / read MB/s |" in table and "measured (float32 storage" in table

@@ -264,3 +264,22 @@ def test_saev_push_refuses_a_metrics_file_that_lacks_what_the_card_needs(loopbac
     assert not loopback_hub.api.repo_exists("org/bad-metrics")  # refused before anything was created or uploaded
     with pytest.raises(ValueError, match=r"The metrics lack model"):
         saev_model_card(pipeline["sae"], {"all": {}})  # the Python API checks them too
+
+
+def test_the_example_cards_in_hub_cards_are_what_the_templates_render_now(tmp_path):
+    """`hub_cards/` holds the cards of the demo's SAE-V and of the data it filtered, rendered from recorded inputs; a
+    template change without rendering them again (`python hub_cards/render.py`) fails here."""
+    import importlib.util
+
+    folder = Path(__file__).resolve().parent.parent / "hub_cards"
+    spec = importlib.util.spec_from_file_location("hub_cards_render", folder / "render.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    written = render.render(output=tmp_path)
+    assert [path.name for path in written] == ["saev_model_card.md", "filtered_dataset_card.md"]
+    for path in written:
+        assert path.read_text() == (folder / path.name).read_text(), (
+            f"hub_cards/{path.name} is stale: run `python hub_cards/render.py` and commit it")
+    model_card = (folder / "saev_model_card.md").read_text()
+    assert "| d_sae | 256 (2 x d_in) |" in model_card and "| CE loss recovered |" in model_card
+    assert "| Rows after | 300 (50.0% kept) |" in (folder / "filtered_dataset_card.md").read_text()

@@ -56,3 +56,17 @@ def test_version_has_one_source_the_package_metadata():
     declared = re.search(r'^version = "([^"]+)"$', (root / "pyproject.toml").read_text(), re.MULTILINE).group(1)
     assert saev_hf.__version__ == declared == importlib.metadata.version("saev-hf")
     assert declared not in (root / "saev_hf" / "__init__.py").read_text()
+
+
+def test_every_public_benchmark_function_has_a_docstring():
+    """The benchmark scripts are read by people reproducing figures: each public function says what it does."""
+    import ast
+    from pathlib import Path
+
+    missing = []
+    for script in sorted((Path(__file__).resolve().parent.parent / "benchmarks").glob("*.py")):
+        for node in ast.parse(script.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                if not ast.get_docstring(node):
+                    missing.append(f"{script.name}:{node.lineno} {node.name}")
+    assert not missing, missing

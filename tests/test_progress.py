@@ -81,3 +81,21 @@ def test_long_steps_show_progress_and_disable_tqdm_hides_it(folders, command, ca
         if quiet:  # no bar at all: neither saev-hf's nor those datasets, transformers and huggingface_hub draw
             assert "%|" not in err and "it/s" not in err, err[-2000:]
     assert not datasets.are_progress_bars_disabled()  # --disable_tqdm does not outlive its command
+
+
+def test_a_log_gets_one_buffer_bar_and_few_redraws_however_many_refills(folders, capsys):
+    """stderr is not a terminal here (pytest captures it), as in a log file: the activation buffer's refills during
+    training draw no bar of their own (only the first fill does), and bars redraw at most every LOG_INTERVAL seconds,
+    so 20 steps with a refill every 2 steps write a handful of bar lines, not one per refill."""
+    from saev_hf.runtime.progress import LOG_INTERVAL, _is_terminal
+
+    assert not _is_terminal() and LOG_INTERVAL >= 10
+    argv = ["train", "--model_name_or_path", folders["model"], "--dataset_name", folders["data"], "--layer", "1",
+            "--output_dir", str(folders["root"] / "log-train"), "--expansion_factor", "2", "--max_steps", "20",
+            "--train_batch_size_tokens", "32", "--buffer_size_tokens", "64", "--read_batch_size", "2",
+            "--input_scale_estimation_tokens", "64", "--device", "cpu"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.count("Filling the activation buffer") <= 2, err
+    training_lines = [line for line in err.replace("\r", "\n").splitlines() if "Training SAE-V" in line]
+    assert 1 <= len(training_lines) <= 3 and "20/20" in training_lines[-1], training_lines

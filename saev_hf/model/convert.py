@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # the arguments load an SAE-V with this package: imported for the annotations only
-    from ..arguments import SAEArguments
-    from ..runtime.folders import OutputArguments
+from ..runtime.folders import OutputArguments
+from .modeling import SAEV
 
 LAYOUTS = ("saev", "saelens")
 
@@ -26,10 +25,9 @@ class ConvertArguments:
             raise ValueError(f"--to {self.to!r} is not a layout; use 'saev' or 'saelens'.")
 
 
-def convert_checkpoint(sae_args: SAEArguments, args: ConvertArguments, output: OutputArguments) -> Path:
-    """Read the SAE-V `sae_args` names (either layout) and write it in layout `args.to` to `output.output_dir`."""
+def convert_checkpoint(sae: SAEV, args: ConvertArguments, output: OutputArguments) -> Path:
+    """Write `sae` (read from either layout) in layout `args.to` to `output.output_dir`."""
     folder = output.prepare("saev convert")
-    sae = sae_args.load()
     if args.to == "saelens":
         sae.save_saelens(folder)
     else:
@@ -37,9 +35,8 @@ def convert_checkpoint(sae_args: SAEArguments, args: ConvertArguments, output: O
     return folder
 
 
-def checkpoint_info(sae_args: SAEArguments) -> dict[str, Any]:
+def checkpoint_info(sae: SAEV) -> dict[str, Any]:
     """The checkpoint's configuration (what differs from the defaults) and how many of its features have a weight."""
-    sae = sae_args.load()
     return {
         "config": sae.config.to_diff_dict(),
         "num_weighted_features": int(sae.has_feature_weight.sum()),

@@ -1,7 +1,7 @@
 """What every benchmark shares, in one place: import it first, before torch.
 
 - One intra-op thread (`OMP_NUM_THREADS`, `MKL_NUM_THREADS` before torch is imported, `torch.set_num_threads(1)`): on
-  the shared 2-core machines two threads make timings swing 10-40x (see docs/environment.md);
+  the shared 2-core machines two threads make timings swing 10-40x;
 - offline (`HF_HUB_OFFLINE`, `HF_DATASETS_OFFLINE`, unless set): every benchmark builds its models and data locally;
 - the checkout on `sys.path`, so that a benchmark runs from a clone without installing;
 - the timing helpers: [`timed`] (one call's wall time), [`interleaved_timings`] (the one timing loop: calls warmed

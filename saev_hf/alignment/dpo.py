@@ -42,7 +42,7 @@ from ..data.prompts import conversational_example, format_text
 from ..runtime.devices import accelerator_available
 from ..runtime.progress import library_progress_bars
 
-# The paper's DPO/SFT hyper-parameters (section 3 of docs/saev-method.md)
+# The paper's DPO/SFT hyper-parameters (docs/method.md, section 3)
 PAPER_HYPERPARAMETERS: dict[str, Any] = {
     "max_length": 4096,
     "per_device_train_batch_size": 8,

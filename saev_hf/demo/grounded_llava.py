@@ -3,7 +3,7 @@
 Why: SAE-V scores an example by the features that fire on both its text and its image. That needs an MLLM whose
 image tokens speak the language model's language: a concept named in the question ("red", "3") and the image patch
 that shows it must share residual-stream directions. A tiny LLaVA trained end to end on answers alone does not get
-there (its text and image positions stay linearly separable, see `../shared/docs/environment.md`), so the recipe
+there (its text and image positions stayed linearly separable at every layer, measured), so the recipe
 follows LLaVA and adds one dense objective:
 
 1. **Language model first** ([`GroundedLlavaArguments.language_steps`]): the language model alone learns the task in

@@ -13,16 +13,23 @@ dataset = DataArguments("openbmb/RLAIF-V-Dataset").load()
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from typing import Any
 
+import datasets
 import torch
 
 from .activations.mllm import MODEL_DTYPES, check_model_dtype, load_model_and_processor
 from .activations.reader import layer_device
 from .data.images import undecoded_images
+from .data.layouts import LAYOUTS, MISSING_PREFERENCE_POLICIES, check_layout, to_trl_layout
 from .data.loading import load_dataset_split
+from .data.urls import IMAGE_FAILURE_POLICIES, REPORT_FILE, FetchReport, FetchSettings, ImageFetcher, fetch_images
 from .model.modeling import SAEV
 from .runtime.devices import choose_device
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -95,8 +102,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """The dataset a command reads (a Hub dataset or a folder), or an activation cache that stands in for the MLLM and
-    the dataset."""
+    """The dataset a command reads (a Hub dataset or a folder) and its layout, or an activation cache that stands in
+    for the MLLM and the dataset; and how images given as URLs are fetched."""
 
     dataset_name: str | None = field(
         default=None,
@@ -109,6 +116,42 @@ class DataArguments:
         metadata={"help": "Stream the dataset instead of downloading it whole (`saev train`, `cache`, and `weights` "
                   "with num_examples): rows are read in order."},
     )
+    dataset_layout: str = field(
+        default="trl",
+        metadata={"help": "How the dataset's rows are laid out: 'trl' (images, prompt, chosen, rejected, or the "
+                  "columns the column options name), 'rlaif_v' (openbmb/RLAIF-V-Dataset), 'align_anything' "
+                  "(PKU-Alignment/align-anything, text-image-to-text: chosen and rejected from overall_response), "
+                  "'obelics' (HuggingFaceM4/OBELICS: interleaved documents, images as URLs). Every layout is read "
+                  "into TRL's (see saev_hf.data.layouts).", "choices": LAYOUTS},
+    )
+    missing_preference: str = field(
+        default="error",
+        metadata={"help": "A row whose preference is missing or a tie (align_anything's overall_response not 1 or 2): "
+                  "'error' names the row, 'drop' leaves it out and counts it.", "choices": MISSING_PREFERENCE_POLICIES},
+    )
+    image_failure_policy: str = field(
+        default="error",
+        metadata={"help": "An image URL that cannot be fetched: 'error' names the row and the URL, 'skip_image' leaves "
+                  "the image out (a document keeps its text), 'skip_row' leaves the row out. Counts and a sample of "
+                  f"failed URLs go to {REPORT_FILE} beside the output.", "choices": IMAGE_FAILURE_POLICIES},
+    )
+    image_fetch_workers: int = field(default=16, metadata={"help": "Image URLs fetched at once (threads)."})
+    image_fetch_timeout: float = field(
+        default=20.0, metadata={"help": "Seconds to wait for an image URL's server (to read; 5 s to connect)."})
+    image_fetch_retries: int = field(
+        default=2, metadata={"help": "Retries of an image URL after a failure that may pass (timeout, 5xx, cut "
+                                     "body), with exponential backoff."})
+    image_max_bytes: int = field(default=20 * 1024 * 1024, metadata={"help": "Largest image fetched from a URL."})
+    image_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where fetched images are kept, by content (default: $SAEV_HF_IMAGE_CACHE, else "
+                  "$HF_HOME/saev_hf/images): a rerun fetches nothing again."},
+    )
+    allow_private_urls: bool = field(
+        default=False,
+        metadata={"help": "Fetch image URLs that point to loopback or private addresses (refused by default: a "
+                  "dataset can be crafted to reach inside a network)."},
+    )
     activation_cache: str | None = field(
         default=None,
         metadata={"help": "Folder or Hub repo of an activation cache (`saev cache`) to read instead of running the "
@@ -116,13 +159,60 @@ class DataArguments:
                   "then not given."},
     )
 
-    def load(self, image_column: str | None = None):
-        """The dataset split; with `image_column`, that column's images are left undecoded, so that a corrupt image is
-        an error naming its row rather than a failure inside `datasets` ([`undecoded_images`])."""
+    def __post_init__(self) -> None:
+        check_layout(self.dataset_layout)
+        if self.missing_preference not in MISSING_PREFERENCE_POLICIES:
+            raise ValueError(f"missing_preference={self.missing_preference!r} must be one of "
+                             f"{MISSING_PREFERENCE_POLICIES}.")
+        if self.image_failure_policy not in IMAGE_FAILURE_POLICIES:
+            raise ValueError(f"image_failure_policy={self.image_failure_policy!r} must be one of "
+                             f"{IMAGE_FAILURE_POLICIES}.")
+        self.fetch_settings  # checks the fetching settings
+        self.fetch_report: FetchReport | None = None  # set by load() when the data had image URLs
+
+    @property
+    def fetch_settings(self) -> FetchSettings:
+        """The image fetcher's settings these arguments give."""
+        return FetchSettings(workers=self.image_fetch_workers, read_timeout=self.image_fetch_timeout,
+                             retries=self.image_fetch_retries, max_bytes=self.image_max_bytes,
+                             cache_dir=self.image_cache_dir, allow_private_urls=self.allow_private_urls)
+
+    def load(self, image_column: str | None = None, fetch_column: str = "images"):
+        """
+        The dataset split, in TRL's layout ([`to_trl_layout`]), the image URLs of `image_column` (else of
+        `fetch_column`) fetched into the image cache ([`fetch_images`]; the live report in `self.fetch_report`); with
+        `image_column`, that column's images are left undecoded, so that a corrupt image is an error naming its row
+        rather than a failure inside `datasets` ([`undecoded_images`]).
+        """
         if self.dataset_name is None:
             raise ValueError("dataset_name is required: the data to read (--dataset_name NAME_OR_FOLDER).")
+        column = image_column or fetch_column
+        self.check_columns(column)
         dataset = load_dataset_split(self.dataset_name, self.dataset_config, self.dataset_split, self.streaming)
+        dataset = to_trl_layout(dataset, self.dataset_layout, self.missing_preference)
+        if _holds_urls(dataset, column, self.dataset_layout):
+            dataset, self.fetch_report = fetch_images(dataset, column, ImageFetcher(self.fetch_settings),
+                                                      self.image_failure_policy)
         return undecoded_images(dataset, image_column)[0] if image_column else dataset
+
+    def check_columns(self, image_column: str | None, prompt_column: str = "prompt") -> None:
+        """Refuse column options that a layout other than 'trl' contradicts: it writes TRL's columns."""
+        if self.dataset_layout == "trl":
+            return
+        for option, column, expected in (("image_column", image_column, "images"),
+                                         ("prompt_column", prompt_column, "prompt")):
+            if column not in (None, expected):
+                raise ValueError(f"dataset_layout={self.dataset_layout!r} reads the rows into TRL's layout, whose "
+                                 f"{expected} are in `{expected}`, but {option}={column!r}. Leave the column options "
+                                 f"at their defaults with a layout other than 'trl'.")
+
+    def write_fetch_report(self, folder: str | None) -> None:
+        """Write the image fetching report (if the data had image URLs) beside the output in `folder`, and log it."""
+        if self.fetch_report is None or not self.fetch_report.urls:
+            return
+        logger.warning(self.fetch_report.summary())
+        if folder is not None:
+            self.fetch_report.write(folder)
 
     @property
     def description(self) -> str | None:
@@ -156,11 +246,22 @@ class DataArguments:
                              f"(--{' --'.join(missing)}){alternative}.")
 
 
-def load_sources(sae: SAEArguments, model: ModelArguments, data: DataArguments, image_column: str | None = None):
+def _holds_urls(dataset: Any, column: str, layout: str) -> bool:
+    """Whether `column` holds image URLs to fetch: a column of strings (or lists of them), or an OBELICS document's."""
+    if layout == "obelics":
+        return True
+    feature = (getattr(dataset, "features", None) or {}).get(column)
+    while feature is not None and hasattr(feature, "feature"):  # List, Sequence
+        feature = feature.feature
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def load_sources(sae: SAEArguments, model: ModelArguments, data: DataArguments, image_column: str | None = None,
+                 fetch_column: str = "images"):
     """`(sae, model, processor, dataset)` for a command that runs the MLLM over a dataset: the SAE-V on the device of
     the layer it reads, the MLLM as `model` says, the dataset with `image_column` undecoded ([`DataArguments.load`])."""
     loaded_sae = sae.load()
     loaded_model, processor = model.load()
     loaded_sae.to(layer_device(loaded_model, loaded_sae.config.hook_layer))
-    return loaded_sae, loaded_model, processor, data.load(image_column)
+    return loaded_sae, loaded_model, processor, data.load(image_column, fetch_column)
 

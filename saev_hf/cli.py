@@ -78,6 +78,9 @@ def _sources_check(command: str, cache_allowed: bool = False) -> Callable[..., N
     def check(*arguments) -> None:
         model = next(a for a in arguments if isinstance(a, ModelArguments))
         data = next(a for a in arguments if isinstance(a, DataArguments))
+        prompt_format = next((a for a in arguments if isinstance(a, PromptFormat)), None)
+        if prompt_format is not None:
+            data.check_columns(prompt_format.image_column, prompt_format.prompt_column)
         evaluation = next((a for a in arguments if isinstance(a, SAEVEvaluationArguments)), None)
         if evaluation is not None:
             evaluation.check_source(model, data)
@@ -99,6 +102,7 @@ def info(sae_args) -> None:
 
 def cache(model_args, data_args, prompt_format, args) -> None:
     cached = ActivationCache(cache_activations(args, prompt_format, model=model_args, dataset=data_args))
+    data_args.write_fetch_report(args.output_dir)
     print(f"Cached {cached.num_tokens} tokens of layer {cached.layer} ({cached.num_rows} rows) in "
           f"{len(cached.shards)} shards; saved to {args.output_dir}")
 
@@ -107,11 +111,13 @@ def train(model_args, data_args, prompt_format, args, sweep_args) -> None:
     sources = dict(model=model_args, dataset=data_args, prompt_format=prompt_format)
     if sweep_args.sweep is None:
         sae = train_saev(args, **sources)
+        data_args.write_fetch_report(args.output_dir)
         end_distributed()
         print(f"Trained an SAE-V with {sae.config.d_sae} features on {sae.config.training_tokens} tokens of layer "
               f"{sae.config.hook_layer}; saved to {args.output_dir}")
         return
     saes = train_saevs(args, sweep_args.sweep, **sources)
+    data_args.write_fetch_report(args.output_dir)
     end_distributed()
     tokens = next(iter(saes.values())).config.training_tokens
     print(f"Trained {len(saes)} SAE-Vs on the same {tokens} tokens of layer {args.layer} (one pass); saved to "

@@ -220,12 +220,18 @@ class LayerActivations:
         modality (`torch.Tensor` of shape `(batch, tokens)`, int8): a [`Modality`] per position.
         input_ids (`torch.Tensor` of shape `(batch, tokens)`): the tokens.
         layer (`int`): the decoder layer read.
+        embeddings (`torch.Tensor` of shape `(batch, tokens, d_model)`, *optional*): what the first decoder layer
+            reads (the token embeddings, with the projected image features at the image positions), when asked.
+        logits (`torch.Tensor` of shape `(batch, tokens, vocab)`, *optional*): the model's output, when asked (the
+            forward then runs to the end).
     """
 
     hidden_states: torch.Tensor
     modality: torch.Tensor
     input_ids: torch.Tensor
     layer: int
+    embeddings: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
     @property
     def image_mask(self) -> torch.Tensor:
@@ -345,8 +351,11 @@ class LayerReader:
         return modality
 
     @torch.no_grad()
-    def read_inputs(self, inputs: Mapping[str, Any]) -> LayerActivations:
-        """Run the model on prepared `inputs` up to layer L, stop there, and return its hidden states and modalities."""
+    def read_inputs(self, inputs: Mapping[str, Any], embeddings: bool = False, logits: bool = False
+                    ) -> LayerActivations:
+        """Run the model on prepared `inputs` up to layer L, stop there, and return its hidden states and modalities;
+        with `embeddings`, also what the first decoder layer reads; with `logits`, the forward runs to the end (one
+        forward for the layer's states and the output) and the logits come too."""
         device = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
         model_inputs = {
@@ -356,18 +365,27 @@ class LayerReader:
             for name, value in inputs.items()
         }
         captured: list[torch.Tensor] = []
+        embedded: list[torch.Tensor] = []
+        output_logits = None
 
         def capture(module, args, output):
             captured.append(output[0] if isinstance(output, (tuple, list)) else output)
-            raise _StopForward
+            if not logits:
+                raise _StopForward
 
-        handle = self.layers[self.layer].register_forward_hook(capture)
+        def capture_input(module, args, kwargs):
+            embedded.append(args[0] if args else kwargs["hidden_states"])
+
+        handles = [self.layers[self.layer].register_forward_hook(capture)]
+        if embeddings:
+            handles.append(self.layers[0].register_forward_pre_hook(capture_input, with_kwargs=True))
         try:
-            self.model(**model_inputs, use_cache=False)
+            output_logits = self.model(**model_inputs, use_cache=False).logits
         except _StopForward:
             pass
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if not captured:
             raise RuntimeError(
                 f"Decoder layer {self.layer} of {type(self.model).__name__} never ran: the model does not use the "
@@ -382,6 +400,8 @@ class LayerReader:
             modality=self.modality(input_ids, attention_mask).to(captured[0].device),
             input_ids=input_ids,
             layer=self.layer,
+            embeddings=embedded[0] if embedded else None,
+            logits=output_logits,
         )
 
     def read(

@@ -348,4 +348,5 @@ def run_dpo(model_args: ModelArguments, data_args: DataArguments, script: DPOScr
         trainer = train_dpo(model, processor, dataset, args, peft_config=peft_config)
     trainer.save_model(args.output_dir)
     processor.save_pretrained(args.output_dir)
+    data_args.write_fetch_report(args.output_dir)
     return trainer

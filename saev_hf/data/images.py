@@ -27,6 +27,9 @@ def load_image(value: Any, row: int) -> Image.Image:
             image = Image.open(io.BytesIO(source)) if source is not None else Image.open(value["path"])
         elif isinstance(value, (bytes, bytearray)):
             image = Image.open(io.BytesIO(value))
+        elif isinstance(value, str) and value.startswith(("http://", "https://")):
+            raise ValueError("it is a URL: images given as URLs are fetched into a local cache first, which the "
+                             "saev commands and DataArguments.load do (from Python: saev_hf.data.fetch_images)")
         elif isinstance(value, (str, os.PathLike)):
             image = Image.open(value)
         else:
@@ -112,10 +115,11 @@ def undecoded_images(dataset: Any, column: str | None):
     return dataset.cast_column(column, undecoded), original
 
 
-def row_images(value: Any, row: int, column: str) -> list[Image.Image]:
-    """All images of a row (a single image or a list of them); a row without any is an error."""
+def row_images(value: Any, row: int, column: str, allow_none: bool = False) -> list[Image.Image]:
+    """All images of a row (a single image or a list of them); a row without any is an error, unless `allow_none` (a
+    document, whose text is read without images)."""
     values = list(value) if isinstance(value, (list, tuple)) else ([] if value is None else [value])
-    if not values:
+    if not values and not allow_none:
         raise RowError(
             f"Row {row} has no image in column {column!r}. SAE-V reads image and text together: drop text-only rows "
             f"(e.g. ds.filter(lambda r: r[{column!r}])) or fix the image column."

@@ -6,7 +6,12 @@ people have:
 
 - TRL's preference format: `images`, `prompt`, `chosen`, `rejected`, the prompt either plain text or conversational
   (a list of `{"role", "content"}` messages);
-- question/response columns under any names (`PromptFormat(prompt_column="question", response_column="answer")`).
+- question/response columns under any names (`PromptFormat(prompt_column="question", response_column="answer")`);
+- documents: a prompt that is a list of parts (`{"type": "text", "text": ...}`, `{"type": "image"}`) in document
+  order, with no roles (what the `obelics` layout makes of an interleaved web document, see [`saev_hf.data.layouts`]).
+  A document is read as it stands, without a chat template: its parts joined by newlines, each image part replaced by
+  the processor's image token. It may hold no image (its text positions are still read), and one longer than
+  `max_length` is cut before the first image whose tokens would not fit, never through an image.
 
 Images may be PIL images, `datasets.Image` values (decoded or `{"bytes", "path"}`), file paths or raw bytes, one or
 several per example. The paper scores the prompt alone (the question and the image); `response_column` adds the
@@ -103,6 +108,34 @@ def _message(message: Mapping[str, Any], row: int) -> dict[str, Any]:
         raise RowError(f"Row {row}: the {message.get('role')!r} message {dict(message)!r:.80} has no 'content'; "
                        f"every message needs a 'role' and a 'content'.")
     return {"role": message["role"], "content": _as_parts(message["content"], row)}
+
+
+DOCUMENT_SEPARATOR = "\n"
+"""What joins a document's parts (as chat templates put a newline after an image)."""
+
+
+def is_document(prompt: Any) -> bool:
+    """Whether `prompt` is a document: a list of typed parts (text and image) with no roles (see the module
+    docstring)."""
+    return (isinstance(prompt, Sequence) and not isinstance(prompt, str) and bool(prompt)
+            and all(isinstance(part, Mapping) and "type" in part and "role" not in part for part in prompt))
+
+
+def document_text(parts: Sequence[Mapping[str, Any]], image_token: str | None, row: int) -> str:
+    """A document's text: its parts in order joined by [`DOCUMENT_SEPARATOR`], each image part as `image_token`."""
+    pieces = []
+    for part in parts:
+        if part["type"] == "image":
+            if not image_token:
+                raise RowError(f"Row {row} is a document with images, but the processor has no image token: read it "
+                               f"with an image-text model's processor.")
+            pieces.append(image_token)
+        elif part["type"] == "text":
+            pieces.append(part.get("text") or "")
+        else:
+            raise RowError(f"Row {row}: a document part of type {part['type']!r}; documents hold 'text' and 'image' "
+                           f"parts.")
+    return DOCUMENT_SEPARATOR.join(pieces)
 
 
 def build_messages(prompt: Any, response: Any, num_images: int, row: int) -> list[dict[str, Any]]:
@@ -227,10 +260,15 @@ def prepare_inputs(
     texts, images = [], []
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         row = row_ids[i]
-        row_imgs = row_images(image_values[i], row, prompt_format.image_column) if image_values is not None else []
+        document = is_document(prompt)
+        row_imgs = (row_images(image_values[i], row, prompt_format.image_column, allow_none=document)
+                    if image_values is not None else [])
         if prompt_format.response_column and response is None:
             raise RowError(f"Row {row} has no response in column {prompt_format.response_column!r}.")
-        if is_formatted_prompt(prompt, image_token):
+        if document:
+            text, row_imgs = _fitted_document(processor, prompt, row_imgs, prompt_format.max_length, image_token_id,
+                                              row)
+        elif is_formatted_prompt(prompt, image_token):
             text = prompt + (response if isinstance(response, str) else "")
         else:
             messages = build_messages(prompt, response, len(row_imgs), row)
@@ -241,7 +279,7 @@ def prepare_inputs(
     kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True, "padding_side": "right"}
     if template_writes_bos(processor, texts, row_ids):
         kwargs["add_special_tokens"] = False  # as transformers' processors do: the text already opens with <s>
-    if image_values is not None:
+    if image_values is not None and any(images):  # documents without an image: the processor gets none
         kwargs["images"] = images
     try:
         inputs = processor(**kwargs)
@@ -252,6 +290,38 @@ def prepare_inputs(
     if prompt_format.max_length is not None:
         inputs = truncate(inputs, prompt_format.max_length, image_token_id, row_ids)
     return inputs
+
+
+def _fitted_document(processor: Any, parts: Sequence[Mapping[str, Any]], images: list[Any], max_length: int | None,
+                     image_token_id: int | None, row: int) -> tuple[str, list[Any]]:
+    """A document's text and images, cut before the first image whose tokens would reach past `max_length` (its text
+    beyond `max_length` is cut later, by [`truncate`], which never meets an image then)."""
+    image_token = getattr(processor, "image_token", None)
+    placed = sum(part["type"] == "image" for part in parts)
+    if placed != len(images):
+        raise RowError(f"Row {row}: the document has {placed} image parts but {len(images)} images.")
+    text = document_text(parts, image_token, row)
+    if max_length is None or not images or image_token_id is None:
+        return text, images
+    input_ids = processor(text=[text], images=[images], return_tensors="pt")["input_ids"][0]
+    if len(input_ids) <= max_length:
+        return text, images
+    is_image = (input_ids == image_token_id).tolist()
+    starts = [i for i, flag in enumerate(is_image) if flag and (i == 0 or not is_image[i - 1])]
+    ends = [i for i, flag in enumerate(is_image) if flag and (i + 1 == len(is_image) or not is_image[i + 1])]
+    if len(starts) != len(images):
+        raise RowError(f"Row {row}: the processor laid the document's {len(images)} images out as {len(starts)} runs "
+                       f"of image tokens, so it cannot be cut between images: raise max_length to at least "
+                       f"{len(input_ids)}.")
+    keep = next((k for k, end in enumerate(ends) if end >= max_length), len(images))
+    cut, seen = len(parts), 0
+    for position, part in enumerate(parts):
+        if part["type"] == "image":
+            if seen == keep:
+                cut = position
+                break
+            seen += 1
+    return document_text(parts[:cut], image_token, row), images[:keep]
 
 
 def template_writes_bos(processor: Any, texts: Sequence[str], first_row: int | Sequence[int] = 0) -> bool:

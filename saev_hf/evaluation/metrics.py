@@ -379,6 +379,7 @@ def run_evaluation(sae_args: SAEArguments, model_args: ModelArguments, data_args
     dataset = data_args.load(prompt_format.image_column)
     metrics = evaluate_saev(sae, model, processor, dataset, prompt_format=prompt_format, **options)
     metrics["model"] = model_args.model_name_or_path
+    data_args.write_fetch_report(output.output_dir)
     return _written(metrics, output.output_dir)
 
 

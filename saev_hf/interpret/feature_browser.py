@@ -410,4 +410,6 @@ def run_inspection(sae_args: SAEArguments, model_args: ModelArguments, data_args
     sae, model, processor, dataset = load_sources(sae_args, model_args, data_args, prompt_format.image_column)
     reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
     inspection = inspect_saev(sae, reader, dataset, args)
-    return inspection, write_feature_browser(inspection, output.output_dir, overwrite=output.overwrite_output_dir)
+    index = write_feature_browser(inspection, output.output_dir, overwrite=output.overwrite_output_dir)
+    data_args.write_fetch_report(output.output_dir)
+    return inspection, index

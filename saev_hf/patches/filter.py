@@ -193,7 +193,8 @@ def run_patch_filter(sae_args: SAEArguments, model_args: ModelArguments, data_ar
     data_args.check_source(model_args, "saev patches")
     output.prepare("saev patches", cpu=model_args.device == "cpu")
     placed, with_rank = map_placement(model_args, map_args)  # with num_proc: no CUDA in the parent before the fork
-    sae, model, processor, dataset = load_sources(sae_args, placed, data_args)
+    sae, model, processor, dataset = load_sources(sae_args, placed, data_args,
+                                                 fetch_column=prompt_format.image_column)
     patch_filter = PatchFilter(sae, model, processor, prompt_format=prompt_format, args=args)
     # the filter reads the image bytes itself, so that a corrupt image names its row (or costs one null row)
     dataset, image_feature = undecoded_images(dataset, prompt_format.image_column)
@@ -202,6 +203,7 @@ def run_patch_filter(sae_args: SAEArguments, model_args: ModelArguments, data_ar
     if image_feature is not None:
         masked = masked.cast_column(prompt_format.image_column, image_feature)
     masked.save_to_disk(output.output_dir)
+    data_args.write_fetch_report(output.output_dir)
     preview = save_patch_preview(dataset, masked, Path(output.output_dir) / "preview.png",
                                  image_column=prompt_format.image_column,
                                  title=f"{args.score}: top {args.keep_fraction:.0%} of patches kept")

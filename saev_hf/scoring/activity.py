@@ -31,8 +31,10 @@ def check_scorable(text: torch.Tensor, image: torch.Tensor, row: int) -> None:
         RowError: naming `row` and what it lacks.
     """
     if not image.any():
-        raise RowError(f"Row {row}: no image token reached the model (the processor inserted none, or they were cut), "
-                       f"so it has no image-text co-occurrence to score.")
+        raise RowError(f"Row {row}: no image token reached the model (the row has no image, the processor inserted "
+                       f"none, or they were cut), so it has no image-text co-occurrence to score. Leave rows without "
+                       f"an image out first (e.g. dataset.filter(lambda row: len(row['images']) > 0)): text-only "
+                       f"documents train an SAE-V but have no SAE-V score.")
     if not text.any():
         raise RowError(f"Row {row}: no text token to score against the image.")
 

@@ -124,7 +124,7 @@ class SAEVMapFunction:
         # set by `_restore` in a worker that reloads the objects: the identity the parent scored, checked at first use
         self._expected_identity: dict[str, Any] | None = None
         self._pid = os.getpid()
-        if self._sae is not None and self._model is not None:
+        if (self._sae is not None or not self.needs_sae) and self._model is not None:
             self._validate()
             _LIVE[self.fingerprint] = self
 
@@ -142,15 +142,16 @@ class SAEVMapFunction:
         if self._expected_identity is not None and (self._sae is None or self._model is None):
             return self._expected_identity  # a restored worker that has not loaded its objects yet
         sae, model, processor = self._load()
-        key = (_state_key(sae), _state_key(model), sae.config.to_json_string(use_diff=False))
-        if self._identity is None or key is None or key != self._identity_key:
+        sae_config = sae.config.to_json_string(use_diff=False) if sae is not None else None
+        key = (_state_key(sae) if sae is not None else "no SAE-V", _state_key(model), sae_config)
+        if self._identity is None or None in key[:2] or key != self._identity_key:
             self._identity = {
                 "saev_hf": __version__,
                 "kind": type(self).__name__,
-                "sae": _digest(sae.config.to_json_string(use_diff=False), *sae.state_dict().values()),
+                "sae": _digest(sae_config, *sae.state_dict().values()) if sae is not None else None,
                 "model": model_digest(model),
                 "processor": None,
-                "layer": sae.config.hook_layer,
+                "layer": None,
                 "prompt_format": None,
                 "args": None,
                 # how a model given by path is loaded: a bfloat16 and a float32 scorer never share cached scores
@@ -159,7 +160,7 @@ class SAEVMapFunction:
             }
             self._identity_key = key
         # cheap parts, read every time: the processor's settings, the columns and the scorer's own arguments
-        self._identity.update(processor=processor_digest(processor), layer=sae.config.hook_layer,
+        self._identity.update(processor=processor_digest(processor), layer=self._layer(sae),
                               prompt_format=asdict(self._reader_prompt_format()),
                               args={k: v for k, v in asdict(self.args).items() if k not in PIPELINE_FIELDS})
         return dict(self._identity)
@@ -203,7 +204,7 @@ class SAEVMapFunction:
     def _load(self):
 
 
-        place_sae = self._sae is None  # an SAE-V built here is placed here: on the device of the layer it reads
+        place_sae = self._sae is None and self.needs_sae  # an SAE-V built here is placed on its layer's device
         if place_sae:
             self._sae = SAEV.from_pretrained(self._require(self._sae_source, "SAE-V"))
         if self._model is None:
@@ -237,6 +238,13 @@ class SAEVMapFunction:
         sae, model, processor = self._load()
         if self._expected_identity is not None:
             self._check_restored()
+        if sae is None:
+            if self.needs_sae:
+                raise ValueError(f"{type(self).__name__} was given no SAE-V, but the scores it computes need one.")
+            if self._reader is None:
+                self._reader = LayerReader(model, processor, layer=0, prompt_format=self._reader_prompt_format(),
+                                           layers=self.layers)
+            return
         if sae.config.hook_layer is None:
             raise ValueError("The SAE-V's config has no hook_layer; set sae.config.hook_layer to the layer it reads.")
         if self._reader is None:
@@ -267,8 +275,22 @@ class SAEVMapFunction:
         want = choose_device(rank=rank) if rank is not None else None
         if want is not None and want.type != "cpu" and self._device != want:
             self._model.to(want)
-            self._sae.to(want)
+            if self._sae is not None:
+                self._sae.to(want)
+            self._moved_to(want)
             self._device = want
+
+    def _moved_to(self, device: torch.device) -> None:
+        """Move what a subclass holds besides the SAE-V and the MLLM to `device` (a worker's GPU)."""
+
+    @property
+    def needs_sae(self) -> bool:
+        """Whether what this function computes needs an SAE-V (a subclass may compute scores without one)."""
+        return True
+
+    @staticmethod
+    def _layer(sae: Any) -> int | None:
+        return sae.config.hook_layer if sae is not None else None
 
     # -------------------------------------------------------------------------------------------------------------
     # Scoring

@@ -23,23 +23,40 @@ loaded exactly what the parent scores, and otherwise stops with an error that sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 import torch
 
+from ..activations.mllm import load_model_and_processor
+from ..activations.reader import Modality, image_token_id_of, text_and_image
 from ..arguments import DataArguments, ModelArguments, SAEArguments, load_sources
 from ..data.errors import RowError
+from ..data.images import load_image, row_images
 from ..data.pipeline import check_workers, prepared_batches, preprocessing_workers_field
-from ..data.prompts import PromptFormat, row_indices
+from ..data.prompts import PromptFormat, prepare_inputs, row_indices, rows_to_columns
 from ..runtime.devices import token_chunk_field
 from ..runtime.folders import OutputArguments
 from .activity import ExampleActivity, example_activity  # noqa: F401  (their home before saev_hf.scoring.activity)
+from .baselines import (
+    BASELINES,
+    SAEV_SCORES,
+    ClipScore,
+    answer_alone_inputs,
+    ifd_score,
+    image_text_similarity,
+    prompt_text,
+    prompt_word_embeddings,
+    response_log_likelihoods,
+    response_token_counts,
+)
+from .identity import model_digest
 from .map_function import MapFunctionArguments, SAEVMapFunction
 from .mapping import MapArguments, map_placement, score_dataset
 
-SCORES = ("cosine", "l0", "cooccur_l0")
+SCORES = SAEV_SCORES
+"""SAE-V's own scores; [`BASELINES`] are the others the scorer computes."""
 
 
 @dataclass
@@ -48,7 +65,21 @@ class ScorerArguments(MapFunctionArguments):
 
     scores: list[str] = field(
         default_factory=lambda: list(SCORES),
-        metadata={"help": "Scores to compute: any of cosine, l0, cooccur_l0 (cosine needs feature weights)."},
+        metadata={"help": "Scores to compute: SAE-V's cosine, l0, cooccur_l0 (cosine needs feature weights), and "
+                  "the baselines length, answer_log_likelihood, ifd, image_text_similarity, clip_score (columns named "
+                  "as the score; see saev_hf.scoring.baselines). Baselines alone need no SAE-V."},
+    )
+    baseline_response_column: str = field(
+        default="chosen",
+        metadata={"help": "The response answer_log_likelihood and ifd read, when the prompt format names none "
+                  "(response_column)."},
+    )
+    clip_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "CLIP or SigLIP checkpoint (folder or Hub repo) for clip_score."})
+    ifd_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "The MLLM ifd is computed with, e.g. Li et al.'s 'cherry' model (the base model tuned "
+                  "briefly on a sample: saev dpo --method sft). Default: the scorer's MLLM, sharing its forward."},
     )
     cosine_column: str = field(default="saev_cosine_score", metadata={"help": "Column of the cosine-similarity score."})
     l0_column: str = field(default="saev_l0", metadata={"help": "Column of the L0 score."})
@@ -70,9 +101,12 @@ class ScorerArguments(MapFunctionArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        unknown = sorted(set(self.scores) - set(SCORES))
+        unknown = sorted(set(self.scores) - set(SCORES) - set(BASELINES))
         if unknown or not self.scores:
-            raise ValueError(f"scores={self.scores} must be a non-empty subset of {list(SCORES)}.")
+            raise ValueError(f"scores={self.scores} must be a non-empty subset of {list(SCORES) + list(BASELINES)}.")
+        if "clip_score" in self.scores and not self.clip_model_name_or_path:
+            raise ValueError("clip_score needs a CLIP or SigLIP checkpoint: pass clip_model_name_or_path "
+                             "(--clip_model_name_or_path openai/clip-vit-large-patch14, or a folder).")
         if self.token_chunk <= 0:
             raise ValueError(f"token_chunk={self.token_chunk} must be positive.")
         check_workers(self.preprocessing_workers)
@@ -133,14 +167,89 @@ class SAEVScorer(SAEVMapFunction):
 
     arguments_class = ScorerArguments
 
+    def __init__(self, sae: Any, model: Any, processor: Any = None, prompt_format: PromptFormat | None = None,
+                 args: ScorerArguments | None = None, layers: Any = None, model_dtype: str = "auto",
+                 device_map: str | dict | None = None, clip_model: Any = None, clip_processor: Any = None,
+                 ifd_model: Any = None, ifd_processor: Any = None) -> None:
+        self.args = args or ScorerArguments()
+        self._clip = ClipScore(clip_model, clip_processor) if clip_model is not None else None
+        self._ifd_model, self._ifd_processor = ifd_model, ifd_processor
+        super().__init__(sae, model, processor, prompt_format, self.args, layers, model_dtype, device_map)
+
+    # -------------------------------------------------------------------------------------------------------------
+    # What is computed
+    # -------------------------------------------------------------------------------------------------------------
+
+    @property
+    def needs_sae(self) -> bool:
+        return bool(set(self.args.scores) & set(SCORES))
+
+    @property
+    def _baselines(self) -> list[str]:
+        return [score for score in BASELINES if score in self.args.scores]
+
+    @property
+    def _shares_response(self) -> bool:
+        """Whether the forward runs on prompt and response (a response-reading score on the scorer's MLLM)."""
+        wanted = set(self.args.scores)
+        return "answer_log_likelihood" in wanted or ("ifd" in wanted and self.args.ifd_model_name_or_path is None
+                                                     and self._ifd_model is None)
+
+    def _response_column(self) -> str:
+        return super()._reader_prompt_format().response_column or self.args.baseline_response_column
+
+    def _reader_prompt_format(self) -> PromptFormat:
+        """The columns the forward reads: with a response-reading score, the response too and the whole input (SAE-V's
+        positions are then the prompt's, cut at max_length as the prompt alone would be)."""
+        prompt_format = super()._reader_prompt_format()
+        if self._shares_response:
+            return replace(prompt_format, response_column=self._response_column(), max_length=None)
+        return prompt_format
+
     def _score_columns(self) -> list[str]:
-        return [getattr(self.args, f"{score}_column") for score in SCORES if score in self.args.scores]
+        return [getattr(self.args, f"{score}_column") for score in SCORES if score in self.args.scores] + self._baselines
 
     def _column_types(self) -> dict[str, "pa.DataType"]:
         """Arrow type of each added column (with on_error='null', `__call__` returns typed arrays)."""
-        kinds = {"cosine": pa.float64(), "l0": pa.float64(), "cooccur_l0": pa.int64()}
+        kinds = {"cosine": pa.float64(), "l0": pa.float64(), "cooccur_l0": pa.int64(), "length": pa.int64()}
         types = {getattr(self.args, f"{score}_column"): kinds[score] for score in SCORES if score in self.args.scores}
+        types.update({name: kinds.get(name, pa.float64()) for name in self._baselines})
         return {**types, self.args.error_column: pa.string()}
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        identity = super().identity
+        if "clip_score" in self.args.scores:
+            identity["clip_model"] = model_digest(self._clip_score().model)
+        if "ifd" in self.args.scores and not self._shares_response:
+            identity["ifd_model"] = model_digest(self._ifd()[0])
+        return identity
+
+    def _clip_score(self) -> ClipScore:
+        if self._clip is None:
+            self._clip = ClipScore(self.args.clip_model_name_or_path)
+        return self._clip
+
+    def _ifd(self) -> tuple[Any, Any]:
+        """The MLLM and processor IFD is computed with."""
+        if self._shares_response or ("ifd" in self.args.scores and self.args.ifd_model_name_or_path is None
+                                     and self._ifd_model is None):
+            return self._model, self._processor
+        if self._ifd_model is None:
+            self._ifd_model, processor = load_model_and_processor(self.args.ifd_model_name_or_path,
+                                                                  dtype=self.model_dtype)
+            self._ifd_processor = self._ifd_processor or processor
+        return self._ifd_model, self._ifd_processor or self._processor
+
+    def _moved_to(self, device: torch.device) -> None:
+        if self._clip is not None:
+            self._clip.model.to(device)
+        if self._ifd_model is not None:
+            self._ifd_model.to(device)
+
+    # -------------------------------------------------------------------------------------------------------------
+    # Scoring
+    # -------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def score_rows(self, rows: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]],
@@ -148,8 +257,9 @@ class SAEVScorer(SAEVMapFunction):
         """Scores of a batch of rows as `{column: [value per row]}`, in one forward; raises `RowError` for a row that
         cannot be scored. `first_row` is the dataset index of the first row, or of every row (for errors)."""
         self._validate()
-        inputs = self._reader.prepare(rows, first_row)
-        return self._score_inputs(inputs, row_indices(first_row, inputs["input_ids"].shape[0]))
+        columns = rows_to_columns(rows)
+        inputs = self._reader.prepare(columns, first_row)
+        return self._score_inputs(inputs, row_indices(first_row, inputs["input_ids"].shape[0]), columns)
 
     def _score_batch(self, batch: Mapping[str, Sequence[Any]], rows: list[int]):
         """A map batch in forward batches of `forward_batch_size` rows, prepared ahead by `preprocessing_workers`
@@ -160,12 +270,12 @@ class SAEVScorer(SAEVMapFunction):
         for prepared in prepared_batches(self._reader, batch, self.args.forward_batch_size or len(rows),
                                          row_ids=rows, workers=self.args.preprocessing_workers,
                                          group_by_length=self.args.group_by_length):
+            part = {name: [values[p] for p in prepared.positions] for name, values in batch.items()}
             try:
-                out = self._score_inputs(prepared.check(), prepared.rows)
+                out = self._score_inputs(prepared.check(), prepared.rows, part)
             except RowError:
                 if self.args.on_error == "raise":
                     raise
-                part = {name: [values[p] for p in prepared.positions] for name, values in batch.items()}
                 out, part_errors = self._isolate(part, prepared.rows)
                 for position, error in zip(prepared.positions, part_errors):
                     errors[position] = error
@@ -175,22 +285,101 @@ class SAEVScorer(SAEVMapFunction):
         return scores, errors
 
     @torch.no_grad()
-    def _score_inputs(self, inputs: Any, rows: list[int]) -> dict[str, list[Any]]:
-        """Scores of prepared inputs whose examples are dataset rows `rows`."""
-        sae, reader = self._sae, self._reader
-        acts = reader.read_inputs(inputs)
-        out = {name: [] for name in self._score_columns()}
-        for i in range(len(acts)):  # one example at a time: a score never depends on the rest of its batch
-            hidden, modality = acts.example(i)
-            activity = example_activity(sae, hidden, modality, rows[i], self.args.special_as_text,
-                                        self.args.token_chunk, allow_tf32=self.args.allow_tf32)
-            if "cosine" in self.args.scores:
-                out[self.args.cosine_column].append(activity.cosine(sae.feature_weights))
-            if "l0" in self.args.scores:
-                out[self.args.l0_column].append(activity.l0)
-            if "cooccur_l0" in self.args.scores:
-                out[self.args.cooccur_l0_column].append(int(activity.cooccurring.sum()))
+    def _score_inputs(self, inputs: Any, rows: list[int], columns: Mapping[str, Sequence[Any]]
+                      ) -> dict[str, list[Any]]:
+        """Scores of prepared inputs whose examples are dataset rows `rows` (their columns: `columns`), from one
+        forward of the MLLM (run to the end only when a score reads the output)."""
+        sae, reader, wanted = self._sae, self._reader, set(self.args.scores)
+        out: dict[str, list[Any]] = {name: [] for name in self._score_columns()}
+        lengths = inputs["attention_mask"].sum(1).tolist()
+        counts = (response_token_counts(self._processor, columns, self._reader_prompt_format(),
+                                        self._response_column(), rows) if self._shares_response else [0] * len(rows))
+        prompt_ends = self._prompt_ends(inputs, lengths, counts, rows)
+        if wanted - {"length", "clip_score", "ifd"} or self._shares_response:
+            acts = reader.read_inputs(inputs, embeddings="image_text_similarity" in wanted,
+                                      logits=self._shares_response)
+            modality = acts.modality
+        else:  # only scores that need no forward of the MLLM
+            acts, modality = None, reader.modality(inputs["input_ids"], inputs["attention_mask"])
+        if self._shares_response:
+            sums, numbers = response_log_likelihoods(acts.logits, inputs["input_ids"], lengths, counts)
+        for i, row in enumerate(rows):
+            end = prompt_ends[i]
+            if sae is not None:
+                hidden, example_modality = acts.example(i)
+                activity = example_activity(sae, hidden[:end], example_modality[:end], row,
+                                            self.args.special_as_text, self.args.token_chunk,
+                                            allow_tf32=self.args.allow_tf32)
+                if "cosine" in wanted:
+                    out[self.args.cosine_column].append(activity.cosine(sae.feature_weights))
+                if "l0" in wanted:
+                    out[self.args.l0_column].append(activity.l0)
+                if "cooccur_l0" in wanted:
+                    out[self.args.cooccur_l0_column].append(int(activity.cooccurring.sum()))
+            if "length" in wanted:
+                text, _ = text_and_image(modality[i, :end], self.args.special_as_text)
+                out["length"].append(int(text.sum()))
+            if "answer_log_likelihood" in wanted:
+                out["answer_log_likelihood"].append(sums[i])
+            if "image_text_similarity" in wanted:
+                prompt = columns[super()._reader_prompt_format().prompt_column][i]
+                words = prompt_word_embeddings(self._model, self._processor, prompt, row)
+                image = (acts.modality[i] == Modality.IMAGE).to(acts.embeddings.device)
+                out["image_text_similarity"].append(image_text_similarity(acts.embeddings[i], image, words, row))
+        if "ifd" in wanted:
+            out["ifd"] = self._ifd_scores(columns, rows, (sums, numbers) if self._shares_response else None)
+        if "clip_score" in wanted:
+            out["clip_score"] = self._clip_scores(columns, rows)
         return out
+
+    def _prompt_ends(self, inputs: Any, lengths: list[int], counts: list[int], rows: list[int]) -> list[int]:
+        """Where each row's prompt ends in the inputs (its response's tokens follow), cut at the prompt format's
+        max_length as the prompt alone would be, refusing to cut an image (as [`truncate`] does)."""
+        max_length = super()._reader_prompt_format().max_length
+        ends = [length - count for length, count in zip(lengths, counts)]
+        if not self._shares_response or max_length is None:
+            return ends
+        image_token = self._reader.image_token_id
+        for i, end in enumerate(ends):
+            if end > max_length and image_token is not None:
+                cut = inputs["input_ids"][i, max_length:end] == image_token
+                if cut.any():
+                    raise RowError(f"Row {rows[i]}: max_length={max_length} would cut its image tokens (the prompt has "
+                                   f"{end} tokens). Raise max_length or shorten the text before the image.")
+        return [min(end, max_length) for end in ends]
+
+    def _ifd_scores(self, columns: Mapping[str, Sequence[Any]], rows: list[int],
+                    conditional: tuple[list[float], list[int]] | None) -> list[float]:
+        """IFD of each row: the conditional log-likelihood from the shared forward (or the IFD model's own), the
+        response alone from a text-only forward."""
+        model, processor = self._ifd()
+        if conditional is None:
+            prompt_format = replace(super()._reader_prompt_format(), response_column=self._response_column(),
+                                    max_length=None)
+            inputs = prepare_inputs(processor, columns, prompt_format, image_token_id_of(model, processor), rows)
+            counts = response_token_counts(processor, columns, prompt_format, self._response_column(), rows)
+            logits = model(**_on_device(inputs, model), use_cache=False).logits
+            conditional = response_log_likelihoods(logits, inputs["input_ids"], inputs["attention_mask"].sum(1).tolist(),
+                                                   counts)
+        alone, alone_counts = answer_alone_inputs(processor, columns[self._response_column()], rows)
+        logits = model(**_on_device(alone, model), use_cache=False).logits
+        alone_sums, _ = response_log_likelihoods(logits, alone["input_ids"], alone["attention_mask"].sum(1).tolist(),
+                                                 alone_counts)
+        return [ifd_score(c, n, a, m) for c, n, a, m in zip(*conditional, alone_sums, alone_counts)]
+
+    def _clip_scores(self, columns: Mapping[str, Sequence[Any]], rows: list[int]) -> list[float]:
+        prompt_format = super()._reader_prompt_format()
+        images = [[load_image(value, row) for value in row_images(values, row, prompt_format.image_column)]
+                  for values, row in zip(columns[prompt_format.image_column], rows)]
+        texts = [prompt_text(prompt, row) for prompt, row in zip(columns[prompt_format.prompt_column], rows)]
+        return self._clip_score()(images, texts, rows)
+
+
+def _on_device(inputs: Any, model: Any) -> dict[str, Any]:
+    parameter = next(model.parameters())
+    return {name: (value.to(parameter.device, parameter.dtype) if value.is_floating_point() else
+                   value.to(parameter.device)) if isinstance(value, torch.Tensor) else value
+            for name, value in inputs.items()}
 
 
 def run_scoring(sae_args: SAEArguments, model_args: ModelArguments, data_args: DataArguments,
@@ -210,8 +399,10 @@ def run_scoring(sae_args: SAEArguments, model_args: ModelArguments, data_args: D
     # under a launcher, each process joins its group here (device "auto" is then its own accelerator)
     output.prepare("saev score", cpu=model_args.device == "cpu")
     placed, with_rank = map_placement(model_args, map_args)  # with num_proc: no CUDA in the parent before the fork
-    sae, model, processor, dataset = load_sources(sae_args, placed, data_args)
+    sae, model, processor, dataset = load_sources(sae_args, placed, data_args,
+                                                 fetch_column=prompt_format.image_column)
     scorer = SAEVScorer(sae, model, processor, prompt_format=prompt_format, args=args)
     scored = score_dataset(scorer, dataset, batch_size=map_args.batch_size, num_proc=map_args.num_proc,
                            with_rank=with_rank, output_dir=output.output_dir)
+    data_args.write_fetch_report(output.output_dir)
     return scored, scorer.columns

@@ -65,7 +65,8 @@ from .tiny_processing import (
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
-__all__ = ["TINY_ARCHITECTURES", "TINY_IMAGE_POSITIONS", "TINY_IMAGE_SIZE", "build_tiny_model", "save_tiny_model"]
+__all__ = ["TINY_ARCHITECTURES", "TINY_IMAGE_POSITIONS", "TINY_IMAGE_SIZE", "build_tiny_clip", "build_tiny_model",
+           "save_tiny_model"]
 
 TINY_IMAGE_SIZE: int = 32
 """Side of the square images the tiny image processors produce (and [`digit_images`] returns)."""
@@ -424,3 +425,24 @@ def save_tiny_model(arch: str, path: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def build_tiny_clip(seed: int = 0, max_text_tokens: int = 16) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A tiny randomly initialised CLIP (`CLIPModel`, 32x32 images, text cut at `max_text_tokens`) and its processor,
+    built offline (the tiny word-level tokenizer), for `clip_score`."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
+    tokenizer = build_tiny_tokenizer("text")
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=max_text_tokens, projection_dim=16,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.bos_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=TINY_IMAGE_SIZE, patch_size=8, projection_dim=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": TINY_IMAGE_SIZE},
+                                            crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
+    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)

@@ -396,6 +396,7 @@ def run_weights(sae_args: SAEArguments, model_args: ModelArguments, data_args: D
     state = distributed_state()
     if state is None or state.is_main_process:
         sae.save_pretrained(output.output_dir)
+        data_args.write_fetch_report(output.output_dir)
     if state is not None:
         state.wait_for_everyone()  # the SAE-V is on disk for every process once it returns
     return sae

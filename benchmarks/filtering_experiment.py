@@ -80,7 +80,6 @@ from digit_captioning import (  # noqa: E402
 from saev_hf.alignment import FilterArguments, filter_by_score  # noqa: E402
 from saev_hf.data import PromptFormat  # noqa: E402
 from saev_hf.scoring import ScorerArguments, SAEVScorer  # noqa: E402
-from saev_hf.demo.baselines import chosen_log_likelihood  # noqa: E402
 from saev_hf.testing.digit_data import DIGIT_CAPTIONS, DIGIT_NAMES  # noqa: E402
 from saev_hf.testing.tiny_pretraining import response_log_likelihoods  # noqa: E402
 
@@ -197,7 +196,9 @@ def score_rows(dataset: datasets.Dataset, low: list[bool], model, processor, sae
     prompt_only = ScorerArguments(**{f"{score}_column": PROMPT_ONLY[f"prompt_only_{score}"]
                                      for score in ("cosine", "l0", "cooccur_l0")})
     scored = scored.map(SAEVScorer(sae, model, processor, args=prompt_only), batched=True, batch_size=batch_size)
-    scored = scored.map(chosen_log_likelihood(model, processor), batched=True, batch_size=16)
+    log_likelihood = SAEVScorer(None, model, processor, args=ScorerArguments(scores=["answer_log_likelihood"]))
+    scored = scored.map(log_likelihood, batched=True, batch_size=16).rename_column("answer_log_likelihood",
+                                                                                   "chosen_log_likelihood")
     scored = scored.map(pretrained_answers(model, processor), batched=True, batch_size=8)
     rng = np.random.default_rng(seed + 3)
     scored = scored.add_column("random_score", rng.random(len(scored)).tolist())

@@ -17,7 +17,7 @@ Per seed (the SAE-V, the rows, the held-out questions and DPO's batch order are 
    - beyond the paper: `saev_cosine_per_modality` (cosine score with per-modality weights);
    - baselines: `chosen_log_likelihood` (the model's own log-probability of the chosen answer),
      `image_text_similarity` (the model's own image-text similarity, the analogue of a CLIP score; see
-     `saev_hf.demo.baselines`), `random`, and the `oracle` (clean rows first).
+     `saev_hf.scoring.baselines`), `random`, and the `oracle` (clean rows first).
 3. For each score and kept fraction < 1, DPO from the same model on the top fraction (`filter_by_score`,
    `dpo_and_evaluate`: the same steps for every subset); kept fraction 1.0 is one shared full-data run. Each trained
    model answers `--eval-rows` held-out questions (digit scans no training stage saw; 25% about absent objects):
@@ -55,7 +55,6 @@ import datasets  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from saev_hf.demo.run import load_grounded_llava, load_recipe  # noqa: E402
-from saev_hf.demo.baselines import chosen_log_likelihood, image_text_similarity  # noqa: E402
 from saev_hf.demo.gate import auroc  # noqa: E402
 from saev_hf.demo.grounded_llava import answer_accuracy  # noqa: E402
 from saev_hf.demo.preference import SceneDPOArguments, dpo_and_evaluate  # noqa: E402
@@ -134,8 +133,10 @@ def scored_rows(rows: list[dict], model, processor, sae, sae_per_modality, seed:
                                    args=ScorerArguments(cosine_column="with_chosen_cosine", l0_column="with_chosen_l0",
                                                         cooccur_l0_column="with_chosen_cooccur_l0")),
                         batched=True, batch_size=batch_size)
-    scored = scored.map(chosen_log_likelihood(model, processor), batched=True, batch_size=16)
-    scored = scored.map(image_text_similarity(model, processor), batched=True, batch_size=batch_size)
+    baselines = SAEVScorer(None, model, processor,
+                           args=ScorerArguments(scores=["answer_log_likelihood", "image_text_similarity"]))
+    scored = scored.map(baselines, batched=True, batch_size=16).rename_column("answer_log_likelihood",
+                                                                              "chosen_log_likelihood")
     scored = scored.add_column("random_score", np.random.default_rng([seed, 3]).random(len(rows)).tolist())
     return scored.add_column("oracle", [0.0 if row["low_quality"] else 1.0 for row in rows])
 

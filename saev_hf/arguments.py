@@ -36,7 +36,11 @@ logger = logging.getLogger(__name__)
 class SAEArguments:
     """The SAE-V a command uses, in either checkpoint layout (saev-hf's or SAELens'), and its co-occurrence bound."""
 
-    sae_name_or_path: str = field(metadata={"help": "Folder or Hub repo id of the SAE-V (saev-hf or SAELens layout)."})
+    sae_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Folder or Hub repo id of the SAE-V (saev-hf or SAELens layout). Required, except by "
+                  "`saev score` asked for baselines alone."},
+    )
     sae_subfolder: str | None = field(default=None, metadata={"help": "Subfolder of the SAE-V repo holding it."})
     sae_revision: str | None = field(default=None, metadata={"help": "Revision of the SAE-V repo on the Hub."})
     cooccurrence_threshold: float | None = field(
@@ -47,6 +51,8 @@ class SAEArguments:
 
     def load(self) -> SAEV:
         """The SAE-V, with the co-occurrence bound these arguments set."""
+        if self.sae_name_or_path is None:
+            raise ValueError("sae_name_or_path is required: the SAE-V to use (--sae_name_or_path FOLDER_OR_REPO).")
         sae = SAEV.from_pretrained(self.sae_name_or_path, subfolder=self.sae_subfolder, revision=self.sae_revision)
         if self.cooccurrence_threshold is not None:
             sae.set_cooccurrence_threshold(self.cooccurrence_threshold,
@@ -256,12 +262,13 @@ def _holds_urls(dataset: Any, column: str, layout: str) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
-def load_sources(sae: SAEArguments, model: ModelArguments, data: DataArguments, image_column: str | None = None,
+def load_sources(sae: SAEArguments | None, model: ModelArguments, data: DataArguments, image_column: str | None = None,
                  fetch_column: str = "images"):
     """`(sae, model, processor, dataset)` for a command that runs the MLLM over a dataset: the SAE-V on the device of
-    the layer it reads, the MLLM as `model` says, the dataset with `image_column` undecoded ([`DataArguments.load`])."""
-    loaded_sae = sae.load()
+    the layer it reads (None without `sae`), the MLLM as `model` says, the dataset with `image_column` undecoded ([`DataArguments.load`])."""
+    loaded_sae = sae.load() if sae is not None else None
     loaded_model, processor = model.load()
-    loaded_sae.to(layer_device(loaded_model, loaded_sae.config.hook_layer))
+    if loaded_sae is not None:
+        loaded_sae.to(layer_device(loaded_model, loaded_sae.config.hook_layer))
     return loaded_sae, loaded_model, processor, data.load(image_column, fetch_column)
 

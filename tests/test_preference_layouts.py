@@ -10,6 +10,8 @@ from paper_datasets import align_anything_rows, rlaif_v_rows
 from saev_hf import SAEV, SAEVConfig
 from saev_hf.cli import main
 from saev_hf.data import RowError
+from saev_hf.scoring.baselines import BASELINES
+from saev_hf.testing.tiny_models import build_tiny_clip
 
 LAYOUTS = {
     # layout: (source rows, options, rows that survive the conversion)
@@ -17,6 +19,14 @@ LAYOUTS = {
     "align_anything": (lambda: align_anything_rows(9, seed=2, overall=[1, 2, 2, 1, 0, 1, 2, 2, 1]),
                        ["--missing_preference", "drop"], 8),
 }
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-clip")
+    for part in build_tiny_clip(seed=2):
+        part.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +41,7 @@ def weighted_sae(tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_a_preference_layout_goes_through_weights_score_filter_dpo_and_inspect(layout, weighted_sae,
+def test_a_preference_layout_goes_through_weights_score_filter_dpo_and_inspect(layout, weighted_sae, tiny_clip,
                                                                              tiny_model_factory, tmp_path):
     make_rows, options, surviving = LAYOUTS[layout]
     source = make_rows()
@@ -43,11 +53,13 @@ def test_a_preference_layout_goes_through_weights_score_filter_dpo_and_inspect(l
                  "--num_examples", str(surviving), "--batch_size", "4"]) == 0
     assert SAEV.from_pretrained(tmp_path / "weighted").config.feature_weights_info["num_examples"] == surviving
 
-    assert main(["score", "--sae_name_or_path", str(tmp_path / "weighted"), *common,
+    assert main(["score", "--sae_name_or_path", str(tmp_path / "weighted"), *common, "--scores", "cosine", "l0",
+                 "cooccur_l0", *BASELINES, "--clip_model_name_or_path", str(tiny_clip),
                  "--output_dir", str(tmp_path / "scored"), "--batch_size", "3"]) == 0
     scored = datasets.load_from_disk(str(tmp_path / "scored"))
-    assert len(scored) == surviving and {"images", "prompt", "chosen", "rejected", "saev_cosine_score"} <= set(
-        scored.column_names)
+    assert len(scored) == surviving and {"images", "prompt", "chosen", "rejected", "saev_cosine_score",
+                                         *BASELINES} <= set(scored.column_names)
+    assert all(value is not None for name in BASELINES for value in scored[name])
     kept_sources = [row for row in source if layout != "align_anything" or row["overall_response"] in (1, 2)]
     for original, row in zip(kept_sources, scored):  # the image is the source's, pixel for pixel
         assert np.array_equal(np.asarray(row["images"][0]), np.asarray(original["image"]))
@@ -58,6 +70,10 @@ def test_a_preference_layout_goes_through_weights_score_filter_dpo_and_inspect(l
     kept = datasets.load_from_disk(str(tmp_path / "kept"))
     assert len(kept) == surviving // 2
     assert min(kept["saev_cosine_score"]) >= sorted(scored["saev_cosine_score"])[surviving // 2 - 1]
+    assert main(["filter", "--dataset_name", str(tmp_path / "scored"), "--output_dir", str(tmp_path / "kept-clip"),
+                 "--column", "clip_score", "--fraction", "0.5"]) == 0
+    assert sorted(datasets.load_from_disk(str(tmp_path / "kept-clip"))["clip_score"]) == sorted(
+        scored["clip_score"])[surviving // 2:]
 
     # DPO straight from the source layout, and from the filtered rows (already TRL's layout)
     dpo = ["--max_steps", "1", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",

@@ -62,7 +62,7 @@ def commands(f, out):
                   f["data"], "--batch_size", "4"], ["Evaluating SAE-V", "2/2"]),
         "weights": (["weights", *source, "--output_dir", out, "--batch_size", "4"],
                     ["Feature weights: top-K pass", "Feature weights: cosine pass"]),
-        "score": (["score", *source, "--output_dir", out], ["SAE-V scores", "6/6"]),
+        "score": (["score", *source, "--output_dir", out], ["Scores", "6/6"]),
         "patches": (["patches", *source, "--output_dir", out], ["Patch filter (cosine)", "6/6"]),
         "inspect": (["inspect", *source, "--output_dir", out, "--num_explained", "1", "--top_n", "1",
                      "--max_features", "2"], ["Inspection: scanning rows"]),

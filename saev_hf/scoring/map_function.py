@@ -104,6 +104,8 @@ class SAEVMapFunction:
                 f"(from_pretrained(..., dtype=..., device_map=...)), or pass its path."
             )
         self.args = args or self.arguments_class()
+        if sae is None and self.needs_sae:
+            raise ValueError(f"{type(self).__name__} was given no SAE-V, but the scores it computes need one.")
         self.prompt_format = prompt_format
         self.layers = layers
         self.model_dtype = model_dtype

@@ -24,7 +24,7 @@ their scored shard before the main process assembles them."""
 
 def score_dataset(scorer: SAEVMapFunction, dataset: Any, *, batch_size: int = 8, num_proc: int | None = None,
                   with_rank: bool = False, output_dir: str | os.PathLike | None = None,
-                  desc: str = "SAE-V scores") -> Any:
+                  desc: str = "Scores") -> Any:
     """
     `dataset` (a `datasets.Dataset`) with `scorer`'s columns added to every row by `dataset.map(scorer, batched=True)`
     (cached by `datasets` as any map), saved to `output_dir` when given. The image column is handed to the scorer

@@ -258,6 +258,7 @@ class SAEVScorer(SAEVMapFunction):
         cannot be scored. `first_row` is the dataset index of the first row, or of every row (for errors)."""
         self._validate()
         columns = rows_to_columns(rows)
+        self._check_response_column(columns)
         inputs = self._reader.prepare(columns, first_row)
         return self._score_inputs(inputs, row_indices(first_row, inputs["input_ids"].shape[0]), columns)
 
@@ -265,6 +266,7 @@ class SAEVScorer(SAEVMapFunction):
         """A map batch in forward batches of `forward_batch_size` rows, prepared ahead by `preprocessing_workers`
         and grouped by length with `group_by_length` ([`prepared_batches`]); each forward batch's scores are put
         back at its rows' places, so the map gets them in the dataset's order."""
+        self._check_response_column(batch)
         scores: dict[str, list[Any]] = {name: [None] * len(rows) for name in self._score_columns()}
         errors: list[str | None] = [None] * len(rows)
         for prepared in prepared_batches(self._reader, batch, self.args.forward_batch_size or len(rows),
@@ -331,6 +333,12 @@ class SAEVScorer(SAEVMapFunction):
         if "clip_score" in wanted:
             out["clip_score"] = self._clip_scores(columns, rows)
         return out
+
+    def _check_response_column(self, columns: Mapping[str, Any]) -> None:
+        if set(self.args.scores) & {"answer_log_likelihood", "ifd"} and self._response_column() not in columns:
+            raise KeyError(f"Column {self._response_column()!r} (the response answer_log_likelihood and ifd read) not "
+                           f"found; the data has columns {sorted(columns)}. Pass baseline_response_column "
+                           f"(--baseline_response_column) naming the response.")
 
     def _prompt_ends(self, inputs: Any, lengths: list[int], counts: list[int], rows: list[int]) -> list[int]:
         """Where each row's prompt ends in the inputs (its response's tokens follow), cut at the prompt format's
@@ -399,7 +407,12 @@ def run_scoring(sae_args: SAEArguments, model_args: ModelArguments, data_args: D
     # under a launcher, each process joins its group here (device "auto" is then its own accelerator)
     output.prepare("saev score", cpu=model_args.device == "cpu")
     placed, with_rank = map_placement(model_args, map_args)  # with num_proc: no CUDA in the parent before the fork
-    sae, model, processor, dataset = load_sources(sae_args, placed, data_args,
+    baselines_alone = not set(args.scores) & set(SCORES)
+    if baselines_alone and sae_args.sae_name_or_path is not None:
+        raise ValueError(f"scores={args.scores} are baselines alone, which need no SAE-V, but --sae_name_or_path "
+                         f"{sae_args.sae_name_or_path} was given: add SAE-V scores (cosine, l0, cooccur_l0) or leave it "
+                         f"out.")
+    sae, model, processor, dataset = load_sources(None if baselines_alone else sae_args, placed, data_args,
                                                  fetch_column=prompt_format.image_column)
     scorer = SAEVScorer(sae, model, processor, prompt_format=prompt_format, args=args)
     scored = score_dataset(scorer, dataset, batch_size=map_args.batch_size, num_proc=map_args.num_proc,

@@ -8,17 +8,23 @@ bare forward on the same batches. This script times, per batch of `--batch-size`
 * **read**: `reader.read(rows)`: preparing the inputs from the rows (chat template, image loading and processing,
   tokenization, padding) plus the same forward;
 * **scorer**: `scorer(batch)`, the full `datasets.map(scorer, batched=True)` call on the same rows: preparation,
-  forward, SAE-V encode in token chunks and the per-example reductions of all three scores;
+  forward, the SAE-V encode of the batch's scored tokens at once (in token chunks) and the reductions of all three
+  scores;
 * **encode**: `sae.encode` of the batch's counted (text, image and special) hidden states in one call, on states
   captured beforehand: the floor of the SAE-V part (its matmul, bias and ReLU), for reference;
-* **encode/example**: the same states encoded one example at a time, as `score_rows` does (one call per example and
-  token chunk).
+* **encode/example**: the same states encoded one example at a time (what the scorer did before it encoded a batch
+  at once), for reference;
+* **scorer+baselines**: the scorer asked for SAE-V's three scores and three baselines (`length`,
+  `answer_log_likelihood`, `image_text_similarity`) at once: one forward, run to the end for the log-likelihood;
+* **baselines**: the same three baselines by a scorer without an SAE-V (a second map): what computing them apart
+  would add to the SAE-V scorer.
 
 and reports the ratios scorer/bare (the goal's), scorer/read (the SAE-V and scoring overhead alone) and read/bare
 (input preparation), each the median over repetitions of the ratio of the two calls timed within the same repetition,
 with its interquartile range; encode/bare and encode-per-example/bare; reductions/bare, where reductions = scorer -
-read - encode/example (what the scorer adds beyond preparation, the forward and its encode calls: the per-example
-reductions and Python overhead), medians of the per-repetition values; and the ratio expected
+read - encode (what the scorer adds beyond preparation, the forward and its encode: the reductions and Python
+overhead), medians of the per-repetition values; scorer+baselines / scorer (the cost of three baselines beside SAE-V)
+and (scorer + baselines) / scorer+baselines (what the shared forward saves); and the ratio expected
 if time were proportional to weight-matmul FLOPs (forward to layer L over the padded positions, vision tower and
 projector included, plus d_in x d_sae per scored token).
 
@@ -66,6 +72,7 @@ from _common import interleaved_timings, quartiles  # noqa: E402
 from layer_capture import PROMPTS, add_scaled_llava_arguments, build_scaled_llava, param_count  # noqa: E402  (the sibling's scaled LLaVA)
 
 from saev_hf import SAEV, SAEVConfig, SAEVScorer  # noqa: E402
+from saev_hf.scoring import ScorerArguments  # noqa: E402
 from saev_hf.activations import LayerReader, Modality  # noqa: E402
 from saev_hf.testing.digit_data import digit_images  # noqa: E402
 
@@ -74,8 +81,10 @@ def make_batches(num_examples: int, batch_size: int) -> list[dict[str, list]]:
     """`datasets`-style batches (dicts of columns): one digit image and a short question per example."""
     images = [image for image, _ in digit_images(num_examples, seed=0)]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(num_examples)]
+    answers = [f"a handwritten digit {label} ." for _, label in digit_images(num_examples, seed=0)]
     return [
-        {"images": [[image] for image in images[s : s + batch_size]], "prompt": prompts[s : s + batch_size]}
+        {"images": [[image] for image in images[s : s + batch_size]], "prompt": prompts[s : s + batch_size],
+         "chosen": answers[s : s + batch_size]}
         for s in range(0, num_examples, batch_size)
     ]
 
@@ -182,6 +191,11 @@ def benchmark(args: argparse.Namespace):
         calls[f"encode x{expansion}"] = (saes[expansion].encode, states)
         calls[f"encode/example x{expansion}"] = (
             lambda parts, encode=saes[expansion].encode: [encode(part) for part in parts], example_states)
+    first = args.expansions[0]
+    calls[f"scorer+baselines x{first}"] = (SAEVScorer(saes[first], model, processor, args=ScorerArguments(
+        scores=["cosine", "l0", "cooccur_l0", *BASELINES_TIMED])), batches)
+    calls["baselines"] = (SAEVScorer(None, model, processor, args=ScorerArguments(scores=list(BASELINES_TIMED))),
+                          batches)
     names = list(calls)
 
     def once(name):
@@ -199,9 +213,12 @@ def ratio(times, a, b):
     return statistics.median(values), quartiles(values)
 
 
+BASELINES_TIMED = ("length", "answer_log_likelihood", "image_text_similarity")
+
+
 def rest(times, scorer: str, encode: str) -> list[float]:
-    """Per repetition, (scorer - read - encode per example) / bare: what the scorer adds beyond input preparation,
-    the forward and its encode calls (the per-example reductions, Python overhead)."""
+    """Per repetition, (scorer - read - encode) / bare: what the scorer adds beyond input preparation, the forward
+    and its encode (the reductions, Python overhead)."""
     return [(s - r - e) / b for s, r, e, b in zip(times[scorer], times["read"], times[encode], times["bare"])]
 
 
@@ -235,11 +252,11 @@ def profile(args, scorer: SAEVScorer, batches, bare_ms_per_batch: float, expansi
             raise RuntimeError(f"{name} in {file_part}: {len(hits)} profile entries")
         return hits[0]
 
-    call_key, call_stat = find("__call__", "scoring.py")
-    score_key, score_stat = find("score_rows", "scoring.py")
-    _, prepare_stat = find("prepare", "activations.py")
-    _, forward_stat = find("read_inputs", "activations.py")
-    _, encode_stat = find("encode", "model.py")
+    call_key, call_stat = find("__call__", "map_function.py")
+    score_key, score_stat = find("_score_inputs", "scorer.py")
+    _, prepare_stat = find("prepare_inputs", "prompts.py")
+    _, forward_stat = find("read_inputs", "reader.py")
+    _, encode_stat = find("encode", "modeling.py")
     total = call_stat[3] / calls
 
     def ms(seconds: float) -> str:
@@ -248,21 +265,21 @@ def profile(args, scorer: SAEVScorer, batches, bare_ms_per_batch: float, expansi
     def share(seconds: float) -> str:
         return f"{100 * seconds / calls / (bare_ms_per_batch / 1e3):.1f} %"
 
-    # functions called directly from score_rows, other than reader.read and sae.encode: the reductions
+    # functions called directly from _score_inputs, other than the forward and the encode: the reductions
     direct = []
     for key, (_, _, _, _, callers) in stats.items():
-        if score_key in callers and key[2] not in ("read", "encode"):
+        if score_key in callers and key[2] not in ("read_inputs", "encode"):
             _, nc, tt, ct = callers[score_key]
             direct.append((ct, nc, key))
     direct.sort(reverse=True)
     reductions = sum(ct for ct, _, _ in direct) + score_stat[2]  # + score_rows' own Python lines
     encode_parts = []
-    encode_key = find("encode", "model.py")[0]
+    encode_key = find("encode", "modeling.py")[0]
     for key, (_, _, _, _, callers) in stats.items():
         if encode_key in callers:
             encode_parts.append((callers[encode_key][3], callers[encode_key][1], key))
     encode_parts.sort(reverse=True)
-    rest = call_stat[3] - score_stat[3]  # __call__ outside score_rows (validation, argument handling)
+    rest = call_stat[3] - score_stat[3]  # __call__ outside _score_inputs (validation, batching, argument handling)
 
     def label(key) -> str:
         file, line, name = key
@@ -276,19 +293,19 @@ def profile(args, scorer: SAEVScorer, batches, bare_ms_per_batch: float, expansi
     print("|---|---:|---:|")
     print(f"| total `SAEVScorer.__call__` | {1e3 * total:.2f} | {share(call_stat[3])} |")
     print(f"| `LayerReader.read_inputs` (the forward to layer L) | {ms(forward_stat[3])} | {share(forward_stat[3])} |")
-    print(f"| `LayerReader.prepare` (chat template, images, processor) | {ms(prepare_stat[3])} "
+    print(f"| `prepare_inputs` (chat template, images, processor) | {ms(prepare_stat[3])} "
           f"| {share(prepare_stat[3])} |")
-    print(f"| `SAEV.encode` ({encode_stat[1] // calls} calls per batch: one per example and token chunk) "
+    print(f"| `SAEV.encode` ({encode_stat[1] // calls} calls per batch: one per token chunk) "
           f"| {ms(encode_stat[3])} | {share(encode_stat[3])} |")
     for ct, nc, key in encode_parts[:4]:
         print(f"| &nbsp;&nbsp; in encode: `{label(key)}` ({nc // calls} calls) | {ms(ct)} | {share(ct)} |")
-    print(f"| per-example reductions in `score_rows` (all its other calls and own lines) | {ms(reductions)} "
+    print(f"| reductions in `_score_inputs` (all its other calls and own lines) | {ms(reductions)} "
           f"| {share(reductions)} |")
     for ct, nc, key in direct[: args.profile_top]:
         print(f"| &nbsp;&nbsp; `{label(key)}` ({nc // calls} calls) | {ms(ct)} | {share(ct)} |")
-    print(f"| &nbsp;&nbsp; `score_rows`' own lines, with the tensor operators cProfile does not list (`z > delta`, "
+    print(f"| &nbsp;&nbsp; `_score_inputs`' own lines, with the tensor operators cProfile does not list (`z > delta`, "
           f"`z > 0`, boolean-mask indexing, `\\|=`, `&`) | {ms(score_stat[2])} | {share(score_stat[2])} |")
-    print(f"| `__call__` outside `score_rows` (validation, arguments) | {ms(rest)} | {share(rest)} |")
+    print(f"| `__call__` outside `_score_inputs` (validation, batching, arguments) | {ms(rest)} | {share(rest)} |")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -346,16 +363,23 @@ def main(argv=None) -> None:
     print("\nThe SAE-V part, from the same interleaved repetitions (per batch; / bare = median of per-repetition "
           "ratios to the bare forward):\n")
     print("| SAE-V | encode, one call per batch (ms) | / bare | encode, one call per example (ms) | / bare "
-          "| reductions = scorer - read - encode per example (ms) | / bare |")
+          "| reductions = scorer - read - encode (ms) | / bare |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for expansion in args.expansions:
         s, e, ee = f"scorer x{expansion}", f"encode x{expansion}", f"encode/example x{expansion}"
-        reductions_ms = [per_batch * (a - b - c) for a, b, c in zip(times[s], times["read"], times[ee])]
+        reductions_ms = [per_batch * (a - b - c) for a, b, c in zip(times[s], times["read"], times[e])]
         print(
             f"| x{expansion} | {per_batch * statistics.median(times[e]):.1f} | {ratio(times, e, 'bare')[0]:.3f}x "
             f"| {per_batch * statistics.median(times[ee]):.1f} | {ratio(times, ee, 'bare')[0]:.3f}x "
-            f"| {statistics.median(reductions_ms):.1f} | {statistics.median(rest(times, s, ee)):.3f}x |"
+            f"| {statistics.median(reductions_ms):.1f} | {statistics.median(rest(times, s, e)):.3f}x |"
         )
+    first = args.expansions[0]
+    both, alone = f"scorer+baselines x{first}", f"scorer x{first}"
+    apart = [(a + b) / c for a, b, c in zip(times[alone], times["baselines"], times[both])]
+    print(f"\nSAE-V (x{first}) with three baselines ({', '.join(BASELINES_TIMED)}) in one scorer: "
+          f"{per_batch * statistics.median(times[both]):.1f} ms per batch; **scorer+baselines / scorer** "
+          f"{cell(times, both, alone)}; computed apart (SAE-V scorer + a baselines scorer) / together "
+          f"**{statistics.median(apart):.3f}x** (IQR {quartiles(apart)[0]:.3f}-{quartiles(apart)[1]:.3f}).")
     over = [x for x in args.expansions if ratio(times, f"scorer x{x}", "bare")[0] > args.goal]
     verdict = (f"exceeds the {args.goal:.2f}x goal for x{', x'.join(map(str, over))}" if over
                else f"is within the {args.goal:.2f}x goal")

@@ -214,7 +214,7 @@ class DataArguments:
 
     def write_fetch_report(self, folder: str | None) -> None:
         """Write the image fetching report (if the data had image URLs) beside the output in `folder`, and log it."""
-        if self.fetch_report is None or not self.fetch_report.urls:
+        if self.fetch_report is None or not self.fetch_report.merged().urls:
             return
         logger.warning(self.fetch_report.summary())
         if folder is not None:

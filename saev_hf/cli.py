@@ -26,12 +26,14 @@ Two commands import their code when they run: `dpo` (TRL costs about 5 s to impo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
+import yaml
 from transformers import HfArgumentParser
 
 from .alignment.filtering import FilterArguments, run_filter
@@ -227,7 +229,8 @@ COMMANDS: dict[str, Command] = {
         lambda: (*SOURCES, WeightingArguments, OutputArguments), weights,
         _sources_check("saev weights", cache_allowed=True)),
     "score": Command(
-        "Add the SAE-V scores (cosine, L0, co-occurring L0) to every row of a dataset and save it.",
+        "Add the SAE-V scores (cosine, L0, co-occurring L0) and any baselines (--scores: length, "
+        "answer_log_likelihood, ifd, image_text_similarity, clip_score) to every row of a dataset and save it.",
         lambda: (*SOURCES, ScorerArguments, MapArguments, OutputArguments), score, _sources_check("saev score")),
     "filter": Command(
         "Keep the best-scored rows of a scored dataset (a top fraction, or a threshold) and save them with the rule.",
@@ -259,6 +262,77 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+CONFIG_HELP = ("--config FILE: read options from a YAML or JSON file (the option names as keys; a recipe's section named "
+               "after the command, and its top-level options that the command has); options given on the command "
+               "line override the file's.")
+
+
+def load_config(path: str) -> dict[str, Any]:
+    """A config file's mapping (YAML, or JSON, which YAML reads too)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            config = yaml.safe_load(file)
+    except OSError as error:
+        raise ValueError(f"--config {path}: cannot be read ({error.strerror}).") from error
+    except yaml.YAMLError as error:
+        raise ValueError(f"--config {path} is not valid YAML or JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {path} must hold a mapping of option names to values, not {type(config).__name__}.")
+    return config
+
+
+def apply_config(parser: Any, command: str, argv: list[str]) -> list[str]:
+    """
+    `argv` without its `--config FILE`, the file's options set as the parser's defaults (so that the command line
+    overrides them, as TRL's CLI does; an option the file gives is no longer required on the command line).
+
+    A config is flat (every key an option of this command) or a recipe: sections named after commands (`train:`,
+    `score:`, ...) and shared top-level options. The command reads its own section, which must hold only its options,
+    and the shared options it has; a shared option that no section's command has is an error (a typo would
+    otherwise pass unnoticed), as is a flat key this command lacks.
+    """
+    if "--config" not in argv:
+        return argv
+    at = argv.index("--config")
+    if at + 1 >= len(argv):
+        raise ValueError("--config needs a file: --config recipe.yaml")
+    path, argv = argv[at + 1], argv[:at] + argv[at + 2 :]
+    config = load_config(path)
+    actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+    sections = {name: value for name, value in config.items() if name in COMMANDS and isinstance(value, dict)}
+    shared = {name: value for name, value in config.items() if name not in sections}
+    if sections:
+        if command not in sections:
+            raise ValueError(f"--config {path} has sections for {sorted(sections)} but none for {command!r}.")
+        own = sections[command]
+        unknown = sorted(set(own) - set(actions))
+        if unknown:
+            raise ValueError(f"--config {path}: section {command!r} has options `saev {command}` does not take: "
+                             f"{unknown}. See `saev {command} --help`.")
+        known_anywhere = set(actions) | {option for name in sections for option in _option_names(name)}
+        stray = sorted(set(shared) - known_anywhere)
+        if stray:
+            raise ValueError(f"--config {path}: the shared options {stray} are options of none of its commands "
+                             f"({sorted(sections)}).")
+        values = {**{k: v for k, v in shared.items() if k in actions}, **own}
+    else:
+        unknown = sorted(set(shared) - set(actions))
+        if unknown:
+            raise ValueError(f"--config {path}: `saev {command}` takes no options {unknown}. See `saev {command} "
+                             f"--help`.")
+        values = shared
+    parser.set_defaults(**values)  # every action of an option (a bool's --no_ twin too) gets the file's value
+    for action in parser._actions:
+        if action.dest in values:
+            action.required = False
+    return argv
+
+
+def _option_names(command: str) -> set[str]:
+    """The option names of a command (its dataclasses' fields)."""
+    return {f.name for cls in COMMANDS[command].arguments() for f in dataclasses.fields(cls)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `saev` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -270,9 +344,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     command = COMMANDS[argv[0]]
-    parser = HfArgumentParser(command.arguments(), prog=f"saev {argv[0]}", description=command.description)
+    parser = HfArgumentParser(command.arguments(), prog=f"saev {argv[0]}", description=command.description,
+                              epilog=CONFIG_HELP)
     try:
-        arguments = parser.parse_args_into_dataclasses(argv[1:])
+        options = apply_config(parser, argv[0], argv[1:])
+        arguments = parser.parse_args_into_dataclasses(options)
         if command.check is not None:
             command.check(*arguments)
     except ValueError as error:

@@ -78,3 +78,43 @@ def test_every_command_help_opens_with_what_the_command_does(command, capsys):
     assert usage.startswith(f"usage: saev {command}")
     # argparse re-wraps the text (breaking after hyphens too): compare it without its white space
     assert "".join(opening.split()) == "".join(COMMANDS[command].description.split())  # not a dataclass's docstring
+
+
+# --- --config FILE (YAML or JSON), flags override the file, as TRL's CLI -----------------------------------------------
+
+
+def test_a_config_file_gives_options_and_the_command_line_overrides_it(tmp_path, capsys):
+    torch.manual_seed(0)
+    SAEV(SAEVConfig(d_in=8, d_sae=24, hook_layer=1)).save_pretrained(tmp_path / "hf")
+    flat = tmp_path / "convert.json"
+    flat.write_text(json.dumps({"sae_name_or_path": str(tmp_path / "hf"), "output_dir": str(tmp_path / "a"),
+                                "to": "saelens"}))
+    assert main(["convert", "--config", str(flat)]) == 0  # sae_name_or_path and output_dir come from the file
+    assert (tmp_path / "a" / "cfg.json").exists()
+    assert main(["convert", "--config", str(flat), "--output_dir", str(tmp_path / "b"), "--to", "saev"]) == 0
+    assert (tmp_path / "b" / "config.json").exists() and not (tmp_path / "b" / "cfg.json").exists()
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"sae_name_or_path: {tmp_path / 'hf'}\ncooccurrence_threshold: 0.25\n"
+                      f"convert:\n  output_dir: {tmp_path / 'c'}\n  to: saelens\ninfo: {{}}\n")
+    assert main(["convert", "--config", str(recipe)]) == 0 and (tmp_path / "c" / "cfg.json").exists()
+    capsys.readouterr()
+    assert main(["info", "--config", str(recipe)]) == 0  # a section's command takes the shared options it has
+    assert json.loads(capsys.readouterr().out)["config"]["cooccurrence_threshold"] == 0.25
+
+
+@pytest.mark.parametrize("text, message", [
+    ("sae_name_or_path: x\nfraction: 0.5\n", r"`saev info` takes no options \['fraction'\]"),
+    ("convert:\n  to: saelens\n", r"has sections for \['convert'\] but none for 'info'"),
+    ("info:\n  sae_name_or_path: x\n  top: 3\n", r"section 'info' has options `saev info` does not take: \['top'\]"),
+    ("info: {}\nsae_nmae_or_path: x\n", r"the shared options \['sae_nmae_or_path'\] are options of none"),
+    ("- a\n- b\n", "must hold a mapping of option names to values, not list"),
+    ("a: [\n", "is not valid YAML or JSON"),
+])
+def test_a_config_file_with_unknown_options_is_a_usage_error(tmp_path, capsys, text, message):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", "--config", str(path)])
+    assert exit_info.value.code == 2
+    assert __import__("re").search(message, capsys.readouterr().err)

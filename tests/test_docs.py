@@ -112,6 +112,10 @@ def test_every_python_block_of_the_docs_runs(page, tmp_path, monkeypatch):
         "scoring.md": lambda ns: len(ns["best_half"]) == 8 and ns["trainer"].state.global_step == 2
         and list(ns["rescored"]["saev_l0"]) != list(ns["best_half"]["saev_l0"]),
         "interpretation.md": lambda ns: ns["index"].is_file() and "saev_patch_scores" in ns["masked"].column_names,
+        "data.md": lambda ns: len(ns["preferences"]) == 2 and ns["preferences"][1]["chosen"] == "One."
+        and ns["preferences"][1]["rejected"] == "Three." and {"images", "prompt", "chosen", "rejected",
+                                                                 "overall_response"} == set(ns["preferences"].column_names)
+        - {"response_1", "response_2"},
     }
     assert checks[page.name](namespace), page.name
 
@@ -241,7 +245,7 @@ def test_every_command_line_shown_names_a_command_and_its_options(page, line):
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(COMMANDS[command].arguments())
-    known = {option for action in parser._actions for option in action.option_strings}
+    known = {option for action in parser._actions for option in action.option_strings} | {"--config"}
     unknown = [option for option in options if option not in known]
     assert not unknown, f"{page}: `{line}` names options `saev {command}` does not have: {unknown}"
 

@@ -67,3 +67,15 @@ def test_invalid_filter_arguments(kwargs, message):
 def test_missing_score_column_says_to_score_first():
     with pytest.raises(KeyError, match=r"Column 'saev_l0' not found.*Score it first"):
         filter_by_score(scored([0.1]), column="saev_l0", fraction=0.5)
+
+
+def test_exclude_above_leaves_rows_out_before_ranking_and_logs_how_many(caplog):
+    import logging
+
+    ds = datasets.Dataset.from_dict({"ifd": [0.2, 1.5, 0.9, 0.7, 3.0, 0.4]})
+    with caplog.at_level(logging.WARNING, logger="saev_hf.alignment.filtering"):
+        kept = filter_by_score(ds, FilterArguments(column="ifd", fraction=0.5, exclude_above=1.0))
+    assert kept["ifd"] == [0.9, 0.7]  # the best half of the four rows at or below 1, in their order
+    assert "2 of 6 scored rows have ifd above 1 and are left out before ranking" in caplog.text
+    with pytest.raises(ValueError, match="exclude_above=inf must be a finite number"):
+        FilterArguments(column="ifd", fraction=0.5, exclude_above=float("inf"))

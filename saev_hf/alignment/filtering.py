@@ -7,6 +7,7 @@ included), ready for TRL's `DPOTrainer` / `SFTTrainer`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ import numpy as np
 
 from ..arguments import DataArguments
 from ..runtime.folders import OutputArguments
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,6 +30,11 @@ class FilterArguments:
         default=None, metadata={"help": "Keep this top fraction of rows, in (0, 1], e.g. 0.5 for the best half."}
     )
     threshold: float | None = field(default=None, metadata={"help": "Keep rows whose score is >= this value."})
+    exclude_above: float | None = field(
+        default=None,
+        metadata={"help": "First leave out rows whose score is above this value, then rank the rest (Li et al.'s IFD "
+                  "filter leaves out IFD > 1: --column ifd --exclude_above 1). Counted and logged."},
+    )
     null_scores: str = field(
         default="raise",
         metadata={"help": "Rows whose score is null (unscorable with on_error='null'): 'raise' or 'drop'."},
@@ -39,6 +47,8 @@ class FilterArguments:
             raise ValueError(f"fraction={self.fraction} must be in (0, 1], e.g. 0.5 to keep the best half.")
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise ValueError(f"threshold={self.threshold} must be a finite number.")
+        if self.exclude_above is not None and not math.isfinite(self.exclude_above):
+            raise ValueError(f"exclude_above={self.exclude_above} must be a finite number.")
         if self.null_scores not in ("raise", "drop"):
             raise ValueError(f"null_scores={self.null_scores!r} must be 'raise' or 'drop'.")
 
@@ -63,6 +73,12 @@ def kept_indices(scores: list[Any], args: FilterArguments) -> list[int]:
             f"could not be scored. Drop them explicitly with null_scores='drop', or fix those rows and score again."
         )
     scored = np.flatnonzero(~null)
+    if args.exclude_above is not None:
+        above = values[scored] > args.exclude_above
+        if above.any():
+            logger.warning("%d of %d scored rows have %s above %g and are left out before ranking (exclude_above).",
+                           int(above.sum()), len(scored), args.column, args.exclude_above)
+        scored = scored[~above]
     if args.threshold is not None:
         return scored[values[scored] >= args.threshold].tolist()
     count = max(1, int(round(args.fraction * len(scored)))) if len(scored) else 0

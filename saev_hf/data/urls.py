@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -122,29 +123,65 @@ class FetchReport:
     failed_sample: list[dict[str, Any]] = field(default_factory=list)
     images_dropped: int = 0
     rows_dropped: int = 0
+    spool: str | None = field(default=None, repr=False)
+    """A folder where every process that reads the data (a stream read by a DataLoader worker) appends what it did,
+    so that the report counts the URLs fetched in other processes too ([`merged`])."""
 
     def add(self, result: FetchResult, row: int) -> None:
+        """Count one URL's outcome (`row`: the dataset row it belongs to)."""
+        self._count({"url": result.url, "ok": result.ok, "from_cache": result.from_cache, "kind": result.kind,
+                     "detail": result.detail, "row": row})
+
+    def left_out(self, images: int = 0, rows: int = 0) -> None:
+        """Count what the failure policy left out."""
+        self._count({"images_dropped": images, "rows_dropped": rows})
+
+    def _count(self, event: dict[str, Any]) -> None:
+        self._apply(event)
+        if self.spool is not None:
+            with open(Path(self.spool) / f"{os.getpid()}.jsonl", "a", encoding="utf-8") as file:
+                file.write(json.dumps(event) + "\n")
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        if "url" not in event:
+            self.images_dropped += event["images_dropped"]
+            self.rows_dropped += event["rows_dropped"]
+            return
         self.urls += 1
-        if result.ok:
-            self.from_cache += result.from_cache
-            self.fetched += not result.from_cache
+        if event["ok"]:
+            self.from_cache += event["from_cache"]
+            self.fetched += not event["from_cache"]
             return
         self.failed += 1
-        self.failed_by_reason[result.kind] = self.failed_by_reason.get(result.kind, 0) + 1
+        self.failed_by_reason[event["kind"]] = self.failed_by_reason.get(event["kind"], 0) + 1
         if len(self.failed_sample) < SAMPLE_SIZE:
-            self.failed_sample.append({"row": row, "url": result.url, "reason": result.kind, "detail": result.detail})
+            self.failed_sample.append({"row": event["row"], "url": event["url"], "reason": event["kind"],
+                                       "detail": event["detail"]})
+
+    def merged(self) -> "FetchReport":
+        """The report of every process that read the data: this one's counts, or, with a spool, all of theirs."""
+        if self.spool is None:
+            return self
+        report = FetchReport(policy=self.policy)
+        for path in sorted(Path(self.spool).glob("*.jsonl")):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                report._apply(json.loads(line))
+        return report
 
     def summary(self) -> str:
         """One line for the end of a command."""
-        reasons = ", ".join(f"{kind}: {count}" for kind, count in sorted(self.failed_by_reason.items()))
-        return (f"Image URLs: {self.urls} ({self.fetched} fetched, {self.from_cache} from the cache, {self.failed} "
-                f"failed{f' ({reasons})' if reasons else ''}); policy {self.policy}: {self.images_dropped} images and "
-                f"{self.rows_dropped} rows left out.")
+        report = self.merged()
+        reasons = ", ".join(f"{kind}: {count}" for kind, count in sorted(report.failed_by_reason.items()))
+        return (f"Image URLs: {report.urls} ({report.fetched} fetched, {report.from_cache} from the cache, "
+                f"{report.failed} failed{f' ({reasons})' if reasons else ''}); policy {report.policy}: "
+                f"{report.images_dropped} images and {report.rows_dropped} rows left out.")
 
     def write(self, folder: str | os.PathLike) -> Path:
-        """Write the report to `folder/image_fetch_report.json`."""
+        """Write the report (of every process that read the data) to `folder/image_fetch_report.json`."""
+        values = asdict(self.merged())
+        values.pop("spool")
         path = Path(folder) / REPORT_FILE
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        path.write_text(json.dumps(values, indent=2) + "\n")
         return path
 
 
@@ -320,7 +357,8 @@ def fetch_images(dataset: Any, column: str, fetcher: ImageFetcher, policy: str =
     """
     if policy not in IMAGE_FAILURE_POLICIES:
         raise ValueError(f"image_failure_policy={policy!r} must be one of {IMAGE_FAILURE_POLICIES}.")
-    report = FetchReport(policy=policy)
+    streamed = not hasattr(dataset, "__len__")  # a stream may be read by a DataLoader worker: spool its counts
+    report = FetchReport(policy=policy, spool=tempfile.mkdtemp(prefix="saev-hf-fetch-report-") if streamed else None)
 
     def resolve(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         values = batch[column]
@@ -345,10 +383,11 @@ def fetch_images(dataset: Any, column: str, fetcher: ImageFetcher, policy: str =
                                f"({result.detail}). Pass --image_failure_policy skip_image (the row keeps its text) or "
                                f"skip_row (the row is left out); both are counted in {REPORT_FILE}.")
             if failed and policy == "skip_row":
-                report.rows_dropped += 1
+                report.left_out(rows=1)
                 keep.append(False)
                 continue
-            report.images_dropped += len(failed)
+            if failed:
+                report.left_out(images=len(failed))
             if failed and _is_parts(prompts[position]):
                 prompts[position] = _without_images(prompts[position], {index for index, _ in failed})
             keep.append(True)

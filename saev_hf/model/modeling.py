@@ -120,7 +120,8 @@ class SAEV(SAEVPreTrainedModel):
         x = hidden_states.to(self.W_enc.dtype) * self.config.input_scale
         if self.config.apply_b_dec_to_input:
             x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        # one fused product-and-bias (addmm) rather than a product and a separate pass adding the bias
+        return torch.addmm(self.b_enc, x.reshape(-1, x.shape[-1]), self.W_enc).reshape(*x.shape[:-1], -1)
 
     def encode(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Feature activations z, shape `(..., d_sae)`, from hidden states of shape `(..., d_in)`."""
@@ -128,7 +129,7 @@ class SAEV(SAEVPreTrainedModel):
         if self.config.activation == "topk":
             values, indices = pre.topk(self.config.k, dim=-1, sorted=False)
             return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
-        return pre.relu()
+        return pre.relu_()  # in place: the pre-activations are this call's own tensor
 
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         """Reconstruction x_hat, shape `(..., d_in)`, in the scale of the original hidden states."""

@@ -192,6 +192,49 @@ def batch_activity(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, examp
 
 
 @torch.no_grad()
+def segmented_activity(sae: Any, hidden: torch.Tensor, bounds: Sequence[tuple[int, int, int]], rows: Sequence[int],
+                       token_chunk: int | None = 4096, allow_tf32: bool = True) -> BatchActivity:
+    """
+    [`batch_activity`] of a batch whose scored positions are laid out example by example, each example's text
+    positions then its image positions: `bounds[i] = (start, text_end, end)` in `hidden` `(positions, d_in)`. The
+    same result, with fewer passes over the activations: each example's features fire where their largest activation
+    over a contiguous slice exceeds delta, and L0 counts come from one count per position (no masks, no copies).
+
+    Raises:
+        RowError: naming the row, when an example has no image or no text position.
+    """
+    num_examples, device = len(bounds), sae.W_enc.device
+    delta, d_sae = sae.config.cooccurrence_threshold, sae.config.d_sae
+    check_same_device(sae, hidden.device, "the hidden states to encode")
+    for (start, text_end, end), row in zip(bounds, rows):
+        check_scorable(torch.tensor(text_end > start), torch.tensor(end > text_end), row)
+    max_text = torch.zeros(num_examples, d_sae, device=device)
+    max_image = torch.zeros_like(max_text)
+    active = torch.zeros(num_examples, dtype=torch.float64, device=device)
+    total = hidden.shape[0]
+    step = token_chunk or max(1, total)
+    for chunk_start in range(0, total, step):
+        chunk_end = min(chunk_start + step, total)
+        with sae_matmul_precision(device, allow_tf32):
+            z = sae.encode(hidden[chunk_start:chunk_end])
+        # features with z > 0 per position: z >= 0, so sign(z) is 0 or 1 and a product with ones counts them, exactly
+        # in float32 (integers up to 2**24), several times faster on a CPU than (z > 0).sum(1)
+        signs = torch.sign(z) if z.dtype == torch.float32 else torch.sign(z).float()
+        counts = (signs @ torch.ones(z.shape[1], device=z.device)).double()
+        for i, (start, text_end, end) in enumerate(bounds):
+            for low, high, maximum in ((start, text_end, max_text), (text_end, end, max_image)):
+                low, high = max(low, chunk_start), min(high, chunk_end)
+                if low < high:  # activations are >= 0, so a maximum starting at 0 is the maximum
+                    torch.maximum(maximum[i], z[low - chunk_start : high - chunk_start].amax(0), out=maximum[i])
+            low, high = max(start, chunk_start), min(end, chunk_end)
+            if low < high:
+                active[i] += counts[low - chunk_start : high - chunk_start].sum()
+    num_text = torch.tensor([text_end - start for start, text_end, _ in bounds], dtype=torch.float64, device=device)
+    num_image = torch.tensor([end - text_end for _, text_end, end in bounds], dtype=torch.float64, device=device)
+    return BatchActivity(max_text > delta, max_image > delta, active, num_text, num_image)
+
+
+@torch.no_grad()
 def example_activity(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, row: int, special_as_text: bool = True,
                      token_chunk: int | None = 4096, maxima: bool = False, allow_tf32: bool = True) -> ExampleActivity:
     """

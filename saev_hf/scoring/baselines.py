@@ -5,12 +5,12 @@
 |---|---|---|
 | `length` | the number of text positions (not image, not padding) of the input SAE-V scores: the prompt, plus the response when `response_column` is set (special positions count as text unless `special_as_text=False`, as for SAE-V) | the control any count-type score must beat (SAE activity counts track text length) |
 | `answer_log_likelihood` | the MLLM's summed log-probability of the response's tokens given the image and the prompt | a model-based quality score without an SAE |
-| `ifd` | instruction-following difficulty: PPL(A given image and Q) / PPL(A alone), each the exponential of the mean negative log-likelihood of the response's tokens | Li et al. 2023 (Cherry LLM, "From Quantity to Quality"): their `data_analysis.py` computes `ppl_out_condition` on the prompt template followed by the output and `ppl_out_alone` on the template's response header followed by the output, the loss over the output's tokens only, and IFD is their ratio. Adapted to images as SAE-V's paper does (Figure 11): the condition is the image and the question in the chat template; A alone is the response after the template's empty user turn (the analogue of the bare response header) |
+| `ifd` | instruction-following difficulty: s(A given image and Q) / s(A alone), each the mean cross-entropy of the response's tokens | Li et al. 2023 (Cherry LLM, "From Quantity to Quality"): their `data_analysis.py` computes the token losses of the output after the prompt template and after the template's bare response header (`### Response:`), and `data_by_IFD.py` takes the ratio of their means (conditional over alone), drops rows above 1 and keeps the highest. Adapted to images as SAE-V's paper does (Figure 11): the condition is the image and the question in the chat template; A alone is the response after the template's empty user turn (the analogue of the bare response header) |
 | `image_text_similarity` | the MLLM's own image-text similarity: for each token of the prompt text, its input embedding's best cosine over the image positions of what the first decoder layer reads (the projected image features), averaged over the prompt's tokens | the model-internal analogue of a CLIP score (saev-hf's miniature) |
 | `clip_score` | the cosine similarity of a CLIP or SigLIP model's image and text embeddings of the row's image(s) and prompt text, averaged over the row's images; the text is cut to the model's longest text input (77 tokens for CLIP, 64 for SigLIP), as DataComp's and Data-Juicer's CLIP filters do (tokenizer truncation) | DataComp's CLIP-score filter; Data-Juicer's `image_text_similarity_filter` (average over a row's images) |
 
-IFD is lower for a response the question helps predict; Li et al. keep the rows of *highest* IFD (the hard ones, below
-1), which is what filtering by the `ifd` column's top fraction does. Their "cherry" model is the base model tuned
+IFD is lower for a response the question helps predict; Li et al. leave out rows above 1 (the question does not help)
+and keep those of *highest* IFD among the rest: `saev filter --column ifd --exclude_above 1 --fraction F`. Their "cherry" model is the base model tuned
 briefly on a small sample of the data first (`saev dpo --method sft` on a sample, then `--ifd_model_name_or_path`); by
 default IFD is computed with the scorer's MLLM.
 
@@ -22,11 +22,11 @@ alone" needs its own (short, text-only) forward, and CLIP its own model.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoModel, AutoProcessor
 
 from ..data.errors import RowError
 from ..data.prompts import (
@@ -145,8 +145,11 @@ def response_log_likelihoods(logits: torch.Tensor, input_ids: torch.Tensor, leng
 
 
 def ifd_score(conditional: float, conditional_tokens: int, alone: float, alone_tokens: int) -> float:
-    """PPL(A|Q) / PPL(A) from summed log-likelihoods: exp(-conditional/n) / exp(-alone/m)."""
-    return math.exp(-conditional / conditional_tokens + alone / alone_tokens)
+    """s(A|Q) / s(A) from summed log-likelihoods: the mean cross-entropy of the response's tokens given the prompt
+    (`conditional` over `conditional_tokens`) over that of the response alone (`alone` over `alone_tokens`)."""
+    if alone == 0:
+        raise ValueError("The response alone has zero loss: IFD (a ratio of losses) is undefined.")
+    return (conditional / conditional_tokens) / (alone / alone_tokens)
 
 
 def image_text_similarity(embeddings: torch.Tensor, image_mask: torch.Tensor, word_embeddings: torch.Tensor,
@@ -200,8 +203,6 @@ class ClipScore:
     """
 
     def __init__(self, model: Any, processor: Any = None) -> None:
-        from transformers import AutoModel, AutoProcessor
-
         if isinstance(model, str):
             processor = processor if processor is not None else AutoProcessor.from_pretrained(model)
             model = AutoModel.from_pretrained(model)

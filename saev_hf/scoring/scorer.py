@@ -38,7 +38,7 @@ from ..data.pipeline import check_workers, prepared_batches, preprocessing_worke
 from ..data.prompts import PromptFormat, prepare_inputs, row_indices, rows_to_columns
 from ..runtime.devices import token_chunk_field
 from ..runtime.folders import OutputArguments
-from .activity import ExampleActivity, example_activity  # noqa: F401  (their home before saev_hf.scoring.activity)
+from .activity import BatchActivity, ExampleActivity, example_activity, segmented_activity  # noqa: F401
 from .baselines import (
     BASELINES,
     SAEV_SCORES,
@@ -305,19 +305,16 @@ class SAEVScorer(SAEVMapFunction):
             acts, modality = None, reader.modality(inputs["input_ids"], inputs["attention_mask"])
         if self._shares_response:
             sums, numbers = response_log_likelihoods(acts.logits, inputs["input_ids"], lengths, counts)
+        if sae is not None:
+            activity = self._activity(acts, prompt_ends, rows)
+            if "cosine" in wanted:
+                out[self.args.cosine_column] = activity.cosine(sae.feature_weights).tolist()
+            if "l0" in wanted:
+                out[self.args.l0_column] = activity.l0.tolist()
+            if "cooccur_l0" in wanted:
+                out[self.args.cooccur_l0_column] = [int(count) for count in activity.cooccurring.sum(1)]
         for i, row in enumerate(rows):
             end = prompt_ends[i]
-            if sae is not None:
-                hidden, example_modality = acts.example(i)
-                activity = example_activity(sae, hidden[:end], example_modality[:end], row,
-                                            self.args.special_as_text, self.args.token_chunk,
-                                            allow_tf32=self.args.allow_tf32)
-                if "cosine" in wanted:
-                    out[self.args.cosine_column].append(activity.cosine(sae.feature_weights))
-                if "l0" in wanted:
-                    out[self.args.l0_column].append(activity.l0)
-                if "cooccur_l0" in wanted:
-                    out[self.args.cooccur_l0_column].append(int(activity.cooccurring.sum()))
             if "length" in wanted:
                 text, _ = text_and_image(modality[i, :end], self.args.special_as_text)
                 out["length"].append(int(text.sum()))
@@ -333,6 +330,21 @@ class SAEVScorer(SAEVMapFunction):
         if "clip_score" in wanted:
             out["clip_score"] = self._clip_scores(columns, rows)
         return out
+
+    def _activity(self, acts: Any, prompt_ends: list[int], rows: list[int]) -> BatchActivity:
+        """SAE-V's activity over the scored positions of every example of the forward batch (each up to its prompt's
+        end), encoded at once (`token_chunk` positions at a time) rather than example by example: the positions are
+        laid out example by example, text then image ([`segmented_activity`])."""
+        parts, bounds, start = [], [], 0
+        for i, end in enumerate(prompt_ends):
+            example_hidden, example_modality = acts.example(i)
+            text, image = text_and_image(example_modality[:end], self.args.special_as_text)
+            parts += [example_hidden[:end][text], example_hidden[:end][image]]
+            text_end = start + int(text.sum())
+            bounds.append((start, text_end, text_end + int(image.sum())))
+            start = bounds[-1][2]
+        return segmented_activity(self._sae, torch.cat(parts), bounds, rows, self.args.token_chunk,
+                                  allow_tf32=self.args.allow_tf32)
 
     def _check_response_column(self, columns: Mapping[str, Any]) -> None:
         if set(self.args.scores) & {"answer_log_likelihood", "ifd"} and self._response_column() not in columns:

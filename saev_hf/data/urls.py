@@ -57,6 +57,7 @@ REPORT_FILE = "image_fetch_report.json"
 """The report written beside a command's output when its data had image URLs."""
 DEFAULT_CACHE = Path(os.environ.get("SAEV_HF_IMAGE_CACHE", Path(HF_HOME) / "saev_hf" / "images"))
 """Where fetched images are kept by default (`SAEV_HF_IMAGE_CACHE` overrides it)."""
+FETCH_BATCH = 64  # rows whose URLs are fetched together (measured against 16 rows: see benchmarks/url_fetching.py)
 MAX_REDIRECTS = 5
 SAMPLE_SIZE = 20  # failed URLs kept in a report
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
@@ -398,7 +399,7 @@ def fetch_images(dataset: Any, column: str, fetcher: ImageFetcher, policy: str =
             out[prompt_column] = [p for p, k in zip(prompts, keep) if k]
         return out
 
-    kwargs: dict[str, Any] = {"batched": True, "batch_size": 64, "with_indices": True}
+    kwargs: dict[str, Any] = {"batched": True, "batch_size": FETCH_BATCH, "with_indices": True}
     features = getattr(dataset, "features", None)
     if features is not None and column in features:
         kwargs["features"] = datasets.Features({**features, column: _as_image_feature(features[column])})

@@ -9,15 +9,16 @@ Where each schema comes from (checked with the search tools; nothing here is gue
   document's URL. The same reading is in torchtitan's OBELICS loader (`_process_obelics_sample`).
 - RLAIF-V (`openbmb/RLAIF-V-Dataset`, dataset card): `ds_name` string, `image` image, `question`, `chosen`,
   `rejected`, `origin_dataset`, `origin_split`, `idx`, `image_path` strings.
-- Align-Anything text-image-to-text (`PKU-Alignment/align-anything`, card config `example_ti2t`): `question` string,
-  `image` image, `response_1`, `response_2`, `res_1_from`, `res_2_from` strings, `p_response` int64,
+- Align-Anything text-image-to-text (`PKU-Alignment/align-anything`, card config `example_ti2t`, README at d46103a):
+  `question` string, `image` image, `response_1`, `response_2`, `res_1_from`, `res_2_from` strings, `p_response` int64,
   `prompt_following_rate_1/2` int64, `p_rationale_1/2` string, `o_response` int64, `objective_rules_rate_1/2` int64,
-  `o_rationale_1/2` string, `c_response` ... as the card shows them; the card's excerpt we could read stops at
-  `c_response`, and the rest (`clarity_rate_*`, `c_rationale_*`, `i_response`, `information_richness_rate_*`,
-  `i_rationale_*`, `s_response`, `safety_rate_*`, `s_rationale_*`, `text_critique_*`, `overall_response` int64,
-  `overall_textfeedback` string) follows the card's `example_tv2t` config, which it shows whole, aspect for aspect.
-  The authors' loader (`align_anything/configs/format_dataset.py`, `AA_TI2T`) reads `question`, `image`,
-  `response_1`, `response_2` and `int(overall_response)` (1 or 2, the better response); saev-hf reads those alone.
+  `o_rationale_1/2` string, `c_response` int64, `clarity_rate_1/2` int64, `c_rationale_1/2` string, `i_response`
+  int64, `information_richness_rate_1/2` int64, `i_rationale_1/2` string, read verbatim; then `s_response`,
+  `safety_rate_1/2` (the card's diff at 0d33e9d, same order); the card excerpt we could read stops there, and the rest
+  (`s_rationale_1/2`, `text_critique_1/2` strings, `overall_response` int64, `overall_textfeedback` string) follows
+  the card's `example_tv2t` config, which it shows whole, aspect for aspect. The authors' loader
+  (`align_anything/configs/format_dataset.py`, `AA_TI2T`) reads `question`, `image`, `response_1`, `response_2` and
+  `int(overall_response)` (1 or 2, the better response); saev-hf reads those alone.
 """
 
 from __future__ import annotations

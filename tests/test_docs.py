@@ -12,6 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from paper_datasets import RLAIF_V_FEATURES  # openbmb/RLAIF-V-Dataset's card, field by field
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -38,14 +39,6 @@ def bash_lines(page: Path) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 # The README's quickstart, on stand-ins served under the real names
 # ----------------------------------------------------------------------------------------------------------------------
-
-RLAIF_V_FEATURES = datasets.Features({  # openbmb/RLAIF-V-Dataset's card, field by field
-    "ds_name": datasets.Value("string"), "image": datasets.Image(), "question": datasets.Value("string"),
-    "chosen": datasets.Value("string"), "rejected": datasets.Value("string"),
-    "origin_dataset": datasets.Value("string"), "origin_split": datasets.Value("string"),
-    "idx": datasets.Value("string"), "image_path": datasets.Value("string"),
-})
-
 
 def rlaif_v_stand_in(n: int = 12) -> datasets.Dataset:
     from saev_hf.testing.digit_data import DIGIT_NAMES, digit_images

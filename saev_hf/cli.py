@@ -31,15 +31,24 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from transformers import HfArgumentParser
 
 from .alignment.filtering import FilterArguments, run_filter
 from .arguments import DataArguments, ModelArguments, SAEArguments
 from .cache.activation_cache import ActivationCache
 from .cache.writer import CacheArguments, cache_activations
+from .data.errors import RowError
 from .data.prompts import PromptFormat
 from .evaluation.metrics import SAEVEvaluationArguments, run_evaluation
 from .evaluation.report import format_metrics_table
@@ -360,5 +369,56 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+PACKAGE = Path(__file__).resolve().parent
+"""The saev_hf package folder: errors raised from its code carry messages written for the user."""
+DEBUG_ENV = "SAEV_HF_DEBUG"
+"""Set to 1 (or pass `--debug`) to see the full traceback of an error that is the user's to fix."""
+_HUB_USER_ERRORS = (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError, GatedRepoError,
+                    LocalEntryNotFoundError)
+
+
+def is_user_error(error: BaseException) -> bool:
+    """
+    Whether `error` is the user's to fix (a bad row, a missing file or column, a refused folder, a wrong option or
+    setting), so that its message alone is what to show: a [`RowError`]; a file or Hub repo that does not exist; or a
+    `ValueError`, `KeyError`, `TypeError` or `OSError` that saev-hf raised itself with a message that names the fix.
+    Anything else is a bug, shown with its traceback.
+    """
+    if isinstance(error, (RowError, FileExistsError, FileNotFoundError, *_HUB_USER_ERRORS)):
+        return True
+    if not isinstance(error, (ValueError, KeyError, TypeError, OSError)):
+        return False
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and Path(frame.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE)
+
+
+def console(argv: list[str] | None = None) -> int:
+    """
+    The `saev` console script: [`main`], with an error that is the user's to fix ([`is_user_error`]) printed as
+    `saev COMMAND: error: message` alone (exit status 1), and a bug's full traceback kept. `--debug` (anywhere on the
+    command line) or `SAEV_HF_DEBUG=1` shows every traceback.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
+    command = f"saev {argv[0]}" if argv else "saev"
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001  (sorted into the user's errors and bugs right here)
+        if debug or not is_user_error(error):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        print(f"{command}: error: {message}\n(the full traceback: rerun with --debug, or {DEBUG_ENV}=1)",
+              file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -118,3 +118,62 @@ def test_a_config_file_with_unknown_options_is_a_usage_error(tmp_path, capsys, t
         main(["info", "--config", str(path)])
     assert exit_info.value.code == 2
     assert __import__("re").search(message, capsys.readouterr().err)
+
+
+# --- errors that are the user's to fix read as one message; bugs keep their traceback ----------------------------------
+
+
+def _user_error_argv(command, tmp_path):
+    """An argv for `command` that names something that does not exist: the user's error."""
+    gone = str(tmp_path / "does-not-exist")
+    out = ["--output_dir", str(tmp_path / f"out-{command}")]
+    sae, model, data = (["--sae_name_or_path", gone], ["--model_name_or_path", gone, "--device", "cpu"],
+                        ["--dataset_name", gone])
+    return {
+        "convert": [*sae, *out], "info": sae,
+        "cache": [*model, *data, "--layer", "1", *out], "train": [*model, *data, "--layer", "1", *out],
+        "eval": [*sae, *model, *data, *out], "weights": [*sae, *model, *data, *out],
+        "score": [*sae, *model, *data, *out], "inspect": [*sae, *model, *data, *out],
+        "patches": [*sae, *model, *data, *out], "filter": [*data, "--fraction", "0.5", *out],
+        "dpo": [*model, *data, *out], "push": ["--repo_id", "me/x", "--sae", gone],
+        "demo": ["--grounded_llava", gone, *out],
+    }[command]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_users_error_prints_the_message_alone_and_exits_1(command, tmp_path, capsys, monkeypatch):
+    from saev_hf.cli import console
+
+    monkeypatch.delenv("SAEV_HF_DEBUG", raising=False)
+    assert console([command, *_user_error_argv(command, tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"saev {command}: error: ") and "does-not-exist" in err, err
+    assert "Traceback" not in err and "--debug" in err
+    with pytest.raises(Exception, match="does-not-exist"):  # --debug: the traceback is the user's to see
+        console([command, *_user_error_argv(command, tmp_path), "--debug"])
+
+
+def test_a_bad_row_reads_as_its_message_and_a_bug_keeps_its_traceback(tmp_path, capsys, monkeypatch):
+    import datasets
+
+    import saev_hf.alignment.filtering as filtering
+    from saev_hf.cli import console
+
+    datasets.Dataset.from_dict({"score": [1.0, None, 2.0]}).save_to_disk(tmp_path / "scored")
+    argv = ["filter", "--dataset_name", str(tmp_path / "scored"), "--column", "score", "--fraction", "0.5",
+            "--output_dir", str(tmp_path / "kept")]
+    assert console(argv) == 1
+    assert "1 rows have a null 'score' (first: row 1)" in capsys.readouterr().err
+    monkeypatch.setenv("SAEV_HF_DEBUG", "1")
+    with pytest.raises(ValueError, match="1 rows have a null"):
+        console(argv)
+    monkeypatch.delenv("SAEV_HF_DEBUG")
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug deep inside")  # raised here, in the tests: not a message saev-hf wrote for the user
+
+    monkeypatch.setattr(filtering, "kept_indices", broken)
+    datasets.Dataset.from_dict({"score": [1.0, 2.0]}).save_to_disk(tmp_path / "scored2")
+    with pytest.raises(ValueError, match="a bug deep inside"):
+        console(["filter", "--dataset_name", str(tmp_path / "scored2"), "--column", "score", "--fraction", "0.5",
+                 "--output_dir", str(tmp_path / "kept2")])

@@ -291,3 +291,35 @@ def test_docstring_examples_run():
 
     results = doctest.testmod(saev_hf.training.sweep)
     assert results.attempted >= 1 and results.failed == 0
+
+
+# --- a diverging run is never saved as trained (issue 28, item 8) -----------------------------------------------------
+
+
+def test_a_diverging_run_stops_with_an_error_and_saves_nothing(tiny_model_factory, tmp_path):
+    llava = tiny_model_factory("llava")
+    args = tiny_args(tmp_path / "diverged", max_steps=12, learning_rate=1e30, logging_steps=4)
+    with pytest.raises(ValueError, match=r"Training diverged: its (loss became nan between steps \d+ and \d+|weights "
+                                         r"held NaN).*Nothing was saved.*Lower learning_rate"):
+        train_saev(args, llava.model, llava.processor, digit_dataset(8))
+    assert not (tmp_path / "diverged" / "model.safetensors").exists()
+
+
+def test_a_diverging_sweep_member_is_marked_and_not_saved_and_the_others_are(tiny_model_factory, tmp_path, capsys):
+    from saev_hf.cli import console
+
+    llava = tiny_model_factory("llava")
+    digit_dataset(8).save_to_disk(str(tmp_path / "data"))
+    argv = ["train", "--model_name_or_path", str(llava.path), "--dataset_name", str(tmp_path / "data"), "--layer", "1",
+            "--output_dir", str(tmp_path / "sweep"), "--expansion_factor", "2", "--max_steps", "12",
+            "--logging_steps", "4", "--train_batch_size_tokens", "32", "--buffer_size_tokens", "128",
+            "--read_batch_size", "4", "--input_scale_estimation_tokens", "64", "--disable_tqdm",
+            "--sweep", json.dumps({"learning_rate": [1e-3, 1e30]})]
+    assert console(argv) == 1
+    captured = capsys.readouterr()
+    assert "1 of 2 sweep members diverged and were not saved: learning_rate=1e+30: its" in captured.err
+    assert "Trained" not in captured.out
+    manifest = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [member["diverged"] is None for member in manifest["sweep"]] == [True, False]
+    assert SAEV.from_pretrained(tmp_path / "sweep" / "learning_rate=0.001").config.training_tokens == 12 * 32
+    assert not (tmp_path / "sweep" / "learning_rate=1e+30" / "model.safetensors").exists()

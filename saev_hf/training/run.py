@@ -5,6 +5,7 @@ batch."""
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -54,7 +55,21 @@ class SAEVRun:
         self.log_history: list[dict[str, Any]] = []
         self._log_sums: dict[str, torch.Tensor] = {}
         self._steps_in_log = 0
+        self._logged_at = 0
         self._last_rates = (float(args.learning_rate), float(args.l1_coefficient))
+        self.diverged: str | None = None  # set when its loss or weights became non-finite: where and what
+
+    def check_divergence(self, steps_done: int, logs: dict[str, float], logged_since: int) -> None:
+        """Record where this run diverged when its logged loss (the mean since step `logged_since`) or its weights
+        are no longer finite; a diverged run takes no more steps and is never saved as trained."""
+        if self.diverged is not None:
+            return
+        loss = logs.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self.diverged = (f"its loss became {loss} between steps {logged_since + 1} and {steps_done} (the mean "
+                             f"logged at step {steps_done})")
+        elif any(not torch.isfinite(p).all() for p in self.sae.parameters()):
+            self.diverged = f"its weights held NaN or inf at step {steps_done}"
 
     @property
     def metric_prefix(self) -> str:
@@ -98,6 +113,8 @@ class SAEVRun:
         `logging_steps` (averaged over processes) and at the last step. Added to `log_history`; returned."""
         args, accelerator = self.args, self.accelerator
         logs: dict[str, float] = {}
+        if self.diverged is not None:  # it takes no steps any more: nothing to log
+            return logs
         if self.firing_counter.window_ends_at(steps_done - 1):
             frequency = self.firing_counter.close_window(accelerator.reduce if accelerator.num_processes > 1 else None)
             logs["dead_features"] = int((frequency < args.dead_feature_threshold).sum())
@@ -112,6 +129,9 @@ class SAEVRun:
             self._log_sums, self._steps_in_log = {}, 0
         if logs:
             self.log_history.append({"step": steps_done, **logs})
+        if "loss" in logs or steps_done == self.schedule.max_steps:
+            self.check_divergence(steps_done, logs, self._logged_at)
+            self._logged_at = steps_done
         return logs
 
     @torch.no_grad()

@@ -273,11 +273,14 @@ class SAEVTrainer(TrainingCheckpoints):
             run.prepared_sae.train()
         while self.global_step < self.schedule.max_steps:
             batch = self._next_batch(batch_iterator)
-            for run in self.runs:  # one read of the activations, one step of every SAE-V
-                run.train_step(batch, self.global_step)
+            for run in self.runs:  # one read of the activations, one step of every SAE-V that has not diverged
+                if run.diverged is None:
+                    run.train_step(batch, self.global_step)
             self.global_step += 1
             progress.update(1)
             self._log(progress)
+            if all(run.diverged is not None for run in self.runs):
+                break  # nothing left to train
             self._checkpoint_if_needed()
         progress.close()
         return self._finish()
@@ -349,19 +352,23 @@ class SAEVTrainer(TrainingCheckpoints):
     def _finish(self) -> SAEV | dict[str, SAEV]:
         """Save the trained SAE-Vs and their trainer states to their folders, finish the trackers; return the SAE-V
         (a dict of them by member name in a sweep)."""
-        saes = [run.export_sae(self._training_tokens()) for run in self.runs]
+        for run in self.runs:  # the last steps too: no NaN is ever saved as trained
+            run.check_divergence(self.global_step, {}, self.global_step)
+        healthy = [run for run in self.runs if run.diverged is None]
+        saes = [run.export_sae(self._training_tokens()) for run in healthy]
         shared = self._shared_state()  # gathers from every process
         if self.accelerator.is_main_process:
             output = Path(self.args.output_dir)
-            for run, sae in zip(self.runs, saes):
+            for run, sae in zip(healthy, saes):
                 sae.save_pretrained(output / run.name)
                 self._write_json(output / run.name / STATE_NAME, run.state_record(shared))
             if self.members is not None:
                 finals = [{name: value for name, value in run.log_history[-1].items() if name != "step"}
                           if run.log_history else {} for run in self.runs]
                 record = self._args_record()
-                for member, final in zip(record["sweep"], finals):
+                for member, run, final in zip(record["sweep"], self.runs, finals):
                     member["final_metrics"] = final
+                    member["diverged"] = run.diverged  # None for a member that trained to the end
                 self._write_json(output / SWEEP_MANIFEST, {**record, "finished": True, "global_step": self.global_step})
         self.accelerator.wait_for_everyone()
         # Finish the trackers but leave the process group to whoever started it, as transformers' Trainer does.
@@ -369,6 +376,17 @@ class SAEVTrainer(TrainingCheckpoints):
         # the GIL, which deadlocks when gloo's worker thread is still releasing the last collective's tensors.
         for tracker in self.accelerator.trackers:
             tracker.finish()
+        diverged = [run for run in self.runs if run.diverged is not None]
+        if diverged:
+            fix = ("Lower learning_rate or l1_coefficient, raise lr_warmup_steps, or check the activations (saev eval "
+                   "on a few rows).")
+            if self.members is None:
+                raise ValueError(f"Training diverged: {diverged[0].diverged}. Nothing was saved to "
+                                 f"{self.args.output_dir}. {fix}")
+            raise ValueError(
+                f"{len(diverged)} of {len(self.runs)} sweep members diverged and were not saved: "
+                + "; ".join(f"{run.name}: {run.diverged}" for run in diverged)
+                + f". The others are saved in {self.args.output_dir} (sweep.json marks each member). {fix}")
         if self.members is None:
             return saes[0]
         return {run.name: sae for run, sae in zip(self.runs, saes)}

@@ -323,3 +323,13 @@ def test_a_diverging_sweep_member_is_marked_and_not_saved_and_the_others_are(tin
     assert [member["diverged"] is None for member in manifest["sweep"]] == [True, False]
     assert SAEV.from_pretrained(tmp_path / "sweep" / "learning_rate=0.001").config.training_tokens == 12 * 32
     assert not (tmp_path / "sweep" / "learning_rate=1e+30" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ({"l1_coefficient": ["a", 5]}, r"Sweep member \{'l1_coefficient': 'a'\}: l1_coefficient='a' must be float, not str"),
+    ({"learning_rate": [True]}, r"learning_rate=True must be float, not bool"),
+    ({"expansion_factor": ["8"]}, r"expansion_factor='8' must be int or None, not str"),
+])
+def test_a_sweep_value_of_the_wrong_type_names_the_member_and_the_option(tmp_path, sweep, message):
+    with pytest.raises(ValueError, match=message):
+        sweep_members(tiny_args(tmp_path), sweep)

@@ -25,6 +25,7 @@ import dataclasses
 import itertools
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -167,6 +168,8 @@ def sweep_members(args: SAEVTrainingArguments, sweep: Any) -> list[SweepMember]:
                     f"stream and run settings, which {name!r} defines. Set it once (--{name}) for the whole sweep, "
                     f"or run separate sweeps for each value. Options a sweep may vary: {', '.join(SWEEP_FIELDS)}."
                 )
+        for name, value in raw.items():
+            _check_type(name, value, raw)
         overrides = {name: _coerce(args, name, value) for name, value in raw.items()}
         name = ",".join(f"{key}={_format(value)}" for key, value in overrides.items()) or "defaults"
         members.append(SweepMember(name, overrides, _member_args(args, name, overrides)))
@@ -194,6 +197,20 @@ def _member_args(args: SAEVTrainingArguments, name: str, overrides: dict[str, An
         return dataclasses.replace(args, **values, output_dir=str(Path(args.output_dir) / name))
     except ValueError as error:
         raise ValueError(f"Sweep member {name!r}: {error}") from None
+
+
+def _check_type(name: str, value: Any, member: Mapping[str, Any]) -> None:
+    """Refuse a sweep value of the wrong type (a string for a number, a bool for a rate), naming the member, the
+    option and the type it takes."""
+    hint = typing.get_type_hints(SAEVTrainingArguments)[name]
+    types = [t for t in typing.get_args(hint) or (hint,)]
+    if value is None and type(None) in types:
+        return
+    if isinstance(value, bool) or not any(
+            isinstance(value, t) or (t is float and isinstance(value, int)) for t in types if t is not type(None)):
+        wanted = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+        raise ValueError(f"Sweep member {dict(member)}: {name}={value!r} must be {wanted}, not "
+                         f"{type(value).__name__}.")
 
 
 def _coerce(args: SAEVTrainingArguments, name: str, value: Any) -> Any:

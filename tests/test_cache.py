@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file, save_file
 
 import saev_hf.cache.activation_cache as cache_module
 from saev_hf.cache.shard_writer import ShardWriter
@@ -228,13 +228,13 @@ def test_shuffled_reading_is_a_seeded_permutation_of_the_stream_holding_at_most_
     live, most = [0], [0]
 
     def counted_load(*args, **kwargs):
-        tensors = load_file(*args, **kwargs)
+        tensors = load(*args, **kwargs)
         live[0] += 1
         most[0] = max(most[0], live[0])
         weakref.finalize(tensors["activations"], lambda: live.__setitem__(0, live[0] - 1))
         return tensors
 
-    monkeypatch.setattr(cache_module, "load_file", counted_load)
+    monkeypatch.setattr(cache_module, "load", counted_load)
     first = [b.clone() for b in cache.batches(10, shuffle=True, seed=1, window_shards=2)]
     assert most[0] <= 2  # never more than a window of shards in memory
     again = list(cache.batches(10, shuffle=True, seed=1, window_shards=2))
@@ -347,6 +347,15 @@ def test_weights_from_a_cache_refuse_what_it_cannot_serve(setup):
         compute_feature_weights(sae, CacheReader(cache), cached_rows(cache))
     with pytest.raises(ValueError, match="is on cpu, but the activation cache.*is on meta"):
         compute_feature_weights(random_saev(cache.d_in), CacheReader(cache, "meta"), cached_rows(cache))
+    named = ActivationCache(cache.path)
+    named.manifest["model_name_or_path"] = "/models/llava"  # as a cache of a saved model records it
+    other = random_saev(cache.d_in)
+    other.config.base_model_name_or_path = "org/another-mllm"
+    with pytest.raises(ValueError, match=r"made for 'org/another-mllm' but the activation cache .* holds the "
+                                         r"activations of '/models/llava'"):
+        compute_feature_weights(other, CacheReader(named), cached_rows(named))
+    other.config.base_model_name_or_path = "llava-hf/llava"  # the cache's model under its Hub name: the same model
+    CacheReader(named).check_sae(other)
     llava = setup["llava"]
     no_special = ActivationCache(cache_activations(cache_args(setup["root"] / "no-special-w", include_special_tokens=False,
                                                               max_rows=4), model=llava.model,
@@ -468,6 +477,7 @@ def test_a_damaged_or_missing_shard_is_refused_not_read(setup, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(setup["cache"].path, copy)
+    without_checksums(copy)  # a cache written before shards had checksums: its contents are checked
     cache = ActivationCache(copy)
     first = copy / cache.shards[0]["file"]
     tensors = load_file(str(first))
@@ -489,3 +499,79 @@ def test_a_damaged_or_missing_shard_is_refused_not_read(setup, tmp_path):
     (copy / cache.shards[1]["file"]).unlink()
     with pytest.raises(FileNotFoundError, match="is missing"):
         cache.load_shard(1)
+
+
+def without_checksums(folder):
+    """Drop the shards' SHA-256 from a cache's manifest (as a cache written before they were recorded)."""
+    path = folder / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    for entry in manifest["shards"]:
+        entry.pop("sha256")
+    path.write_text(json.dumps(manifest))
+
+
+def test_changed_swapped_truncated_or_mislabelled_shards_and_a_damaged_manifest_are_named(setup, tmp_path):
+    import shutil
+
+    def fresh(name):
+        folder = tmp_path / name
+        shutil.copytree(setup["cache"].path, folder)
+        return folder, ActivationCache(folder)
+
+    folder, cache = fresh("changed")
+    first = folder / cache.shards[0]["file"]
+    data = bytearray(first.read_bytes())
+    data[-5] ^= 0x01  # one bit of one activation
+    first.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="shard-00000.safetensors .* is not the file `saev cache` wrote"):
+        cache.load_shard(0)
+    with pytest.raises(ValueError, match="shard-00000.safetensors .* SHA-256 differs"):
+        ActivationCache(folder).rows([0])
+
+    folder, cache = fresh("swapped")
+    a, b = (folder / cache.shards[i]["file"] for i in (0, 1))
+    a_bytes = a.read_bytes()
+    a.write_bytes(b.read_bytes())
+    b.write_bytes(a_bytes)
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        cache.load_shard(1)
+    without_checksums(folder)  # without checksums, the shapes or the rows give the swap away
+    with pytest.raises(ValueError, match=r"shard-00000.safetensors .*(disagree|renamed or mixed)"):
+        ActivationCache(folder).load_shard(0)
+    tensors = load_file(str(b))  # the first shard's own tensors (moved to the second's name), its rows renumbered
+    tensors["row"] = tensors["row"] + 1000
+    save_file(tensors, str(a))
+    with pytest.raises(ValueError, match=r"shard-00000.safetensors .* holds rows 1000\.\.\d+, where the manifest "
+                                         r"says 0\.\.\d+ in order: the shards were renamed or mixed"):
+        ActivationCache(folder).load_shard(0)
+
+    folder, cache = fresh("truncated")
+    without_checksums(folder)
+    first = folder / cache.shards[0]["file"]
+    first.write_bytes(first.read_bytes()[:200])
+    with pytest.raises(ValueError, match="shard-00000.safetensors .* is damaged"):
+        ActivationCache(folder).load_shard(0)
+    with pytest.raises(ValueError, match="shard-00000.safetensors .* is damaged"):
+        ActivationCache(folder).rows([0])
+
+    folder, cache = fresh("dtype")
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    manifest["storage_dtype"] = "bfloat16"  # the shards hold float32
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="stores torch.float32 activations, where the manifest says bfloat16"):
+        ActivationCache(folder).load_shard(0)
+
+    folder, _ = fresh("manifest")
+    text = (folder / MANIFEST_NAME).read_text()
+    (folder / MANIFEST_NAME).write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match="cache_manifest.json is damaged"):
+        ActivationCache(folder)
+
+
+def test_identical_runs_write_identical_shards(setup, tmp_path):
+    again = cache_activations(cache_args(tmp_path / "again"), model=setup["llava"].model,
+                              processor=setup["llava"].processor, dataset=setup["dataset"])
+    cache = setup["cache"]
+    for entry in cache.shards:
+        assert (again / entry["file"]).read_bytes() == (cache.path / entry["file"]).read_bytes()
+    assert [e["sha256"] for e in ActivationCache(again).shards] == [e["sha256"] for e in cache.shards]

@@ -12,6 +12,7 @@ cache_dir/
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from bisect import bisect_right
@@ -21,8 +22,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from huggingface_hub import snapshot_download
-from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load
 
 MANIFEST_NAME = "cache_manifest.json"
 
@@ -35,6 +36,8 @@ FORMAT_VERSION = 1
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 SHARD_TENSORS = ("activations", "modality", "row", "position")
 """The tensors of every shard, each with one entry per cached token."""
@@ -81,8 +84,12 @@ class ActivationCache:
         if not manifest_path.exists():
             raise ValueError(f"{str(self.path)!r} is not an activation cache (no {MANIFEST_NAME}). Make one with "
                              f"`saev cache` or saev_hf.cache.cache_activations.")
-        self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("format") != FORMAT:
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except ValueError as error:  # a truncated or damaged file
+            raise ValueError(f"{manifest_path} is damaged ({error}): it is not the JSON `saev cache` writes. Write the "
+                             f"cache again, or download it again.") from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
             raise ValueError(f"{manifest_path} is not a saev-hf activation cache manifest.")
         if not self.manifest["complete"] and not allow_incomplete:
             raise ValueError(
@@ -92,6 +99,7 @@ class ActivationCache:
         self.shards: list[dict[str, Any]] = self.manifest["shards"]
         self._first_rows = [shard["first_row"] for shard in self.shards]
         self._row_offsets: dict[int, torch.Tensor] = {}
+        self._verified: set[int] = set()  # shards whose bytes matched their SHA-256 (checked once each)
 
     @property
     def d_in(self) -> int:
@@ -117,12 +125,50 @@ class ActivationCache:
         """Shard `index`: `activations` (`(n, d_in)`, in `dtype`, or the storage dtype with None), `modality`,
         `row` and `position` (`(n,)` each)."""
         entry = self.shards[index]
-        tensors = load_file(str(self._shard_path(entry)))
+        data = self._shard_path(entry).read_bytes()
+        self._verify(index, data)
+        try:
+            tensors = load(data)
+        except SafetensorError as error:
+            raise ValueError(f"Shard {entry['file']} of the activation cache {self.path} is damaged (a broken header "
+                             f"or a truncated file: {error}). Write the cache again, or download it again.") from None
         _check_layout(entry, {key: tuple(value.shape) for key, value in tensors.items()}, self.d_in)
+        self._check_contents(entry, tensors)
         _check_finite(tensors["activations"], entry["file"])
         if dtype is not None:
             tensors["activations"] = tensors["activations"].to(dtype)
         return tensors
+
+    def _verify(self, index: int, data: bytes | None = None) -> None:
+        """Refuse a shard whose bytes are not those the manifest recorded (changed, or another shard's under its
+        name); checked once per shard. A cache written before checksums were recorded is checked by its contents."""
+        entry = self.shards[index]
+        expected = entry.get("sha256")
+        if expected is None or index in self._verified:
+            return
+        if data is None:
+            data = self._shard_path(entry).read_bytes()
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise ValueError(f"Shard {entry['file']} of the activation cache {self.path} is not the file `saev cache` "
+                             f"wrote (its SHA-256 differs from the manifest's: changed bytes, or another shard under "
+                             f"its name). Write the cache again, or download it again.")
+        self._verified.add(index)
+
+    def _check_contents(self, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Refuse a shard whose rows are not the manifest's (a shard under another's name) or whose activations are
+        not in the manifest's storage dtype."""
+        rows = tensors["row"]
+        first, count = entry["first_row"], entry["num_rows"]
+        unordered = bool((rows[1:] < rows[:-1]).any())
+        if len(rows) and (int(rows.min()) < first or int(rows.max()) >= first + count or unordered):
+            raise ValueError(f"Shard {entry['file']} of the activation cache {self.path} holds rows "
+                             f"{int(rows.min())}..{int(rows.max())}, where the manifest says {first}.."
+                             f"{first + count - 1} in order: the shards were renamed or mixed. Write the cache again.")
+        stored = STORAGE_DTYPES.get(self.manifest.get("storage_dtype", "float32"))
+        if tensors["activations"].dtype != stored:
+            raise ValueError(f"Shard {entry['file']} of the activation cache {self.path} stores "
+                             f"{tensors['activations'].dtype} activations, where the manifest says "
+                             f"{self.manifest.get('storage_dtype')}: they disagree. Write the cache again.")
 
     def _shard_path(self, entry: dict[str, Any]) -> Path:
         """The file of shard `entry`; refused when it is missing."""
@@ -198,6 +244,7 @@ class ActivationCache:
             if shard < 0 or row >= self.num_rows:
                 raise IndexError(f"Row {row} is not in the activation cache {str(self.path)!r} (rows 0.."
                                  f"{self.num_rows - 1}).")
+            self._verify(shard)
             offsets = self._offsets(shard)
             local = row - self.shards[shard]["first_row"]
             begin, end = int(offsets[local]), int(offsets[local + 1])
@@ -212,10 +259,17 @@ class ActivationCache:
         """Where each row of `shard` starts among its tokens (one more entry than rows)."""
         if shard not in self._row_offsets:
             entry = self.shards[shard]
-            with safe_open(str(self._shard_path(entry)), framework="pt") as handle:
-                _check_layout(entry, {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()},
-                              self.d_in)
-                rows = handle.get_tensor("row")
+            try:
+                with safe_open(str(self._shard_path(entry)), framework="pt") as handle:
+                    _check_layout(entry, {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()},
+                                  self.d_in)
+                    rows = handle.get_tensor("row")
+                    dtype = handle.get_slice("activations").get_dtype()
+            except SafetensorError as error:
+                raise ValueError(f"Shard {entry['file']} of the activation cache {self.path} is damaged ({error}). "
+                                 f"Write the cache again, or download it again.") from None
+            self._check_contents(entry, {"row": rows, "activations": torch.empty(0, dtype=_SAFETENSORS_DTYPES.get(
+                dtype, torch.float32))})
             first, count = self.shards[shard]["first_row"], self.shards[shard]["num_rows"]
             boundaries = torch.arange(first, first + count + 1, dtype=torch.int64)
             self._row_offsets[shard] = torch.searchsorted(rows, boundaries)

@@ -57,6 +57,12 @@ class CacheReader:
             raise ValueError(f"The SAE-V was trained on layer {sae.config.hook_layer} but {where} holds layer "
                              f"{self.layer}. Cache layer {sae.config.hook_layer} (`saev cache --layer "
                              f"{sae.config.hook_layer}`).")
+        made_for, cached = sae.config.base_model_name_or_path, self.cache.manifest.get("model_name_or_path")
+        if made_for and cached and _model_name(made_for) != _model_name(cached):
+            raise ValueError(f"The SAE-V was made for {made_for!r} but {where} holds the activations of {cached!r}: "
+                             f"an SAE-V reads the model it was trained on. Use a cache of {made_for!r} (`saev cache "
+                             f"--model_name_or_path {made_for}`); if the two name the same model (a local copy), set "
+                             f"sae.config.base_model_name_or_path = {cached!r}.")
         check_same_device(sae, self.device, f"{where}'s reader (CacheReader(cache, device=...))")
 
     def check_rows(self, dataset: Any) -> None:
@@ -95,6 +101,11 @@ class CacheReader:
             modality[j, positions] = part["modality"]
         return LayerActivations(hidden_states=hidden.to(self.device), modality=modality,
                                 input_ids=torch.zeros(len(parts), length, dtype=torch.long), layer=self.layer)
+
+
+def _model_name(name_or_path: str) -> str:
+    """A model's name for comparison: a Hub repo id and a folder of the same name (a local copy, a snapshot) agree."""
+    return str(name_or_path).rstrip("/").rsplit("/", 1)[-1]
 
 
 def cached_rows(cache: ActivationCache):

@@ -5,13 +5,14 @@ shards."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .activation_cache import FORMAT, SHARD_TENSORS, STORAGE_DTYPES, _shard_name
 
@@ -61,13 +62,21 @@ class ShardWriter:
         once complete, then recorded in the manifest with `end_row` as the next row to read."""
         name = _shard_name(len(self.manifest["shards"]))
         tensors = {key: torch.cat([part[key] for part in self.pending]) for key in SHARD_TENSORS}
+        # one metadata key: safetensors writes several in an arbitrary order, and identical runs must give identical
+        # bytes (the manifest records each shard's SHA-256, which reading checks)
+        metadata = {"saev_hf": json.dumps({"format": FORMAT, "first_row": self.pending_first_row,
+                                           "end_row": end_row}, sort_keys=True)}
+        data = save({key: value.contiguous() for key, value in tensors.items()}, metadata=metadata)
         temporary = self.output / (name + ".tmp")
-        save_file({key: value.contiguous() for key, value in tensors.items()}, str(temporary),
-                  metadata={"format": FORMAT, "first_row": str(self.pending_first_row), "end_row": str(end_row)})
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temporary, self.output / name)
         num_tokens = len(tensors["row"])
         self.manifest["shards"].append({"file": name, "num_tokens": num_tokens, "first_row": self.pending_first_row,
-                                        "num_rows": end_row - self.pending_first_row})
+                                        "num_rows": end_row - self.pending_first_row,
+                                        "sha256": hashlib.sha256(data).hexdigest()})
         self.manifest["num_tokens"] += num_tokens
         self.manifest["next_row"] = end_row
         write_json(self.manifest_path, self.manifest)

@@ -197,6 +197,18 @@ def test_a_bad_row_on_the_second_process_fails_the_distributed_score_naming_its_
     assert not (tmp_path / "scored" / "dataset_info.json").exists()  # nothing was assembled
 
 
+def test_fewer_rows_than_processes_score_like_one_process(setup, tmp_path):
+    llava, _, root = setup
+    datasets.Dataset.from_dict(digit_rows(1, seed=4)).save_to_disk(tmp_path / "one")
+    score = ["score", "--sae_name_or_path", str(root / "sae"), "--model_name_or_path", str(llava.path),
+             "--dataset_name", str(tmp_path / "one"), "--device", "cpu", "--disable_tqdm", "--scores", "l0"]
+    assert cli_main([*score, "--output_dir", str(tmp_path / "scored_1")]) == 0
+    run = torchrun("-m", "saev_hf.cli", *score, "--output_dir", str(tmp_path / "scored_2"), timeout=240)
+    assert run.returncode == 0, run.stderr[-4000:]  # process 1 has no row to score
+    one, two = (datasets.load_from_disk(str(tmp_path / f"scored_{n}")) for n in (1, 2))
+    assert len(two) == 1 and two["saev_l0"] == one["saev_l0"]
+
+
 class FakeState:
     """What `batch_share` and the weighting read of accelerate's state, for process `process_index` of `n`."""
 

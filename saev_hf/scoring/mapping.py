@@ -80,12 +80,18 @@ def score_dataset(scorer: SAEVMapFunction, dataset: Any, *, batch_size: int = 8,
     world, index = state.num_processes, state.process_index
     rows = batch_share(range(len(dataset)), batch_size, state)
     offset = rows[0] if rows else len(dataset)
-    shard = dataset.select(range(offset, offset + len(rows)))  # contiguous: no indices mapping, cached maps still hit
-    scored_part(shard, offset).save_to_disk(str(shards / f"process-{index:05d}"))
+    if rows:  # a process left without rows (fewer batches than processes) has nothing to save
+        shard = dataset.select(range(offset, offset + len(rows)))  # contiguous: no indices mapping, maps still hit
+        scored_part(shard, offset).save_to_disk(str(shards / f"process-{index:05d}"))
+    else:
+        shards.mkdir(parents=True, exist_ok=True)
+        (shards / f"process-{index:05d}.empty").touch()
     state.wait_for_everyone()
     if state.is_main_process:
-        parts = [datasets.load_from_disk(str(shards / f"process-{i:05d}")) for i in range(world)]
-        parts = [part for part in parts if len(part)] or parts[:1]  # a process without rows added no columns
+        parts = [datasets.load_from_disk(str(shards / f"process-{i:05d}")) for i in range(world)
+                 if not (shards / f"process-{i:05d}.empty").exists()]
+        if not parts:  # no rows at all: the dataset as it is, with the columns one process would add
+            parts = [scored_part(dataset, 0)]
         datasets.concatenate_datasets(parts).save_to_disk(str(output_dir))
         del parts
         shutil.rmtree(shards)

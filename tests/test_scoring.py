@@ -412,3 +412,27 @@ def test_score_command_with_null_mode_reads_a_corrupt_image_column_itself(scored
     assert out.features["images"] == ds.features["images"]  # decoded again, as it was
     assert out["saev_cosine_score"][6] is None and out["saev_error"][6].startswith("Row 6: the image could not be read")
     assert sum(score is not None for score in out["saev_cosine_score"]) == 9
+
+
+def test_an_saev_without_statistics_under_an_unreachable_delta_warns_with_the_numbers(scored_setup):
+    llava, sae, ds, _ = scored_setup
+    bare = SAEV(SAEVConfig(d_in=64, d_sae=96, hook_layer=1, cooccurrence_threshold=1000.0))  # no statistics recorded
+    with torch.no_grad():
+        bare.load_state_dict({**sae.state_dict(), "W_enc": sae.W_enc[:, :96], "b_enc": sae.b_enc[:96],
+                              "W_dec": sae.W_dec[:96], "feature_weights": sae.feature_weights[:96],
+                              "feature_log_sparsity": sae.feature_log_sparsity[:96]})
+    assert bare.config.feature_weights_info is None
+    scorer = SAEVScorer(bare, llava.model, llava.processor, args=ScorerArguments(scores=["l0", "cooccur_l0"]))
+    with pytest.warns(UserWarning, match=r"No row of rows 0\.\.3 has a feature above cooccurrence_threshold \(delta\) "
+                                         r"= 1000 .* the largest activation any feature reached on both is [\d.]+.* "
+                                         r"--threshold_quantile"):
+        scores = scorer.score_rows(ds[:4])
+    assert scores["saev_cooccur_l0"] == [0, 0, 0, 0]
+    bare.config.cooccurrence_threshold = DELTA  # reachable: no warning
+    import warnings as warnings_module
+
+    with warnings_module.catch_warnings():
+        warnings_module.simplefilter("error")
+        scores = SAEVScorer(bare, llava.model, llava.processor,
+                            args=ScorerArguments(scores=["l0", "cooccur_l0"])).score_rows(ds[:4])
+    assert any(scores["saev_cooccur_l0"])

@@ -231,7 +231,7 @@ def segmented_activity(sae: Any, hidden: torch.Tensor, bounds: Sequence[tuple[in
                 active[i] += counts[low - chunk_start : high - chunk_start].sum()
     num_text = torch.tensor([text_end - start for start, text_end, _ in bounds], dtype=torch.float64, device=device)
     num_image = torch.tensor([end - text_end for _, text_end, end in bounds], dtype=torch.float64, device=device)
-    return BatchActivity(max_text > delta, max_image > delta, active, num_text, num_image)
+    return BatchActivity(max_text > delta, max_image > delta, active, num_text, num_image, max_text, max_image)
 
 
 @torch.no_grad()

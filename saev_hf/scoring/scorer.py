@@ -23,6 +23,7 @@ loaded exactly what the parent scores, and otherwise stops with an error that sa
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
@@ -174,6 +175,7 @@ class SAEVScorer(SAEVMapFunction):
         self.args = args or ScorerArguments()
         self._clip = ClipScore(clip_model, clip_processor) if clip_model is not None else None
         self._ifd_model, self._ifd_processor = ifd_model, ifd_processor
+        self._warned_cooccurrence = False
         super().__init__(sae, model, processor, prompt_format, self.args, layers, model_dtype, device_map)
 
     # -------------------------------------------------------------------------------------------------------------
@@ -307,6 +309,7 @@ class SAEVScorer(SAEVMapFunction):
             sums, numbers = response_log_likelihoods(acts.logits, inputs["input_ids"], lengths, counts)
         if sae is not None:
             activity = self._activity(acts, prompt_ends, rows)
+            self._warn_if_nothing_cooccurs(activity, rows)
             if "cosine" in wanted:
                 out[self.args.cosine_column] = activity.cosine(sae.feature_weights).tolist()
             if "l0" in wanted:
@@ -345,6 +348,28 @@ class SAEVScorer(SAEVMapFunction):
             start = bounds[-1][2]
         return segmented_activity(self._sae, torch.cat(parts), bounds, rows, self.args.token_chunk,
                                   allow_tf32=self.args.allow_tf32)
+
+    def _warn_if_nothing_cooccurs(self, activity: BatchActivity, rows: list[int]) -> None:
+        """For an SAE-V without recorded activation statistics (a converted checkpoint, weights from an older
+        version), which [`check_cooccurrence`] cannot check beforehand: warn, once, when no row of a batch has a
+        co-occurring feature and none comes near delta (their scores are 0 because of delta, not of the data), with
+        the numbers and the fix."""
+        info = self._sae.config.feature_weights_info or {}
+        wanted = {"cosine", "cooccur_l0"} & set(self.args.scores)
+        if self._warned_cooccurrence or not wanted or info.get("cooccurrence_bound_max") is not None:
+            return
+        if bool(activity.cooccurring.any()):
+            return
+        bound = float(torch.minimum(activity.max_text, activity.max_image).max())
+        delta = self._sae.config.cooccurrence_threshold
+        self._warned_cooccurrence = True
+        warnings.warn(
+            f"No row of rows {rows[0]}..{rows[-1]} has a feature above cooccurrence_threshold (delta) = {delta:.4g} "
+            f"on both its text and its image: the largest activation any feature reached on both is {bound:.4g}, so "
+            f"their {' and '.join(sorted(wanted))} scores are 0 because of delta. This SAE-V records no activation "
+            f"statistics to check delta against beforehand. Set a delta below {bound:.4g} (--cooccurrence_threshold), "
+            f"or calibrate it: saev weights --threshold_quantile 0.5 (which also records the statistics).",
+            stacklevel=2)
 
     def _check_response_column(self, columns: Mapping[str, Any]) -> None:
         if set(self.args.scores) & {"answer_log_likelihood", "ifd"} and self._response_column() not in columns:

@@ -302,3 +302,30 @@ def test_inspect_command_writes_the_report(inspected, tiny_model_factory, tmp_pa
     assert (out / "features" / "feature_5.html").exists() and (out / "features" / "feature_7.html").exists()
     assert [p.name for p in (out / "examples").glob("*.html")] == ["example_2.html"]
     assert "rows scanned</td><td>6</td>" in (out / "index.html").read_text(encoding="utf-8")
+
+
+def test_script_in_dataset_text_is_shown_and_never_run_in_a_browser(report, tmp_path):
+    """Dataset text is untrusted: HTML and script in it (in tokens, the dataset's name, a feature page's examples)
+    render as text in headless Chromium; nothing of it runs or becomes an element."""
+    from selenium.webdriver.common.by import By
+
+    inspection = copy.deepcopy(report[0])
+    row = next(iter(inspection.explanations))
+    payloads = ['<script>window.pwned = 1; document.title = "pwned"</script>',
+                '<img src=x onerror="window.pwned = 2">', '"><svg onload="window.pwned = 3">']
+    for i, payload in enumerate(payloads):
+        inspection.rows[row].tokens[-1 - i] = payload
+    inspection.dataset_name = payloads[1]
+    index = write_feature_browser(inspection, tmp_path / "hostile")
+    driver = _chrome()
+    try:
+        for page in (index, tmp_path / "hostile" / "examples" / f"example_{row}.html"):
+            driver.get(page.as_uri())
+            assert driver.execute_script("return window.pwned === undefined")
+            assert driver.title != "pwned"
+            assert not driver.find_elements(By.CSS_SELECTOR, "svg[onload], img[onerror], script:not([src])") or \
+                all("pwned" not in (e.get_attribute("outerHTML") or "") for e in
+                    driver.find_elements(By.CSS_SELECTOR, "svg, img, script"))
+        assert payloads[0] in driver.find_element(By.TAG_NAME, "body").text  # shown, as text
+    finally:
+        driver.quit()

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_import_is_light_and_registers_the_auto_classes():
@@ -70,3 +71,18 @@ def test_every_public_benchmark_function_has_a_docstring():
                 if not ast.get_docstring(node):
                     missing.append(f"{script.name}:{node.lineno} {node.name}")
     assert not missing, missing
+
+
+def test_the_library_never_asks_for_remote_code_and_never_unpickles_a_download():
+    """No call in saev_hf passes trust_remote_code, and nothing loads with torch.load or pickle: checkpoints are
+    safetensors (training checkpoints' optimizer and RNG states go through accelerate's weights_only loader, tested
+    in test_training.py)."""
+    import re
+
+    import saev_hf
+
+    root = Path(saev_hf.__file__).parent
+    for path in root.rglob("*.py"):
+        code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
+        assert not re.search(r"trust_remote_code\s*=", code), path
+        assert not re.search(r"\btorch\.load\(|\bpickle\.loads?\(|\bdill\.loads?\(", code), path

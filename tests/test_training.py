@@ -576,3 +576,32 @@ def test_end_distributed_destroys_the_process_group_and_is_a_no_op_without_one()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _Planted:
+    """A pickle that runs code when unpickled (it would create the file it names)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_resuming_never_runs_code_planted_in_a_checkpoint(tiny_model_factory, tmp_path):
+    """A checkpoint folder may come from elsewhere: its tensors load through safetensors and accelerate's
+    `weights_only` loader, which refuses a pickle that would run code (nothing is executed)."""
+    import pickle
+
+    llava = tiny_model_factory("llava")
+    dataset = digit_dataset(8)
+    train_saev(tiny_args(tmp_path / "run", max_steps=10, save_steps=5), llava.model, llava.processor, dataset)
+    checkpoint = tmp_path / "run" / "checkpoint-5"
+    planted = tmp_path / "planted-code-ran"
+    for victim in sorted(checkpoint.rglob("*.bin")) + sorted(checkpoint.rglob("*.pkl")):
+        victim.write_bytes(pickle.dumps({"state": _Planted(planted)}))
+    assert list(checkpoint.rglob("*.bin")) or list(checkpoint.rglob("*.pkl"))
+    with pytest.raises(Exception, match="(?i)weights.only|unpickl|unsupported"):
+        train_saev(tiny_args(tmp_path / "resumed", max_steps=10, save_steps=5, resume_from_checkpoint=str(checkpoint)),
+                   llava.model, llava.processor, dataset)
+    assert not planted.exists()

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..arguments import DataArguments
-from ..runtime.folders import OutputArguments
+from ..runtime.folders import OutputArguments, mark_output_complete
 
 logger = logging.getLogger(__name__)
 
@@ -126,4 +126,5 @@ def run_filter(data_args: DataArguments, args: FilterArguments, output: OutputAr
     kept = filter_by_score(dataset, args)
     kept.save_to_disk(output.output_dir)
     (Path(output.output_dir) / FILTER_RECORD).write_text(json.dumps(asdict(args), indent=2))
+    mark_output_complete(output.output_dir)
     return kept, len(dataset)

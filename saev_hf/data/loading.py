@@ -7,7 +7,7 @@ from pathlib import Path
 
 import datasets
 
-from ..runtime.folders import check_local_path
+from ..runtime.folders import check_local_path, check_output_complete
 
 
 def load_dataset_split(name_or_path: str, config: str | None = None, split: str = "train", streaming: bool = False):
@@ -21,6 +21,8 @@ def load_dataset_split(name_or_path: str, config: str | None = None, split: str 
 
     check_local_path(name_or_path, "dataset")
     path = Path(name_or_path)
+    if path.is_dir():
+        check_output_complete(path, "dataset")
     if path.is_dir() and any((path / name).exists() for name in ("state.json", "dataset_dict.json")):
         data = datasets.load_from_disk(str(path))
         if isinstance(data, datasets.DatasetDict):

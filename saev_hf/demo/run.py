@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..activations.reader import layer_field
-from ..runtime.folders import OutputArguments
+from ..runtime.folders import OutputArguments, mark_output_complete
 from .gate import auroc
 from .report import SCORE_COLUMNS, _plots, report
 
@@ -229,6 +229,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     _plots(output, scores, clean, results, base)
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     (output / "report.md").write_text(report(summary))
+    mark_output_complete(output)
     print(report(summary))
     return summary
 

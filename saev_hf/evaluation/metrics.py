@@ -43,7 +43,7 @@ from ..data.batching import row_batches
 from ..data.prompts import PromptFormat
 from ..model.modeling import SAEV
 from ..runtime.devices import choose_device
-from ..runtime.folders import OutputArguments
+from ..runtime.folders import OutputArguments, mark_output_complete
 from ..runtime.progress import progress_bar
 
 SPLITS = ("all", "text", "image")
@@ -391,4 +391,5 @@ def _written(metrics: dict[str, Any], output_dir: str | None) -> dict[str, Any]:
     """`metrics`, written to `output_dir/metrics.json` first when a folder is given."""
     if output_dir:
         (Path(output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        mark_output_complete(output_dir)
     return metrics

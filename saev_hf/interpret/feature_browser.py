@@ -26,7 +26,7 @@ from ..activations.reader import LayerReader, Modality
 from ..arguments import DataArguments, ModelArguments, SAEArguments, load_sources
 from ..data.images import to_rgb
 from ..data.prompts import PromptFormat
-from ..runtime.folders import OutputArguments, prepare_output_dir
+from ..runtime.folders import OutputArguments, mark_output_complete, prepare_output_dir
 from .explanations import ExampleExplanation
 from .inspection import MODALITY_NAMES, FeatureSummary, Inspection, InspectionArguments, inspect_saev
 from .rows import RowView
@@ -394,6 +394,7 @@ def write_feature_browser(inspection: Inspection, output_dir: str | Path, overwr
         (output / "examples" / f"example_{row}.html").write_text(page, encoding="utf-8")
     index = output / "index.html"
     index.write_text(_index_page(inspection), encoding="utf-8")
+    mark_output_complete(output)
     return index
 
 

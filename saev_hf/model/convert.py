@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..runtime.folders import OutputArguments
+from ..runtime.folders import OutputArguments, mark_output_complete
 from .modeling import SAEV
 
 LAYOUTS = ("saev", "saelens")
@@ -32,6 +32,7 @@ def convert_checkpoint(sae: SAEV, args: ConvertArguments, output: OutputArgument
         sae.save_saelens(folder)
     else:
         sae.save_pretrained(folder)
+    mark_output_complete(folder)
     return folder
 
 

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from ..runtime.folders import check_local_path
+from ..runtime.folders import check_local_path, check_output_complete
 from . import saelens
 from .config import SAEVConfig, _check_finite
 
@@ -269,6 +269,8 @@ class SAEV(SAEVPreTrainedModel):
         """
 
         check_local_path(pretrained_model_name_or_path, "SAE-V")
+        if os.path.isdir(pretrained_model_name_or_path):
+            check_output_complete(pretrained_model_name_or_path, "SAE-V")
         # transformers expects "" for "no subfolder"; the CLI and users naturally pass None.
         kwargs = {k: v for k, v in kwargs.items() if not (k in ("subfolder", "revision") and v is None)}
         layout = saelens.detect_layout(pretrained_model_name_or_path, **kwargs)

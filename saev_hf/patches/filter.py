@@ -15,7 +15,7 @@ from ..activations.reader import Modality, scored_positions
 from ..arguments import DataArguments, ModelArguments, SAEArguments, load_sources
 from ..data.images import row_images, undecoded_images
 from ..data.prompts import PromptFormat, _column, rows_to_columns
-from ..runtime.folders import OutputArguments
+from ..runtime.folders import OutputArguments, mark_output_complete
 from ..scoring.activity import batch_activity
 from ..scoring.map_function import MapFunctionArguments, SAEVMapFunction
 from ..scoring.mapping import MapArguments, map_placement
@@ -207,4 +207,5 @@ def run_patch_filter(sae_args: SAEArguments, model_args: ModelArguments, data_ar
     preview = save_patch_preview(dataset, masked, Path(output.output_dir) / "preview.png",
                                  image_column=prompt_format.image_column,
                                  title=f"{args.score}: top {args.keep_fraction:.0%} of patches kept")
+    mark_output_complete(output.output_dir)
     return masked, preview

@@ -74,8 +74,38 @@ def prepare_output_dir(path: str | os.PathLike | None, command: str, overwrite: 
             f"new or empty folder, or pass overwrite_output_dir=True (--overwrite_output_dir) to write into it anyway."
         )
     path.mkdir(parents=True, exist_ok=True)
-    (path / OUTPUT_RECORD).write_text(json.dumps({"command": command, "saev_hf": __version__}, indent=2))
+    _write_record(path, {"command": command, "saev_hf": __version__, "complete": False})
     return path
+
+
+def _write_record(path: Path, record: dict) -> None:
+    temporary = path / (OUTPUT_RECORD + ".tmp")
+    temporary.write_text(json.dumps(record, indent=2))
+    os.replace(temporary, path / OUTPUT_RECORD)
+
+
+def mark_output_complete(path: str | os.PathLike) -> None:
+    """Mark a command's output folder (prepared by [`prepare_output_dir`]) complete: its command finished writing it.
+    Until then readers refuse it ([`check_output_complete`]), so an interrupted command's partial output is never
+    taken for a result."""
+    record_path = Path(path) / OUTPUT_RECORD
+    record = json.loads(record_path.read_text())
+    _write_record(Path(path), {**record, "complete": True})
+
+
+def check_output_complete(path: str | os.PathLike, what: str) -> None:
+    """Refuse a folder that a saev command started writing but did not finish (interrupted, killed, or failed): its
+    `saev_output.json` says `complete: false`. Folders without the record (written by anything else, or by an older
+    version) are not checked."""
+    record_path = Path(path) / OUTPUT_RECORD
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(record, dict) and record.get("complete") is False:
+        raise ValueError(f"The {what} folder {str(path)!r} is the unfinished output of `{record.get('command')}`: the "
+                         f"command was interrupted or failed before it finished writing. Run it again (it may write "
+                         f"into its own output), then use the result.")
 
 
 @dataclass

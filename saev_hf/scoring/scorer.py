@@ -38,7 +38,8 @@ from ..data.images import load_image, row_images
 from ..data.pipeline import check_workers, prepared_batches, preprocessing_workers_field
 from ..data.prompts import PromptFormat, prepare_inputs, row_indices, rows_to_columns
 from ..runtime.devices import token_chunk_field
-from ..runtime.folders import OutputArguments
+from ..runtime.distributed import distributed_state
+from ..runtime.folders import OutputArguments, mark_output_complete
 from .activity import BatchActivity, ExampleActivity, example_activity, segmented_activity  # noqa: F401
 from .baselines import (
     BASELINES,
@@ -454,5 +455,8 @@ def run_scoring(sae_args: SAEArguments, model_args: ModelArguments, data_args: D
     scorer = SAEVScorer(sae, model, processor, prompt_format=prompt_format, args=args)
     scored = score_dataset(scorer, dataset, batch_size=map_args.batch_size, num_proc=map_args.num_proc,
                            with_rank=with_rank, output_dir=output.output_dir)
-    data_args.write_fetch_report(output.output_dir)
+    state = distributed_state()
+    if state is None or state.is_main_process:
+        data_args.write_fetch_report(output.output_dir)
+        mark_output_complete(output.output_dir)
     return scored, scorer.columns

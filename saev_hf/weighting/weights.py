@@ -55,7 +55,7 @@ from ..model.cooccurrence import check_cooccurrence
 from ..model.modeling import SAEV
 from ..runtime.devices import allow_tf32_field, choose_device, sae_matmul_precision, token_chunk_field
 from ..runtime.distributed import batch_share, distributed_state
-from ..runtime.folders import OutputArguments
+from ..runtime.folders import OutputArguments, mark_output_complete
 from ..runtime.progress import progress_bar
 from .cosine import CosineAccumulator
 from .delta import PositiveSample
@@ -397,6 +397,7 @@ def run_weights(sae_args: SAEArguments, model_args: ModelArguments, data_args: D
     if state is None or state.is_main_process:
         sae.save_pretrained(output.output_dir)
         data_args.write_fetch_report(output.output_dir)
+        mark_output_complete(output.output_dir)
     if state is not None:
         state.wait_for_everyone()  # the SAE-V is on disk for every process once it returns
     return sae

@@ -436,3 +436,17 @@ def test_an_saev_without_statistics_under_an_unreachable_delta_warns_with_the_nu
         scores = SAEVScorer(bare, llava.model, llava.processor,
                             args=ScorerArguments(scores=["l0", "cooccur_l0"])).score_rows(ds[:4])
     assert any(scores["saev_cooccur_l0"])
+
+
+def test_a_float32_saev_encodes_half_precision_hidden_states_in_float32(scored_setup):
+    """The bfloat16 model's states are upcast, not the SAE-V downcast (docs/scale.md has the measured effect)."""
+    import copy
+
+    llava, sae, ds, _ = scored_setup
+    states = torch.randn(5, 64).to(torch.bfloat16)
+    assert sae.encode(states).dtype == torch.float32
+    torch.testing.assert_close(sae.encode(states), sae.encode(states.float()), rtol=0, atol=0)
+    half_model = copy.deepcopy(llava.model).to(torch.bfloat16)
+    scores = SAEVScorer(sae, half_model, llava.processor).score_rows(ds[:4])
+    full = SAEVScorer(sae, llava.model, llava.processor).score_rows(ds[:4])
+    assert scores["saev_l0"] == pytest.approx(full["saev_l0"], rel=0.05)  # close, not equal: the states were rounded

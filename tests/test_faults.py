@@ -144,3 +144,43 @@ def test_a_full_disk_is_a_clear_error_and_nothing_is_marked_done(setup, tmp_path
         assert not json.loads((out / "cache_manifest.json").read_text())["complete"]
     else:
         assert json.loads((out / OUTPUT_RECORD).read_text())["complete"] is False
+
+
+def _rank_process(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the launched process with LOCAL_RANK=`rank` under `launcher_pid` (from /proc), or None."""
+    import psutil
+
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            environ = Path(f"/proc/{child.pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"LOCAL_RANK={rank}".encode() in environ:
+            return child.pid
+    return None
+
+
+def test_one_of_two_processes_dying_fails_the_job_naming_the_rank_and_nothing_is_marked_done(setup, tmp_path):
+    llava, root = setup
+    out = tmp_path / "scored"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+            "saev_hf.cli", "weights", "--sae_name_or_path", str(root / "sae"), "--model_name_or_path", str(llava.path),
+            "--dataset_name", str(root / "data"), "--device", "cpu", "--num_examples", "48", "--batch_size", "1",
+            "--output_dir", str(out)]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline, victim = time.time() + 120, None
+        while time.time() < deadline and not (out / OUTPUT_RECORD).exists():
+            time.sleep(0.05)
+        while victim is None and time.time() < deadline:
+            victim = _rank_process(process.pid, 1)
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0
+    assert "rank      : 1" in stderr or "local_rank: 1" in stderr, stderr[-3000:]
+    assert json.loads((out / OUTPUT_RECORD).read_text())["complete"] is False
+    assert not (out / "model.safetensors").exists()

@@ -70,7 +70,7 @@ def test_saev_cache_killed_mid_shard_resumes_to_the_uninterrupted_cache(setup, t
     assert [e["sha256"] for e in resumed.shards] == [e["sha256"] for e in whole.shards]  # byte for byte
 
 
-@pytest.mark.parametrize("command", ["score", "weights", "filter"])
+@pytest.mark.parametrize("command", ["score", "weights"])  # (`saev filter` is over too fast to kill mid-way)
 def test_a_killed_command_leaves_an_output_no_one_reads_and_a_rerun_gives_the_result(setup, tmp_path, command):
     llava, root = setup
     common = ["--model_name_or_path", str(llava.path), "--dataset_name", str(root / "data"), "--device", "cpu",
@@ -184,3 +184,23 @@ def test_one_of_two_processes_dying_fails_the_job_naming_the_rank_and_nothing_is
     assert "rank      : 1" in stderr or "local_rank: 1" in stderr, stderr[-3000:]
     assert json.loads((out / OUTPUT_RECORD).read_text())["complete"] is False
     assert not (out / "model.safetensors").exists()
+
+
+def test_a_push_killed_mid_upload_leaves_the_repo_whole_or_untouched_and_a_rerun_completes(loopback_hub, tmp_path):
+    """A Hub commit holds all its files or none: a `saev push` killed after its uploads began leaves the repo without
+    a half-made SAE-V, and running it again pushes it whole."""
+    torch.manual_seed(0)
+    sae = SAEV(SAEVConfig(d_in=256, d_sae=4096, hook_layer=1))  # 8 MB of weights: an LFS upload
+    sae.save_pretrained(tmp_path / "sae")
+    argv = ["push", "--sae", str(tmp_path / "sae"), "--repo_id", "me/saev-killed"]
+    killed(argv, lambda: any("preupload" in line or "lfs" in line for line in loopback_hub.log))
+    try:
+        files = set(loopback_hub.files("me/saev-killed"))
+    except KeyError:  # the repo was never created
+        files = set()
+    whole = {"config.json", "model.safetensors", "README.md"}
+    assert not files & whole or whole <= files, files  # all or nothing
+    assert main(argv) == 0
+    assert whole <= set(loopback_hub.files("me/saev-killed"))
+    pulled = SAEV.from_pretrained("me/saev-killed")
+    assert torch.equal(pulled.W_enc, sae.W_enc)

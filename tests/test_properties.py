@@ -138,3 +138,57 @@ def test_align_anything_keeps_the_rows_with_a_preference_and_counts_or_names_the
     else:
         with pytest.raises(RowError, match=f"Row {bad}: overall_response="):
             to_trl_layout(source, "align_anything")
+
+
+@pytest.fixture(scope="module")
+def weighting_setup(tiny_model_factory):
+    from test_scoring import data_driven_sae, make_rows
+
+    from saev_hf.activations import LayerReader
+
+    llava = tiny_model_factory("llava")
+    rows_ = datasets.Dataset.from_dict(make_rows(12))
+    reader = LayerReader(llava.model, llava.processor, layer=1)
+    sae = data_driven_sae(reader, rows_)
+    from saev_hf.weighting import WeightingArguments, compute_feature_weights
+
+    reference = compute_feature_weights(sae, reader, rows_, WeightingArguments(num_examples=None), store=False)
+    return llava, reader, sae, rows_, reference
+
+
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(batch_size=st.integers(1, 12), order=st.permutations(list(range(12))))
+def test_feature_weights_do_not_depend_on_batch_size_or_on_the_order_of_the_rows(weighting_setup, batch_size, order):
+    from saev_hf.weighting import WeightingArguments, compute_feature_weights
+
+    _, reader, sae, rows_, reference = weighting_setup
+    weights = compute_feature_weights(sae, reader, rows_.select(order),
+                                      WeightingArguments(num_examples=None, batch_size=batch_size), store=False)
+    torch.testing.assert_close(weights, reference, equal_nan=True, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(read_batch_size=st.integers(1, 6), shard_size_tokens=st.integers(60, 400), count=st.integers(1, 12))
+def test_the_cache_holds_every_rows_tokens_as_the_reader_reads_them(weighting_setup, tmp_path_factory,
+                                                                    read_batch_size, shard_size_tokens, count):
+    from saev_hf.cache import ActivationCache, CacheArguments, cache_activations
+
+    llava, reader, _, rows_, _ = weighting_setup
+    part = rows_.select(range(count))
+    folder = tmp_path_factory.mktemp("cache")
+    try:
+        cache = ActivationCache(cache_activations(
+            CacheArguments(output_dir=str(folder), layer=1, read_batch_size=read_batch_size,
+                           shard_size_tokens=shard_size_tokens, disable_tqdm=True),
+            model=llava.model, processor=llava.processor, dataset=part))
+    except ValueError as error:  # a row longer than a shard: refused, naming the size to use
+        assert "Raise shard_size_tokens to at least" in str(error)
+        return
+    assert cache.num_rows == count and all(entry["num_tokens"] <= shard_size_tokens for entry in cache.shards)
+    for row, cached in zip(range(count), cache.rows(list(range(count)))):
+        acts = reader.read(part[row : row + 1], first_row=row)
+        hidden, modality = acts.example(0)
+        kept = acts.scored_mask(True)[0][: len(hidden)]
+        torch.testing.assert_close(cached["activations"], hidden[kept].float(), rtol=1e-5, atol=1e-5)

@@ -127,21 +127,34 @@ def _full_disk(limit_bytes: int):
     return apply
 
 
-@pytest.mark.parametrize("command", ["cache", "score", "weights"])
+@pytest.mark.parametrize("command", ["cache", "score", "weights", "train", "filter"])
 def test_a_full_disk_is_a_clear_error_and_nothing_is_marked_done(setup, tmp_path, command):
     llava, root = setup
     common = ["--model_name_or_path", str(llava.path), "--dataset_name", str(root / "data"), "--device", "cpu",
               "--disable_tqdm", "--output_dir", str(tmp_path / "out")]
+    if command == "filter":
+        assert main(["score", "--sae_name_or_path", str(root / "sae"), *common[:-1], str(tmp_path / "scored"),
+                     "--scores", "l0"]) == 0
     argv = {"cache": ["cache", *common, "--layer", "1", "--shard_size_tokens", "4000"],
             "score": ["score", "--sae_name_or_path", str(root / "sae"), *common, "--scores", "l0"],
-            "weights": ["weights", "--sae_name_or_path", str(root / "sae"), *common, "--num_examples", "8"]}[command]
+            "weights": ["weights", "--sae_name_or_path", str(root / "sae"), *common, "--num_examples", "8"],
+            "train": ["train", *[a for a in common if a not in ("--device", "cpu")], "--layer", "1",
+                      "--expansion_factor", "8", "--max_steps", "4", "--train_batch_size_tokens", "32",
+                      "--buffer_size_tokens", "128", "--input_scale_estimation_tokens", "64"],
+            "filter": ["filter", "--dataset_name", str(tmp_path / "scored"), "--column", "saev_l0", "--fraction",
+                       "0.5", "--output_dir", str(tmp_path / "out")]}[command]
     run = subprocess.run([sys.executable, "-m", "saev_hf.cli", *argv], capture_output=True, text=True, timeout=300,
-                         preexec_fn=_full_disk(6_000), env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         preexec_fn=_full_disk(20_000 if command == "cache" else 6_000), env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode != 0
     assert "File too large" in run.stderr or "No space" in run.stderr or "EFBIG" in run.stderr, run.stderr[-2000:]
     out = tmp_path / "out"
-    if command == "cache":
+    if command == "cache":  # the manifest (small) is written, the first shard (1 MB) is not
         assert not json.loads((out / "cache_manifest.json").read_text())["complete"]
+        assert not list(out.glob("shard-*.safetensors"))
+    elif command == "train":
+        assert not (out / "trainer_state.json").exists()  # written last: the run is not recorded as finished
+        with pytest.raises(Exception):  # and no loadable, whole SAE-V was left
+            SAEV.from_pretrained(out)
     else:
         assert json.loads((out / OUTPUT_RECORD).read_text())["complete"] is False
 

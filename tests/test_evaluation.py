@@ -116,6 +116,13 @@ def test_sparsity_and_reconstruction_metrics_equal_direct_computations(tiny_mode
         assert m["mse"] == pytest.approx(float((xs_ - xh).pow(2).sum(-1).mean()), rel=1e-6)
         ev = 1 - (xs_ - xh).pow(2).sum() / (xs_ - xs_.mean(0)).pow(2).sum()
         assert m["explained_variance"] == pytest.approx(float(ev), rel=1e-6)
+        assert m["l2_ratio"] == pytest.approx(float((xh.norm(dim=-1) / xs_.norm(dim=-1)).mean()), rel=1e-6)
+        split_frequency = (z[mask] > 0).double().mean(0)
+        log_frequency = split_frequency[split_frequency > 0].log10()
+        expected = [int(((log_frequency >= low) & (log_frequency < low + 1)).sum()) for low in range(-8, 0)]
+        expected[-1] += int((log_frequency == 0).sum())  # a feature firing on every token sits in the last bin
+        density = m["feature_density"]
+        assert density["counts"] == expected and density["dead"] == int((split_frequency == 0).sum())
         assert "ce_sae" not in m
     frequency = (z > 0).double().mean(0)
     assert metrics["dead_features"] == int((frequency == 0).sum())
@@ -196,6 +203,10 @@ def test_saev_eval_command_prints_the_table_and_writes_json(tiny_model_factory, 
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["num_examples"] == 4 and metrics["model"] == str(llava.path)
     assert metrics["image"]["tokens"] == 4 * 16
+    assert "| KL score | 1 | 1 | 1 |" in out and "| L2 ratio | 1 | 1 | 1 |" in out
+    from PIL import Image
+
+    assert Image.open(tmp_path / "eval" / "feature_density.png").size[0] > 400  # SAEBench's density plot
 
 
 def metrics_with(**per_split):
@@ -233,3 +244,35 @@ def test_the_table_refuses_metrics_that_are_not_an_evaluation_naming_the_missing
     with pytest.raises(ValueError, match=r"The metrics lack d_sae, text\.l0:"):
         check_metrics(broken)
     check_metrics(metrics_with())  # a complete one passes
+
+
+def test_kl_divergence_with_the_sae_spliced_in_equals_a_direct_computation(tiny_model_factory):
+    import torch.nn.functional as F
+
+    from saev_hf.evaluation.metrics import _logits
+
+    llava = tiny_model_factory("llava")
+    rows = digit_rows(4)
+    sae = random_sae()
+    metrics = evaluate_saev(sae, llava.model, llava.processor, rows, batch_size=4)
+    reader = LayerReader(llava.model, llava.processor, layer=1)
+    inputs = reader.prepare(rows)
+    layer = reader.layers[1]
+    with torch.no_grad():
+        clean, hidden = _logits(llava.model, layer, dict(inputs), None)
+        spliced, _ = _logits(llava.model, layer, dict(inputs), sae.decode(sae.encode(hidden)))
+        zeroed, _ = _logits(llava.model, layer, dict(inputs), torch.zeros_like(hidden))
+    modality = reader.modality(inputs["input_ids"], inputs["attention_mask"])[:, 1:]
+    p = torch.softmax(clean[:, :-1].double(), -1)
+    for split, mask in (("all", modality != Modality.PAD), ("text", (modality != Modality.PAD) & (
+            modality != Modality.IMAGE))):
+        kls = {}
+        for kind, logits in (("sae", spliced), ("zero", zeroed)):
+            q = torch.log_softmax(logits[:, :-1].double(), -1)
+            kl = (p * (p.log() - q)).sum(-1)
+            kls[kind] = float(kl[mask].mean())
+            assert metrics[split][f"kl_{kind}"] == pytest.approx(kls[kind], rel=1e-4)
+        assert metrics[split]["kl_score"] == pytest.approx(1 - kls["sae"] / kls["zero"], rel=1e-4)
+    perfect = evaluate_saev(identity_sae(), llava.model, llava.processor, rows, batch_size=4)
+    assert perfect["all"]["kl_sae"] == pytest.approx(0.0, abs=1e-6) and perfect["all"]["kl_score"] == pytest.approx(1.0)
+    assert perfect["all"]["l2_ratio"] == pytest.approx(1.0, abs=1e-6)

@@ -6,9 +6,14 @@ image and text tokens (text = every real non-image position, special/template to
 - `l0`: mean number of active features (z > 0) per token;
 - `mse`: mean over tokens of `||x - x_hat||^2` (summed over d_in), in the units of the model's hidden states;
 - `explained_variance`: `1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2`, the mean over the split's tokens;
+- `l2_ratio` (SAEBench): the mean over tokens of `||x_hat|| / ||x||` (below 1: the SAE shrinks its inputs);
+- `feature_density` (SAEBench): a histogram of the features' log10 firing frequency over the split's tokens (and the
+  dead ones), plotted by `saev eval --output_dir` as `feature_density.png`;
 - next-token cross-entropy of the model when layer L's output is left alone (`ce_clean`), replaced at every position
   by the SAE's reconstruction (`ce_sae`) or by zeros (`ce_zero`), and the paper's
-  `ce_loss_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean)` (1: the SAE loses nothing; 0: as bad as zeros).
+  `ce_loss_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean)` (1: the SAE loses nothing; 0: as bad as zeros);
+- `kl_sae`, `kl_zero` (SAEBench): the mean KL divergence of the next-token distribution with the reconstruction (with
+  zeros) spliced in from the clean one, and `kl_score = 1 - kl_sae / kl_zero`.
 
 Which positions a cross-entropy belongs to: the loss at position t predicts token t + 1 and is split by the modality
 of that predicted token. Text-token CE is the main figure. In MLLMs the image positions hold placeholder tokens (or,
@@ -26,6 +31,7 @@ the image split is then empty.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,6 +51,8 @@ from ..model.modeling import SAEV
 from ..runtime.devices import choose_device
 from ..runtime.folders import OutputArguments, mark_output_complete
 from ..runtime.progress import progress_bar
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("all", "text", "image")
 CE_KINDS = ("clean", "sae", "zero")
@@ -104,8 +112,11 @@ class _Totals:
         self.squared_error = 0.0
         self.sum = torch.zeros(d_in, dtype=torch.float64, device=device)
         self.squared_norm = 0.0
+        self.norm_ratio = 0.0
         self.ce = {kind: 0.0 for kind in CE_KINDS}
+        self.kl = {kind: 0.0 for kind in ("sae", "zero")}
         self.ce_tokens = 0
+        self.fired: torch.Tensor | None = None  # per feature: this split's tokens where it fired
 
     def add_tokens(self, x: torch.Tensor, x_hat: torch.Tensor, feature_acts: torch.Tensor) -> None:
         x, x_hat = x.double(), x_hat.double()
@@ -114,15 +125,21 @@ class _Totals:
         self.squared_error += float((x - x_hat).pow(2).sum())
         self.sum += x.sum(0)
         self.squared_norm += float(x.pow(2).sum())
+        norms = x.norm(dim=-1)
+        self.norm_ratio += float((x_hat.norm(dim=-1) / norms.clamp_min(torch.finfo(norms.dtype).tiny)).sum())
+        fired = (feature_acts > 0).sum(0)
+        self.fired = fired if self.fired is None else self.fired + fired
 
     def metrics(self, compute_ce: bool) -> dict[str, Any]:
         n = self.tokens
-        out: dict[str, Any] = {"tokens": n, "l0": None, "mse": None, "explained_variance": None}
+        out: dict[str, Any] = {"tokens": n, "l0": None, "mse": None, "explained_variance": None, "l2_ratio": None}
         if n:
             total_variance = self.squared_norm - float(self.sum.pow(2).sum()) / n
             out["l0"] = self.active / n
             out["mse"] = self.squared_error / n
             out["explained_variance"] = 1 - self.squared_error / total_variance if total_variance > 0 else None
+            out["l2_ratio"] = self.norm_ratio / n
+        out["feature_density"] = density_histogram(self.fired, n)
         if compute_ce:
             out["ce_tokens"] = self.ce_tokens
             for kind in CE_KINDS:
@@ -131,7 +148,26 @@ class _Totals:
             if self.ce_tokens:
                 gap = out["ce_zero"] - out["ce_clean"]
                 out["ce_loss_recovered"] = (out["ce_zero"] - out["ce_sae"]) / gap if gap != 0 else None
+            for kind in ("sae", "zero"):
+                out[f"kl_{kind}"] = self.kl[kind] / self.ce_tokens if self.ce_tokens else None
+            out["kl_score"] = (1 - out["kl_sae"] / out["kl_zero"]) if out["kl_zero"] else None
         return out
+
+
+DENSITY_BINS = tuple(range(-8, 1))
+"""Edges of the feature density histogram: log10 of the share of tokens a feature fires on, -8 to 0 (SAEBench's
+plot); features that never fire are counted apart."""
+
+
+def density_histogram(fired: torch.Tensor | None, tokens: int) -> dict[str, Any] | None:
+    """Each feature's firing frequency over `tokens` as a histogram of log10 frequency: `counts[i]` features in
+    [`edges[i]`, `edges[i + 1]`), and `dead` that never fired (None without tokens)."""
+    if fired is None or not tokens:
+        return None
+    frequency = fired.double().cpu() / tokens
+    alive = frequency[frequency > 0].log10().clamp(min=DENSITY_BINS[0], max=DENSITY_BINS[-1] - 1e-9)
+    counts = torch.histc(alive, bins=len(DENSITY_BINS) - 1, min=DENSITY_BINS[0], max=DENSITY_BINS[-1])
+    return {"edges": list(DENSITY_BINS), "counts": [int(c) for c in counts], "dead": int((frequency == 0).sum())}
 
 
 def _replace_output(replacement: torch.Tensor | None, captured: list[torch.Tensor]):
@@ -334,6 +370,13 @@ class _BatchEvaluator:
             ).view_as(targets)
             for split, mask in ce_masks.items():
                 self.totals[split].ce[kind] += float(losses[mask].double().sum())
+        clean = torch.log_softmax(clean_logits[:, :-1].float(), dim=-1)
+        for kind, logits in (("sae", sae_logits), ("zero", zero_logits)):
+            # KL(clean || spliced) of the next-token distributions, per position (SAEBench's core metric)
+            divergence = F.kl_div(torch.log_softmax(logits[:, :-1].float(), dim=-1), clean, log_target=True,
+                                  reduction="none").sum(-1)
+            for split, mask in ce_masks.items():
+                self.totals[split].kl[kind] += float(divergence[mask].double().sum())
         for split, mask in ce_masks.items():
             self.totals[split].ce_tokens += int(mask.sum())
 
@@ -387,9 +430,19 @@ METRICS_FILE = "metrics.json"
 """The file `saev eval --output_dir` writes the metrics to."""
 
 
+DENSITY_PLOT = "feature_density.png"
+"""The feature density plot `saev eval --output_dir` writes beside the metrics (with matplotlib installed)."""
+
+
 def _written(metrics: dict[str, Any], output_dir: str | None) -> dict[str, Any]:
-    """`metrics`, written to `output_dir/metrics.json` first when a folder is given."""
+    """`metrics`, written to `output_dir/metrics.json` first when a folder is given, with the density plot."""
     if output_dir:
         (Path(output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        try:
+            from .report import plot_feature_density
+
+            plot_feature_density(metrics, Path(output_dir) / DENSITY_PLOT)
+        except ImportError:
+            logger.info("matplotlib is not installed: no %s (pip install 'saev-hf[demo]').", DENSITY_PLOT)
         mark_output_complete(output_dir)
     return metrics

@@ -17,6 +17,10 @@ METRIC_LABELS = (
     ("ce_sae", "CE with SAE"),
     ("ce_zero", "CE zero-ablated"),
     ("ce_loss_recovered", "CE loss recovered"),
+    ("l2_ratio", "L2 ratio"),
+    ("kl_sae", "KL with SAE"),
+    ("kl_zero", "KL zero-ablated"),
+    ("kl_score", "KL score"),
 )
 
 
@@ -99,3 +103,29 @@ def _reading_notes(metrics: dict[str, Any], cell: Any) -> list[str]:
         notes.append(f"Explained variance below 0 ({negative}): the reconstruction is further from the hidden states "
                      f"than their mean is.")
     return notes
+
+
+def plot_feature_density(metrics: dict[str, Any], path: Any) -> Any:
+    """SAEBench's feature density plot: a histogram of each feature's log10 firing frequency, one panel per split
+    (all, text, image tokens), dead features noted. Written to `path` (a PNG); needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SPLITS), figsize=(4 * len(SPLITS), 3), sharey=True)
+    for ax, split in zip(axes, SPLITS):
+        histogram = metrics[split].get("feature_density")
+        if not histogram:
+            ax.set_title(f"{split}: no tokens")
+            continue
+        edges = histogram["edges"]
+        ax.bar(edges[:-1], histogram["counts"], width=1.0, align="edge", color="#4c72b0")
+        ax.set_xlabel("log10 firing frequency")
+        ax.set_title(f"{split} tokens ({histogram['dead']} dead)")
+    axes[0].set_ylabel("features")
+    fig.suptitle(f"Feature density, layer {metrics['layer']}, {metrics['num_examples']} examples", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -329,3 +329,27 @@ def test_script_in_dataset_text_is_shown_and_never_run_in_a_browser(report, tmp_
         assert payloads[0] in driver.find_element(By.TAG_NAME, "body").text  # shown, as text
     finally:
         driver.quit()
+
+
+def test_the_logit_lens_reads_each_features_decoder_direction_through_the_unembedding(report, inspected):
+    from saev_hf import SAEV, SAEVConfig
+    from saev_hf.interpret.logit_lens import feature_logits, final_norm
+
+    tiny, reader, sae, _, inspection = inspected("llava")
+    feature = next(iter(inspection.features))
+    lens = inspection.features[feature].logit_lens
+    assert lens is not None and len(lens.positive) == len(lens.negative) == 10
+    norm = final_norm(tiny.model)
+    direction = sae.W_dec[feature].float() / sae.config.input_scale * norm.weight.float()
+    logits = direction @ tiny.model.get_output_embeddings().weight.float().T
+    top = logits.topk(10)
+    assert [token for token, _ in lens.positive] == tiny.tokenizer.convert_ids_to_tokens(top.indices.tolist())
+    assert [value for _, value in lens.positive] == pytest.approx(top.values.tolist(), rel=1e-5)
+    assert [value for _, value in lens.negative] == pytest.approx((-(-logits).topk(10).values).tolist(), rel=1e-5)
+    assert lens.positive[0][1] >= lens.positive[-1][1] and lens.negative[0][1] <= lens.negative[-1][1]
+    # the feature page shows it
+    _, index = report
+    page = (index.parent / "features" / f"feature_{feature}.html").read_text(encoding="utf-8")
+    assert "What it writes (logit lens)" in page
+    with pytest.raises(ValueError, match="writes d_in=32"):
+        feature_logits(SAEV(SAEVConfig(d_in=32, d_sae=8)), tiny.model, tiny.tokenizer, [0])

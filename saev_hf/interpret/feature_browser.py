@@ -241,6 +241,14 @@ def _feature_page(summary: FeatureSummary, inspection: Inspection, folder: Path)
     body = [f"<h1>Feature {f}</h1>", facts,
             f"<h2>Modality profile</h2><p><img src=\"feature_{f}_profile.png\" alt=\"modality profile of feature {f}\">"
             "</p>"]
+    if summary.logit_lens is not None:
+        lens = summary.logit_lens
+        rows = [[_escape(p[0]), _escape(_number(p[1])), _escape(n[0]), _escape(_number(n[1]))]
+                for p, n in zip(lens.positive, lens.negative)]
+        body.append("<h2>What it writes (logit lens)</h2><p class=\"note\">Its decoder direction through the final "
+                    "norm's weight and the unembedding: the change in each token's logit per unit of activation "
+                    "(layers after L left out: an approximation).</p>"
+                    + _table(["promoted", "logit", "suppressed", "logit"], rows))
     in_explanations = [row for row, e in inspection.explanations.items()
                        if any(c.feature == f for c in e.contributions)]
     if in_explanations:

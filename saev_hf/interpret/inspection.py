@@ -39,6 +39,7 @@ from ..runtime.devices import allow_tf32_field, sae_matmul_precision, token_chun
 from ..runtime.progress import progress_bar
 from ..scoring.activity import batch_activity
 from .explanations import ExampleExplanation, _explain
+from .logit_lens import FeatureLogits, feature_logits
 from .rows import RowRevisitor, RowView
 
 MODALITY_NAMES = ("image", "text", "special")
@@ -76,6 +77,9 @@ class InspectionArguments:
         metadata={"help": "Highest-weighted features that get a page (without feature weights: the features that "
                   "co-occur in the most scanned rows)."},
     )
+    logit_lens_top_k: int = field(
+        default=10, metadata={"help": "Tokens shown per feature by the logit lens (most promoted, most suppressed); "
+                                      "0 shows none."})
     max_features: int = field(
         default=50, metadata={"help": "Most feature pages chosen by default (features asked for are always shown)."}
     )
@@ -135,6 +139,7 @@ class FeatureSummary:
         examples_cooccurring (`int`): scanned rows where it is in C(x) (z_f > delta on both text and image).
         top_examples (`list[TopExample]`): its top-activating rows, highest first.
         selected_because (`str`): why it has a page.
+        logit_lens ([`FeatureLogits`], *optional*): the tokens its decoder direction promotes and suppresses most.
     """
 
     feature: int
@@ -144,6 +149,7 @@ class FeatureSummary:
     examples_cooccurring: int
     top_examples: list[TopExample] = field(default_factory=list)
     selected_because: str = ""
+    logit_lens: FeatureLogits | None = None
 
     @property
     def modality_profile(self) -> dict[str, float]:
@@ -462,6 +468,11 @@ def inspect_saev(sae: Any, reader: LayerReader, dataset: Any, args: InspectionAr
             examples_fired=int(fired[f]), examples_cooccurring=int(cooccurring[f]), selected_because=why,
         )
     _read_top_examples(sae, features, top, row_revisitor, args)  # pass 3
+    if args.logit_lens_top_k and features and reader.model.get_output_embeddings() is not None:
+        tokenizer = getattr(reader.processor, "tokenizer", reader.processor)
+        lens = feature_logits(sae, reader.model, tokenizer, list(features), args.logit_lens_top_k, reader.layers)
+        for f, summary in features.items():
+            summary.logit_lens = lens[f]
     return Inspection(
         features=features,
         explanations=explanations,

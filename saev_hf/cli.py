@@ -17,6 +17,7 @@ command does, then lists its options.
 | `dpo` | model, data, DPO script, `PaperDPOConfig` | `saev_hf.alignment.dpo.run_dpo` |
 | `inspect` | SAE, model, data, columns, inspection, output | `saev_hf.interpret.run_inspection` |
 | `patches` | SAE, model, data, columns, patch filter, map, output | `saev_hf.patches.run_patch_filter` |
+| `steer` | SAE, model, steer | `saev_hf.interpret.steering.run_steering` |
 | `push` | push | `saev_hf.hub.run_push` |
 | `demo` | demo | `saev_hf.demo.run_demo` |
 
@@ -55,6 +56,7 @@ from .evaluation.report import format_metrics_table
 from .hub.push_command import PushArguments, run_push
 from .interpret.feature_browser import run_inspection
 from .interpret.inspection import InspectionArguments
+from .interpret.steering import SteerArguments, run_steering
 from .model.convert import ConvertArguments, checkpoint_info, convert_checkpoint
 from .patches.filter import PatchFilterArguments, run_patch_filter
 from .runtime.distributed import end_distributed
@@ -188,6 +190,12 @@ def inspect_command(sae_args, model_args, data_args, prompt_format, inspection_a
           f"{len(inspection.scanned_rows)} scanned; open {index}")
 
 
+def steer_command(sae_args, model_args, args) -> None:
+    texts = run_steering(sae_args, model_args, args)
+    print(f"Without steering: {texts['plain']}")
+    print(f"With {args.features or 'no feature'} clamped ({args.positions} positions): {texts['steered']}")
+
+
 def patches(sae_args, model_args, data_args, prompt_format, patch_args, map_args, output) -> None:
     masked, preview = run_patch_filter(sae_args, model_args, data_args, prompt_format, patch_args, map_args, output)
     print(f"Masked the images of {len(masked)} examples (kept the top {patch_args.keep_fraction:.0%} of patches by "
@@ -260,6 +268,10 @@ COMMANDS: dict[str, Command] = {
         "below).",
         lambda: (*SOURCES, PatchFilterArguments, MapArguments, OutputArguments), patches,
         _sources_check("saev patches")),
+    "steer": Command(
+        "Generate from an image and a prompt with SAE-V features clamped at layer L (FEATURE=VALUE; 0 ablates) and "
+        "without, and print both: the causal test of what a feature does.",
+        lambda: (SAEArguments, ModelArguments, SteerArguments), steer_command),
     "push": Command(
         "Push an SAE-V folder with its model card, a filtered dataset folder or an activation cache (`saev cache`) "
         "with its dataset card, to the Hub.",

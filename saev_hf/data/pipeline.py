@@ -16,6 +16,7 @@ everything runs in the calling process, in order, as before the pipeline existed
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -191,6 +192,12 @@ def _prepare(preparation: Any, positions: list[int], rows: list[int], batch: Any
     return PreparedBatch(positions, rows, inputs, error, batch if preparation.keep_rows else None)
 
 
+def _main_process_handles_ctrl_c(worker_id: int) -> None:
+    """Workers ignore SIGINT: a terminal's Ctrl-C reaches the whole process group, and a worker that died of it
+    first would turn the interrupt into "DataLoader worker exited unexpectedly"; the main process stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _as_is(item: PreparedBatch) -> PreparedBatch:
     return item
 
@@ -245,4 +252,5 @@ def prepared_batches(reader: Any, data: Any, batch_size: int, indices: Sequence[
         yield from (iter(source) if isinstance(source, _StreamPreparation)
                     else (source[k] for k in range(len(source))))
         return
-    yield from torch.utils.data.DataLoader(source, batch_size=None, num_workers=workers, collate_fn=_as_is)
+    yield from torch.utils.data.DataLoader(source, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                           worker_init_fn=_main_process_handles_ctrl_c)

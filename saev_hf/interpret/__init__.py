@@ -7,7 +7,8 @@ from .explanations import ExampleExplanation, FeatureContribution
 from .feature_browser import run_inspection, write_feature_browser
 from .inspection import FeatureSummary, Inspection, InspectionArguments, explain_rows, inspect_saev
 from .logit_lens import FeatureLogits, feature_logits
+from .steering import SteerArguments, steer, steering_delta
 
 __all__ = ["ExampleExplanation", "FeatureContribution", "FeatureLogits", "FeatureSummary", "Inspection",
-           "InspectionArguments", "explain_rows", "feature_logits", "inspect_saev", "run_inspection",
-           "write_feature_browser"]
+           "InspectionArguments", "SteerArguments", "explain_rows", "feature_logits", "inspect_saev",
+           "run_inspection", "steer", "steering_delta", "write_feature_browser"]

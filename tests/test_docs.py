@@ -104,7 +104,8 @@ def test_every_python_block_of_the_docs_runs(page, tmp_path, monkeypatch):
         and ns["sae"].config.training_tokens == 5 * 64,
         "scoring.md": lambda ns: len(ns["best_half"]) == 8 and ns["trainer"].state.global_step == 2
         and list(ns["rescored"]["saev_l0"]) != list(ns["best_half"]["saev_l0"]),
-        "interpretation.md": lambda ns: ns["index"].is_file() and "saev_patch_scores" in ns["masked"].column_names,
+        "interpretation.md": lambda ns: ns["index"].is_file() and "saev_patch_scores" in ns["masked"].column_names
+        and len(ns["lens"][0].positive) == 5 and ns["steered"].shape[1] == ns["plain"].shape[1],
         "data.md": lambda ns: len(ns["preferences"]) == 2 and ns["preferences"][1]["chosen"] == "One."
         and ns["preferences"][1]["rejected"] == "Three." and {"images", "prompt", "chosen", "rejected",
                                                                  "overall_response"} == set(ns["preferences"].column_names)

@@ -51,8 +51,8 @@ from .cache.activation_cache import ActivationCache
 from .cache.writer import CacheArguments, cache_activations
 from .data.errors import RowError
 from .data.prompts import PromptFormat
-from .evaluation.metrics import SAEVEvaluationArguments, run_evaluation
-from .evaluation.report import format_metrics_table
+from .evaluation.metrics import SAEVEvaluationArguments
+from .evaluation.report import format_metrics_table, run_evaluation
 from .hub.push_command import PushArguments, run_push
 from .interpret.feature_browser import run_inspection
 from .interpret.inspection import InspectionArguments

@@ -30,29 +30,21 @@ the image split is then empty.
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..activations.reader import LayerReader, image_token_id_of, layer_device, layer_field, text_and_image
-from ..arguments import DataArguments, ModelArguments, SAEArguments
-from ..cache.activation_cache import ActivationCache
+from ..activations.reader import LayerReader, image_token_id_of, layer_field, text_and_image
+from ..arguments import DataArguments, ModelArguments
 from ..cache.reader import CacheReader, cached_rows
 from ..data.batching import row_batches
 from ..data.prompts import PromptFormat
 from ..model.modeling import SAEV
-from ..runtime.devices import choose_device
-from ..runtime.folders import OutputArguments, mark_output_complete
 from ..runtime.progress import progress_bar
-
-logger = logging.getLogger(__name__)
 
 SPLITS = ("all", "text", "image")
 CE_KINDS = ("clean", "sae", "zero")
@@ -401,48 +393,3 @@ def _split_masks(modality: torch.Tensor) -> dict[str, torch.Tensor]:
     text: every real position is in one of the two)."""
     text, image = text_and_image(modality, special_as_text=True)
     return {"all": text | image, "image": image, "text": text}
-
-
-def run_evaluation(sae_args: SAEArguments, model_args: ModelArguments, data_args: DataArguments,
-                   prompt_format: PromptFormat, args: SAEVEvaluationArguments, output: OutputArguments) -> dict[str, Any]:
-    """`saev eval`: load what the arguments name, evaluate, write `metrics.json` into `output.output_dir` when one is
-    given (what `saev push --metrics_json` reads), and return the metrics."""
-    args.check_source(model_args, data_args)
-    if output.output_dir is not None:
-        output.prepare("saev eval", cpu=model_args.device == "cpu")
-    options = dict(layer=args.layer, batch_size=args.batch_size, num_examples=args.num_examples,
-                   dense_threshold=args.dense_threshold, compute_ce_loss=args.compute_ce_loss)
-    sae = sae_args.load()
-    if data_args.activation_cache is not None:
-        sae.to(choose_device(model_args.device))
-        reader = CacheReader(ActivationCache(data_args.activation_cache), sae.W_enc.device)
-        return _written(evaluate_saev(sae, reader=reader, **options), output.output_dir)
-    model, processor = model_args.load()
-    sae.to(layer_device(model, args.layer if args.layer is not None else sae.config.hook_layer))
-    dataset = data_args.load(prompt_format.image_column)
-    metrics = evaluate_saev(sae, model, processor, dataset, prompt_format=prompt_format, **options)
-    metrics["model"] = model_args.model_name_or_path
-    data_args.write_fetch_report(output.output_dir)
-    return _written(metrics, output.output_dir)
-
-
-METRICS_FILE = "metrics.json"
-"""The file `saev eval --output_dir` writes the metrics to."""
-
-
-DENSITY_PLOT = "feature_density.png"
-"""The feature density plot `saev eval --output_dir` writes beside the metrics (with matplotlib installed)."""
-
-
-def _written(metrics: dict[str, Any], output_dir: str | None) -> dict[str, Any]:
-    """`metrics`, written to `output_dir/metrics.json` first when a folder is given, with the density plot."""
-    if output_dir:
-        (Path(output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-        try:
-            from .report import plot_feature_density
-
-            plot_feature_density(metrics, Path(output_dir) / DENSITY_PLOT)
-        except ImportError:
-            logger.info("matplotlib is not installed: no %s (pip install 'saev-hf[demo]').", DENSITY_PLOT)
-        mark_output_complete(output_dir)
-    return metrics

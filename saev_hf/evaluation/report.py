@@ -1,12 +1,25 @@
-"""The evaluation's metrics shown to people: checked ([`check_metrics`], before a model card states them) and laid out
-as a table with a line of explanation under any figure outside its usual range ([`format_metrics_table`])."""
+"""The evaluation's metrics shown to people: checked ([`check_metrics`], before a model card states them), laid out
+as a table with a line of explanation under any figure outside its usual range ([`format_metrics_table`]), plotted
+([`plot_feature_density`]), and written by `saev eval` ([`run_evaluation`]: `metrics.json` and the plot)."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+from pathlib import Path
 from typing import Any
 
-from .metrics import SPLITS
+from ..activations.reader import layer_device
+from ..arguments import DataArguments, ModelArguments, SAEArguments
+from ..cache.activation_cache import ActivationCache
+from ..cache.reader import CacheReader
+from ..data.prompts import PromptFormat
+from ..runtime.devices import choose_device
+from ..runtime.folders import OutputArguments, mark_output_complete
+from .metrics import SPLITS, SAEVEvaluationArguments, evaluate_saev
+
+logger = logging.getLogger(__name__)
 
 METRIC_LABELS = (
     ("tokens", "tokens"),
@@ -129,3 +142,46 @@ def plot_feature_density(metrics: dict[str, Any], path: Any) -> Any:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def run_evaluation(sae_args: SAEArguments, model_args: ModelArguments, data_args: DataArguments,
+                   prompt_format: PromptFormat, args: SAEVEvaluationArguments, output: OutputArguments) -> dict[str, Any]:
+    """`saev eval`: load what the arguments name, evaluate, write `metrics.json` into `output.output_dir` when one is
+    given (what `saev push --metrics_json` reads), and return the metrics."""
+    args.check_source(model_args, data_args)
+    if output.output_dir is not None:
+        output.prepare("saev eval", cpu=model_args.device == "cpu")
+    options = dict(layer=args.layer, batch_size=args.batch_size, num_examples=args.num_examples,
+                   dense_threshold=args.dense_threshold, compute_ce_loss=args.compute_ce_loss)
+    sae = sae_args.load()
+    if data_args.activation_cache is not None:
+        sae.to(choose_device(model_args.device))
+        reader = CacheReader(ActivationCache(data_args.activation_cache), sae.W_enc.device)
+        return _written(evaluate_saev(sae, reader=reader, **options), output.output_dir)
+    model, processor = model_args.load()
+    sae.to(layer_device(model, args.layer if args.layer is not None else sae.config.hook_layer))
+    dataset = data_args.load(prompt_format.image_column)
+    metrics = evaluate_saev(sae, model, processor, dataset, prompt_format=prompt_format, **options)
+    metrics["model"] = model_args.model_name_or_path
+    data_args.write_fetch_report(output.output_dir)
+    return _written(metrics, output.output_dir)
+
+
+METRICS_FILE = "metrics.json"
+"""The file `saev eval --output_dir` writes the metrics to."""
+
+
+DENSITY_PLOT = "feature_density.png"
+"""The feature density plot `saev eval --output_dir` writes beside the metrics (with matplotlib installed)."""
+
+
+def _written(metrics: dict[str, Any], output_dir: str | None) -> dict[str, Any]:
+    """`metrics`, written to `output_dir/metrics.json` first when a folder is given, with the density plot."""
+    if output_dir:
+        (Path(output_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        try:
+            plot_feature_density(metrics, Path(output_dir) / DENSITY_PLOT)
+        except ImportError:
+            logger.info("matplotlib is not installed: no %s (pip install 'saev-hf[demo]').", DENSITY_PLOT)
+        mark_output_complete(output_dir)
+    return metrics

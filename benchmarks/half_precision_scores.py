@@ -25,29 +25,12 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 from _common import add_output_dir, output_path  # noqa: E402
 
-from saev_hf import SAEV, SAEVConfig  # noqa: E402
 from saev_hf.activations import LayerReader  # noqa: E402
 from saev_hf.scoring import SAEVScorer  # noqa: E402
 from saev_hf.testing.digit_data import DIGIT_NAMES, digit_images  # noqa: E402
 from saev_hf.testing.tiny_models import build_tiny_model  # noqa: E402
+from saev_hf.testing.tiny_saes import data_driven_sae  # noqa: E402
 from saev_hf.weighting import WeightingArguments, compute_feature_weights  # noqa: E402
-
-
-def data_driven_sae(reader: LayerReader, rows: datasets.Dataset, d_sae: int = 192, delta: float = 0.05) -> SAEV:
-    """An SAE-V whose features are directions of sampled (centred) token states, each firing on tokens like its own."""
-    acts = reader.read(rows[:])
-    hidden = acts.hidden_states[acts.token_mask]
-    mean = hidden.mean(0)
-    picked = hidden[torch.randperm(hidden.shape[0], generator=torch.Generator().manual_seed(0))[:d_sae]] - mean
-    sae = SAEV(SAEVConfig(d_in=hidden.shape[1], d_sae=d_sae, hook_layer=reader.layer, cooccurrence_threshold=delta,
-                          apply_b_dec_to_input=True))
-    with torch.no_grad():
-        directions = torch.nn.functional.normalize(picked, dim=-1)
-        sae.W_enc.copy_(directions.T)
-        sae.W_dec.copy_(directions)
-        sae.b_dec.copy_(mean)
-        sae.b_enc.copy_(-0.5 * picked.norm(dim=-1))
-    return sae
 
 
 def run(args) -> dict:

@@ -15,6 +15,7 @@ from saev_hf.activations import LayerReader, Modality
 from saev_hf.data import PromptFormat, RowError
 from saev_hf.scoring import SAEVScorer, ScorerArguments
 from saev_hf.testing.digit_data import DIGIT_NAMES, digit_images
+from saev_hf.testing.tiny_saes import data_driven_sae  # noqa: F401  (also imported from here by other tests)
 from saev_hf.weighting import WeightingArguments, compute_feature_weights
 
 DELTA = 0.05  # the tiny model's hidden states have norms near 0.1; delta = 1 would leave nothing co-occurring
@@ -49,23 +50,6 @@ def scored_setup(tiny_model_factory, tmp_path_factory):
     root = tmp_path_factory.mktemp("scoring")
     sae, ds, _ = weighted_setup(llava, root, make_rows(10))
     return llava, sae, ds, root
-
-
-def data_driven_sae(reader, ds, d_sae=192):
-    """An SAE-V whose features are directions of sampled token states (centred), each firing on tokens like its own,
-    so that examples differ in which features co-occur (a random SAE on a random tiny model fires on everything)."""
-    acts = reader.read(ds[:])
-    hidden = acts.hidden_states[acts.token_mask]
-    mean = hidden.mean(0)
-    picked = hidden[torch.randperm(hidden.shape[0], generator=torch.Generator().manual_seed(0))[:d_sae]] - mean
-    sae = SAEV(SAEVConfig(d_in=64, d_sae=d_sae, hook_layer=1, cooccurrence_threshold=DELTA, apply_b_dec_to_input=True))
-    with torch.no_grad():
-        directions = torch.nn.functional.normalize(picked, dim=-1)
-        sae.W_enc.copy_(directions.T)
-        sae.W_dec.copy_(directions)
-        sae.b_dec.copy_(mean)
-        sae.b_enc.copy_(-0.5 * picked.norm(dim=-1))
-    return sae
 
 
 def reference_scores(sae, reader, row):

@@ -16,8 +16,10 @@ command does, then lists its options.
 | `filter` | data, filter, output | `saev_hf.alignment.run_filter` |
 | `dpo` | model, data, DPO script, `PaperDPOConfig` | `saev_hf.alignment.dpo.run_dpo` |
 | `inspect` | SAE, model, data, columns, inspection, output | `saev_hf.interpret.run_inspection` |
+| `label` | SAE, model, data, columns, explainer, labels, output | `saev_hf.interpret.labels.run_labels` |
 | `patches` | SAE, model, data, columns, patch filter, map, output | `saev_hf.patches.run_patch_filter` |
 | `steer` | SAE, model, steer | `saev_hf.interpret.steering.run_steering` |
+| `explore` | SAE, model, explore | `saev_hf.interpret.explorer.run_explorer` |
 | `push` | push | `saev_hf.hub.run_push` |
 | `demo` | demo | `saev_hf.demo.run_demo` |
 
@@ -54,8 +56,10 @@ from .data.prompts import PromptFormat
 from .evaluation.metrics import SAEVEvaluationArguments
 from .evaluation.report import format_metrics_table, run_evaluation
 from .hub.push_command import PushArguments, run_push
+from .interpret.explorer import ExploreArguments, check_explorer_sources, run_explorer
 from .interpret.feature_browser import run_inspection
 from .interpret.inspection import InspectionArguments
+from .interpret.labels import ExplainerArguments, LabelArguments, run_labels
 from .interpret.steering import SteerArguments, run_steering
 from .model.convert import ConvertArguments, checkpoint_info, convert_checkpoint
 from .patches.filter import PatchFilterArguments, run_patch_filter
@@ -190,10 +194,21 @@ def inspect_command(sae_args, model_args, data_args, prompt_format, inspection_a
           f"{len(inspection.scanned_rows)} scanned; open {index}")
 
 
+def label_command(sae_args, model_args, data_args, prompt_format, explainer_args, label_args, output) -> None:
+    labels, path = run_labels(sae_args, model_args, data_args, prompt_format, explainer_args, label_args, output)
+    scored = sum(label.detection is not None for label in labels.values())
+    print(f"Labelled {len(labels)} of {len(explainer_args.features)} features ({scored} with a detection score); "
+          f"wrote {path} and {path.with_name('labels.md')}")
+
+
 def steer_command(sae_args, model_args, args) -> None:
     texts = run_steering(sae_args, model_args, args)
     print(f"Without steering: {texts['plain']}")
     print(f"With {args.features or 'no feature'} clamped ({args.positions} positions): {texts['steered']}")
+
+
+def explore(sae_args, model_args, args) -> None:
+    run_explorer(sae_args, model_args, args)  # serves until Ctrl-C
 
 
 def patches(sae_args, model_args, data_args, prompt_format, patch_args, map_args, output) -> None:
@@ -236,8 +251,9 @@ COMMANDS: dict[str, Command] = {
         lambda: (ModelArguments, DataArguments, PromptFormat, SAEVTrainingArguments, SweepArguments), train,
         _sources_check("saev train", cache_allowed=True)),
     "eval": Command(
-        "Evaluate an SAE-V: L0, MSE, explained variance, dead/dense features, CE-loss-recovered (all/text/image); "
-        "with --output_dir, also written to metrics.json (what `saev push --metrics_json` reads).",
+        "Evaluate an SAE-V: L0, MSE, explained variance, dead/dense features, CE-loss-recovered, SAEBench's KL, L2 "
+        "ratio and feature density (all/text/image), and with --probe_label_column sparse probing; with --output_dir, "
+        "also written to metrics.json (what `saev push --metrics_json` reads).",
         lambda: (*SOURCES, SAEVEvaluationArguments, OutputArguments), evaluate,
         _sources_check("saev eval", cache_allowed=True)),
     "weights": Command(
@@ -261,6 +277,12 @@ COMMANDS: dict[str, Command] = {
         "weight, modality profile) and explanations of the lowest-scored rows, as a static HTML report in "
         "--output_dir.",
         lambda: (*SOURCES, InspectionArguments, OutputArguments), inspect_command, _sources_check("saev inspect")),
+    "label": Command(
+        "Label SAE-V features with an explainer (a local chat model, or an OpenAI-compatible endpoint) from their top "
+        "text contexts and image patches, and score each label by detection on held-out rows (accuracy, precision, "
+        "recall, F1); writes labels.json and labels.md to --output_dir.",
+        lambda: (*SOURCES, ExplainerArguments, LabelArguments, OutputArguments), label_command,
+        _sources_check("saev label")),
     "patches": Command(
         "Patch filter (Algorithms 4-7): score each image patch from SAE-V activations (--score l0, l1, cooccur_l0, "
         "cosine, or random), keep the top --keep_fraction of each image's patches and black out the rest; saves the "
@@ -272,9 +294,14 @@ COMMANDS: dict[str, Command] = {
         "Generate from an image and a prompt with SAE-V features clamped at layer L (FEATURE=VALUE; 0 ablates) and "
         "without, and print both: the causal test of what a feature does.",
         lambda: (SAEArguments, ModelArguments, SteerArguments), steer_command),
+    "explore": Command(
+        "Start the interactive explorer (a Gradio app): upload an image and type a prompt to see which features fire "
+        "where, the SAE-V scores and why, each feature's page (logit lens, label, top examples), and steer the model. "
+        "With no --sae_name_or_path and --model_name_or_path: the embedded demo model and its SAE-V.",
+        lambda: (SAEArguments, ModelArguments, ExploreArguments), explore, check_explorer_sources),
     "push": Command(
         "Push an SAE-V folder with its model card, a filtered dataset folder or an activation cache (`saev cache`) "
-        "with its dataset card, to the Hub.",
+        "with its dataset card, to the Hub; or, with --space, the explorer app for a Hub SAE-V and model as a Space.",
         lambda: (PushArguments,), push),
     "demo": Command(
         "Run SAE-V's data filter end to end on the grounded miniature (offline, CPU): train an SAE-V, score and "

@@ -137,7 +137,7 @@ def _user_error_argv(command, tmp_path):
         "patches": [*sae, *model, *data, *out], "filter": [*data, "--fraction", "0.5", *out],
         "dpo": [*model, *data, *out], "push": ["--repo_id", "me/x", "--sae", gone],
         "demo": ["--grounded_llava", gone, *out],
-        "steer": [*sae, *model],
+        "steer": [*sae, *model], "explore": [*sae, *model],
     }[command]
 
 

@@ -186,7 +186,7 @@ def test_the_command_line_walk_through_runs_in_order_each_output_feeding_the_nex
         ran.append(command)
     out = capsys.readouterr().out
     assert ran == ["convert", "info", "train", "cache", "train", "train", "eval", "push", "eval", "push", "weights",
-                   "score", "filter", "inspect", "patches", "dpo", "push", "push"]
+                   "score", "filter", "inspect", "patches", "dpo", "push", "push", "push"]
 
     converted = SAEV.from_pretrained("saev-llava")  # convert -> info, weights
     assert torch.equal(converted.W_enc, authors.W_enc) and '"hook_layer": 1' in out
@@ -211,7 +211,8 @@ def test_the_command_line_walk_through_runs_in_order_each_output_feeding_the_nex
     kept = datasets.load_from_disk("best-half")  # filter -> dpo, push
     assert len(kept) == 8 and min(kept["saev_cosine_score"]) >= cosine.sort().values[7]
     assert isinstance(kept[0]["prompt"], str)  # DPO took the plain prompts
-    assert Path("report/index.html").is_file()
+    assert Path("report/index.html").is_file() and Path("report/features.json").is_file()
+    assert "on llava-hf/llava-v1.6-mistral-7b-hf as the Space me/saev-llava-explorer" in out  # push --space
     assert "saev_patch_scores" in datasets.load_from_disk("masked").column_names
     assert Path("dpo-out/adapter_config.json").is_file()
     assert torch.equal(SAEV.from_pretrained("me/saev-llava").feature_weights.nan_to_num(),

@@ -26,6 +26,10 @@ Feature health over the evaluated tokens: `dead_features` never fire; `dense_fea
 The same function evaluates transfer: an SAE-V trained on an MLLM applied to a text-only causal LM of the same hidden
 size (the paper's finding: SAE-V features transfer to the base LLM). Pass the text model, its tokenizer and text data;
 the image split is then empty.
+
+With `probe_label_column`, the evaluation also runs SAEBench's sparse probing on the same pass over the rows: how well
+the top-k SAE-V features, mean-pooled per example and per split, predict a dataset column of class labels, beside a
+probe on the pooled residual stream (`sparse_probing` in the result; see `saev_hf.evaluation.probing`).
 """
 
 from __future__ import annotations
@@ -45,6 +49,15 @@ from ..data.batching import row_batches
 from ..data.prompts import PromptFormat
 from ..model.modeling import SAEV
 from ..runtime.progress import progress_bar
+from .probing import (
+    DEFAULT_PROBE_K,
+    PooledActivations,
+    batch_labels,
+    check_label_column,
+    check_probe_options,
+    require_scikit_learn,
+    sparse_probing,
+)
 
 SPLITS = ("all", "text", "image")
 CE_KINDS = ("clean", "sae", "zero")
@@ -58,9 +71,9 @@ def _help(text: str, **extra: Any) -> dict[str, Any]:
 class SAEVEvaluationArguments:
     """
     What `saev eval` measures of an SAE-V on an MLLM's layer-L residual stream: L0, MSE, explained variance,
-    dead/dense features and CE-loss-recovered, for all, text and image tokens, over how many rows. (The SAE-V, the model
-    and the data are [`SAEArguments`], [`ModelArguments`] and [`DataArguments`]; a text-only causal LM and text data
-    evaluate transfer.)
+    dead/dense features and CE-loss-recovered, for all, text and image tokens, over how many rows; and, with a label
+    column, sparse probing (`probe_*`). (The SAE-V, the model and the data are [`SAEArguments`], [`ModelArguments`] and
+    [`DataArguments`]; a text-only causal LM and text data evaluate transfer.)
     """
 
     layer: int | None = layer_field(default=None)
@@ -73,6 +86,24 @@ class SAEVEvaluationArguments:
         default=True, metadata=_help("Run the three full forwards needed for CE-loss-recovered (else L0/MSE only; "
                                      "refused on an activation cache, which cannot run them).")
     )
+    probe_label_column: str | None = field(
+        default=None, metadata=_help(
+            "A dataset column of class labels (strings, integers or booleans; two classes or more): also run "
+            "SAEBench's sparse probing on the evaluated rows, per split (all, text, image positions): one balanced "
+            "binary task per class (the class against the rest), a logistic regression on the top-k SAE-V features "
+            "by the difference of class means, pooled per row, beside one on the pooled residual stream; written "
+            "under 'sparse_probing'. Needs scikit-learn: pip install \"saev-hf[probing]\".")
+    )
+    probe_k: list[int] = field(
+        default_factory=lambda: list(DEFAULT_PROBE_K),
+        metadata=_help("Numbers of SAE-V features a sparse probe keeps (each capped at d_sae).")
+    )
+    probe_test_fraction: float = field(
+        default=0.2, metadata=_help("Share of each class's rows held out to test the sparse probes on.")
+    )
+    probe_seed: int = field(
+        default=0, metadata=_help("Seed of the held-out rows and of the negatives drawn for each probing task.")
+    )
 
     def __post_init__(self) -> None:
         bad_layer = isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0
@@ -84,15 +115,27 @@ class SAEVEvaluationArguments:
             raise ValueError(f"batch_size={self.batch_size} must be positive.")
         if not 0 <= self.dense_threshold <= 1:
             raise ValueError(f"dense_threshold={self.dense_threshold} must be a fraction in [0, 1].")
+        check_probe_options(self.probe_k, self.probe_test_fraction)
 
     def check_source(self, model: ModelArguments, data: DataArguments) -> None:
         """Refuse what cannot be evaluated on the data named: the MLLM and the dataset, or an activation cache
-        without CE (which needs the MLLM's forward)."""
+        without CE (which needs the MLLM's forward) and without sparse probing (the cache holds no labels); and
+        sparse probing without scikit-learn."""
         data.check_source(model, "saev eval", cache_allowed=True)
         if data.activation_cache is not None and self.compute_ce_loss:
             raise ValueError(f"CE-loss-recovered runs the MLLM with the SAE-V spliced in, which the activation cache "
                              f"{data.activation_cache!r} cannot do. Pass --compute_ce_loss False, or evaluate on the "
                              f"model.")
+        if self.probe_label_column is not None:
+            if data.activation_cache is not None:
+                raise ValueError(f"Sparse probing reads each row's class from the dataset column "
+                                 f"{self.probe_label_column!r}, and the activation cache {data.activation_cache!r} "
+                                 f"holds no labels. Evaluate on the model and the dataset, or leave out "
+                                 f"--probe_label_column.")
+            try:
+                require_scikit_learn()
+            except ImportError as error:  # a usage error, reported before the model loads
+                raise ValueError(str(error)) from error
 
 
 class _Totals:
@@ -210,6 +253,10 @@ def evaluate_saev(
     dense_threshold: float = 0.1,
     compute_ce_loss: bool = True,
     reader: LayerReader | None = None,
+    probe_label_column: str | None = None,
+    probe_k: list[int] | tuple[int, ...] = DEFAULT_PROBE_K,
+    probe_test_fraction: float = 0.2,
+    probe_seed: int = 0,
 ) -> dict[str, Any]:
     """
     Evaluate `sae` on `model`'s decoder layer `layer` over `dataset` (see the module docstring for the metrics).
@@ -229,12 +276,23 @@ def evaluate_saev(
             for an unusual model), or a reader of an activation cache: the reconstruction metrics are then computed
             from the cache, without the MLLM (`model`, `processor` and `dataset` not needed; `dataset` defaults to
             the cache's rows), equal to reading the MLLM. CE needs the MLLM: pass `compute_ce_loss=False`.
+        probe_label_column (`str`, *optional*): a column of `dataset` holding each row's class: also run sparse
+            probing (see [`~saev_hf.evaluation.probing.sparse_probing`]) on the evaluated rows. Needs scikit-learn.
+        probe_k (`Sequence[int]`): numbers of features a sparse probe keeps (each capped at d_sae).
+        probe_test_fraction (`float`): share of each class's rows held out to test the probes on.
+        probe_seed (`int`): seed of the held-out rows and of each task's negatives.
 
     Returns:
         `dict` with `model`, `layer`, `num_examples`, `d_sae`, `dead_features`, `dense_features`,
         `dense_threshold`, and per split (`"all"`, `"text"`, `"image"`) a dict with `tokens`, `l0`, `mse`,
         `explained_variance` and, with `compute_ce_loss`, `ce_tokens`, `ce_clean`, `ce_sae`, `ce_zero`,
-        `ce_loss_recovered`. A metric with no token to average over is None. Print it with [`format_metrics_table`].
+        `ce_loss_recovered`; with `probe_label_column`, `sparse_probing` too. A metric with no token to average over
+        is None. Print it with [`format_metrics_table`].
+
+    Raises:
+        ImportError: for sparse probing without scikit-learn (`pip install "saev-hf[probing]"`).
+        ValueError, [`RowError`]: for a label column that is missing, null in a row, not a class, of one class, or
+            with a class of fewer than 2 rows.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size={batch_size!r} must be a positive number of rows per forward, e.g. 8.")
@@ -245,9 +303,16 @@ def evaluate_saev(
         layer = sae.config.hook_layer
         if layer is None:
             raise ValueError("The SAE-V records no hook_layer: pass layer= (the decoder layer it reads).")
+    pooled = None
+    if probe_label_column is not None:
+        require_scikit_learn()
+        check_probe_options(probe_k, probe_test_fraction)
     reader, dataset = _reader_and_rows(model, processor, dataset, layer, prompt_format, reader, compute_ce_loss)
     reader.check_sae(sae)
-    batches = _BatchEvaluator(sae, model, reader, layer, compute_ce_loss)
+    if probe_label_column is not None:
+        check_label_column(dataset, probe_label_column)
+        pooled = PooledActivations(probe_label_column)
+    batches = _BatchEvaluator(sae, model, reader, layer, compute_ce_loss, pooled)
     totals, fired, examples = batches.totals, batches.fired, 0
     num_rows = len(dataset) if hasattr(dataset, "__len__") else None  # an IterableDataset has no length
     if num_examples is not None:
@@ -278,6 +343,8 @@ def evaluate_saev(
     }
     for split in SPLITS:
         result[split] = totals[split].metrics(compute_ce_loss)
+    if pooled is not None:
+        result["sparse_probing"] = sparse_probing(pooled, probe_k, probe_test_fraction, probe_seed)
     return result
 
 
@@ -301,12 +368,16 @@ def _reader_and_rows(model, processor, dataset, layer: int, prompt_format: Promp
 
 class _BatchEvaluator:
     """Adds batches of rows to the running totals of every split: reconstruction metrics, firing counts and, with
-    `compute_ce_loss`, the three cross-entropies (clean, SAE-V spliced in, zero-ablated)."""
+    `compute_ce_loss`, the three cross-entropies (clean, SAE-V spliced in, zero-ablated); with `pooled`, each row's
+    label and its pooled activations for sparse probing."""
 
     def __init__(self, sae: SAEV, model: nn.Module | None, reader: LayerReader | CacheReader, layer: int,
-                 compute_ce_loss: bool) -> None:
+                 compute_ce_loss: bool, pooled: PooledActivations | None = None) -> None:
         self.sae, self.model, self.reader, self.layer = sae, model, reader, layer
         self.compute_ce_loss = compute_ce_loss
+        self.pooled = pooled
+        self._labels: list[Any] | None = None
+        self._indices: list[int] = []
         self.device = reader.device if isinstance(reader, CacheReader) else next(model.parameters()).device
         self.sae_device = next(sae.parameters()).device
         self.totals = {split: _Totals(sae.config.d_in, self.sae_device) for split in SPLITS}
@@ -314,6 +385,8 @@ class _BatchEvaluator:
 
     def add(self, rows: Any, indices: list[int]) -> None:
         """Read `rows` (dataset rows `indices`) and add them to the totals; from a cache, its rows `indices`."""
+        if self.pooled is not None:  # before the forward: a bad label fails at once
+            self._labels, self._indices = batch_labels(rows, self.pooled.label_column, indices), indices
         if isinstance(self.reader, CacheReader):
             acts = self.reader.read({"row": indices})
             self._add_reconstruction(acts.hidden_states, acts.modality)
@@ -346,6 +419,8 @@ class _BatchEvaluator:
         for split, mask in masks.items():
             self.totals[split].add_tokens(x[mask], reconstruction[mask], feature_acts[mask])
         self.fired.add_((feature_acts[masks["all"]] > 0).sum(0))
+        if self.pooled is not None:
+            self.pooled.add(self._labels, self._indices, x, feature_acts, masks)
         return reconstruction
 
     def _add_cross_entropies(self, inputs: dict[str, Any], hidden: torch.Tensor, modality: torch.Tensor,

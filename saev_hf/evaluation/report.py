@@ -88,7 +88,31 @@ def format_metrics_table(metrics: dict[str, Any]) -> str:
         f"tokens) of {metrics['d_sae']}. CE is split by the predicted token; text CE is the main figure."
     )
     lines += _reading_notes(metrics, cell)
+    if metrics.get("sparse_probing"):
+        lines += ["", *format_probing_table(metrics["sparse_probing"])]
     return "\n".join(lines)
+
+
+def format_probing_table(probing: dict[str, Any]) -> list[str]:
+    """The lines of the sparse probing table (rows: the SAE-V's top-k probes and the dense residual-stream probe;
+    columns: all, text, image positions), with a line saying what was probed."""
+
+    def cell(split: str, key: str, k: str | None = None) -> str:
+        result = probing.get(split)
+        value = None if result is None else (result[key].get(k) if k is not None else result[key])
+        return "-" if value is None else f"{value:.3f}"
+
+    lines = ["| sparse probe | all | text | image |", "|---|---|---|---|"]
+    for k in probing["k"]:
+        lines.append(f"| SAE-V top {k} | " + " | ".join(cell(split, "sae", str(k)) for split in SPLITS) + " |")
+    dims = next((probing[split]["d_in"] for split in SPLITS if probing.get(split)), None)
+    lines.append(f"| residual stream ({dims} dims) | " + " | ".join(cell(split, "dense") for split in SPLITS) + " |")
+    tasks = "one task" if len(probing["tasks"]) == 1 else f"{len(probing['tasks'])} one-vs-rest tasks"
+    lines += ["", (f"Sparse probing of `{probing['label_column']}` ({len(probing['classes'])} classes, {tasks}; "
+                   f"{probing['train_examples']} rows to train, {probing['test_examples']} to test, seed "
+                   f"{probing['seed']}): {probing['metric']}; the SAE-V's features and the residual stream "
+                   f"mean-pooled over each row's positions of the split.")]
+    return lines
 
 
 def _reading_notes(metrics: dict[str, Any], cell: Any) -> list[str]:
@@ -152,7 +176,9 @@ def run_evaluation(sae_args: SAEArguments, model_args: ModelArguments, data_args
     if output.output_dir is not None:
         output.prepare("saev eval", cpu=model_args.device == "cpu")
     options = dict(layer=args.layer, batch_size=args.batch_size, num_examples=args.num_examples,
-                   dense_threshold=args.dense_threshold, compute_ce_loss=args.compute_ce_loss)
+                   dense_threshold=args.dense_threshold, compute_ce_loss=args.compute_ce_loss,
+                   probe_label_column=args.probe_label_column, probe_k=args.probe_k,
+                   probe_test_fraction=args.probe_test_fraction, probe_seed=args.probe_seed)
     sae = sae_args.load()
     if data_args.activation_cache is not None:
         sae.to(choose_device(model_args.device))

@@ -12,6 +12,7 @@ from ..data.loading import load_dataset_split
 from ..evaluation.report import check_metrics
 from ..model.modeling import SAEV
 from .push import load_saev_config, push_activation_cache, push_filtered_dataset, push_saev
+from .space import push_space
 
 
 @dataclass
@@ -20,7 +21,8 @@ class PushArguments:
     Push an SAE-V folder with its model card (`--sae DIR --repo_id org/name [--metrics_json FILE]`), or a filtered
     dataset folder with its dataset card (`--dataset DIR --repo_id org/name --source_dataset org/data
     [--scored_dataset DIR] [--sae_repo org/saev]`), or an activation cache with its dataset card (`--cache DIR
-    --repo_id org/name`).
+    --repo_id org/name`), or the explorer app as a Space (`--space --sae org/saev --model org/mllm --repo_id
+    org/space [--labels labels.json]`).
     """
 
     repo_id: str = field(metadata={"help": "Hub repo to push to, 'org/name' (created if needed)."})
@@ -63,12 +65,33 @@ class PushArguments:
         metadata={"help": "With --dataset: the score column it was filtered by (read from the folder instead when "
                   "`saev filter` wrote it, with the rule)."},
     )
+    space: bool = field(
+        default=False,
+        metadata={"help": "Push the explorer app (`saev explore`) for the Hub SAE-V --sae on the Hub MLLM --model as a "
+                  "Gradio Space to --repo_id."},
+    )
+    model: str | None = field(default=None, metadata={"help": "With --space: the Hub MLLM the SAE-V reads."})
+    labels: str | None = field(
+        default=None, metadata={"help": "With --space: a labels.json (`saev label`) shipped with the app."})
     license: str | None = field(default=None, metadata={"help": "Hub license id for the card, e.g. apache-2.0."})
     tags: list[str] = field(default_factory=list, metadata={"help": "Extra tags for the card."})
     private: bool = field(default=False, metadata={"help": "Create the repo private."})
     commit_message: str | None = field(default=None, metadata={"help": "Commit message (a default describes it)."})
 
     def __post_init__(self) -> None:
+        if self.space:
+            wrong = [name for name in ("dataset", "cache", "metrics_json", "eval_dataset", "revision", "scored_dataset",
+                                       "source_dataset", "source_revision", "source_config", "source_split",
+                                       "sae_repo") if getattr(self, name) is not None]
+            if wrong:
+                raise ValueError(f"{', '.join('--' + n for n in wrong)}: not options of --space (which pushes the "
+                                 f"explorer app); remove {'it' if len(wrong) == 1 else 'them'}.")
+            if self.sae is None or self.model is None:
+                raise ValueError("--space needs --sae and --model: the Hub repos of the SAE-V and of the MLLM it "
+                                 "reads, which the Space loads.")
+            return
+        if self.model is not None or self.labels is not None:
+            raise ValueError("--model and --labels apply to --space only; remove them or add --space.")
         if sum(value is not None for value in (self.sae, self.dataset, self.cache)) != 1:
             raise ValueError("Give exactly one of --sae (an SAE-V folder), --dataset (a filtered dataset folder) and "
                              "--cache (an activation cache folder).")
@@ -104,8 +127,11 @@ def read_metrics_json(path: str) -> dict[str, Any]:
 def run_push(args: PushArguments):
     """Load what `args` name (an SAE-V, a filtered dataset or an activation cache) and push it with its card; returns
     what was pushed where, ending with the commit URL."""
+    if args.space:
+        commit = push_space(args.repo_id, args.sae, args.model, labels_file=args.labels,
+                            private=args.private, commit_message=args.commit_message)
+        return f"Pushed the explorer for {args.sae} on {args.model} as the Space {args.repo_id}: {commit.commit_url}"
     if args.sae is not None:
-
         sae = SAEV.from_pretrained(args.sae)
         metrics = read_metrics_json(args.metrics_json) if args.metrics_json else None
         commit = push_saev(sae, args.repo_id, metrics=metrics, license=args.license, eval_dataset=args.eval_dataset,

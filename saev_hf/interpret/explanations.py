@@ -74,6 +74,35 @@ class ExampleExplanation:
         """Sum of the negative contributions."""
         return sum(c.contribution for c in self.contributions if c.contribution < 0)
 
+    def reasons(self, typical_cooccur: float | None = None) -> list[str]:
+        """Plain-language reasons for the cosine score; `typical_cooccur`, the median |C(x)| of comparable rows, where
+        known, says whether this row has few co-occurring features."""
+        delta = f"delta={self.delta:g}"
+        out = []
+        if self.cooccur_l0 == 0:
+            out.append(f"No feature exceeds {delta} at both a text and an image position: text and image share no "
+                       f"concept the SAE-V sees, so the score is 0.")
+        elif typical_cooccur is not None and self.cooccur_l0 < typical_cooccur:
+            out.append(f"Few co-occurring features: {self.cooccur_l0}, where the median scanned row has "
+                       f"{typical_cooccur:g}.")
+        else:
+            out.append(f"{self.cooccur_l0} co-occurring features (text and image both above {delta})"
+                       + (f"; the median scanned row has {typical_cooccur:g}." if typical_cooccur is not None else "."))
+        negative = [c for c in self.contributions if c.contribution < 0]
+        if negative:
+            many = len(negative) > 1
+            what = "features have negative weights" if many else "feature has a negative weight"
+            out.append(f"{len(negative)} co-occurring {what} ({'together ' if many else ''}{self.negative_total:.4g}); "
+                       f"the positive ones add {self.positive_total:.4g}.")
+        unweighted = self.cooccur_l0 - self.num_weighted
+        if unweighted:
+            verb = "has no cross-modal weight and adds" if unweighted == 1 else "have no cross-modal weight and add"
+            out.append(f"{unweighted} of the {self.cooccur_l0} co-occurring features {verb} 0.")
+        if self.num_text_only + self.num_image_only > self.cooccur_l0:
+            out.append(f"Many features fire above {delta} on one modality only: {self.num_text_only} on text only, "
+                       f"{self.num_image_only} on image only.")
+        return out
+
 
 @torch.no_grad()
 def _explain(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, row: int, special_as_text: bool,

@@ -5,7 +5,12 @@ output_dir/
   index.html                     SAE-V config, the inspected features, the explained rows (lowest score first)
   features/feature_<id>.html     weight, modality profile, firing counts, top examples (highlighted tokens, heatmaps)
   examples/example_<row>.html    scores, image, the co-occurring features behind the score (linked), why it is low
+  features.json                  the features' facts, top examples, logit lens and labels (what `saev explore
+                                 --inspection_dir` reads)
 ```
+
+With labels (`saev label`), feature pages and the index show each label and its detection score; with an explorer URL
+(`saev explore`, or its Space), every feature page links to the feature in the explorer.
 
 Every link is relative and every text (tokens, column values, model names) is HTML-escaped. Plots are drawn with
 matplotlib's Agg canvas on figures of their own (no pyplot state). Files of an earlier report in the same folder are
@@ -15,7 +20,9 @@ overwritten, not removed.
 from __future__ import annotations
 
 import html
+import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,7 @@ from ..data.prompts import PromptFormat
 from ..runtime.folders import OutputArguments, mark_output_complete, prepare_output_dir
 from .explanations import ExampleExplanation
 from .inspection import MODALITY_NAMES, FeatureSummary, Inspection, InspectionArguments, inspect_saev
+from .labels import FeatureLabel, read_labels
 from .rows import RowView
 
 MODALITY_COLOURS = {"image": "#4c72b0", "text": "#ff9d00", "special": "#9a9a9a"}
@@ -147,8 +155,9 @@ def _figure(width: float, height: float):
 
 
 def heatmap_png(image: Any, values: torch.Tensor | None, box: tuple[float, float, float, float] | None,
-                vmax: float, path: Path) -> None:
-    """Save `image` with `values` (rows, cols) drawn over the fraction `box` (left, top, right, bottom) of it."""
+                vmax: float, path: Any) -> None:
+    """Save `image` with `values` (rows, cols) drawn over the fraction `box` (left, top, right, bottom) of it, as a
+    PNG to `path` (a file path or a binary file object)."""
     width, height = image.size
     figure = _figure(2.4, 2.4 * height / width)
     axes = figure.add_axes((0, 0, 1, 1))
@@ -224,7 +233,25 @@ def _feature_link(feature: int, inspection: Inspection, prefix: str) -> str:
     return f"<span class=\"muted\">{feature}</span>"
 
 
-def _feature_page(summary: FeatureSummary, inspection: Inspection, folder: Path) -> str:
+def label_html(label: FeatureLabel | None) -> str:
+    """A label with its detection score, escaped, or a muted "none"."""
+    if label is None:
+        return "<span class=\"muted\">none</span>"
+    text = f"<b>{_escape(label.label)}</b>"
+    if label.detection is not None:
+        d = label.detection
+        text += (f" <span class=\"muted\">(detection: accuracy {_number(d['accuracy'], 3)}, F1 {_number(d['f1'], 3)} "
+                 f"on {int(d['num_activating'])} + {int(d['num_non_activating'])} held-out examples)</span>")
+    return text
+
+
+def explorer_link(explorer_url: str, feature: int) -> str:
+    """The explorer's address for `feature` (it opens that feature's page)."""
+    return f"{explorer_url.rstrip('/')}/?feature={feature}"
+
+
+def _feature_page(summary: FeatureSummary, inspection: Inspection, folder: Path,
+                  labels: dict[int, FeatureLabel] | None = None, explorer_url: str | None = None) -> str:
     f = summary.feature
     profile_png(summary, folder / f"feature_{f}_profile.png")
     weight = (f"{summary.weight:.4g}" if summary.has_weight
@@ -237,8 +264,11 @@ def _feature_page(summary: FeatureSummary, inspection: Inspection, folder: Path)
         [f"rows where it co-occurs (text and image &gt; {_escape(_number(inspection.delta))})",
          f"{summary.examples_cooccurring}"],
         ["on this page because", _escape(summary.selected_because)],
+        *([["label (<code>saev label</code>)", label_html(labels.get(f))]] if labels is not None else []),
     ])
-    body = [f"<h1>Feature {f}</h1>", facts,
+    explore = (f"<p><a class=\"explorer\" href=\"{_escape(explorer_link(explorer_url, f))}\">Open feature {f} in the "
+               f"explorer</a> (try your own images, steer with it)</p>" if explorer_url else "")
+    body = [f"<h1>Feature {f}</h1>", facts, explore,
             f"<h2>Modality profile</h2><p><img src=\"feature_{f}_profile.png\" alt=\"modality profile of feature {f}\">"
             "</p>"]
     if summary.logit_lens is not None:
@@ -327,7 +357,8 @@ def _example_page(explanation: ExampleExplanation, inspection: Inspection, folde
     return _page(f"Row {row} \u00b7 SAE-V inspection", "\n".join(body), root="../")
 
 
-def _index_page(inspection: Inspection) -> str:
+def _index_page(inspection: Inspection, labels: dict[int, FeatureLabel] | None = None,
+                explorer_url: str | None = None) -> str:
     config = inspection.sae_config
     facts = _table(None, [
         ["model read", _escape(inspection.model_name)],
@@ -350,6 +381,7 @@ def _index_page(inspection: Inspection) -> str:
             ", ".join(f"{summary.firing_counts[n]}" for n in MODALITY_NAMES),
             _escape(_number(top)),
             _escape(summary.selected_because),
+            *([label_html(labels.get(f))] if labels is not None else []),
         ])
     example_rows = []
     for row, e in inspection.explanations.items():
@@ -364,9 +396,12 @@ def _index_page(inspection: Inspection) -> str:
         ])
     body = [
         "<h1>SAE-V inspection</h1>", facts,
+        (f"<p><a class=\"explorer\" href=\"{_escape(explorer_url)}\">Open the explorer</a> (your own images and "
+         f"prompts, steering)</p>" if explorer_url else ""),
         "<h2>Features</h2>",
         _table(["feature", "weight w_f", "modality profile", "firing: image, text, special", "top activation",
-                "why listed"], feature_rows, numeric={1, 4}) if feature_rows else "<p class=\"muted\">None.</p>",
+                "why listed", *(["label"] if labels is not None else [])], feature_rows, numeric={1, 4})
+        if feature_rows else "<p class=\"muted\">None.</p>",
         "<h2>Explained examples (lowest cosine score first)</h2>",
         _table(["row", "cosine score", "|C(x)|", "weighted in C(x)", "largest contribution"], example_rows,
                numeric={1, 2, 3}) if example_rows else "<p class=\"muted\">None.</p>",
@@ -374,7 +409,30 @@ def _index_page(inspection: Inspection) -> str:
     return _page("SAE-V inspection", "\n".join(body))
 
 
-def write_feature_browser(inspection: Inspection, output_dir: str | Path, overwrite: bool = False) -> Path:
+def inspection_summary(inspection: Inspection, labels: dict[int, FeatureLabel] | None = None) -> dict[str, Any]:
+    """The report's `features.json`: the SAE-V's shape, the rows scanned, and per feature its weight (None without
+    one), firing counts, top examples `(row, activation)`, logit lens and label."""
+    config = inspection.sae_config
+    features = {}
+    for f, summary in inspection.features.items():
+        label = (labels or {}).get(f)
+        features[str(f)] = {
+            "weight": summary.weight if summary.has_weight else None,
+            "firing_counts": summary.firing_counts,
+            "examples_fired": summary.examples_fired,
+            "examples_cooccurring": summary.examples_cooccurring,
+            "selected_because": summary.selected_because,
+            "top_examples": [{"row": e.row, "activation": e.activation} for e in summary.top_examples],
+            "logit_lens": asdict(summary.logit_lens) if summary.logit_lens is not None else None,
+            "label": asdict(label) if label is not None else None,
+        }
+    return {"saev": {key: config.get(key) for key in ("d_sae", "d_in", "hook_layer")},
+            "model_name": inspection.model_name, "num_scanned_rows": len(inspection.scanned_rows),
+            "features": features}
+
+
+def write_feature_browser(inspection: Inspection, output_dir: str | Path, overwrite: bool = False,
+                          labels: dict[int, FeatureLabel] | None = None, explorer_url: str | None = None) -> Path:
     """
     Write `inspection` as a static HTML report (with PNGs) to `output_dir` and return the path of its `index.html`.
 
@@ -383,6 +441,9 @@ def write_feature_browser(inspection: Inspection, output_dir: str | Path, overwr
         output_dir (`str` or `Path`): the folder to write (created if needed): new, empty, or an earlier report.
         overwrite (`bool`, *optional*, defaults to `False`): write even into a folder holding other files (an
             `index.html` of another site, ...), which may be replaced.
+        labels (`dict[int, FeatureLabel]`, *optional*): feature labels ([`read_labels`] of a `saev label` run) to show
+            with their detection scores.
+        explorer_url (`str`, *optional*): a running explorer of the same SAE-V, which the feature pages link to.
 
     Returns:
         `Path`: `output_dir/index.html`; open it in a browser (file://, no server needed).
@@ -395,13 +456,14 @@ def write_feature_browser(inspection: Inspection, output_dir: str | Path, overwr
     (output / "features").mkdir(parents=True, exist_ok=True)
     (output / "examples").mkdir(parents=True, exist_ok=True)
     for f, summary in inspection.features.items():
-        page = _feature_page(summary, inspection, output / "features")
+        page = _feature_page(summary, inspection, output / "features", labels, explorer_url)
         (output / "features" / f"feature_{f}.html").write_text(page, encoding="utf-8")
     for row, explanation in inspection.explanations.items():
         page = _example_page(explanation, inspection, output / "examples")
         (output / "examples" / f"example_{row}.html").write_text(page, encoding="utf-8")
     index = output / "index.html"
-    index.write_text(_index_page(inspection), encoding="utf-8")
+    index.write_text(_index_page(inspection, labels, explorer_url), encoding="utf-8")
+    (output / "features.json").write_text(json.dumps(inspection_summary(inspection, labels), indent=1))
     mark_output_complete(output)
     return index
 
@@ -414,11 +476,13 @@ def run_inspection(sae_args: SAEArguments, model_args: ModelArguments, data_args
     [`write_feature_browser`]) to `output.output_dir`. Returns `(inspection, index page)`.
     """
     data_args.check_source(model_args, "saev inspect")
+    labels = read_labels(args.labels) if args.labels else None  # a bad file is refused before the model loads
     # the report is write_feature_browser's output, whether written from Python or from here
     prepare_output_dir(output.output_dir, "write_feature_browser", output.overwrite_output_dir)
     sae, model, processor, dataset = load_sources(sae_args, model_args, data_args, prompt_format.image_column)
     reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
     inspection = inspect_saev(sae, reader, dataset, args)
-    index = write_feature_browser(inspection, output.output_dir, overwrite=output.overwrite_output_dir)
+    index = write_feature_browser(inspection, output.output_dir, overwrite=output.overwrite_output_dir,
+                                  labels=labels, explorer_url=args.explorer_url)
     data_args.write_fetch_report(output.output_dir)
     return inspection, index

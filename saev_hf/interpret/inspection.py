@@ -80,6 +80,12 @@ class InspectionArguments:
     logit_lens_top_k: int = field(
         default=10, metadata={"help": "Tokens shown per feature by the logit lens (most promoted, most suppressed); "
                                       "0 shows none."})
+    labels: str | None = field(
+        default=None, metadata={"help": "A labels.json (`saev label`) of this SAE-V: feature pages show each label and "
+                                "its detection score."})
+    explorer_url: str | None = field(
+        default=None, metadata={"help": "URL of a running explorer (`saev explore`, or its Space) of this SAE-V: "
+                                "feature pages link to it."})
     max_features: int = field(
         default=50, metadata={"help": "Most feature pages chosen by default (features asked for are always shown)."}
     )
@@ -203,35 +209,13 @@ class Inspection:
     def reasons(self, row: int) -> list[str]:
         """Plain-language reasons for `row`'s cosine score, compared with the scanned rows."""
         e = self.explanations[row]
-        delta = f"delta={e.delta:g}"
         out = []
-        typical = statistics.median(self.scores["cooccur_l0"].tolist()) if self.scanned_rows else None
         rank = self.score_rank(row)
         if rank is not None:
             out.append(f"Its cosine score {e.cosine_score:.4g} ranks {rank} of {len(self.scanned_rows)} scanned rows "
                        f"(1 = lowest; a filter keeping the top fraction drops the lowest first).")
-        if e.cooccur_l0 == 0:
-            out.append(f"No feature exceeds {delta} at both a text and an image position: text and image share no "
-                       f"concept the SAE-V sees, so the score is 0.")
-        elif typical is not None and e.cooccur_l0 < typical:
-            out.append(f"Few co-occurring features: {e.cooccur_l0}, where the median scanned row has {typical:g}.")
-        else:
-            out.append(f"{e.cooccur_l0} co-occurring features (text and image both above {delta})"
-                       + (f"; the median scanned row has {typical:g}." if typical is not None else "."))
-        negative = [c for c in e.contributions if c.contribution < 0]
-        if negative:
-            many = len(negative) > 1
-            what = "features have negative weights" if many else "feature has a negative weight"
-            out.append(f"{len(negative)} co-occurring {what} ({'together ' if many else ''}{e.negative_total:.4g}); "
-                       f"the positive ones add {e.positive_total:.4g}.")
-        unweighted = e.cooccur_l0 - e.num_weighted
-        if unweighted:
-            verb = "has no cross-modal weight and adds" if unweighted == 1 else "have no cross-modal weight and add"
-            out.append(f"{unweighted} of the {e.cooccur_l0} co-occurring features {verb} 0.")
-        if e.num_text_only + e.num_image_only > e.cooccur_l0:
-            out.append(f"Many features fire above {delta} on one modality only: {e.num_text_only} on text only, "
-                       f"{e.num_image_only} on image only.")
-        return out
+        typical = statistics.median(self.scores["cooccur_l0"].tolist()) if self.scanned_rows else None
+        return out + e.reasons(typical)
 
 
 class FeatureTopExamples:

@@ -147,9 +147,11 @@ class SteerArguments:
 
 
 @torch.no_grad()
-def generate_steered(model: nn.Module, processor: Any, sae: Any, args: SteerArguments) -> dict[str, str]:
-    """Greedy generations for `args`' image(s) and prompt: `{"plain": ..., "steered": ...}` (the new text only)."""
-    images = [load_image(path, 0) for path in args.image or []]
+def generate_steered(model: nn.Module, processor: Any, sae: Any, args: SteerArguments,
+                     images: list[Any] | None = None) -> dict[str, str]:
+    """Greedy generations for `args`' image(s) (or `images`, PIL images, in their place) and prompt: `{"plain": ...,
+    "steered": ...}` (the new text only)."""
+    images = images if images is not None else [load_image(path, 0) for path in args.image or []]
     rows = {"prompt": [args.prompt], **({"images": [images]} if images else {})}
     prompt_format = PromptFormat(image_column="images" if images else None)
     inputs = prepare_inputs(processor, rows, prompt_format, image_token_id_of(model, processor))

@@ -24,7 +24,8 @@ command does, then lists its options.
 | `demo` | demo | `saev_hf.demo.run_demo` |
 
 Two commands import their code when they run: `dpo` (TRL costs about 5 s to import: `saev info` must not pay it) and
-`demo` (the miniature is never imported on the path a real model takes).
+`demo` (the miniature is never imported on the path a real model takes); `explore` imports the demo only when no model
+is named (it then shows the embedded one).
 """
 
 from __future__ import annotations
@@ -208,7 +209,12 @@ def steer_command(sae_args, model_args, args) -> None:
 
 
 def explore(sae_args, model_args, args) -> None:
-    run_explorer(sae_args, model_args, args)  # serves until Ctrl-C
+    sources = None
+    if sae_args.sae_name_or_path is None:  # neither named (checked at parse time): the embedded demo model
+        from .demo.explorer_default import demo_explorer_sources
+
+        sources = demo_explorer_sources(args.demo_saev_steps)
+    run_explorer(sae_args, model_args, args, sources=sources)  # serves until Ctrl-C
 
 
 def patches(sae_args, model_args, data_args, prompt_format, patch_args, map_args, output) -> None:

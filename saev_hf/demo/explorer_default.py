@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from huggingface_hub.constants import HF_HOME
 
-from .. import __version__
+from .._version import __version__
 from ..model.modeling import SAEV
 from .run import EMBEDDED_MODEL, DemoArguments, load_grounded_llava, load_recipe, require_demo_packages
 from .scene_saev import SceneSAEVArguments, train_scene_saev

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import HfApi
 
-from .. import __version__
+from .._version import __version__
 from ..interpret.labels import read_labels
 
 # ---------------------------------------------------------------------------------------------------------------------

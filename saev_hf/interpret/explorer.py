@@ -526,15 +526,15 @@ def check_explorer_sources(sae_args: Any, model_args: Any, *_: Any) -> tuple[boo
     return named
 
 
-def load_explorer(sae_args: Any, model_args: Any, args: ExploreArguments) -> Explorer:
-    """The [`Explorer`] `saev explore` shows: the SAE-V and MLLM named (both), or, with neither, the embedded demo's
-    grounded LLaVA and its SAE-V (trained once with the demo's recipe, then read from the cache)."""
-    named = check_explorer_sources(sae_args, model_args)
-    if named == (False, False):
-        from ..demo.explorer_default import demo_explorer_sources  # the miniature: only on this path
-
-        sae, model, processor, examples, title = demo_explorer_sources(args.demo_saev_steps)
+def load_explorer(sae_args: Any, model_args: Any, args: ExploreArguments, sources: tuple | None = None) -> Explorer:
+    """The [`Explorer`] `saev explore` shows: the SAE-V and MLLM named, or `sources` given loaded, `(sae, model,
+    processor, examples, title)` (what `saev explore` passes for the embedded demo model when neither is named)."""
+    if sources is not None:
+        sae, model, processor, examples, title = sources
     else:
+        if check_explorer_sources(sae_args, model_args) != (True, True):
+            raise ValueError("Name the SAE-V and the MLLM (--sae_name_or_path, --model_name_or_path), or pass them "
+                             "loaded as `sources`.")
         sae = sae_args.load()
         model, processor = model_args.load()
         sae.to(layer_device(model, sae.config.hook_layer))
@@ -545,16 +545,15 @@ def load_explorer(sae_args: Any, model_args: Any, args: ExploreArguments) -> Exp
     inspection = read_inspection_summary(args.inspection_dir) if args.inspection_dir else None
     if inspection is not None:
         check_same_saev(sae, inspection.get("saev"), f"--inspection_dir {args.inspection_dir}")
-    explorer = Explorer(sae, model, processor, labels=labels, inspection=inspection,
-                        inspection_dir=args.inspection_dir, top_k=args.top_k, logit_lens_top_k=args.logit_lens_top_k,
-                        special_as_text=args.special_as_text, examples=examples, title=title,
-                        max_new_tokens=args.max_new_tokens)
-    return explorer
+    return Explorer(sae, model, processor, labels=labels, inspection=inspection, inspection_dir=args.inspection_dir,
+                    top_k=args.top_k, logit_lens_top_k=args.logit_lens_top_k, special_as_text=args.special_as_text,
+                    examples=examples, title=title, max_new_tokens=args.max_new_tokens)
 
 
-def run_explorer(sae_args: Any, model_args: Any, args: ExploreArguments, block: bool = True):
+def run_explorer(sae_args: Any, model_args: Any, args: ExploreArguments, block: bool = True,
+                 sources: tuple | None = None):
     """`saev explore`: load (see [`load_explorer`]) and launch the app; returns the launched `gradio.Blocks`."""
-    app = build_explorer(load_explorer(sae_args, model_args, args))
+    app = build_explorer(load_explorer(sae_args, model_args, args, sources))
     allowed = [str(Path(args.inspection_dir).resolve())] if args.inspection_dir else None
     app.launch(server_name=args.server_name, server_port=args.server_port, share=args.share,
                allowed_paths=allowed, prevent_thread_lock=not block)

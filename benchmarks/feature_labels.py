@@ -60,6 +60,7 @@ def derangement(n: int, rng: np.random.Generator) -> list[int]:
 
 
 def mean(values: list[float]) -> float | None:
+    """The mean of `values`, None when there are none."""
     return statistics.fmean(values) if values else None
 
 
@@ -180,7 +181,7 @@ def report_markdown(args, result: dict) -> str:
               f"{_num(s['shuffled_mean_accuracy'])} | {_num(s['shuffled_mean_f1'])} |",
               f"| control: {len(result['random_features'])} random features, their labels | - | "
               f"{_num(s['random_mean_accuracy'])} | {_num(s['random_mean_f1'])} |",
-              "", f"Random features' labels: " + ", ".join(f"{r['feature']}: {r['label'] or '-'}"
+              "", "Random features' labels: " + ", ".join(f"{r['feature']}: {r['label'] or '-'}"
                                                           for r in result["random_features"]) + ".",
               "", f"Time: SAE-V training {result['seconds']['saev_training']:.0f} s, labelling and scoring "
                   f"{result['seconds']['labelling']:.0f} s (one thread)."]

@@ -138,6 +138,7 @@ def _user_error_argv(command, tmp_path):
         "dpo": [*model, *data, *out], "push": ["--repo_id", "me/x", "--sae", gone],
         "demo": ["--grounded_llava", gone, *out],
         "steer": [*sae, *model], "explore": [*sae, *model],
+        "label": [*sae, *model, *data, "--features", "0", "--explainer_model_name_or_path", gone, *out],
     }[command]
 
 

@@ -59,7 +59,8 @@ def test_every_command_that_loads_the_mllm_takes_model_dtype_device_and_device_m
     from saev_hf.cli import COMMANDS
 
     loading = [name for name, command in COMMANDS.items() if ModelArguments in command.arguments()]
-    assert set(loading) == {"cache", "train", "eval", "weights", "score", "inspect", "patches", "dpo", "steer"}
+    assert set(loading) == {"cache", "train", "eval", "weights", "score", "inspect", "patches", "dpo", "steer",
+                            "explore", "label"}
     parser = HfArgumentParser(ModelArguments)
     (model,) = parser.parse_args_into_dataclasses(["--model_name_or_path", "m", "--model_dtype", "bfloat16",
                                                    "--device_map", "auto"])

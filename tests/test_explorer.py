@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_inspection import CHROMEDRIVER, CHROMIUM, _chrome, hand_weighted, make_dataset
+from test_inspection import _chrome, hand_weighted, make_dataset
 from test_scoring import data_driven_sae
 
 from saev_hf.activations import LayerReader, Modality
@@ -143,7 +143,7 @@ def test_steering_panel_matches_generate_steered(setup):
         explorer.steer(image, prompt, "500=1", "all", 4)
 
 
-def test_bad_inputs_name_the_problem(setup):
+def test_bad_inputs_name_the_problem(setup, tmp_path):
     tiny, sae, ds, explorer = setup
     with pytest.raises(ValueError, match="No image: upload an image"):
         explorer.analyze(None, "what is it?")
@@ -151,10 +151,15 @@ def test_bad_inputs_name_the_problem(setup):
         explorer.analyze(ds[0]["images"][0], "  ")
     with pytest.raises(ValueError, match="does not exist"):
         explorer.check_feature("1.5")
-    from saev_hf.interpret.explorer import check_same_saev
+    from saev_hf.interpret.labels import read_labels
 
-    with pytest.raises(ValueError, match="was made for an SAE-V with .*'d_sae': 10"):
-        check_same_saev(sae, {"d_sae": 10, "d_in": sae.config.d_in, "hook_layer": 1}, "labels.json")
+    path = write_labels({3: FeatureLabel(3, "x")}, tmp_path / "labels.json", sae)
+    assert read_labels(path, sae)[3].label == "x"
+    record = json.loads(path.read_text())
+    record["saev"]["d_sae"] = 10
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="were made for an SAE-V with .*'d_sae': 10"):
+        read_labels(path, sae)
 
 
 @pytest.fixture(scope="module")

@@ -508,7 +508,7 @@ def test_labels_json_round_trips_and_a_bad_file_names_the_fault(tmp_path, labell
 
 
 def saved_sources(labelled, tmp_path):
-    tiny, ds, reader, sae, _ = labelled
+    tiny, ds, _, sae, _ = labelled
     ds.save_to_disk(tmp_path / "data")
     sae.save_pretrained(tmp_path / "sae")
     return ["--sae_name_or_path", str(tmp_path / "sae"), "--model_name_or_path", str(tiny.path),

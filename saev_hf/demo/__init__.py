@@ -6,7 +6,9 @@
 - `scene_saev`: the demo's SAE-V with its feature weights and calibrated delta;
 - `gate`: the measurements to pass before any DPO sweep;
 - `preference`: DPO on scene preference rows, and what it does to accuracy and hallucinations;
-- `run`: `saev demo` itself ([`run_demo`]), and `report`: what it writes.
+- `run`: `saev demo` itself ([`run_demo`]), and `report`: what it writes;
+- `concept_labels`: labels of the miniature's features by the grounded model answering its own questions (the labelling
+  benchmark), and `explorer_default`: what `saev explore` shows with no model named.
 
 The scores SAE-V's filter is compared with live in the library (`saev_hf.scoring.baselines`); the tiny offline MLLMs
 the tests, benchmarks and miniature build on live in `saev_hf.testing`. Nothing in the library imports this package.

@@ -36,7 +36,7 @@ from ..data.prompts import PromptFormat
 from ..runtime.devices import sae_matmul_precision
 from .explanations import ExampleExplanation, _explain
 from .feature_browser import display_token, heatmap_png
-from .labels import FeatureLabel, read_labels
+from .labels import FeatureLabel, check_same_saev, read_labels
 from .logit_lens import feature_logits
 from .rows import RowRevisitor, RowView
 from .steering import POSITIONS, SteerArguments, generate_steered, parse_clamps
@@ -362,17 +362,6 @@ def read_inspection_summary(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def check_same_saev(sae: Any, recorded: dict[str, Any] | None, what: str) -> None:
-    """Refuse labels or an inspection made for another SAE-V (other width or layer)."""
-    if not recorded:
-        return
-    mine = {"d_sae": sae.config.d_sae, "d_in": sae.config.d_in, "hook_layer": sae.config.hook_layer}
-    theirs = {key: recorded.get(key) for key in mine}
-    if any(theirs[key] is not None and theirs[key] != mine[key] for key in mine):
-        raise ValueError(f"{what} was made for an SAE-V with {theirs}, this one has {mine}: pass the {what} of this "
-                         f"SAE-V.")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The Gradio app
 # ---------------------------------------------------------------------------------------------------------------------
@@ -539,12 +528,10 @@ def load_explorer(sae_args: Any, model_args: Any, args: ExploreArguments, source
         model, processor = model_args.load()
         sae.to(layer_device(model, sae.config.hook_layer))
         examples, title = [], sae_args.sae_name_or_path
-    labels = read_labels(args.labels) if args.labels else None
-    if args.labels:
-        check_same_saev(sae, json.loads(Path(args.labels).read_text()).get("saev"), f"--labels {args.labels}")
+    labels = read_labels(args.labels, sae) if args.labels else None
     inspection = read_inspection_summary(args.inspection_dir) if args.inspection_dir else None
     if inspection is not None:
-        check_same_saev(sae, inspection.get("saev"), f"--inspection_dir {args.inspection_dir}")
+        check_same_saev(sae, inspection.get("saev"), f"The features of --inspection_dir {args.inspection_dir}")
     return Explorer(sae, model, processor, labels=labels, inspection=inspection, inspection_dir=args.inspection_dir,
                     top_k=args.top_k, logit_lens_top_k=args.logit_lens_top_k, special_as_text=args.special_as_text,
                     examples=examples, title=title, max_new_tokens=args.max_new_tokens)

@@ -481,6 +481,8 @@ def run_inspection(sae_args: SAEArguments, model_args: ModelArguments, data_args
     prepare_output_dir(output.output_dir, "write_feature_browser", output.overwrite_output_dir)
     sae, model, processor, dataset = load_sources(sae_args, model_args, data_args, prompt_format.image_column)
     reader = LayerReader(model, processor, layer=sae.config.hook_layer, prompt_format=prompt_format)
+    if labels is not None:
+        read_labels(args.labels, sae)  # labels of another SAE-V are refused
     inspection = inspect_saev(sae, reader, dataset, args)
     index = write_feature_browser(inspection, output.output_dir, overwrite=output.overwrite_output_dir,
                                   labels=labels, explorer_url=args.explorer_url)

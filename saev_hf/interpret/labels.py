@@ -314,8 +314,7 @@ def kept_patches(values: torch.Tensor, threshold: float, max_patches: int | None
     return kept[:max_patches] if max_patches is not None else kept
 
 
-def evidence_image(image: Any, grid: Any, values: torch.Tensor, kept: list[int], mode: str,
-                   crop_context: int = 1) -> Image.Image:
+def evidence_image(image: Any, grid: Any, kept: list[int], mode: str, crop_context: int = 1) -> Image.Image:
     """
     `image` showing the `kept` patches of its `grid` (a `PatchGrid`): `highlight` darkens the other patches to a
     quarter of their brightness, `mask` blacks them out, `crop` cuts the image to the kept patches' bounding box
@@ -357,7 +356,7 @@ def marked_example(tokenizer: Any, view: RowView, example: TopExample, args: Lab
             for image, grid, values in zip(view.images, view.grids, example.patch_activations):
                 kept = kept_patches(values, threshold, args.max_patches)
                 if kept:
-                    images.append(evidence_image(image, grid, values, kept, args.image_evidence, args.crop_context))
+                    images.append(evidence_image(image, grid, kept, args.image_evidence, args.crop_context))
     return EvidenceExample(example.row, example.activation, text, images, marked=True)
 
 
@@ -440,18 +439,19 @@ def collect_examples(sae: Any, reader: LayerReader, dataset: Any, features: Sequ
     explanation_rows, held_out_rows = split_rows(num_rows, args.explanation_fraction, args.seed)
     maxima = feature_maxima(sae, reader, dataset, list(range(num_rows)), features, args)
 
+    def top(rows: list[int], j: int, count: int) -> list[tuple[int, float]]:
+        """`(row, activation)` of the `count` rows where feature column `j` fires most, highest first."""
+        ranked = sorted(((row, float(maxima[row, j])) for row in rows), key=lambda item: (-item[1], item[0]))
+        return [(row, value) for row, value in ranked[:count] if value > 0]
+
     chosen: dict[int, dict[str, list[tuple[int, float]]]] = {}
     for j, f in enumerate(features):
-        def top(rows: list[int], count: int) -> list[tuple[int, float]]:
-            ranked = sorted(((row, float(maxima[row, j])) for row in rows), key=lambda item: (-item[1], item[0]))
-            return [(row, value) for row, value in ranked[:count] if value > 0]
-
-        activating = top(held_out_rows, args.num_detection)
+        activating = top(held_out_rows, j, args.num_detection)
         silent = [row for row in held_out_rows if float(maxima[row, j]) == 0]
         rng = np.random.default_rng([args.seed, f])
         drawn = sorted(rng.choice(silent, size=min(len(activating), len(silent)), replace=False).tolist()) \
             if silent and activating else []
-        chosen[f] = {"evidence": top(explanation_rows, args.top_n), "activating": activating,
+        chosen[f] = {"evidence": top(explanation_rows, j, args.top_n), "activating": activating,
                      "non_activating": [(row, 0.0) for row in drawn]}
 
     wanted: dict[int, list[int]] = {}
@@ -575,7 +575,7 @@ class TransformersExplainer:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "auto", device: str = "auto",
-                        max_new_tokens: int = 48) -> "TransformersExplainer":
+                        max_new_tokens: int = 48) -> TransformersExplainer:
         """Load a chat model from the Hub or a folder (as `saev` loads the MLLM) on `device`."""
         model, processor = load_model_and_processor(name_or_path, dtype=dtype, device=choose_device(device))
         return cls(model, processor, max_new_tokens, name=name_or_path)
@@ -810,12 +810,14 @@ def write_labels(labels: dict[int, FeatureLabel], path: str | Path, sae: Any = N
     return path
 
 
-def read_labels(path: str | Path) -> dict[int, FeatureLabel]:
-    """The labels in a `labels.json` (see the module docstring), checked.
+def read_labels(path: str | Path, sae: Any = None) -> dict[int, FeatureLabel]:
+    """The labels in a `labels.json` (see the module docstring), checked; with `sae`, refused unless they were made
+    for an SAE-V of its shape and layer.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not labels.json's layout (naming the feature and the field).
+        ValueError: the file is not labels.json's layout (naming the feature and the field), or its SAE-V is not
+            `sae`'s.
     """
     path = Path(path)
     if not path.is_file():
@@ -842,6 +844,8 @@ def read_labels(path: str | Path) -> dict[int, FeatureLabel]:
             if missing or bad:
                 raise ValueError(f"{where}: its detection score lacks {missing} or has non-numbers in {bad}.")
         labels[int(key)] = FeatureLabel(int(key), entry["label"], entry.get("explainer"), detection)
+    if sae is not None:
+        check_same_saev(sae, record.get("saev"), f"The labels in {path}")
     return labels
 
 
@@ -970,3 +974,14 @@ def run_labels(sae_args: SAEArguments, model_args: ModelArguments, data_args: Da
     data_args.write_fetch_report(str(folder))
     mark_output_complete(folder)
     return labels, path
+
+
+def check_same_saev(sae: Any, recorded: dict[str, Any] | None, what: str) -> None:
+    """Refuse labels or an inspection made for another SAE-V (another width, input width or layer)."""
+    if not recorded:
+        return
+    mine = {"d_sae": sae.config.d_sae, "d_in": sae.config.d_in, "hook_layer": sae.config.hook_layer}
+    theirs = {key: recorded.get(key) for key in mine}
+    if any(theirs[key] is not None and theirs[key] != mine[key] for key in mine):
+        raise ValueError(f"{what} were made for an SAE-V with {theirs}, this one has {mine}: pass the ones made for "
+                         f"this SAE-V.")

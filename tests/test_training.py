@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -316,7 +317,10 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_run(tiny_model_factory
     assert trainer.log_history == full_state["log_history"]
     assert resumed.config.training_tokens == uninterrupted.config.training_tokens == 40 * 32
 
-    # 'latest' picks the newest checkpoint in output_dir and gives the same result again
+    # 'latest' picks the newest complete checkpoint in output_dir and gives the same result again: a newer one cut
+    # short while it was written (a killed run: its trainer state, written last, missing) is passed over
+    shutil.copytree(tmp_path / "full" / "checkpoint-30", tmp_path / "full" / "checkpoint-35")
+    (tmp_path / "full" / "checkpoint-35" / "trainer_state.json").unlink()
     latest = train_saev(tiny_args(tmp_path / "full", max_steps=40, save_steps=10, save_total_limit=2,
                                   resume_from_checkpoint="latest"), llava.model, llava.processor, dataset)
     assert torch.equal(latest.W_dec, uninterrupted.W_dec)

@@ -84,12 +84,18 @@ class TrainingCheckpoints:
         )
         shared = self._shared_state()  # gathers from every process
         if accelerator.is_main_process:
+            # the trainer state and arguments are written last: a checkpoint cut short (a killed run) lacks them, and
+            # resume_from_checkpoint='latest' passes it over
+            for run in self.runs:
+                run.export_sae(self._training_tokens()).save_pretrained(path / run.name / "saev")
+                if self.members is not None:
+                    self._write_json(path / run.name / STATE_NAME, run.state_record(shared))
             self._write_json(path / ARGS_NAME, self._args_record())
             if self.members is not None:
                 self._write_json(path / STATE_NAME, {**shared, "members": [run.name for run in self.runs]})
-            for run in self.runs:
+            else:
+                (run,) = self.runs
                 self._write_json(path / run.name / STATE_NAME, run.state_record(shared))
-                run.export_sae(self._training_tokens()).save_pretrained(path / run.name / "saev")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process and self.args.save_total_limit:
             for old in _checkpoints(self.args.output_dir)[: -self.args.save_total_limit]:
@@ -141,7 +147,12 @@ class TrainingCheckpoints:
                     f"resume_from_checkpoint='latest' but {self.args.output_dir} holds no {CHECKPOINT_PREFIX}* folder. "
                     f"Point it at a checkpoint folder, or drop it to start a new run."
                 )
-            path = found[-1]
+            complete = [p for p in found if (p / STATE_NAME).exists() and (p / ARGS_NAME).exists()]
+            newest = found.index(complete[-1]) if complete else -1
+            for cut_short in found[newest + 1:]:
+                logger.warning("Skipping %s: it was cut short while being written (no %s), so it cannot be resumed "
+                               "from.", cut_short, STATE_NAME)
+            path = complete[-1] if complete else found[-1]
         else:
             path = Path(value)
         if not (path / STATE_NAME).exists() or not (path / ARGS_NAME).exists():

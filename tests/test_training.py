@@ -325,6 +325,15 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_run(tiny_model_factory
                                   resume_from_checkpoint="latest"), llava.model, llava.processor, dataset)
     assert torch.equal(latest.W_dec, uninterrupted.W_dec)
 
+    # a run killed while writing its first checkpoint has nothing to resume: 'latest' starts it over from step 0
+    (tmp_path / "cut").mkdir()
+    shutil.copy(tmp_path / "full" / "training_args.json", tmp_path / "cut" / "training_args.json")
+    shutil.copytree(tmp_path / "full" / "checkpoint-20", tmp_path / "cut" / "checkpoint-10")
+    (tmp_path / "cut" / "checkpoint-10" / "trainer_state.json").unlink()
+    restarted = train_saev(tiny_args(tmp_path / "cut", max_steps=40, save_steps=10, save_total_limit=2,
+                                     resume_from_checkpoint="latest"), llava.model, llava.processor, dataset)
+    assert torch.equal(restarted.W_dec, uninterrupted.W_dec)
+
 
 def test_resume_without_saved_buffer_continues_from_the_data_position(tiny_model_factory, tmp_path):
     llava = tiny_model_factory("llava")

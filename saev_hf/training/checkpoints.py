@@ -152,7 +152,10 @@ class TrainingCheckpoints:
             for cut_short in found[newest + 1:]:
                 logger.warning("Skipping %s: it was cut short while being written (no %s), so it cannot be resumed "
                                "from.", cut_short, STATE_NAME)
-            path = complete[-1] if complete else found[-1]
+            if not complete:  # killed while writing its first checkpoint: nothing to resume, the run starts over
+                logger.warning("No complete checkpoint in %s: starting again from step 0.", self.args.output_dir)
+                return None
+            path = complete[-1]
         else:
             path = Path(value)
         if not (path / STATE_NAME).exists() or not (path / ARGS_NAME).exists():

@@ -29,14 +29,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
-import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
-
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
+import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 from _common import add_output_dir, output_path  # noqa: E402
@@ -45,7 +44,7 @@ from saev_hf.activations import LayerReader  # noqa: E402
 from saev_hf.demo.concept_labels import ConceptExplainer, ConceptJudge, label_concept  # noqa: E402
 from saev_hf.demo.gate import concept_features  # noqa: E402
 from saev_hf.demo.run import DemoArguments, load_grounded_llava, load_recipe  # noqa: E402
-from saev_hf.demo.scene_saev import SceneSAEVArguments, train_scene_saev  # noqa: E402
+from saev_hf.demo.scene_saev import train_scene_saev  # noqa: E402
 from saev_hf.demo.scenes import DigitScans, question_rows  # noqa: E402
 from saev_hf.interpret.labels import LabelArguments, collect_examples, label_features, score_label  # noqa: E402
 from saev_hf.runtime.progress import disable_progress_bars  # noqa: E402
@@ -70,11 +69,9 @@ def run(args) -> dict:
     model, processor = load_grounded_llava()
     recipe = load_recipe(None)
     scans = DigitScans(recipe.held_out_fraction, seed=recipe.seed)
-    demo = DemoArguments()
+    demo = DemoArguments(**({"saev_steps": args.saev_steps} if args.saev_steps else {}))
     with tempfile.TemporaryDirectory() as folder:
-        sae = train_scene_saev(model, processor, scans, SceneSAEVArguments(
-            layer=demo.layer, expansion_factor=demo.expansion_factor, steps=args.saev_steps or demo.saev_steps,
-            delta_quantile=demo.delta_quantile, top_k_pool=demo.top_k_pool, seed=demo.seed), folder, progress=False)
+        sae = train_scene_saev(model, processor, scans, demo.saev_arguments(), folder, progress=False)
     trained = time.perf_counter()
     reader = LayerReader(model, processor, layer=demo.layer)
     concept_rows = question_rows(scans, args.concept_rows, "held_out", np.random.default_rng([args.seed, 1]))

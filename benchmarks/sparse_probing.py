@@ -22,19 +22,18 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
-import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
-
 import argparse  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
+import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 from _common import add_output_dir, output_path  # noqa: E402
 
 from saev_hf.demo.run import DemoArguments, load_grounded_llava, load_recipe  # noqa: E402
-from saev_hf.demo.scene_saev import SceneSAEVArguments, train_scene_saev  # noqa: E402
+from saev_hf.demo.scene_saev import train_scene_saev  # noqa: E402
 from saev_hf.demo.scenes import COLOURS, GRID, DigitScans, Scene, SceneObject, ask, random_scene  # noqa: E402
 from saev_hf.evaluation import evaluate_saev  # noqa: E402
 from saev_hf.evaluation.report import format_probing_table  # noqa: E402
@@ -82,11 +81,9 @@ def run(args) -> dict:
     model, processor = load_grounded_llava()
     recipe = load_recipe(None)
     scans = DigitScans(recipe.held_out_fraction, seed=recipe.seed)
-    demo = DemoArguments()
+    demo = DemoArguments(**({"saev_steps": args.saev_steps} if args.saev_steps else {}))
     with tempfile.TemporaryDirectory() as folder:
-        sae = train_scene_saev(model, processor, scans, SceneSAEVArguments(
-            layer=demo.layer, expansion_factor=demo.expansion_factor, steps=args.saev_steps or demo.saev_steps,
-            delta_quantile=demo.delta_quantile, top_k_pool=demo.top_k_pool, seed=demo.seed), folder, progress=False)
+        sae = train_scene_saev(model, processor, scans, demo.saev_arguments(), folder, progress=False)
     trained = time.perf_counter()
     rows = {"one_digit": probing_rows(scans, args.rows, np.random.default_rng([args.seed, 3])),
             "which": which_rows(scans, args.rows, np.random.default_rng([args.seed, 4]))}

@@ -23,13 +23,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _common
-import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
-
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 
+import _common  # noqa: E402,F401  (one thread, offline, the checkout importable: before torch is imported)
 import numpy as np  # noqa: E402
 from _common import add_output_dir, output_path  # noqa: E402
 
@@ -37,7 +36,7 @@ from saev_hf.activations import LayerReader  # noqa: E402
 from saev_hf.demo.gate import concept_features  # noqa: E402
 from saev_hf.demo.grounded_llava import predict_answers  # noqa: E402
 from saev_hf.demo.run import DemoArguments, load_grounded_llava, load_recipe  # noqa: E402
-from saev_hf.demo.scene_saev import SceneSAEVArguments, train_scene_saev  # noqa: E402
+from saev_hf.demo.scene_saev import train_scene_saev  # noqa: E402
 from saev_hf.demo.scenes import DIGITS, DigitScans, ask, question_rows, random_scene  # noqa: E402
 from saev_hf.interpret import steer  # noqa: E402
 
@@ -58,11 +57,9 @@ def run(args) -> dict:
     model, processor = load_grounded_llava()
     recipe = load_recipe(None)
     scans = DigitScans(recipe.held_out_fraction, seed=recipe.seed)
-    demo = DemoArguments()
+    demo = DemoArguments(**({"saev_steps": args.saev_steps} if args.saev_steps else {}))
     with tempfile.TemporaryDirectory() as folder:
-        sae = train_scene_saev(model, processor, scans, SceneSAEVArguments(
-            layer=demo.layer, expansion_factor=demo.expansion_factor, steps=args.saev_steps or demo.saev_steps,
-            delta_quantile=demo.delta_quantile, top_k_pool=demo.top_k_pool, seed=demo.seed), folder, progress=False)
+        sae = train_scene_saev(model, processor, scans, demo.saev_arguments(), folder, progress=False)
     reader = LayerReader(model, processor, layer=demo.layer)
     held_out = question_rows(scans, args.concept_rows, "held_out", np.random.default_rng([args.seed, 1]))
     concepts = {c.concept: c for c in concept_features(sae, reader, held_out)}
@@ -97,7 +94,7 @@ def run(args) -> dict:
 
 def report_markdown(args, result: dict) -> str:
     """The results as markdown."""
-    lines = [f"# Steering the grounded miniature with its digits' concept features", "",
+    lines = ["# Steering the grounded miniature with its digits' concept features", "",
              f"Command: `python benchmarks/steering_concepts.py --rows {args.rows} --scale {args.scale}`. SAE-V as "
              f"`saev demo` trains it (layer {result['layer']}, {result['d_sae']} features); {result['rows']} "
              f"\"which digit is <colour> ?\" questions about held-out scenes (plain accuracy "

@@ -20,7 +20,7 @@ from huggingface_hub.constants import HF_HOME
 from .._version import __version__
 from ..model.modeling import SAEV
 from .run import EMBEDDED_MODEL, DemoArguments, load_grounded_llava, load_recipe, require_demo_packages
-from .scene_saev import SceneSAEVArguments, train_scene_saev
+from .scene_saev import train_scene_saev
 from .scenes import DigitScans, question_rows
 
 
@@ -29,17 +29,10 @@ def demo_cache_dir() -> Path:
     return Path(os.environ.get("SAEV_HF_DEMO_CACHE", Path(HF_HOME) / "saev_hf" / "demo_saev"))
 
 
-def demo_saev_arguments(steps: int) -> SceneSAEVArguments:
-    """The settings `saev demo` trains its SAE-V with, with `steps` training steps."""
-    demo = DemoArguments()
-    return SceneSAEVArguments(layer=demo.layer, expansion_factor=demo.expansion_factor, steps=steps,
-                              delta_quantile=demo.delta_quantile, top_k_pool=demo.top_k_pool, seed=demo.seed)
-
-
 def demo_saev(model: Any, processor: Any, scans: DigitScans, steps: int, progress: bool = True) -> SAEV:
     """The demo's SAE-V on the embedded model: from the cache when one was trained with the same weights, settings
     and library version, else trained now (about a minute on 2 CPU threads for 1000 steps) and cached."""
-    args = demo_saev_arguments(steps)
+    args = DemoArguments(saev_steps=steps).saev_arguments()
     weights = hashlib.sha256((EMBEDDED_MODEL / "model.safetensors").read_bytes()).hexdigest()
     key = hashlib.sha256(json.dumps({"model": weights, "saev": asdict(args), "version": __version__},
                                     sort_keys=True).encode()).hexdigest()[:16]

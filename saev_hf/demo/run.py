@@ -86,6 +86,15 @@ class DemoArguments(OutputArguments):
                 raise ValueError(f"{name}={getattr(self, name)} must be positive.")
 
 
+    def saev_arguments(self):
+        """The [`SceneSAEVArguments`] of the demo's SAE-V (what `saev explore` and the miniature's benchmarks train
+        too)."""
+        from .scene_saev import SceneSAEVArguments
+
+        return SceneSAEVArguments(layer=self.layer, expansion_factor=self.expansion_factor, steps=self.saev_steps,
+                                  delta_quantile=self.delta_quantile, top_k_pool=self.top_k_pool, seed=self.seed)
+
+
 def _log(message: str) -> None:
     print(f"[saev demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -138,7 +147,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     from ..scoring.scorer import SAEVScorer
     from .grounded_llava import GroundedLlavaArguments, answer_accuracy, train_grounded_llava
     from .preference import SceneDPOArguments, dpo_and_evaluate
-    from .scene_saev import SceneSAEVArguments, train_scene_saev
+    from .scene_saev import train_scene_saev
     from .scenes import DigitScans, preference_rows, question_rows
 
     require_demo_packages()
@@ -166,9 +175,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
 
     # 2. the SAE-V
     _log(f"2/5 Training an SAE-V on layer {args.layer} and computing its feature weights")
-    saev_args = SceneSAEVArguments(layer=args.layer, expansion_factor=args.expansion_factor, steps=args.saev_steps,
-                                   delta_quantile=args.delta_quantile, top_k_pool=args.top_k_pool, seed=args.seed)
-    sae = train_scene_saev(model, processor, scans, saev_args, output / "saev", progress=progress)
+    sae = train_scene_saev(model, processor, scans, args.saev_arguments(), output / "saev", progress=progress)
 
     # 3-4. the preference data, its scores and their AUROCs
     rows = preference_rows(scans, args.num_pairs, "train", np.random.default_rng([args.seed, 5]),

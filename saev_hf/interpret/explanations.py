@@ -110,6 +110,11 @@ def _explain(sae: Any, hidden: torch.Tensor, modality: torch.Tensor, row: int, s
     """C(x) and its contributions for one example, computed as `SAEVScorer.score_rows` computes the score."""
     activity = example_activity(sae, hidden, modality, row, special_as_text, token_chunk, maxima=True,
                                 allow_tf32=allow_tf32)
+    return explanation_of(sae, activity, row)
+
+
+def explanation_of(sae: Any, activity: Any, row: int) -> ExampleExplanation:
+    """The [`ExampleExplanation`] of an example's [`ExampleActivity`] (computed with `maxima=True`)."""
     fires_text, fires_image, cooccur = activity.fires_text, activity.fires_image, activity.cooccurring
     weights = sae.feature_weights
     contributions = []

@@ -29,13 +29,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from PIL import Image
 
 from ..activations.reader import LayerReader, Modality, layer_device
 from ..data.images import load_image, to_rgb
 from ..data.prompts import PromptFormat
 from ..runtime.devices import sae_matmul_precision
-from .explanations import ExampleExplanation, _explain
-from .feature_browser import display_token, heatmap_png
+from ..scoring.activity import example_activity
+from .explanations import ExampleExplanation, explanation_of
+from .feature_browser import display_token, heatmap_png, token_runs
 from .labels import FeatureLabel, check_same_saev, read_labels
 from .logit_lens import feature_logits
 from .rows import RowRevisitor, RowView
@@ -195,10 +197,12 @@ class Explorer:
                 return self._cache[key]
             revisitor = RowRevisitor(self.reader, [{"images": [image], "prompt": prompt}], batch_size=1)
             ((_, hidden, modality, view),) = list(revisitor.revisit([0], "Explorer: reading the input"))
-            explanation = _explain(self.sae, hidden, modality, 0, self.special_as_text, self.token_chunk)
-            z = self._encode(hidden)
+            # one encode gives the scores, their explanation and each feature's largest activation per modality
+            activity = example_activity(self.sae, hidden, modality, 0, self.special_as_text, self.token_chunk,
+                                        maxima=True)
+            explanation = explanation_of(self.sae, activity, 0)
             analysis = Analysis(view=view, explanation=explanation, hidden=hidden, modality=modality,
-                                top_features=self._top_features(z, modality, explanation))
+                                top_features=self._top_features(activity, explanation))
             self._cache[key] = analysis
             while len(self._cache) > 8:
                 self._cache.popitem(last=False)
@@ -212,11 +216,11 @@ class Explorer:
                 parts.append((z if features is None else z[:, list(features)]).float().cpu())
         return torch.cat(parts)
 
-    def _top_features(self, z: torch.Tensor, modality: torch.Tensor, explanation: ExampleExplanation):
-        modality = modality.cpu()
-        peak = z.max(dim=0).values
-        image = modality == Modality.IMAGE
-        text = ~image if self.special_as_text else modality == Modality.TEXT
+    def _top_features(self, activity: Any, explanation: ExampleExplanation) -> list[FeatureActivity]:
+        """The `top_k` features by largest activation over the positions the scores read (every real position when
+        special tokens count as text, the default)."""
+        max_text, max_image = activity.max_text.float().cpu(), activity.max_image.float().cpu()
+        peak = torch.maximum(max_text, max_image)
         contributions = {c.feature: c for c in explanation.contributions}
         weights = self.sae.feature_weights.float().cpu()
         k = min(self.top_k, int((peak > 0).sum()))
@@ -224,9 +228,7 @@ class Explorer:
         for f in peak.topk(k).indices.tolist() if k else []:
             c = contributions.get(f)
             out.append(FeatureActivity(
-                feature=f, max_activation=float(peak[f]),
-                max_image=float(z[image, f].max()) if image.any() else 0.0,
-                max_text=float(z[text, f].max()) if text.any() else 0.0,
+                feature=f, max_activation=float(peak[f]), max_image=float(max_image[f]), max_text=float(max_text[f]),
                 cooccurs=c is not None, weight=float(weights[f]), contribution=c.contribution if c else 0.0,
                 label=self.labels[f].label if f in self.labels else None))
         return out
@@ -253,19 +255,10 @@ class Explorer:
         with self._lock:
             z = self._encode(analysis.hidden, [feature])[:, 0]
         view = analysis.view
-        modality = view.modality.tolist()
-        tokens, i = [], 0
-        while i < len(view.tokens):
-            end = i + 1
-            if modality[i] == Modality.IMAGE:
-                while end < len(view.tokens) and modality[end] == Modality.IMAGE:
-                    end += 1
-                text = f"[image \u00d7{end - i}]"
-            else:
-                text = display_token(view.tokens[i])
-            value = float(z[i:end].max())
+        tokens = []
+        for text, _, start, end in token_runs(view):
+            value = float(z[start:end].max())
             tokens.append((text, value if value > 0 else None))
-            i = end
         on_image = z[view.modality == Modality.IMAGE]
         patches, images = [], []
         scale = float(z.max()) if float(z.max()) > 0 else 1.0
@@ -274,8 +267,6 @@ class Explorer:
             patches.append(values)
             buffer = io.BytesIO()
             heatmap_png(image, values, view.grids[k].box if view.grids is not None else None, scale, buffer)
-            from PIL import Image
-
             images.append(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
         return {"feature": feature, "tokens": tokens, "patches": patches, "images": images,
                 "max_activation": float(z.max()), "grid_note": view.grid_note}

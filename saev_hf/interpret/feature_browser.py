@@ -102,13 +102,10 @@ def display_token(token: str) -> str:
     return token.replace("\u2581", " ").replace("\u0120", " ").replace("\u010a", "\u21b5")
 
 
-def tokens_html(view: RowView, activations: torch.Tensor | None = None, scale: float = 1.0) -> str:
-    """
-    A row's tokens as HTML spans (class `tok`, plus `text` / `special` / `image`), each run of image tokens as one
-    `[image xN]` span. With `activations` (one per token), a span's background shows the activation divided by
-    `scale` and spans with a positive activation get the class `active`; the exact value is in its tooltip.
-    """
-    parts = []
+def token_runs(view: RowView) -> list[tuple[str, str, int, int]]:
+    """A row's tokens as a page shows them, `(text, kind, start, end)`: each text or special token on its own, each
+    run of image tokens as one `[image xN]` entry of kind `image` (positions `start:end` of the row)."""
+    runs = []
     modality = view.modality.tolist()
     i = 0
     while i < len(view.tokens):
@@ -117,11 +114,21 @@ def tokens_html(view: RowView, activations: torch.Tensor | None = None, scale: f
         if code == Modality.IMAGE:
             while end < len(view.tokens) and modality[end] == Modality.IMAGE:
                 end += 1
-            text = f"[image \u00d7{end - i}]"
-            kind = "image"
+            runs.append((f"[image \u00d7{end - i}]", "image", i, end))
         else:
-            text = display_token(view.tokens[i])
-            kind = "special" if code == Modality.SPECIAL else "text"
+            runs.append((display_token(view.tokens[i]), "special" if code == Modality.SPECIAL else "text", i, end))
+        i = end
+    return runs
+
+
+def tokens_html(view: RowView, activations: torch.Tensor | None = None, scale: float = 1.0) -> str:
+    """
+    A row's tokens as HTML spans (class `tok`, plus `text` / `special` / `image`), each run of image tokens as one
+    `[image xN]` span. With `activations` (one per token), a span's background shows the activation divided by
+    `scale` and spans with a positive activation get the class `active`; the exact value is in its tooltip.
+    """
+    parts = []
+    for text, kind, i, end in token_runs(view):
         classes, style, title = ["tok", kind], "", f"{kind} token" if kind != "image" else f"{end - i} image tokens"
         if activations is not None:
             value = float(activations[i:end].max())
@@ -131,7 +138,6 @@ def tokens_html(view: RowView, activations: torch.Tensor | None = None, scale: f
                 style = f" style=\"background-color: rgba(255, 110, 0, {0.1 + 0.85 * alpha:.3f})\""
             title += f"; activation {value:.4g}" + (" (max over them)" if kind == "image" else "")
         parts.append(f"<span class=\"{' '.join(classes)}\" title=\"{_escape(title)}\"{style}>{_escape(text)}</span>")
-        i = end
     return f"<div class=\"tokens\">{''.join(parts)}</div>"
 
 

@@ -153,8 +153,10 @@ def weights(sae_args, model_args, data_args, prompt_format, weighting, output) -
     end_distributed()  # under torchrun / accelerate launch: every process has the weights, the main one saved them
     info = sae.config.feature_weights_info
     if _is_main_process():
+        mean = info.get("mean_cosine_score")
         print(f"{info['num_weighted_features']} of {sae.config.d_sae} features weighted over {info['num_examples']} "
-              f"examples; delta (cooccurrence_threshold) = {sae.config.cooccurrence_threshold:.4g}; SAE-V with "
+              f"examples" + (f" (mean cosine score {mean:.4f}: the model-level score)" if mean is not None else "")
+              + f"; delta (cooccurrence_threshold) = {sae.config.cooccurrence_threshold:.4g}; SAE-V with "
               f"weights saved to {output.output_dir}")
 
 

@@ -34,7 +34,7 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
 
 
-def test_weights_score_and_filter_commands_end_to_end(tiny_model_factory, tmp_path):
+def test_weights_score_and_filter_commands_end_to_end(tiny_model_factory, tmp_path, capsys):
     import datasets
 
     from saev_hf.testing.digit_data import DIGIT_NAMES, digit_images
@@ -55,6 +55,9 @@ def test_weights_score_and_filter_commands_end_to_end(tiny_model_factory, tmp_pa
                  "--num_examples", "8", "--batch_size", "4"]) == 0
     weighted = SAEV.from_pretrained(tmp_path / "weighted")
     assert weighted.config.feature_weights_info["num_examples"] == 8
+    mean = weighted.config.feature_weights_info["mean_cosine_score"]
+    assert mean == pytest.approx(float(weighted.feature_weights.nan_to_num(0).sum() / weighted.has_feature_weight.sum()))
+    assert f"(mean cosine score {mean:.4f}: the model-level score)" in capsys.readouterr().out
     assert weighted.has_feature_weight.any()
 
     assert main(["score", "--sae_name_or_path", str(tmp_path / "weighted"), *common, "--output_dir", str(tmp_path / "scored"),

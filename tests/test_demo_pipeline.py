@@ -7,6 +7,7 @@ import pytest
 
 from saev_hf.cli import main
 from saev_hf.demo.run import EMBEDDED_MODEL, DemoArguments, load_grounded_llava, run_demo
+from saev_hf.demo.defects import DEFECTS
 from saev_hf.demo.report import SCORE_COLUMNS
 from saev_hf.demo import grounded_llava as gl
 from saev_hf.demo.gate import auroc
@@ -50,7 +51,8 @@ def test_demo_runs_the_scene_task_end_to_end_and_reports_honestly(small_model, t
                         lambda *a, **k: trained_with.append(a[4]) or real(*a, **k))
     out = tmp_path / "demo"
     argv = ["demo", "--output_dir", str(out), "--grounded_llava", str(small_model), "--layer", "1",
-            "--saev_steps", "10", "--num_pairs", "40", "--dpo_steps", "2", "--eval_rows", "16", "--disable_tqdm"]
+            "--saev_steps", "10", "--num_pairs", "40", "--dpo_steps", "2", "--eval_rows", "16", "--disable_tqdm",
+            "--map_clean_rows", "16", "--map_rows_per_kind", "4"]
     assert main(argv) == 0
     assert trained_with and all(a.sft_weight == 1.0 and a.steps == 2 for a in trained_with)  # DPO + SFT loss
     summary = json.loads((out / "summary.json").read_text())
@@ -71,6 +73,14 @@ def test_demo_runs_the_scene_task_end_to_end_and_reports_honestly(small_model, t
         assert ("inverted" in line) == (value <= 0.4)
     for name in summary["uninformative_scores"]:  # a score on which every row ties is said to be, not used
         assert f"Every row has the same {SCORE_COLUMNS[name]}" in report
+    brief = summary["defect_map"]
+    assert sum(brief["composition"].values()) == 16 + 4 * 8 and set(brief["kinds"]) == set(DEFECTS)
+    assert report.splitlines()[2] == f"**In brief: {brief['sentence']}**"  # the report leads with it
+    assert "## Which kinds of low-quality data does SAE-V's filter catch?" in report
+    for kind, verdict in brief["kinds"].items():  # the verdict is the AUROC's, for every kind
+        best = max(verdict["paper"][1], verdict["beyond_paper"][1])
+        assert verdict["verdict"] == ("catches" if best >= 0.75 else "inverted" if best <= 0.25 else "misses")
+        assert brief["auroc"][verdict["paper"][0]][kind] == verdict["paper"][1]
     assert "## What this run found" in capsys.readouterr().out
     with pytest.raises(FileExistsError):  # a folder holding someone else's files is not overwritten
         (tmp_path / "theirs").mkdir()
@@ -85,6 +95,8 @@ def test_demo_arguments_are_checked():
         DemoArguments(keep_fraction=0)
     with pytest.raises(ValueError, match="dpo_sft_weight"):
         DemoArguments(dpo_sft_weight=-1.0)
+    with pytest.raises(ValueError, match="map_rows_per_kind=-1 must be >= 0"):
+        DemoArguments(map_rows_per_kind=-1)
     with pytest.raises(FileNotFoundError, match="No grounded LLaVA"):
         load_grounded_llava("/nonexistent/folder")
 

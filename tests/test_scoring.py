@@ -434,3 +434,78 @@ def test_a_float32_saev_encodes_half_precision_hidden_states_in_float32(scored_s
     scores = SAEVScorer(sae, half_model, llava.processor).score_rows(ds[:4])
     full = SAEVScorer(sae, llava.model, llava.processor).score_rows(ds[:4])
     assert scores["saev_l0"] == pytest.approx(full["saev_l0"], rel=0.05)  # close, not equal: the states were rounded
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scores beyond the paper: asked for by name, never a default
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def reference_jaccard(sae, reader, row):
+    """|T & I| / |T | I| for one example, written directly from its definition."""
+    acts = reader.read({k: [v] for k, v in row.items() if k in ("images", "prompt")})
+    hidden, modality = acts.example(0)
+    z = sae.encode(hidden)
+    text = (modality == Modality.TEXT) | (modality == Modality.SPECIAL)
+    image = modality == Modality.IMAGE
+    text_features = set((z[text] > DELTA).any(0).nonzero().flatten().tolist())
+    image_features = set((z[image] > DELTA).any(0).nonzero().flatten().tolist())
+    union = text_features | image_features
+    return len(text_features & image_features) / len(union) if union else 0.0
+
+
+def test_jaccard_and_polarity_scores_equal_their_definitions(scored_setup):
+    llava, sae, ds, _ = scored_setup
+    denials = ["none", "no", "three", "No, there is none", "seven", "none", "four", "no", "one", "two"]
+    data = ds.remove_columns("chosen").add_column("chosen", denials)
+    args = ScorerArguments(scores=["cooccur_l0", "cooccur_jaccard", "polarity_jaccard"], denial_pattern=r"^(none|no)\b",
+                           polarity_threshold=0.3)
+    out = data.map(SAEVScorer(sae, llava.model, llava.processor, args=args), batched=True, batch_size=4)
+    assert out.column_names[-3:] == ["saev_cooccur_l0", "saev_cooccur_jaccard", "saev_polarity_jaccard"]
+    reader = LayerReader(llava.model, llava.processor, layer=1)
+    for i in range(len(ds)):
+        jaccard = reference_jaccard(sae, reader, ds[i])
+        assert out[i]["saev_cooccur_jaccard"] == pytest.approx(jaccard, abs=1e-9)
+        denies = denials[i].lower().startswith(("none", "no"))
+        assert out[i]["saev_polarity_jaccard"] == pytest.approx(0.3 - jaccard if denies else jaccard - 0.3, abs=1e-9)
+    assert 0 < min(out["saev_cooccur_jaccard"]) < max(out["saev_cooccur_jaccard"]) < 1, "the score must vary"
+    default = SAEVScorer(sae, llava.model, llava.processor)
+    assert "saev_cooccur_jaccard" not in default.columns, "a score beyond the paper is never a default"
+
+
+def test_polarity_score_needs_a_valid_denial_pattern_and_the_response(scored_setup):
+    llava, sae, ds, _ = scored_setup
+    with pytest.raises(ValueError, match="polarity_jaccard needs denial_pattern"):
+        ScorerArguments(scores=["polarity_jaccard"])
+    with pytest.raises(ValueError, match="polarity_jaccard needs polarity_threshold"):
+        ScorerArguments(scores=["polarity_jaccard"], denial_pattern="^no")
+    with pytest.raises(ValueError, match=r"denial_pattern='\(none' is not a regular expression"):
+        ScorerArguments(scores=["polarity_jaccard"], denial_pattern="(none", polarity_threshold=0.2)
+    args = ScorerArguments(scores=["polarity_jaccard"], denial_pattern="^no", polarity_threshold=0.2)
+    with pytest.raises(KeyError, match="Column 'chosen' .*polarity_jaccard.*baseline_response_column"):
+        ds.remove_columns(["chosen"]).map(SAEVScorer(sae, llava.model, llava.processor, args=args), batched=True)
+    with pytest.raises(RowError, match="Row 0: the response must be text or a conversation"):
+        SAEVScorer(sae, llava.model, llava.processor, args=args).score_rows(
+            {**ds[:1], "chosen": [7]})
+
+
+def test_polarity_reads_conversational_responses(scored_setup):
+    llava, sae, ds, _ = scored_setup
+    args = ScorerArguments(scores=["cooccur_jaccard", "polarity_jaccard"], denial_pattern=r"^there is no\b",
+                           polarity_threshold=0.25)
+    rows = {**ds[:2], "chosen": [[{"role": "assistant", "content": "There is no seven."}],
+                                 [{"role": "assistant", "content": [{"type": "text", "text": "A seven."}]}]]}
+    out = SAEVScorer(sae, llava.model, llava.processor, args=args).score_rows(rows)
+    assert out["saev_polarity_jaccard"][0] == pytest.approx(0.25 - out["saev_cooccur_jaccard"][0])
+    assert out["saev_polarity_jaccard"][1] == pytest.approx(out["saev_cooccur_jaccard"][1] - 0.25)
+
+
+def test_jaccard_is_not_raised_by_an_image_firing_every_feature():
+    from saev_hf.scoring.activity import jaccard_scores
+
+    text = torch.tensor([[True, True, False, False, False, False]])
+    few = torch.tensor([[True, False, False, False, False, False]])
+    every = torch.ones(1, 6, dtype=torch.bool)
+    assert (few & text).sum() < (every & text).sum()  # |C(x)| grows with what the image fires ...
+    assert float(jaccard_scores(text, every)) < float(jaccard_scores(text, text))  # ... the Jaccard does not
+    assert float(jaccard_scores(torch.zeros(1, 6, dtype=torch.bool), torch.zeros(1, 6, dtype=torch.bool))) == 0.0

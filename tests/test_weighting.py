@@ -206,3 +206,19 @@ def test_ties_straddling_the_kth_place_keep_the_earliest_positions():
     assert top.positions[:, 0].tolist() == [10, 20, 30, 40, 50]
     assert top.positions[:, 1].tolist() == [400, 10, 20, 30, 40]
     assert top.positions[:, 2].tolist() == [-1] * 5 and top.values[:, 2].tolist() == [0.0] * 5
+
+
+def test_model_cosine_score_is_the_mean_weight_of_the_weighted_features(setup, capsys):
+    from saev_hf.weighting import model_cosine_score
+
+    sae, reader, ds = setup
+    copy = SAEV(sae.config)
+    copy.load_state_dict(sae.state_dict())
+    weights = compute_feature_weights(copy, reader, ds, WeightingArguments(num_examples=None, threshold_quantile=0.5))
+    weighted = weights[~torch.isnan(weights)]
+    assert len(weighted) > 10
+    assert model_cosine_score(weights) == pytest.approx(float(weighted.double().mean()), abs=1e-12)
+    assert copy.config.feature_weights_info["mean_cosine_score"] == pytest.approx(model_cosine_score(weights))
+    assert model_cosine_score(torch.tensor([math.nan, 0.2, math.nan, 0.4])) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="No feature has a cross-modal weight"):
+        model_cosine_score(torch.full((4,), math.nan))

@@ -30,9 +30,11 @@ class SceneDPOArguments:
 
 
 def dpo_and_evaluate(model, processor, rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]],
-                     args: SceneDPOArguments, output_dir: str | Path, progress: bool = False) -> dict[str, Any]:
+                     args: SceneDPOArguments, output_dir: str | Path, progress: bool = False,
+                     return_model: bool = False) -> dict[str, Any]:
     """DPO of a copy of `model` (left unchanged) on preference `rows` (see [`preference_rows`]), then its
-    [`answer_accuracy`] on `eval_rows`: ``{"accuracy", "hallucination_rate", "by_kind", "rows", "final_loss"}``."""
+    [`answer_accuracy`] on `eval_rows`: ``{"accuracy", "hallucination_rate", "by_kind", "rows", "final_loss"}``
+    (with `return_model`, also ``"model"``: the trained copy)."""
     import datasets
 
     from ..alignment.dpo import paper_dpo_config, train_dpo
@@ -53,5 +55,6 @@ def dpo_and_evaluate(model, processor, rows: list[dict[str, Any]], eval_rows: li
         logging.getLogger("transformers").setLevel(level)
     trained = trainer.model.merge_and_unload() if args.lora else trainer.model
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    return {**answer_accuracy(trained, processor, eval_rows), "final_loss": losses[-1] if losses else None,
-            "train_rows": len(rows)}
+    result = {**answer_accuracy(trained, processor, eval_rows), "final_loss": losses[-1] if losses else None,
+              "train_rows": len(rows)}
+    return {**result, "model": trained} if return_model else result

@@ -79,6 +79,26 @@ def _filter_verdict(filters: dict[str, dict], aurocs: dict[str, float], rand: di
             f"accuracy against a random subset of the same size (AUROC {aurocs[best]:.3f}).")
 
 
+def _map_section(brief: dict | None) -> list[str]:
+    """The brief defect map's section: per defect kind, the best score of each group and SAE-V's verdict."""
+    from .defects import brief_map_table
+
+    if not brief:
+        return []
+    counts = brief["composition"]
+    clean = sum(v for k, v in counts.items() if k.startswith("clean_"))
+    lines = ["## Which kinds of low-quality data does SAE-V's filter catch?", "",
+             f"{clean} clean rows and {min(v for k, v in counts.items() if not k.startswith('clean_'))} rows of each "
+             "defect kind, built without any score (`saev_hf.demo.defects`): prompt defects (swap: another scene's "
+             "image; blank and noise images; text_answerable: the scene in words before the question) and response "
+             "defects (borrowed_hallucination, wrong_answer, false_refusal, flipped). AUROC of clean rows against each "
+             "kind; per group, its best score on the kind (so an upper bound for the group). 'catches': AUROC >= "
+             "0.75; 'inverted': <= 0.25 (the filter keeps the defect first). The full map over 3 seeds, with DPO: "
+             "`benchmarks/results/defect_map.md`.", "",
+             *brief_map_table(brief)]
+    return [*lines, ""]
+
+
 def report(summary: dict) -> str:
     """The demo's report in Markdown, in words a newcomer can follow."""
     args, dpo, aurocs, base = summary["arguments"], summary["dpo"], summary["auroc"], summary["base"]
@@ -87,9 +107,11 @@ def report(summary: dict) -> str:
     tied = [SCORE_COLUMNS[n] for n in summary["uninformative_scores"]]
     pct = lambda x: f"{x:.1%}"  # noqa: E731
     delta = lambda a, b: f"{(a - b) * 100:+.1f} points"  # noqa: E731
+    brief = summary.get("defect_map")
     lines = [
         "# saev demo: SAE-V data filtering on a grounded miniature",
         "",
+        *([f"**In brief: {brief['sentence']}**", ""] if brief else []),
         f"A grounded tiny LLaVA ({summary['model']}) answers questions about scenes of coloured handwritten digits: "
         f"held-out accuracy {pct(base['accuracy'])}, hallucination rate {pct(base['hallucination_rate'])} (share of "
         f"questions about absent objects answered with a confident answer instead of none / no). An SAE-V with "
@@ -101,6 +123,7 @@ def report(summary: dict) -> str:
         f"hallucinated answer about an absent object, {summary['low_quality_kinds']['swap']} have another scene's "
         f"image). Run time {summary['seconds'] / 60:.1f} min.",
         "",
+        *_map_section(summary.get("defect_map")),
         "## Can the scores tell clean rows from low-quality ones?",
         "",
         "AUROC for 'clean' (1 = perfect, 0.5 = chance, below 0.5 = inverted). See `scores.png`.",

@@ -71,6 +71,10 @@ class DemoArguments(OutputArguments):
                                "held-out accuracy by 3.1 ± 0.5 points (plain DPO: 0.2 ± 1.2) and on all rows ends 11 "
                                "points below the clean rows (benchmarks/results/scene_dpo.md)."})
     eval_rows: int = field(default=400, metadata={"help": "Held-out questions (25% about absent objects)."})
+    map_clean_rows: int = field(default=120, metadata={"help": "Clean rows of the brief defect map (saev_hf.demo."
+                                                       "defects; benchmarks/defect_map.py is the full one)."})
+    map_rows_per_kind: int = field(default=30, metadata={"help": "Rows of each of the 8 defect kinds in the brief "
+                                                         "defect map (0: no map)."})
     batch_size: int = field(default=32, metadata={"help": "Rows per forward when scoring."})
     seed: int = field(default=0, metadata={"help": "Seed of the SAE-V, the data and DPO."})
 
@@ -81,6 +85,9 @@ class DemoArguments(OutputArguments):
             raise ValueError(f"keep_fraction={self.keep_fraction} must be in (0, 1].")
         if self.dpo_sft_weight < 0:
             raise ValueError(f"dpo_sft_weight={self.dpo_sft_weight} must be >= 0 (0 is plain DPO).")
+        if self.map_rows_per_kind < 0 or (self.map_rows_per_kind and self.map_clean_rows <= 0):
+            raise ValueError(f"map_rows_per_kind={self.map_rows_per_kind} must be >= 0 and, with a map, "
+                             f"map_clean_rows={self.map_clean_rows} positive.")
         for name in ("num_pairs", "eval_rows", "dpo_steps", "saev_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive.")
@@ -138,6 +145,22 @@ def load_recipe(path: str | Path | None = None):
     return GroundedLlavaArguments(**{"imperfect_steps": 0, **arguments})
 
 
+def map_defects(model, processor, sae, scans, args: DemoArguments) -> dict[str, Any]:
+    """The brief defect map: `args.map_clean_rows` clean rows and `args.map_rows_per_kind` rows of each defect kind
+    ([`saev_hf.demo.defects`]) about training scenes, 25% of the clean rows about absent objects, scored by SAE-V's
+    scores and the baselines; per kind, the AUROCs and [`brief_map`]'s verdict and sentence."""
+    from .defects import (DEFECTS, brief_map, calibrate_polarity_threshold, composition, defect_aurocs, defect_rows,
+                          defect_scores)
+
+    rng = np.random.default_rng([args.seed, 17, 25])
+    rows = [*defect_rows(scans, args.map_clean_rows, "train", rng, [], absent_share=0.25),
+            *defect_rows(scans, args.map_rows_per_kind * len(DEFECTS), "train", rng, DEFECTS, defect_fraction=1.0,
+                         absent_share=0.25)]
+    threshold = calibrate_polarity_threshold(sae, model, processor, scans, args.seed)
+    aurocs = defect_aurocs(rows, defect_scores(rows, sae, model, processor, threshold, args.seed, args.batch_size))
+    return {"composition": composition(rows), "polarity_threshold": threshold, "auroc": aurocs, **brief_map(aurocs)}
+
+
 def run_demo(args: DemoArguments) -> dict[str, Any]:
     """Run the demo and return its summary (also written to `output_dir/summary.json`, with `report.md` and plots)."""
     import datasets
@@ -148,6 +171,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     from .grounded_llava import GroundedLlavaArguments, answer_accuracy, train_grounded_llava
     from .preference import SceneDPOArguments, dpo_and_evaluate
     from .scene_saev import train_scene_saev
+    from .defects import DEFECTS
     from .scenes import DigitScans, preference_rows, question_rows
 
     require_demo_packages()
@@ -176,6 +200,11 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     # 2. the SAE-V
     _log(f"2/5 Training an SAE-V on layer {args.layer} and computing its feature weights")
     sae = train_scene_saev(model, processor, scans, args.saev_arguments(), output / "saev", progress=progress)
+    defect_map = None
+    if args.map_rows_per_kind:
+        _log(f"    mapping which defect kinds its scores catch ({args.map_clean_rows} clean rows, "
+             f"{args.map_rows_per_kind} of each of {len(DEFECTS)} defect kinds)")
+        defect_map = map_defects(model, processor, sae, scans, args)
 
     # 3-4. the preference data, its scores and their AUROCs
     rows = preference_rows(scans, args.num_pairs, "train", np.random.default_rng([args.seed, 5]),
@@ -230,6 +259,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         "score_means": {n: {"clean": float(v[clean].mean()), "low_quality": float(v[~clean].mean())}
                         for n, v in scores.items()},
         "dpo": results,
+        "defect_map": defect_map,
         "seconds": time.perf_counter() - started,
     }
     _log("5/5 Writing the report")

@@ -60,14 +60,22 @@ def train_scene_saev(model, processor, scans: DigitScans, args: SceneSAEVArgumen
     return sae
 
 
+def scene_weighting_rows(scans: DigitScans, n: int, seed: int) -> list[dict]:
+    """The `n` prompt-only rows (question and image) about held-out scenes that the demo's SAE-V of `seed` is
+    weighted on: the data of the paper's weighting step, and of the model-level mean cosine score."""
+    rows = question_rows(scans, n, "held_out", np.random.default_rng([seed, 22]))
+    return [{"images": row["images"], "prompt": row["prompt"]} for row in rows]
+
+
 def weigh_scene_saev(sae, model, processor, scans: DigitScans, args: SceneSAEVArguments, progress: bool = True):
     """Set `sae`'s delta (the `args.delta_quantile` of its positive activations) and its cross-modal feature weights
     (rule `args.top_k_pool`) from prompt-only rows about held-out scenes, as the paper does (question and image)."""
     from ..activations.reader import LayerReader
     from ..weighting.weights import WeightingArguments, compute_feature_weights
 
-    weighting = _rows_dataset(question_rows(scans, args.weighting_rows, "held_out", np.random.default_rng(
-        [args.seed, 22])), with_response=False)
+    import datasets
+
+    weighting = datasets.Dataset.from_list(scene_weighting_rows(scans, args.weighting_rows, args.seed))
     compute_feature_weights(sae, LayerReader(model, processor, layer=args.layer), weighting, WeightingArguments(
         num_examples=None, batch_size=32, seed=args.seed, threshold_quantile=args.delta_quantile,
         top_k_pool=args.top_k_pool))

@@ -5,6 +5,9 @@ For an example x, with the activation bound delta (`SAEVConfig.cooccurrence_thre
 - C(x) = {f : z_f > delta at some text position} & {f : z_f > delta at some image position} (the co-occurring
   features, Algorithm 1 stage 3 and Algorithm 3);
 - L0 = the mean over the example's scored positions of the number of features with z > 0 (Algorithm 2);
+- beyond the paper (an option, never a default): the co-occurrence Jaccard |C(x)| / |T(x) | I(x)|, with T(x) and I(x)
+  the features above delta at some text / image position: C(x) normalised by everything the text or the image fires,
+  so that an image (or a text) firing many features does not earn co-occurrence by volume;
 - each feature's largest activation on the text and on the image positions (what an explanation shows).
 
 This is the one computation behind [`SAEVScorer`] (`saev_hf.scoring`), the inspection's scan and explanations
@@ -75,6 +78,11 @@ class ExampleActivity:
         """The cosine score: the sum of the cross-modal weights `weights` (d_sae,) over C(x); NaN weights add 0."""
         return float(cosine_scores(self.cooccurring, weights))
 
+    @property
+    def cooccur_jaccard(self) -> float:
+        """|C(x)| / |T(x) | I(x)| (0 when no feature exceeds delta anywhere): see [`jaccard_scores`]."""
+        return float(jaccard_scores(self.fires_text, self.fires_image))
+
 
 @dataclass
 class BatchActivity:
@@ -116,6 +124,11 @@ class BatchActivity:
         """`(n,)` float64: each example's cosine score (the sum of `weights` over its C(x); NaN weights add 0)."""
         return cosine_scores(self.cooccurring, weights)
 
+    @property
+    def cooccur_jaccard(self) -> torch.Tensor:
+        """`(n,)` float64: each example's |C(x)| / |T(x) | I(x)| (see [`jaccard_scores`])."""
+        return jaccard_scores(self.fires_text, self.fires_image)
+
     def example(self, index: int) -> ExampleActivity:
         """Example `index` alone."""
         maxima = (None, None) if self.max_text is None else (self.max_text[index], self.max_image[index])
@@ -127,6 +140,26 @@ def cosine_scores(cooccurring: torch.Tensor, weights: torch.Tensor) -> torch.Ten
     """Sum of the cross-modal `weights` (d_sae,) over the co-occurring features (`(..., d_sae)` bool), in float64;
     features without a weight (NaN) add 0."""
     return (cooccurring.double() * weights.nan_to_num(0.0).double().to(cooccurring.device)).sum(-1)
+
+
+def jaccard_scores(fires_text: torch.Tensor, fires_image: torch.Tensor) -> torch.Tensor:
+    """The co-occurrence Jaccard of each example (`(..., d_sae)` bool masks of the features above delta at some text /
+    image position): |C(x)| / |T(x) | I(x)|, in float64; 0 when no feature exceeds delta anywhere (nothing
+    co-occurs). Unlike |C(x)| (Algorithm 3), an image or a text that fires many features does not raise it by
+    volume alone: features that fire on one modality only lower it."""
+    both = (fires_text & fires_image).sum(-1).double()
+    either = (fires_text | fires_image).sum(-1).double()
+    return torch.where(either > 0, both / either.clamp(min=1), torch.zeros_like(both))
+
+
+def polarity_scores(consistency: torch.Tensor, denies: torch.Tensor, threshold: float) -> torch.Tensor:
+    """A polarity-aware score from a prompt-level image-text consistency (`consistency`, `(n,)`) and the level
+    `threshold` above which the image shows what the question names: consistency - threshold where the chosen
+    response affirms, threshold - consistency where it denies (`denies`, `(n,)` bool). A refusal ("none", "there is
+    no dog") chosen for a question whose words the image does not show is consistent, an affirmative answer to it is
+    not; rows of either polarity compete on one scale, centred on `threshold`."""
+    centred = consistency - threshold
+    return torch.where(denies.to(consistency.device), -centred, centred)
 
 
 @torch.no_grad()

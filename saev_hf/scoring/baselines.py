@@ -41,6 +41,11 @@ from ..data.prompts import (
 )
 
 SAEV_SCORES = ("cosine", "l0", "cooccur_l0")
+"""The paper's three SAE-V scores (the scorer's default)."""
+SAEV_OPTIONAL_SCORES = ("cooccur_jaccard", "polarity_jaccard")
+"""SAE-V scores beyond the paper, computed only when asked for (column ``saev_<name>``; see `scoring.activity`):
+``cooccur_jaccard`` = |C(x)| / |features above delta on the text or the image|; ``polarity_jaccard`` = that score minus
+``polarity_threshold`` when the chosen response affirms, the opposite when it denies (``denial_pattern``)."""
 BASELINES = ("length", "answer_log_likelihood", "ifd", "image_text_similarity", "clip_score")
 """The baseline scores [`SAEVScorer`] computes beside SAE-V's (their column is their name)."""
 RESPONSE_BASELINES = ("answer_log_likelihood", "ifd")
@@ -181,6 +186,22 @@ def prompt_text(prompt: Any, row: int) -> str:
                 part.get("text") or "" for part in content if part.get("type", "text") == "text"]
         return " ".join(piece for piece in pieces if piece)
     raise RowError(f"Row {row}: the prompt must be text, a conversation or a document, got {type(prompt).__name__}.")
+
+
+def response_text(response: Any, row: int) -> str:
+    """A response's text: a string as it is, a conversational response (TRL's ``[{"role": "assistant", "content":
+    ...}]``) as its assistant turns' text parts joined by spaces."""
+    if isinstance(response, str):
+        return response
+    if isinstance(response, Sequence) and response and all(isinstance(m, Mapping) and "role" in m for m in response):
+        pieces = []
+        for message in response:
+            content = message.get("content") or ""
+            pieces += [content] if isinstance(content, str) else [
+                part.get("text") or "" for part in content if part.get("type", "text") == "text"]
+        return " ".join(piece for piece in pieces if piece)
+    raise RowError(f"Row {row}: the response must be text or a conversation (a list of {{'role', 'content'}} "
+                   f"messages), got {type(response).__name__}: {response!r:.80}.")
 
 
 def prompt_word_embeddings(model: Any, processor: Any, prompt: Any, row: int) -> torch.Tensor:

@@ -7,6 +7,11 @@ For each example x, with the activation bound delta (`SAEVConfig.cooccurrence_th
 - `saev_l0`: mean over the example's positions of the number of features with z > 0 (Algorithm 2);
 - `saev_cooccur_l0`: |C(x)| (Algorithm 3).
 
+Beyond the paper, only when asked for (`scores=[..., "cooccur_jaccard"]`): `saev_cooccur_jaccard`, |C(x)| over the
+features the text or the image fires, and `saev_polarity_jaccard`, that score centred on `polarity_threshold` and
+flipped for rows whose chosen response is a denial (`denial_pattern`). Both are measured against the paper's on the miniature's defect map
+(`benchmarks/defect_map.py`).
+
 ```python
 scorer = SAEVScorer(sae, model, processor)
 ds = ds.map(scorer, batched=True, batch_size=8)   # cached by datasets like any other map
@@ -23,6 +28,7 @@ loaded exactly what the parent scores, and otherwise stops with an error that sa
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
@@ -40,9 +46,16 @@ from ..data.prompts import PromptFormat, prepare_inputs, row_indices, rows_to_co
 from ..runtime.devices import token_chunk_field
 from ..runtime.distributed import distributed_state
 from ..runtime.folders import OutputArguments, mark_output_complete
-from .activity import BatchActivity, ExampleActivity, example_activity, segmented_activity  # noqa: F401
+from .activity import (  # noqa: F401
+    BatchActivity,
+    ExampleActivity,
+    example_activity,
+    polarity_scores,
+    segmented_activity,
+)
 from .baselines import (
     BASELINES,
+    SAEV_OPTIONAL_SCORES,
     SAEV_SCORES,
     ClipScore,
     answer_alone_inputs,
@@ -51,6 +64,7 @@ from .baselines import (
     prompt_text,
     prompt_word_embeddings,
     response_log_likelihoods,
+    response_text,
     response_token_counts,
 )
 from .identity import model_digest
@@ -67,14 +81,28 @@ class ScorerArguments(MapFunctionArguments):
 
     scores: list[str] = field(
         default_factory=lambda: list(SCORES),
-        metadata={"help": "Scores to compute: SAE-V's cosine, l0, cooccur_l0 (cosine needs feature weights), and "
-                  "the baselines length, answer_log_likelihood, ifd, image_text_similarity, clip_score (columns named "
+        metadata={"help": "Scores to compute: SAE-V's cosine, l0, cooccur_l0 (cosine needs feature weights); beyond "
+                  "the paper, cooccur_jaccard and polarity_jaccard (columns saev_<name>; polarity_jaccard needs "
+                  "denial_pattern); and the baselines length, answer_log_likelihood, ifd, image_text_similarity, clip_score (columns named "
                   "as the score; see saev_hf.scoring.baselines). Baselines alone need no SAE-V."},
     )
     baseline_response_column: str = field(
         default="chosen",
         metadata={"help": "The response answer_log_likelihood and ifd read, when the prompt format names none "
                   "(response_column)."},
+    )
+    denial_pattern: str | None = field(
+        default=None,
+        metadata={"help": "Regular expression (Python re.search, case-insensitive) marking a chosen response as a "
+                  "denial ('none', 'no', 'there is no ...'), for polarity_jaccard: e.g. '^(none|no)\\b'. The "
+                  "response is the prompt format's response_column, else baseline_response_column."},
+    )
+    polarity_threshold: float | None = field(
+        default=None,
+        metadata={"help": "For polarity_jaccard: the cooccur_jaccard above which the image shows what the question "
+                  "names (calibrate it on clean rows, e.g. midway between questions about present and about absent "
+                  "objects). The score is jaccard - threshold for an affirmative chosen response, threshold - "
+                  "jaccard for a denial."},
     )
     clip_model_name_or_path: str | None = field(
         default=None, metadata={"help": "CLIP or SigLIP checkpoint (folder or Hub repo) for clip_score."})
@@ -103,9 +131,24 @@ class ScorerArguments(MapFunctionArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        unknown = sorted(set(self.scores) - set(SCORES) - set(BASELINES))
+        known = [*SCORES, *SAEV_OPTIONAL_SCORES, *BASELINES]
+        unknown = sorted(set(self.scores) - set(known))
         if unknown or not self.scores:
-            raise ValueError(f"scores={self.scores} must be a non-empty subset of {list(SCORES) + list(BASELINES)}.")
+            raise ValueError(f"scores={self.scores} must be a non-empty subset of {known}.")
+        if "polarity_jaccard" in self.scores:
+            if not self.denial_pattern:
+                raise ValueError("polarity_jaccard needs denial_pattern, the regular expression that marks a chosen "
+                                 "response as a denial (e.g. --denial_pattern '^(none|no)\\b').")
+            if self.polarity_threshold is None:
+                raise ValueError("polarity_jaccard needs polarity_threshold, the cooccur_jaccard above which the "
+                                 "image shows what the question names: score clean rows with cooccur_jaccard and "
+                                 "take a level between those about present and about absent objects.")
+        if self.denial_pattern is not None:
+            try:
+                re.compile(self.denial_pattern)
+            except re.error as error:
+                raise ValueError(f"denial_pattern={self.denial_pattern!r} is not a regular expression: {error}.") \
+                    from None
         if "clip_score" in self.scores and not self.clip_model_name_or_path:
             raise ValueError("clip_score needs a CLIP or SigLIP checkpoint: pass clip_model_name_or_path "
                              "(--clip_model_name_or_path openai/clip-vit-large-patch14, or a folder).")
@@ -185,7 +228,7 @@ class SAEVScorer(SAEVMapFunction):
 
     @property
     def needs_sae(self) -> bool:
-        return bool(set(self.args.scores) & set(SCORES))
+        return bool(set(self.args.scores) & {*SCORES, *SAEV_OPTIONAL_SCORES})
 
     @property
     def _baselines(self) -> list[str]:
@@ -210,12 +253,14 @@ class SAEVScorer(SAEVMapFunction):
         return prompt_format
 
     def _score_columns(self) -> list[str]:
-        return [getattr(self.args, f"{score}_column") for score in SCORES if score in self.args.scores] + self._baselines
+        return ([getattr(self.args, f"{score}_column") for score in SCORES if score in self.args.scores]
+                + [f"saev_{score}" for score in SAEV_OPTIONAL_SCORES if score in self.args.scores] + self._baselines)
 
     def _column_types(self) -> dict[str, "pa.DataType"]:
         """Arrow type of each added column (with on_error='null', `__call__` returns typed arrays)."""
         kinds = {"cosine": pa.float64(), "l0": pa.float64(), "cooccur_l0": pa.int64(), "length": pa.int64()}
         types = {getattr(self.args, f"{score}_column"): kinds[score] for score in SCORES if score in self.args.scores}
+        types.update({f"saev_{score}": pa.float64() for score in SAEV_OPTIONAL_SCORES if score in self.args.scores})
         types.update({name: kinds.get(name, pa.float64()) for name in self._baselines})
         return {**types, self.args.error_column: pa.string()}
 
@@ -317,6 +362,13 @@ class SAEVScorer(SAEVMapFunction):
                 out[self.args.l0_column] = activity.l0.tolist()
             if "cooccur_l0" in wanted:
                 out[self.args.cooccur_l0_column] = [int(count) for count in activity.cooccurring.sum(1)]
+            if wanted & {"cooccur_jaccard", "polarity_jaccard"}:
+                jaccard = activity.cooccur_jaccard
+                if "cooccur_jaccard" in wanted:
+                    out["saev_cooccur_jaccard"] = jaccard.tolist()
+                if "polarity_jaccard" in wanted:
+                    out["saev_polarity_jaccard"] = polarity_scores(jaccard, self._denies(columns, rows),
+                                                                    self.args.polarity_threshold).tolist()
         for i, row in enumerate(rows):
             end = prompt_ends[i]
             if "length" in wanted:
@@ -373,10 +425,20 @@ class SAEVScorer(SAEVMapFunction):
             stacklevel=2)
 
     def _check_response_column(self, columns: Mapping[str, Any]) -> None:
-        if set(self.args.scores) & {"answer_log_likelihood", "ifd"} and self._response_column() not in columns:
-            raise KeyError(f"Column {self._response_column()!r} (the response answer_log_likelihood and ifd read) not "
+        readers = sorted(set(self.args.scores) & {"answer_log_likelihood", "ifd", "polarity_jaccard"})
+        if readers and self._response_column() not in columns:
+            raise KeyError(f"Column {self._response_column()!r} (the response {' and '.join(readers)} read) not "
                            f"found; the data has columns {sorted(columns)}. Pass baseline_response_column "
                            f"(--baseline_response_column) naming the response.")
+
+    def _denies(self, columns: Mapping[str, Sequence[Any]], rows: list[int]) -> torch.Tensor:
+        """Whether each row's chosen response is a denial (`denial_pattern`); the response must be text."""
+        pattern = re.compile(self.args.denial_pattern, re.IGNORECASE)
+        denies = []
+        for response, row in zip(columns[self._response_column()], rows):
+            text = response_text(response, row)
+            denies.append(pattern.search(text) is not None)
+        return torch.tensor(denies)
 
     def _prompt_ends(self, inputs: Any, lengths: list[int], counts: list[int], rows: list[int]) -> list[int]:
         """Where each row's prompt ends in the inputs (its response's tokens follow), cut at the prompt format's

@@ -2,6 +2,6 @@
 (`top_k`), the cosine between its top text and image positions (`cosine`), the calibrated co-occurrence bound
 (`delta`), and the two passes that compute them ([`compute_feature_weights`], `weights`)."""
 
-from .weights import WeightingArguments, compute_feature_weights, run_weights
+from .weights import WeightingArguments, compute_feature_weights, model_cosine_score, run_weights
 
-__all__ = ["WeightingArguments", "compute_feature_weights", "run_weights"]
+__all__ = ["WeightingArguments", "compute_feature_weights", "model_cosine_score", "run_weights"]

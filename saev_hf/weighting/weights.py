@@ -173,6 +173,7 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
     _cosine_pass(cosines, reader, dataset, args, first, state)
     weights = cosines.weights(sae.config.d_sae)
     info = _weights_info(args, reader, dataset, first, text_count, image_count, weighted)
+    info["mean_cosine_score"] = model_cosine_score(weights) if bool((~torch.isnan(weights)).any()) else None
     if state is not None:
         info["num_processes"] = state.num_processes  # a record of the run: the weights do not depend on it
     if store:
@@ -190,6 +191,26 @@ def compute_feature_weights(sae, reader: LayerReader, dataset: Any, args: Weight
             })
         check_cooccurrence(sae, where="computing the feature weights", error=False)  # the weights are still valid
     return weights
+
+
+def model_cosine_score(weights: torch.Tensor) -> float:
+    """
+    The paper's model-level score: the mean cross-modal weight w_f over the SAE-V's weighted features (those with a
+    non-NaN weight), computed with a given MLLM on a given dataset. The paper reports that it tracks the MLLM's
+    benchmark performance: compare MLLMs by it with the same SAE-V, layer and data (`saev weights` prints it and
+    `feature_weights_info["mean_cosine_score"]` records it).
+
+    Args:
+        weights (`torch.Tensor` of shape `(d_sae,)`): feature weights, NaN where a feature has none.
+
+    Raises:
+        ValueError: when no feature has a weight (there is nothing to average; lower delta or weigh more data).
+    """
+    weighted = weights[~torch.isnan(weights)]
+    if len(weighted) == 0:
+        raise ValueError("No feature has a cross-modal weight, so the mean cosine score is undefined: weigh more "
+                         "examples, or check that the data has both image and text positions.")
+    return float(weighted.double().mean())
 
 
 def _weighting_sample(dataset: Any, args: WeightingArguments) -> list[int] | None:

@@ -64,6 +64,10 @@ def test_weights_score_and_filter_commands_end_to_end(tiny_model_factory, tmp_pa
                  "--batch_size", "3"]) == 0
     scored = datasets.load_from_disk(str(tmp_path / "scored"))
     assert {"saev_cosine_score", "saev_l0", "saev_cooccur_l0"} <= set(scored.column_names) and len(scored) == 8
+    assert main(["score", "--sae_name_or_path", str(tmp_path / "weighted"), *common, "--output_dir",
+                 str(tmp_path / "jaccard"), "--scores", "cooccur_jaccard", "--batch_size", "3"]) == 0  # an SAE-V score
+    jaccard = datasets.load_from_disk(str(tmp_path / "jaccard"))
+    assert "saev_cooccur_jaccard" in jaccard.column_names and all(0 <= v <= 1 for v in jaccard["saev_cooccur_jaccard"])
 
     assert main(["filter", "--dataset_name", str(tmp_path / "scored"), "--output_dir", str(tmp_path / "kept"),
                  "--column", "saev_l0", "--fraction", "0.5"]) == 0

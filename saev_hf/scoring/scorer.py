@@ -507,7 +507,7 @@ def run_scoring(sae_args: SAEArguments, model_args: ModelArguments, data_args: D
     # under a launcher, each process joins its group here (device "auto" is then its own accelerator)
     output.prepare("saev score", cpu=model_args.device == "cpu")
     placed, with_rank = map_placement(model_args, map_args)  # with num_proc: no CUDA in the parent before the fork
-    baselines_alone = not set(args.scores) & set(SCORES)
+    baselines_alone = not set(args.scores) & {*SCORES, *SAEV_OPTIONAL_SCORES}
     if baselines_alone and sae_args.sae_name_or_path is not None:
         raise ValueError(f"scores={args.scores} are baselines alone, which need no SAE-V, but --sae_name_or_path "
                          f"{sae_args.sae_name_or_path} was given: add SAE-V scores (cosine, l0, cooccur_l0) or leave it "

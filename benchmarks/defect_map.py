@@ -100,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="JSON: per mix, the SAE-V score whose kept subsets the composition-matched random "
                              "subsets copy.")
     parser.add_argument("--dpo-steps", type=int, default=DemoArguments.dpo_steps)
+    parser.add_argument("--dpo-sft-weight", type=float, default=DemoArguments.dpo_sft_weight,
+                        help="Weight of TRL's SFT loss added to DPO's, as the demo's (0: plain DPO).")
     parser.add_argument("--eval-rows", type=int, default=400)
     parser.add_argument("--weighting-rows", type=int, default=300,
                         help="Held-out prompt-only rows each DPO-trained model's mean cosine score is computed on.")
@@ -127,7 +129,8 @@ def mean_model_cosine(sae, model, processor, weighting, layer: int) -> float:
 def dpo_sweep(rows, values, sae, model, processor, eval_rows, weighting, args, seed, layer, output) -> dict:
     """DPO on each mix's kept subsets; returns per mix: base, full and per method and fraction the results."""
     dpo_args = SceneDPOArguments(steps=args.dpo_steps, batch_size=DemoArguments.dpo_batch_size,
-                                 learning_rate=DemoArguments.dpo_learning_rate, seed=seed)
+                                 learning_rate=DemoArguments.dpo_learning_rate, sft_weight=args.dpo_sft_weight,
+                                 seed=seed)
     results = {}
     for family, kinds in MIXES.items():
         in_mix = [i for i, row in enumerate(rows) if row["quality"] == "clean" or row["quality"] in kinds]
@@ -312,7 +315,9 @@ def markdown(result: dict) -> str:
         base = summary["base"]
         lines += ["## DPO on each mix (absent share 25%, 40% defects)", "",
                   f"Before DPO: accuracy {_ms(base['accuracy'], True)}, hallucination "
-                  f"{_ms(base['hallucination_rate'], True)}. {args['dpo_steps']} DPO steps for every subset; "
+                  f"{_ms(base['hallucination_rate'], True)}. {args['dpo_steps']} DPO steps for every subset"
+                  + (f", with TRL's SFT loss at weight {args['dpo_sft_weight']:g} (the demo's)"
+                     if args.get("dpo_sft_weight") else ", plain DPO") + "; "
                   f"{args['eval_rows']} held-out questions. *matched_random*: random rows with exactly the "
                   f"composition (defect kind or kind of clean row, and question kind) of the subset kept by "
                   f"{args['matched_to']}.", ""]
@@ -341,27 +346,49 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Heat map of the mean AUROCs at absent share 0.25 (scores x defect kinds)."""
+    """Heat map of the mean AUROCs at absent share 0.25 (scores x defect kinds) and, with DPO, held-out accuracy
+    against the kept fraction on each mix (the model before DPO and full data as lines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    auroc_table = result["summary"]["auroc"]
-    share = "0.25" if "0.25" in auroc_table else next(iter(auroc_table))
-    table = auroc_table[share]
+    summary = result["summary"]
+    share = summary["brief"]["absent_share"]
+    table = summary["auroc"][share]
     groups = [*DEFECTS, "prompt_defects", "response_defects"]
     names = list(table)
     grid = np.array([[(table[n].get(g) or {"mean": np.nan})["mean"] for g in groups] for n in names])
-    fig, ax = plt.subplots(figsize=(12, 6))
-    image = ax.imshow(grid, cmap="RdBu", vmin=0, vmax=1)
+    panels = 3 if "dpo" in summary else 1
+    fig, axes = plt.subplots(1, panels, figsize=(9 + 6 * (panels - 1), 6), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.6] + [1] * (panels - 1)})
+    ax = axes[0][0]
+    image = ax.imshow(grid, cmap="RdBu", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(groups)), groups, rotation=40, ha="right")
     ax.set_yticks(range(len(names)), names)
     for i in range(len(names)):
         for j in range(len(groups)):
             ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
-    ax.set_title(f"AUROC, clean vs defect (absent share {float(share):.0%}); red < 0.5: inverted")
-    fig.colorbar(image, ax=ax, fraction=0.03)
+    ax.set_title(f"AUROC, clean vs defect (absent share {float(share):.0%}); red: inverted")
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    if "dpo" in summary:
+        base = summary["base"]["accuracy"]["mean"]
+        for ax, (family, runs) in zip(axes[0][1:], summary["dpo"].items()):
+            methods = sorted({key.split("@")[0] for key in runs} - {"full"})
+            for method in methods:
+                keys = sorted((k for k in runs if k.startswith(f"{method}@")), key=lambda k: float(k.split("@")[1]))
+                fractions = [float(k.split("@")[1]) for k in keys]
+                means = np.array([runs[k]["accuracy"]["mean"] for k in keys])
+                stds = np.array([runs[k]["accuracy"]["std"] for k in keys])
+                style = "-" if method.startswith("saev_") else "--"
+                line, = ax.plot(fractions, means, style, marker="o", label=method)
+                ax.fill_between(fractions, means - stds, means + stds, alpha=0.1, color=line.get_color())
+            ax.axhline(base, color="black", lw=1, label="before DPO")
+            ax.axhline(runs["full@1.0"]["accuracy"]["mean"], color="grey", lw=1, ls=":", label="full data")
+            ax.set_xlabel("kept fraction")
+            ax.set_ylabel("held-out accuracy (mean ± std over seeds)")
+            ax.set_title(f"DPO on the {family}-defect mix")
+        axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

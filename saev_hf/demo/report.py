@@ -94,7 +94,8 @@ def _map_section(brief: dict | None) -> list[str]:
              "defects (borrowed_hallucination, wrong_answer, false_refusal, flipped). AUROC of clean rows against each "
              "kind; per group, its best score on the kind (so an upper bound for the group). 'catches': AUROC >= "
              "0.75; 'inverted': <= 0.25 (the filter keeps the defect first). The full map over 3 seeds, with DPO: "
-             "`benchmarks/results/defect_map.md`.", "",
+             "`benchmarks/results/defect_map.md`. `saev_polarity_jaccard` reads whether the chosen answer is a refusal "
+             "and was designed on borrowed_hallucination and false_refusal; every other kind is held out for it.", "",
              *brief_map_table(brief)]
     return [*lines, ""]
 

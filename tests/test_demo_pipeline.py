@@ -81,6 +81,21 @@ def test_demo_runs_the_scene_task_end_to_end_and_reports_honestly(small_model, t
         best = max(verdict["paper"][1], verdict["beyond_paper"][1])
         assert verdict["verdict"] == ("catches" if best >= 0.75 else "inverted" if best <= 0.25 else "misses")
         assert brief["auroc"][verdict["paper"][0]][kind] == verdict["paper"][1]
+    # polarity's threshold: midway between the median Jaccard of clean questions about present and absent objects
+    import datasets
+
+    from saev_hf import SAEV
+    from saev_hf.demo.scenes import DigitScans, question_rows
+    from saev_hf.scoring import SAEVScorer, ScorerArguments
+
+    model, processor = load_grounded_llava(str(small_model))
+    questions = [r for r in question_rows(DigitScans(0.3, seed=0), 300, "held_out", np.random.default_rng([0, 23]),
+                                          absent_fraction=0.5) if r["kind"] != "count"]
+    scored = datasets.Dataset.from_list([{"images": r["images"], "prompt": r["prompt"]} for r in questions]).map(
+        SAEVScorer(SAEV.from_pretrained(out / "saev"), model, processor,
+                   args=ScorerArguments(scores=["cooccur_jaccard"])), batched=True, batch_size=32)
+    jaccard, present = np.array(scored["saev_cooccur_jaccard"]), np.array([r["present"] for r in questions])
+    assert brief["polarity_threshold"] == pytest.approx((np.median(jaccard[present]) + np.median(jaccard[~present])) / 2)
     assert "## What this run found" in capsys.readouterr().out
     with pytest.raises(FileExistsError):  # a folder holding someone else's files is not overwritten
         (tmp_path / "theirs").mkdir()

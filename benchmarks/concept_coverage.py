@@ -49,6 +49,7 @@ DEFAULT_CONFIGS = [
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The parsed command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_output_dir(parser)
     parser.add_argument("--configs", type=json.loads, default=DEFAULT_CONFIGS,
@@ -60,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
+    """Train and measure an SAE-V per configuration; write the json and md; return the record."""
     started = time.perf_counter()
     model, processor = load_grounded_llava()
     recipe = load_recipe()
@@ -90,6 +92,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def markdown(record: dict) -> str:
+    """The coverage table of `record`, as markdown."""
     lines = ["# Which SAE-V covers the miniature's concepts?", "",
              f"`{record['command']}` ({record['minutes']:.1f} min, one thread). Concepts measured on {record['rows']} "
              "held-out question rows (digit scans no training stage saw). A concept is covered when one feature "

@@ -83,6 +83,7 @@ MIXES = FAMILIES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The parsed command line (refusing a --matched-to method that --methods does not run)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_output_dir(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -186,6 +187,8 @@ def merge(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Run the map for `args.seeds` (or merge result files with `--merge`); write json, md and png; return
+    the result."""
     if args.merge:
         return merge(args)
     started = time.perf_counter()
@@ -276,6 +279,7 @@ def _ms(value: dict | None, percent: bool = False) -> str:
 
 
 def markdown(result: dict) -> str:
+    """The map's report of `result`, as markdown: the brief map first, then every table."""
     summary, args = result["summary"], result["arguments"]
     seeds = result["seeds"]
     lines = ["# A map of defect kinds: where SAE-V's filter works and where it cannot", "",

@@ -38,6 +38,7 @@ from saev_hf.scoring import SAEVScorer  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The parsed command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_output_dir(parser)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 1])
@@ -48,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def measure(threads: int, model, processor, scans, held_out, answers, args) -> tuple[dict, dict]:
+    """Train the demo's SAE-V with `threads` intra-op threads and measure the demo's and the gate's
+    figures; return them and the SAE-V's weights."""
     from dataclasses import replace
 
     torch.set_num_threads(threads)
@@ -70,6 +73,7 @@ def measure(threads: int, model, processor, scans, held_out, answers, args) -> t
 
 
 def main(args: argparse.Namespace) -> dict:
+    """Measure every thread count of `args.threads`; write the json and md; return the record."""
     started = time.perf_counter()
     datasets.disable_progress_bars()
     model, processor = load_grounded_llava()
@@ -93,6 +97,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def markdown(record: dict) -> str:
+    """The reproducibility table of `record`, as markdown."""
     scores = list(record["runs"][0]["demo_auroc"])
     lines = ["# Are the demo's SAE-V and the gate reproducible across thread counts?", "",
              f"`{record['command']}` ({record['minutes']:.1f} min, torch {record['torch']}). The demo's SAE-V (seed 0) "

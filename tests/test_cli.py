@@ -204,8 +204,8 @@ def test_ctrl_c_during_saev_score_with_preprocessing_workers_stops_it_and_saves_
 
     llava = tiny_model_factory("llava")
     images = digit_images(32)
-    datasets.Dataset.from_dict({"images": [[image] for image, _ in images] * 40,
-                                "prompt": ["what digit is this?"] * 1280}).save_to_disk(tmp_path / "data")
+    datasets.Dataset.from_dict({"images": [[image] for image, _ in images] * 200,  # ~15 s of scoring: the signal,
+                                "prompt": ["what digit is this?"] * 6400}).save_to_disk(tmp_path / "data")  # 1 s in, lands mid-map
     torch.manual_seed(0)
     SAEV(SAEVConfig(d_in=64, d_sae=96, hook_layer=1, cooccurrence_threshold=0.05)).save_pretrained(tmp_path / "sae")
     process = subprocess.Popen(

@@ -204,8 +204,8 @@ def test_ctrl_c_during_saev_score_with_preprocessing_workers_stops_it_and_saves_
 
     llava = tiny_model_factory("llava")
     images = digit_images(32)
-    datasets.Dataset.from_dict({"images": [[image] for image, _ in images] * 200,  # ~15 s of scoring: the signal,
-                                "prompt": ["what digit is this?"] * 6400}).save_to_disk(tmp_path / "data")  # 1 s in, lands mid-map
+    datasets.Dataset.from_dict({"images": [[image] for image, _ in images] * 40,
+                                "prompt": ["what digit is this?"] * 1280}).save_to_disk(tmp_path / "data")
     torch.manual_seed(0)
     SAEV(SAEVConfig(d_in=64, d_sae=96, hook_layer=1, cooccurrence_threshold=0.05)).save_pretrained(tmp_path / "sae")
     process = subprocess.Popen(
@@ -213,7 +213,10 @@ def test_ctrl_c_during_saev_score_with_preprocessing_workers_stops_it_and_saves_
          "--model_name_or_path", str(llava.path), "--dataset_name", str(tmp_path / "data"), "--scores", "l0",
          "cooccur_l0", "--device", "cpu", "--output_dir", str(tmp_path / "scored"), "--forward_batch_size", "4",
          "--batch_size", "64", "--preprocessing_workers", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # a shell's background job (pytest run with `&`) ignores SIGINT and the child would inherit that: give it a
+        # terminal's default, so that Python installs its Ctrl-C handler as in a foreground command
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     log = b""
     while b"Scores:" not in log and time.time() < deadline:  # the map's progress bar: scoring has started

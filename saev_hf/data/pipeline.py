@@ -198,6 +198,38 @@ def _main_process_handles_ctrl_c(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class _CtrlCMemory:
+    """Ctrl-C that lands while this process forks DataLoader workers is raised inside an at-fork hook (logging's lock
+    release), where Python prints it as "Exception ignored" and drops it: the command would go on to the end. While
+    installed (only over Python's own default handler, in the main thread), it remembers every SIGINT, still raises
+    KeyboardInterrupt at once, and `check` raises it again at the next batch if it was lost."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.seen = False
+        self.previous = signal.getsignal(signal.SIGINT)
+        self.active = (threading.current_thread() is threading.main_thread()
+                       and self.previous is signal.default_int_handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "_CtrlCMemory":
+        if self.active:
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def check(self) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
+
+
 def _as_is(item: PreparedBatch) -> PreparedBatch:
     return item
 
@@ -252,5 +284,10 @@ def prepared_batches(reader: Any, data: Any, batch_size: int, indices: Sequence[
         yield from (iter(source) if isinstance(source, _StreamPreparation)
                     else (source[k] for k in range(len(source))))
         return
-    yield from torch.utils.data.DataLoader(source, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                                           worker_init_fn=_main_process_handles_ctrl_c)
+    with _CtrlCMemory() as ctrl_c:
+        loader = torch.utils.data.DataLoader(source, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                             worker_init_fn=_main_process_handles_ctrl_c)
+        for batch in loader:
+            ctrl_c.check()
+            yield batch
+        ctrl_c.check()

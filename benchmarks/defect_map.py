@@ -170,6 +170,14 @@ def dpo_sweep(rows, values, sae, model, processor, eval_rows, weighting, args, s
     return results
 
 
+def write(result: dict, args: argparse.Namespace) -> dict:
+    """Write `result` as `<name>.json`, `.md` and `.png` to `args.output_dir`; return it."""
+    output_path(args, args.name, ".json").write_text(json.dumps(result, indent=2, default=str))
+    output_path(args, args.name).write_text(markdown(result))
+    plot(result, output_path(args, args.name, ".png"))
+    return result
+
+
 def merge(args: argparse.Namespace) -> dict:
     """One report from the seeds of several result files (each a run of `run` with the same other arguments)."""
     parts = [json.loads(path.read_text()) for path in args.merge]
@@ -180,10 +188,7 @@ def merge(args: argparse.Namespace) -> dict:
               + " ".join(str(path) for path in args.merge),
               "arguments": arguments, "seeds": per_seed, "summary": summary,
               "minutes": max(p["minutes"] for p in parts)}
-    output_path(args, args.name, ".json").write_text(json.dumps(result, indent=2, default=str))
-    output_path(args, args.name).write_text(markdown(result))
-    plot(result, output_path(args, args.name, ".png"))
-    return result
+    return write(result, args)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -230,10 +235,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {"command": "python benchmarks/defect_map.py" + "".join(f" {a}" for a in sys.argv[1:]),
               "arguments": {k: v for k, v in vars(args).items() if k not in ("output_dir", "merge")}, "seeds": per_seed,
               "summary": summary, "minutes": (time.perf_counter() - started) / 60}
-    output_path(args, args.name, ".json").write_text(json.dumps(result, indent=2, default=str))
-    output_path(args, args.name).write_text(markdown(result))
-    plot(result, output_path(args, args.name, ".png"))
-    return result
+    return write(result, args)
 
 
 def summarise(per_seed: list[dict], args: argparse.Namespace) -> dict:

@@ -52,15 +52,21 @@ def scored_setup(tiny_model_factory, tmp_path_factory):
     return llava, sae, ds, root
 
 
-def reference_scores(sae, reader, row):
-    """Algorithms 1 (stage 3), 2 and 3 for one example, written directly from the method page."""
-    acts = reader.read({k: [v] for k, v in row.items()})
+def reference_firing(sae, reader, row):
+    """One example's activations and the features above delta at some text / image position, computed directly:
+    `(z, text_features, image_features)`."""
+    acts = reader.read({k: [v] for k, v in row.items() if k in ("images", "prompt")})
     hidden, modality = acts.example(0)
     z = sae.encode(hidden)
     text = (modality == Modality.TEXT) | (modality == Modality.SPECIAL)
     image = modality == Modality.IMAGE
-    text_features = set((z[text] > DELTA).any(0).nonzero().flatten().tolist())
-    image_features = set((z[image] > DELTA).any(0).nonzero().flatten().tolist())
+    return (z, set((z[text] > DELTA).any(0).nonzero().flatten().tolist()),
+            set((z[image] > DELTA).any(0).nonzero().flatten().tolist()))
+
+
+def reference_scores(sae, reader, row):
+    """Algorithms 1 (stage 3), 2 and 3 for one example, written directly from the method page."""
+    z, text_features, image_features = reference_firing(sae, reader, row)
     cooccurring = text_features & image_features
     weights = sae.feature_weights
     cosine = sum(float(weights[f]) for f in cooccurring if not torch.isnan(weights[f]))
@@ -443,13 +449,7 @@ def test_a_float32_saev_encodes_half_precision_hidden_states_in_float32(scored_s
 
 def reference_jaccard(sae, reader, row):
     """|T & I| / |T | I| for one example, written directly from its definition."""
-    acts = reader.read({k: [v] for k, v in row.items() if k in ("images", "prompt")})
-    hidden, modality = acts.example(0)
-    z = sae.encode(hidden)
-    text = (modality == Modality.TEXT) | (modality == Modality.SPECIAL)
-    image = modality == Modality.IMAGE
-    text_features = set((z[text] > DELTA).any(0).nonzero().flatten().tolist())
-    image_features = set((z[image] > DELTA).any(0).nonzero().flatten().tolist())
+    _, text_features, image_features = reference_firing(sae, reader, row)
     union = text_features | image_features
     return len(text_features & image_features) / len(union) if union else 0.0
 
